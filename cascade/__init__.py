@@ -1,0 +1,1 @@
+"""cascade: multi-stage recommendation cascades."""

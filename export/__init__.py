@@ -1,0 +1,1 @@
+"""ONNX export, onnxruntime sessions, faiss index, serving path."""

@@ -1,0 +1,1 @@
+"""Rankers that teach the pre-rankers (DIN, LightGBM)."""
