@@ -1,0 +1,1 @@
+"""Log schema, validation, synthetic world, MovieLens-1M, batching."""

@@ -1,0 +1,330 @@
+"""Read, validate and write a cascade log directory.
+
+In memory every table is a dict of numpy arrays (one row per entry):
+
+* ``users``: ``user_id (U,)`` + user fields, ``(U,)`` or ``(U, max_len)`` for multi-valued ones;
+* ``items``: ``item_id (I,)`` + item fields;
+* ``requests``: ``request_id, user_id, ts (R,)``, ``split (R,)`` str, ``history`` and
+  ``history_ts (R, history_max)`` padded with 0 after the last entry, ``history_len (R,)``;
+* ``candidates``: ``request_id, item_id (C,)``, ``stage (C,) int8``, ``label (C,) float32``,
+  plus any field whose ``table`` is ``candidates``.
+
+Reading validates; nothing is returned, and ``write_dataset`` writes nothing, when a problem is
+found. Every problem names its file, column, first offending row (0-based) and value.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cascade.data.schema import SCHEMA_FILE, SPLITS, STAGES, TABLE_FILES, Schema
+
+Table = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    column: str | None
+    row: int | None
+    value: object
+    message: str
+    count: int = 1
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.column is not None:
+            where += f": column '{self.column}'"
+        if self.row is not None:
+            where += f", row {self.row}"
+        text = f"{where}: {self.message}"
+        if self.row is not None:
+            text += f" (value {self.value!r})"
+        if self.count > 1:
+            text += f"; {self.count:,} rows in all"
+        return text
+
+
+class DataError(Exception):
+    """Bad input: one or more problems, each naming file, column, row and value."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass
+class Dataset:
+    schema: Schema
+    users: Table
+    items: Table
+    requests: Table
+    candidates: Table
+
+    def table(self, name: str) -> Table:
+        return {"users": self.users, "items": self.items, "requests": self.requests, "candidates": self.candidates}[name]
+
+
+# --------------------------------------------------------------------------------------------
+# column layout of each table
+
+
+def _columns(schema: Schema) -> dict[str, dict[str, str]]:
+    """table -> column -> kind: int, float, str, list (list of ints)."""
+    cols: dict[str, dict[str, str]] = {
+        "users": {"user_id": "int"},
+        "items": {"item_id": "int"},
+        "requests": {"request_id": "int", "user_id": "int", "ts": "int", "split": "str", "history": "list", "history_ts": "list"},
+        "candidates": {"request_id": "int", "item_id": "int", "stage": "int", "label": "float"},
+    }
+    for f in schema.features.fields:
+        cols[f.source].setdefault(f.name, "list" if f.multi else "int")
+    return cols
+
+
+def _kind_ok(kind: str, typ: pa.DataType) -> bool:
+    if kind == "int":
+        return pa.types.is_integer(typ)
+    if kind == "float":
+        return pa.types.is_floating(typ) or pa.types.is_integer(typ)
+    if kind == "str":
+        return pa.types.is_string(typ) or pa.types.is_large_string(typ)
+    return (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)
+
+
+def _padded(col: pa.ChunkedArray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """list<int> column -> (rows, width) int64 padded with 0 after the values, and lengths."""
+    arr = col.combine_chunks()
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
+    values = arr.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    out = np.zeros((len(lengths), max(width, int(lengths.max(initial=0)))), dtype=np.int64)
+    pos = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
+    out[np.repeat(np.arange(len(lengths)), lengths), pos] = values
+    return out, lengths
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def read_dataset(directory: str | os.PathLike) -> Dataset:
+    """Load and validate a log directory; raises DataError listing every problem found."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError([Problem(str(root), None, None, None, "is not a directory")])
+    try:
+        schema = Schema.read(root)
+    except FileNotFoundError:
+        raise DataError([Problem(SCHEMA_FILE, None, None, None, "file is missing")]) from None
+    except ValueError as e:
+        raise DataError([Problem(SCHEMA_FILE, None, None, None, f"invalid: {e}")]) from None
+
+    problems: list[Problem] = []
+    tables: dict[str, Table] = {}
+    for name, kinds in _columns(schema).items():
+        file = TABLE_FILES[name]
+        path = root / file
+        if not path.exists():
+            problems.append(Problem(file, None, None, None, "file is missing"))
+            continue
+        try:
+            raw = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            problems.append(Problem(file, None, None, None, f"is not a readable parquet file: {e}"))
+            continue
+        table: Table = {}
+        for col, kind in kinds.items():
+            if col not in raw.column_names:
+                problems.append(Problem(file, col, None, None, "column is missing"))
+                continue
+            data = raw.column(col)
+            if not _kind_ok(kind, data.type):
+                problems.append(Problem(file, col, None, None, f"has type {data.type}, expected {kind}{'<int>' if kind == 'list' else ''}"))
+                continue
+            if data.null_count:
+                row = int(np.flatnonzero(data.is_null().to_numpy(zero_copy_only=False))[0])
+                problems.append(Problem(file, col, row, None, "is null", data.null_count))
+                continue
+            if kind == "list":
+                width = schema.history_max if col.startswith("history") else schema.features[col].max_len
+                table[col], lengths = _padded(data, width)
+                if col == "history":
+                    table["history_len"] = lengths
+                elif col == "history_ts":
+                    table["history_ts_len"] = lengths
+                else:
+                    table[col + "_len"] = lengths
+            elif kind == "str":
+                table[col] = np.asarray(data.to_numpy(zero_copy_only=False), dtype=str)
+            elif kind == "float":
+                table[col] = data.to_numpy().astype(np.float32)
+            else:
+                table[col] = data.to_numpy().astype(np.int8 if col == "stage" else np.int64)
+        tables[name] = table
+    if problems:
+        raise DataError(problems)
+    ds = Dataset(schema, tables["users"], tables["items"], tables["requests"], tables["candidates"])
+    problems = validate(ds)
+    if problems:
+        raise DataError(problems)
+    for table in (ds.users, ds.items, ds.candidates, ds.requests):
+        for key in [k for k in table if k.endswith("_len") and k != "history_len"]:
+            del table[key]
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# validation of values
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def flag(self, file: str, column: str, bad: np.ndarray, values: np.ndarray, message: str) -> None:
+        """One problem for all rows where ``bad`` holds (rows are axis 0 of ``bad``)."""
+        bad = np.asarray(bad)
+        rows = bad.reshape(len(bad), -1).any(axis=1) if bad.ndim > 1 else bad
+        n = int(rows.sum())
+        if n:
+            row = int(np.flatnonzero(rows)[0])
+            value = values[row]
+            if bad.ndim > 1:  # show the offending element of a list
+                value = values[row][np.asarray(bad[row]).nonzero()[0][0]]
+            self.problems.append(Problem(file, column, row, _plain(value), message, n))
+
+
+def _plain(value: object) -> object:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _duplicates(keys: np.ndarray) -> np.ndarray:
+    """Mask of rows whose key already appeared in an earlier row. keys (n,) or (n, k)."""
+    if len(keys) == 0:
+        return np.zeros(0, dtype=bool)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    dup = np.ones(len(keys), dtype=bool)
+    dup[first] = False
+    return dup
+
+
+def _present(ids: np.ndarray, known: np.ndarray) -> np.ndarray:
+    return np.isin(ids, known)
+
+
+def validate(ds: Dataset) -> list[Problem]:
+    """Every value problem in a dataset whose columns exist with the right types."""
+    c = _Collector()
+    spec = ds.schema.features
+    U, I, R, C = (TABLE_FILES[t] for t in ("users", "items", "requests", "candidates"))
+
+    for table_name, key in (("users", "user_id"), ("items", "item_id"), ("candidates", None)):
+        table, file = ds.table(table_name), TABLE_FILES[table_name]
+        for f in spec.in_table(table_name):
+            v = table[f.name]
+            low = 1 if f.name == key else 0  # a key needs a real id; 0 is "unknown" elsewhere
+            c.flag(file, f.name, v < 0, v, "negative id")
+            c.flag(file, f.name, (v >= 0) & (v < low), v, f"id 0 is padding, not a valid {f.name}")
+            c.flag(file, f.name, v > f.vocab, v, f"id beyond the vocabulary of {f.vocab} in schema.json")
+            if f.multi:
+                lengths = table.get(f.name + "_len")
+                if lengths is not None:
+                    c.flag(file, f.name, lengths > f.max_len, lengths, f"list longer than max_len {f.max_len}")
+        if key is not None:
+            c.flag(file, key, _duplicates(table[key]), table[key], f"duplicate {key}")
+
+    req, cand = ds.requests, ds.candidates
+    c.flag(R, "request_id", _duplicates(req["request_id"]), req["request_id"], "duplicate request_id")
+    c.flag(R, "user_id", ~_present(req["user_id"], ds.users["user_id"]), req["user_id"], "user not in users.parquet")
+    c.flag(R, "split", ~np.isin(req["split"], SPLITS), req["split"], f"split is not one of {list(SPLITS)}")
+    hist, hts, hlen = req["history"], req["history_ts"], req["history_len"]
+    hts_len = req.get("history_ts_len", hlen)  # only a file read from disk can disagree
+    valid_pos = np.arange(hist.shape[1]) < hlen[:, None]
+    c.flag(R, "history", hlen > ds.schema.history_max, hlen, f"history longer than history_max {ds.schema.history_max}")
+    c.flag(R, "history_ts", hts_len != hlen, hts_len, "history_ts length differs from history length")
+    c.flag(R, "history", valid_pos & (hist <= 0), hist, "history item id is not positive")
+    c.flag(R, "history", valid_pos & (hist > 0) & ~_present(hist, ds.items["item_id"]), hist, "history item not in items.parquet")
+    if ds.schema.temporal:
+        w = min(hist.shape[1], hts.shape[1])
+        leak = valid_pos[:, :w] & (hts_len == hlen)[:, None] & (hts[:, :w] >= req["ts"][:, None])
+        c.flag(R, "history_ts", leak, hts, "history event at or after the request's ts (leakage)")
+
+    c.flag(C, "request_id", ~_present(cand["request_id"], req["request_id"]), cand["request_id"], "request not in requests.parquet")
+    c.flag(C, "item_id", (cand["item_id"] > 0) & ~_present(cand["item_id"], ds.items["item_id"]), cand["item_id"], "item not in items.parquet")
+    pair = np.stack([cand["request_id"], cand["item_id"]], axis=1)
+    c.flag(C, "item_id", _duplicates(pair), cand["item_id"], "item listed twice for the same request")
+    c.flag(C, "stage", ~np.isin(cand["stage"], list(STAGES)), cand["stage"], f"stage is not one of {sorted(STAGES)}")
+    c.flag(C, "label", ~np.isfinite(cand["label"]), cand["label"], "label is not finite")
+    c.flag(R, "request_id", ~_present(req["request_id"], cand["request_id"]), req["request_id"], "request has no candidates")
+    return c.problems
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _list_column(padded: np.ndarray, lengths: np.ndarray) -> pa.Array:
+    keep = np.arange(padded.shape[1]) < lengths[:, None]
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(padded[keep].astype(np.int64)))
+
+
+def _to_arrow(ds: Dataset, name: str) -> pa.Table:
+    table = ds.table(name)
+    out: dict[str, pa.Array] = {}
+    for col, kind in _columns(ds.schema)[name].items():
+        v = table[col]
+        if kind == "list":
+            lengths = table["history_len"] if col.startswith("history") else np.full(len(v), v.shape[1])
+            out[col] = _list_column(v, lengths)
+        elif kind == "str":
+            out[col] = pa.array(v.astype(str), pa.string())
+        elif kind == "float":
+            out[col] = pa.array(v.astype(np.float32))
+        else:
+            out[col] = pa.array(v.astype(np.int8 if col == "stage" else np.int64))
+    return pa.table(out)
+
+
+def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Validate, then write the schema, the four tables and ``extra_files`` (name -> bytes).
+
+    The directory appears whole or not at all: files go to a temporary sibling that is renamed
+    into place, replacing an older directory of that name only once everything is written.
+    """
+    problems = validate(ds)
+    if problems:
+        raise DataError(problems)
+    out = Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    try:
+        (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
+        for name, file in TABLE_FILES.items():
+            pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd")
+        for file, data in (extra_files or {}).items():
+            (tmp / file).write_bytes(data)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,351 @@
+"""A synthetic cascade world: logs in the cascade schema plus the hidden truth that scores them.
+
+The truth. Every item has a category, a latent vector ``v``, a style vector ``w`` (unit length)
+and a popularity bias ``b``; every user a category taste and a latent vector ``u``. For a
+request r of user u and an item i the true click probability is
+
+    p(r, i) = sigmoid(c0 + c_aff <u, v_i> + c_pop b_i + c_ta max_{h in last T of history(r)} <w_h, w_i>)
+
+The last, target-attention term asks how strongly the target resembles what this request's
+user consumed most recently: a max over the history, which a two-tower model (one user vector
+from the pooled history, dotted with one item vector) cannot represent exactly and a DIN-style
+ranker can.
+
+Histories are organic consumption streams that follow each user's taste: a category chain that
+stays put with probability ``stay`` and otherwise redraws from the taste, items drawn within the
+category by popularity.
+
+The logged cascade. Per request a production system with imperfect models recalls ``quotas[0]``
+items of the catalog (noisy affinity + popularity, the history excluded), pre-ranks them to
+``quotas[1]`` (the truth without its target-attention term, plus noise), ranks to ``quotas[2]``
+(the full truth plus less noise) and exposes the first ``quotas[3]``; clicks on exposed items
+are drawn from the truth. Every recalled item is logged with the last stage it survived.
+
+``World`` is the oracle: true click probability of any (request, item) pairs and the best
+achievable top-k of the whole catalog. Same config and seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cascade.data.schema import QUOTA_NAMES, Schema
+from cascade.data.store import Dataset
+from cascade.features import Field, FeatureSpec
+
+WORLD_FILE = "world.npz"
+DAY = 86_400
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    users: int = 2000
+    items: int = 5000
+    requests: int = 20000
+    categories: int = 20
+    dim: int = 16
+    style_dim: int = 8
+    history_max: int = 50
+    ta_window: int = 10  # the target-attention term looks at this many most recent items
+    quotas: tuple[int, int, int, int] = (200, 50, 10, 5)
+    stay: float = 0.7  # probability that the next consumed item keeps the current category
+    days: int = 60
+    seed: int = 0
+    # true click logit coefficients
+    c0: float = -5.5
+    c_aff: float = 1.0
+    c_pop: float = 0.5
+    c_ta: float = 2.5
+    # noise of the logged production models (std of the added logit noise)
+    recall_noise: float = 1.0
+    prerank_noise: float = 1.0
+    rank_noise: float = 0.5
+
+    def __post_init__(self) -> None:
+        q = self.quotas
+        if not all(a > b > 0 for a, b in zip(q, q[1:])) or q[-1] < 1:
+            raise ValueError(f"quotas must strictly decrease and stay positive, got {q}")
+        if q[0] > self.items - self.history_max:
+            raise ValueError(f"recall quota {q[0]} needs more than {self.items} items (history excluded)")
+        if min(self.users, self.items, self.requests, self.categories) < 1:
+            raise ValueError("users, items, requests and categories must be positive")
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k highest scores, best first. (B, N) -> (B, k)."""
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1)
+
+
+@dataclass
+class World:
+    """The hidden truth of a synthetic world, indexed by 1-based user, item and request ids."""
+
+    user_vec: np.ndarray  # (U, D)
+    item_vec: np.ndarray  # (I, D)
+    item_style: np.ndarray  # (I, S), unit rows
+    item_bias: np.ndarray  # (I,)
+    coef: np.ndarray  # (4,) c0, c_aff, c_pop, c_ta
+    request_user: np.ndarray  # (R,) user id of each request id 1..R
+    request_history: np.ndarray  # (R, L) item ids, most recent last, 0-padded after
+
+    @property
+    def ta_window(self) -> int:
+        return self.request_history.shape[1]
+
+    def terms(self, request_ids: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The two parts of the true logit, request_ids (B,), item_ids (B, N) -> (B, N) each:
+        the two-tower part ``c0 + c_aff <u, v> + c_pop b`` and the target-attention part."""
+        r = np.asarray(request_ids) - 1
+        items = np.asarray(item_ids)
+        it = np.maximum(items, 1) - 1
+        u = self.user_vec[self.request_user[r] - 1]  # (B, D)
+        aff = np.einsum("bd,bnd->bn", u, self.item_vec[it])
+        hist = self.request_history[r]  # (B, T)
+        sim = np.einsum("bts,bns->btn", self.item_style[np.maximum(hist, 1) - 1], self.item_style[it])
+        sim = np.where(hist[:, :, None] > 0, sim, -np.inf).max(axis=1)
+        ta = np.where(np.isfinite(sim), sim, 0.0)  # an empty history attends to nothing
+        c0, c_aff, c_pop, c_ta = self.coef
+        return c0 + c_aff * aff + c_pop * self.item_bias[it], c_ta * ta
+
+    def true_logit(self, request_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """request_ids (B,), item_ids (B, N) -> (B, N) true click logits; -inf for item id 0."""
+        two_tower, ta = self.terms(request_ids, item_ids)
+        return np.where(np.asarray(item_ids) > 0, two_tower + ta, -np.inf)
+
+    def click_prob(self, request_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """True click probability, request_ids (B,), item_ids (B, N) -> (B, N); 0 for id 0."""
+        return _sigmoid(self.true_logit(request_ids, item_ids))
+
+    def best_topk(self, request_ids: np.ndarray, k: int, exclude: np.ndarray | None = None, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """The k items of the whole catalog with the highest true click probability per request.
+
+        exclude (B, L) item ids that may not be shown (e.g. the request's history; 0 = none).
+        Returns item ids (B, k) and their probabilities (B, k), best first.
+        """
+        request_ids = np.asarray(request_ids)
+        n_items = len(self.item_bias)
+        all_items = np.arange(1, n_items + 1)
+        ids, probs = [], []
+        for a in range(0, len(request_ids), chunk):
+            r = request_ids[a : a + chunk]
+            logit = self.true_logit(r, np.broadcast_to(all_items, (len(r), n_items)))
+            if exclude is not None:
+                ex = exclude[a : a + chunk]
+                rows = np.repeat(np.arange(len(r)), ex.shape[1])
+                keep = ex.ravel() > 0
+                logit[rows[keep], ex.ravel()[keep] - 1] = -np.inf
+            top = _top(logit, k)
+            ids.append(top + 1)
+            probs.append(_sigmoid(np.take_along_axis(logit, top, 1)))
+        return np.concatenate(ids), np.concatenate(probs)
+
+    def to_bytes(self) -> bytes:
+        """An .npz whose bytes depend only on the arrays (fixed zip timestamps)."""
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, arr in asdict(self).items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with zf.open(info, "w") as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+        return buf.getvalue()
+
+    @staticmethod
+    def load(directory: str | Path) -> "World":
+        with np.load(Path(directory) / WORLD_FILE, allow_pickle=False) as z:
+            return World(**{k: z[k] for k in z.files})
+
+
+def _consumption(cfg: WorldConfig, rng: np.random.Generator, taste: np.ndarray, item_cat: np.ndarray, item_pop: np.ndarray, n_events: np.ndarray) -> np.ndarray:
+    """Organic consumption streams: (sum n_events,) item ids (0-based), grouped by user, in order."""
+    n_users, n_cat = taste.shape
+    # items of each category, drawn by popularity: per-category cumulative distributions
+    order = np.argsort(item_cat, kind="stable")
+    cat_start = np.searchsorted(item_cat[order], np.arange(n_cat + 1))
+    pop_sorted = item_pop[order]
+    cum = np.cumsum(pop_sorted)
+    base = np.concatenate(([0.0], cum))[cat_start]  # cumulative mass before each category
+    mass = base[1:] - base[:-1]
+    taste_cum = np.cumsum(taste, axis=1)
+
+    offsets = np.concatenate(([0], np.cumsum(n_events)))
+    out = np.empty(offsets[-1], dtype=np.int64)
+    cat = (taste_cum < rng.random((n_users, 1))).sum(axis=1).clip(max=n_cat - 1)
+    for t in range(int(n_events.max())):
+        users = np.flatnonzero(n_events > t)
+        redraw = rng.random(len(users)) > cfg.stay
+        fresh = (taste_cum[users] < rng.random((len(users), 1))).sum(axis=1).clip(max=n_cat - 1)
+        cat[users] = np.where(redraw, fresh, cat[users])
+        c = cat[users]
+        target = base[c] + rng.random(len(users)) * mass[c]
+        pick = np.searchsorted(cum, target, side="right").clip(cat_start[c], cat_start[c + 1] - 1)
+        out[offsets[users] + t] = order[pick]
+    return out
+
+
+def generate(cfg: WorldConfig = WorldConfig()) -> tuple[Dataset, World]:
+    """Build the logs and the truth of one world."""
+    rng = np.random.default_rng(cfg.seed)
+    U, I, R, C, D = cfg.users, cfg.items, cfg.requests, cfg.categories, cfg.dim
+    L, T = cfg.history_max, cfg.ta_window
+
+    # --- items: Zipf-like category sizes, latent vectors around category centres
+    cat_weight = 1.0 / np.sqrt(np.arange(1, C + 1))
+    item_cat = rng.choice(C, size=I, p=cat_weight / cat_weight.sum())
+    centre = rng.normal(size=(C, D)) / np.sqrt(D) * 1.5
+    item_vec = centre[item_cat] + rng.normal(size=(I, D)) / np.sqrt(D) * 0.8
+    style_centre = _normalise(rng.normal(size=(C, cfg.style_dim)))
+    item_style = _normalise(style_centre[item_cat] + rng.normal(size=(I, cfg.style_dim)) * 0.6)
+    item_bias = rng.normal(size=I)
+    item_pop = np.exp(0.8 * item_bias)
+
+    # --- users: sparse category tastes, latent vectors from the tastes
+    taste = rng.dirichlet(np.full(C, 0.3), size=U)
+    user_vec = taste @ centre * 1.5 + rng.normal(size=(U, D)) / np.sqrt(D) * 0.5
+    activity = rng.lognormal(0.0, 0.8, size=U)
+    req_user = rng.choice(U, size=R, p=activity / activity.sum())
+    req_ts = np.sort(rng.integers(cfg.days * DAY // 4, cfg.days * DAY, size=R))
+    req_user = req_user[np.argsort(rng.random(R))]  # users independent of time order
+
+    # --- consumption streams, spread over the whole period, before the first request too
+    per_user = np.bincount(req_user, minlength=U)
+    n_events = L + 2 * per_user + rng.integers(0, L, size=U)
+    events = _consumption(cfg, rng, taste, item_cat, item_pop, n_events)
+    ev_user = np.repeat(np.arange(U), n_events)
+    ev_ts = rng.integers(0, cfg.days * DAY, size=len(events))
+    by = np.lexsort((ev_ts, ev_user))
+    # the stream is a sequence: give its i-th event the user's i-th smallest time
+    ev_ts = ev_ts[by]
+    key = ev_user.astype(np.int64) * (cfg.days * DAY + 1) + ev_ts
+    end = np.searchsorted(key, req_user.astype(np.int64) * (cfg.days * DAY + 1) + req_ts, side="left")
+    start = np.concatenate(([0], np.cumsum(n_events)))[req_user]
+    pos = end[:, None] - L + np.arange(L)
+    ok = pos >= start[:, None]
+    hist_raw = np.where(ok, events[np.where(ok, pos, 0)] + 1, 0)
+    hist_ts_raw = np.where(ok, ev_ts[np.where(ok, pos, 0)], 0)
+    hist_len = ok.sum(axis=1)
+    # store most recent last, padding after the values
+    shift = np.argsort(~ok, axis=1, kind="stable")
+    history = np.take_along_axis(hist_raw, shift, 1)
+    history_ts = np.take_along_axis(hist_ts_raw, shift, 1)
+    # the target-attention window: the last T history items, padded after
+    n_recent = np.minimum(hist_len, T)[:, None]
+    recent_pos = np.clip(hist_len[:, None] - n_recent + np.arange(T), 0, L - 1)
+    recent = np.where(np.arange(T) < n_recent, np.take_along_axis(history, recent_pos, 1), 0)
+
+    world = World(
+        user_vec=user_vec,
+        item_vec=item_vec,
+        item_style=item_style,
+        item_bias=item_bias,
+        coef=np.array([cfg.c0, cfg.c_aff, cfg.c_pop, cfg.c_ta]),
+        request_user=req_user + 1,
+        request_history=recent,
+    )
+
+    # --- the logged production cascade, in chunks of requests
+    q_recall, q_pre, q_rank, q_exp = cfg.quotas
+    cand_items = np.empty((R, q_recall), dtype=np.int64)
+    cand_stage = np.empty((R, q_recall), dtype=np.int8)
+    cand_label = np.zeros((R, q_recall), dtype=np.float32)
+    chunk = 1024
+    for a in range(0, R, chunk):
+        b = min(R, a + chunk)
+        rid = np.arange(a, b) + 1
+        u = user_vec[req_user[a:b]] + rng.normal(size=(b - a, D)) / np.sqrt(D) * cfg.recall_noise
+        recall_score = u @ item_vec.T + 0.5 * item_bias
+        rows = np.repeat(np.arange(b - a), L)
+        h = history[a:b].ravel()
+        recall_score[rows[h > 0], h[h > 0] - 1] = -np.inf  # consumed items are not recalled
+        recalled = _top(recall_score, q_recall) + 1  # (B, q_recall) item ids
+        two_tower, ta = world.terms(rid, recalled)
+        logit = two_tower + ta
+        # the production pre-ranker is a two-tower model: it misses the target-attention term
+        pre_score = two_tower + rng.normal(size=logit.shape) * cfg.prerank_noise
+        pre_pos = _top(pre_score, q_pre)
+        rank_score = np.full(logit.shape, -np.inf)
+        rank_val = logit + rng.normal(size=logit.shape) * cfg.rank_noise
+        np.put_along_axis(rank_score, pre_pos, np.take_along_axis(rank_val, pre_pos, 1), 1)
+        rank_pos = _top(rank_score, q_rank)
+        stage = np.zeros(logit.shape, dtype=np.int8)
+        np.put_along_axis(stage, pre_pos, 1, 1)
+        np.put_along_axis(stage, rank_pos, 2, 1)
+        np.put_along_axis(stage, rank_pos[:, :q_exp], 3, 1)
+        clicks = (rng.random(logit.shape) < _sigmoid(logit)) & (stage == 3)
+        cand_items[a:b], cand_stage[a:b], cand_label[a:b] = recalled, stage, clicks
+
+    n_test = R // 10
+    split = np.full(R, "train", dtype="<U5")
+    split[R - 2 * n_test : R - n_test] = "valid"
+    split[R - n_test :] = "test"
+
+    # --- observable features
+    segment = np.where(rng.random(U) < 0.8, taste.argmax(axis=1), rng.integers(0, C, U)) + 1
+    near = np.argsort(-(style_centre @ style_centre.T), axis=1)[:, 1:3]  # two closest categories
+    tags = np.stack([item_cat, near[item_cat, 0], near[item_cat, 1]], axis=1) + 1
+    tags[:, 1:] *= rng.random((I, 2)) < 0.5  # each related tag present half the time
+    tags = np.take_along_axis(tags, np.argsort(tags == 0, axis=1, kind="stable"), 1)  # zeros last
+    pop_band = np.searchsorted(np.quantile(item_bias, [0.2, 0.4, 0.6, 0.8]), item_bias) + 1
+
+    fields = FeatureSpec(
+        (
+            Field("user_id", "user", U),
+            Field("segment", "user", C),
+            Field("item_id", "item", I),
+            Field("category", "item", C),
+            Field("tags", "item", C, multi=True, max_len=3),
+            Field("pop_band", "item", 5),
+        )
+    )
+    counts = {
+        "users": U,
+        "items": I,
+        "requests": {s: int((split == s).sum()) for s in ("train", "valid", "test")},
+        "candidates": int(R * q_recall),
+        "exposed": int((cand_stage == 3).sum()),
+        "clicks": int(cand_label.sum()),
+    }
+    schema = Schema(
+        name="synthetic",
+        features=fields,
+        temporal=True,
+        history_max=L,
+        quotas=dict(zip(QUOTA_NAMES, cfg.quotas)),
+        protocol={"name": "synthetic", "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}, "counts": counts},
+    )
+    ds = Dataset(
+        schema=schema,
+        users={"user_id": np.arange(1, U + 1), "segment": segment.astype(np.int64)},
+        items={"item_id": np.arange(1, I + 1), "category": item_cat + 1, "tags": tags.astype(np.int64), "pop_band": pop_band.astype(np.int64)},
+        requests={
+            "request_id": np.arange(1, R + 1),
+            "user_id": req_user + 1,
+            "ts": req_ts.astype(np.int64),
+            "split": split,
+            "history": history,
+            "history_ts": history_ts.astype(np.int64),
+            "history_len": hist_len,
+        },
+        candidates={
+            "request_id": np.repeat(np.arange(1, R + 1), q_recall),
+            "item_id": cand_items.ravel(),
+            "stage": cand_stage.ravel(),
+            "label": cand_label.ravel(),
+        },
+    )
+    return ds, world

@@ -1,0 +1,154 @@
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cascade.cli import main
+from cascade.data.store import DataError, read_dataset, write_dataset
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "logs"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit(directory, file, change):
+    """Rewrite one parquet file through ``change(pyarrow.Table) -> pyarrow.Table``."""
+    path = directory / file
+    pq.write_table(change(pq.read_table(path)), path)
+
+
+def _set(table, column, row, value, typ=None):
+    values = table.column(column).to_pylist()
+    values[row] = value
+    return table.set_column(table.column_names.index(column), column, pa.array(values, typ or table.column(column).type))
+
+
+def _check(directory, capsys):
+    code = main(["data", "check", str(directory)])
+    return code, capsys.readouterr().err
+
+
+def test_round_trip_keeps_every_array(small_world, small_dir):
+    ds, _ = small_world
+    back = read_dataset(small_dir)
+    assert back.schema == ds.schema
+    for name in ("users", "items", "requests", "candidates"):
+        original, loaded = ds.table(name), back.table(name)
+        assert set(loaded) == set(original), name
+        for col in original:
+            np.testing.assert_array_equal(loaded[col], original[col], err_msg=f"{name}.{col}")
+
+
+def test_check_accepts_a_valid_directory(small_dir, capsys):
+    code = main(["data", "check", str(small_dir)])
+    assert code == 0
+    assert "ok" in capsys.readouterr().out
+
+
+# Each case: (file, edit, text the message must contain). Rows are 0-based.
+BAD_INPUTS = {
+    "missing file": ("items.parquet", None, "items.parquet: file is missing"),
+    "missing column": ("candidates.parquet", lambda t: t.drop_columns(["label"]), "candidates.parquet: column 'label': column is missing"),
+    "wrong dtype": (
+        "candidates.parquet",
+        lambda t: t.set_column(1, "item_id", pa.array([str(v) for v in t.column("item_id").to_pylist()])),
+        "candidates.parquet: column 'item_id': has type string, expected int",
+    ),
+    "negative id": ("users.parquet", lambda t: _set(t, "segment", 3, -4), "users.parquet: column 'segment', row 3: negative id (value -4)"),
+    "out of vocabulary": ("items.parquet", lambda t: _set(t, "category", 5, 21), "items.parquet: column 'category', row 5: id beyond the vocabulary of 20 in schema.json (value 21)"),
+    "out of vocabulary in a list": (
+        "items.parquet",
+        lambda t: _set(t, "tags", 2, [1, 99, 0]),
+        "items.parquet: column 'tags', row 2: id beyond the vocabulary of 20 in schema.json (value 99)",
+    ),
+    "duplicate key": ("users.parquet", lambda t: _set(t, "user_id", 9, 3), "users.parquet: column 'user_id', row 9: duplicate user_id (value 3)"),
+    "duplicate candidate": ("candidates.parquet", lambda t: _set(t, "item_id", 1, t.column("item_id")[0].as_py()), "candidates.parquet: column 'item_id', row 1: item listed twice"),
+    "history leakage": ("requests.parquet", None, "requests.parquet: column 'history_ts', row 0: history event at or after the request's ts (leakage)"),
+    "unknown request": ("candidates.parquet", lambda t: _set(t, "request_id", 11, 999_999), "candidates.parquet: column 'request_id', row 11: request not in requests.parquet (value 999999)"),
+    "unknown item": ("items.parquet", None, "candidates.parquet: column 'item_id'"),
+    "request without candidates": ("candidates.parquet", None, "requests.parquet: column 'request_id', row 0: request has no candidates (value 1)"),
+    "unknown split": ("requests.parquet", lambda t: _set(t, "split", 4, "holdout"), "requests.parquet: column 'split', row 4: split is not one of ['train', 'valid', 'test'] (value 'holdout')"),
+    "unknown stage": ("candidates.parquet", lambda t: _set(t, "stage", 6, 7), "candidates.parquet: column 'stage', row 6: stage is not one of [0, 1, 2, 3] (value 7)"),
+    "nan label": ("candidates.parquet", lambda t: _set(t, "label", 8, float("nan")), "candidates.parquet: column 'label', row 8: label is not finite (value nan)"),
+    "infinite label": ("candidates.parquet", lambda t: _set(t, "label", 8, float("inf")), "candidates.parquet: column 'label', row 8: label is not finite (value inf)"),
+    "null value": ("requests.parquet", lambda t: _set(t, "ts", 2, None), "requests.parquet: column 'ts', row 2: is null"),
+}
+
+
+def _leak(table):
+    # the first request's newest history event moved to the request's own ts
+    hist_ts = table.column("history_ts").to_pylist()
+    hist_ts[0][-1] = table.column("ts")[0].as_py()
+    return table.set_column(table.column_names.index("history_ts"), "history_ts", pa.array(hist_ts, table.column("history_ts").type))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_check_names_each_bad_input(case, small_dir, tmp_path, capsys):
+    file, change, expected = BAD_INPUTS[case]
+    logs = _copy(small_dir, tmp_path)
+    if case == "missing file":
+        (logs / file).unlink()
+    elif case == "history leakage":
+        _edit(logs, file, _leak)
+    elif case == "unknown item":
+        # drop an item that candidates use; its id stays inside the vocabulary
+        used = pq.read_table(logs / "candidates.parquet").column("item_id")[0].as_py()
+        _edit(logs, file, lambda t: t.filter(pa.compute.not_equal(t.column("item_id"), used)))
+        expected += f", row 0: item not in items.parquet (value {used})"
+    elif case == "request without candidates":
+        _edit(logs, file, lambda t: t.filter(pa.compute.not_equal(t.column("request_id"), 1)))
+    else:
+        _edit(logs, file, change)
+    code, err = _check(logs, capsys)
+    assert code == 2
+    assert expected in err, err
+    assert "nothing written" in err
+
+
+def test_every_problem_is_reported_at_once(small_dir, tmp_path, capsys):
+    logs = _copy(small_dir, tmp_path)
+    _edit(logs, "candidates.parquet", lambda t: _set(_set(t, "label", 0, float("nan")), "stage", 1, 9))
+    code, err = _check(logs, capsys)
+    assert code == 2
+    assert "label is not finite" in err and "stage is not one of" in err
+    assert "2 problem(s)" in err
+
+
+def test_a_problem_counts_all_its_rows(small_dir, tmp_path, capsys):
+    logs = _copy(small_dir, tmp_path)
+    _edit(logs, "candidates.parquet", lambda t: t.set_column(3, "label", pa.array(np.full(len(t), np.nan, np.float32))))
+    n = pq.read_metadata(logs / "candidates.parquet").num_rows
+    _, err = _check(logs, capsys)
+    assert f"{n:,} rows in all" in err
+
+
+def test_bad_schema_is_named(small_dir, tmp_path, capsys):
+    logs = _copy(small_dir, tmp_path)
+    schema = json.loads((logs / "schema.json").read_text())
+    schema["fields"][0]["side"] = "context"
+    (logs / "schema.json").write_text(json.dumps(schema))
+    code, err = _check(logs, capsys)
+    assert code == 2
+    assert "schema.json: invalid: fields[0] 'user_id': side 'context'" in err
+
+
+def test_bad_dataset_writes_nothing(small_world, tmp_path):
+    ds, _ = small_world
+    bad_label = ds.candidates["label"].copy()
+    bad_label[0] = np.nan
+    bad = type(ds)(ds.schema, ds.users, ds.items, ds.requests, {**ds.candidates, "label": bad_label})
+    with pytest.raises(DataError, match="label is not finite"):
+        write_dataset(bad, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    # an existing directory survives a failed overwrite untouched
+    write_dataset(ds, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(DataError):
+        write_dataset(bad, tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
