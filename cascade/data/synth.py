@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cascade.data.history import last_before
 from cascade.data.schema import QUOTA_NAMES, Schema
 from cascade.data.store import Dataset
 from cascade.features import Field, FeatureSpec
@@ -231,18 +232,7 @@ def generate(cfg: WorldConfig = WorldConfig()) -> tuple[Dataset, World]:
     by = np.lexsort((ev_ts, ev_user))
     # the stream is a sequence: give its i-th event the user's i-th smallest time
     ev_ts = ev_ts[by]
-    key = ev_user.astype(np.int64) * (cfg.days * DAY + 1) + ev_ts
-    end = np.searchsorted(key, req_user.astype(np.int64) * (cfg.days * DAY + 1) + req_ts, side="left")
-    start = np.concatenate(([0], np.cumsum(n_events)))[req_user]
-    pos = end[:, None] - L + np.arange(L)
-    ok = pos >= start[:, None]
-    hist_raw = np.where(ok, events[np.where(ok, pos, 0)] + 1, 0)
-    hist_ts_raw = np.where(ok, ev_ts[np.where(ok, pos, 0)], 0)
-    hist_len = ok.sum(axis=1)
-    # store most recent last, padding after the values
-    shift = np.argsort(~ok, axis=1, kind="stable")
-    history = np.take_along_axis(hist_raw, shift, 1)
-    history_ts = np.take_along_axis(hist_ts_raw, shift, 1)
+    history, history_ts, hist_len = last_before(ev_user, ev_ts, events + 1, req_user, req_ts, L)
     # the target-attention window: the last T history items, padded after
     n_recent = np.minimum(hist_len, T)[:, None]
     recent_pos = np.clip(hist_len[:, None] - n_recent + np.arange(T), 0, L - 1)
