@@ -25,7 +25,11 @@ def _synth(args: argparse.Namespace) -> int:
     from cascade.data.summary import summarize
     from cascade.data.synth import WORLD_FILE, WorldConfig, generate
 
-    cfg = WorldConfig(users=args.users, items=args.items, requests=args.requests, seed=args.seed)
+    try:
+        cfg = WorldConfig(users=args.users, items=args.items, requests=args.requests, seed=args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
     start = time.perf_counter()
     ds, world = generate(cfg)
     out = write_dataset(ds, args.out, {WORLD_FILE: world.to_bytes()})
@@ -108,9 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
         print(f"{len(e.problems)} problem(s); nothing written", file=sys.stderr)
-        return BAD_INPUT
-    except ValueError as e:  # bad arguments (e.g. an impossible world config)
-        print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
 
 

@@ -255,7 +255,8 @@ def _cascade(raw, users, items, fields, counts) -> Dataset:
     label = rating >= 4
     p80, p90 = np.quantile(ts, [0.8, 0.9])
     if p80 < ALL_TIMED_FROM:
-        raise ValueError(f"validation would start at ts {p80:.0f}, before every rating has its time ({ALL_TIMED_FROM})")
+        message = f"the 80th percentile of rating time falls before {ALL_TIMED_FROM} (2000-12-02 15:00 UTC), where untimed ratings may still lie"
+        raise DataError([Problem("ratings.dat", "Timestamp", None, int(p80), message)])
     day = ts // 86_400
     group = user * (int(day.max()) + 1) + day
     first_ts = np.full(int(group.max()) + 1, np.iinfo(np.int64).max)

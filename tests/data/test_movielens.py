@@ -140,3 +140,9 @@ def test_round_trip_of_a_converted_directory(tmp_path):
     assert main(["data", "movielens", "--src", str(src), "--out", str(tmp_path / "out"), "--protocol", "cascade"]) == 0
     ds = read_dataset(tmp_path / "out")
     assert ds.schema.temporal and len(ds.candidates["item_id"]) == 12
+
+
+def test_temporal_windows_before_the_fully_timed_period_are_refused(tmp_path):
+    early = [(u, m, r, 900_000_000 + t % 1000) for u, m, r, t in RATINGS]  # all in 1998
+    with pytest.raises(DataError, match="ratings.dat: column 'Timestamp': the 80th percentile of rating time falls before"):
+        convert(_write_ml(tmp_path / "ml", early), "cascade")
