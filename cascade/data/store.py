@@ -104,12 +104,19 @@ def _padded(col: pa.ChunkedArray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """list<int> column -> (rows, width) int64 padded with 0 after the values, and lengths."""
     arr = col.combine_chunks()
     offsets = arr.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]  # a sliced array's offsets need not start at 0
     lengths = np.diff(offsets)
-    values = arr.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     out = np.zeros((len(lengths), max(width, int(lengths.max(initial=0)))), dtype=np.int64)
     pos = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
     out[np.repeat(np.arange(len(lengths)), lengths), pos] = values
     return out, lengths
+
+
+def _rows_with_null_elements(arr: pa.ListArray) -> np.ndarray:
+    lengths = np.diff(arr.offsets.to_numpy().astype(np.int64))
+    null = arr.flatten().is_null().to_numpy(zero_copy_only=False)
+    return np.unique(np.repeat(np.arange(len(lengths)), lengths)[null])
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +161,11 @@ def read_dataset(directory: str | os.PathLike) -> Dataset:
                 row = int(np.flatnonzero(data.is_null().to_numpy(zero_copy_only=False))[0])
                 problems.append(Problem(file, col, row, None, "is null", data.null_count))
                 continue
+            if kind == "list":
+                null_rows = _rows_with_null_elements(data.combine_chunks())
+                if len(null_rows):
+                    problems.append(Problem(file, col, int(null_rows[0]), None, "list holds a null", len(null_rows)))
+                    continue
             if kind == "list":
                 width = schema.history_max if col.startswith("history") else schema.features[col].max_len
                 table[col], lengths = _padded(data, width)

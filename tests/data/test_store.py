@@ -76,6 +76,7 @@ BAD_INPUTS = {
     "unknown stage": ("candidates.parquet", lambda t: _set(t, "stage", 6, 7), "candidates.parquet: column 'stage', row 6: stage is not one of [0, 1, 2, 3] (value 7)"),
     "nan label": ("candidates.parquet", lambda t: _set(t, "label", 8, float("nan")), "candidates.parquet: column 'label', row 8: label is not finite (value nan)"),
     "infinite label": ("candidates.parquet", lambda t: _set(t, "label", 8, float("inf")), "candidates.parquet: column 'label', row 8: label is not finite (value inf)"),
+    "null inside a list": ("items.parquet", lambda t: _set(t, "tags", 6, [1, None, 0]), "items.parquet: column 'tags', row 6: list holds a null"),
     "null value": ("requests.parquet", lambda t: _set(t, "ts", 2, None), "requests.parquet: column 'ts', row 2: is null"),
 }
 
