@@ -166,21 +166,14 @@ def read_dataset(directory: str | os.PathLike) -> Dataset:
                 if len(null_rows):
                     problems.append(Problem(file, col, int(null_rows[0]), None, "list holds a null", len(null_rows)))
                     continue
-            if kind == "list":
                 width = schema.history_max if col.startswith("history") else schema.features[col].max_len
-                table[col], lengths = _padded(data, width)
-                if col == "history":
-                    table["history_len"] = lengths
-                elif col == "history_ts":
-                    table["history_ts_len"] = lengths
-                else:
-                    table[col + "_len"] = lengths
+                table[col], table[col + "_len"] = _padded(data, width)  # lengths checked by validate
             elif kind == "str":
                 table[col] = np.asarray(data.to_numpy(zero_copy_only=False), dtype=str)
             elif kind == "float":
                 table[col] = data.to_numpy().astype(np.float32)
             else:
-                table[col] = data.to_numpy().astype(np.int8 if col == "stage" else np.int64)
+                table[col] = data.to_numpy().astype(np.int64)  # stage narrows to int8 once validated
         tables[name] = table
     if problems:
         raise DataError(problems)
@@ -188,6 +181,7 @@ def read_dataset(directory: str | os.PathLike) -> Dataset:
     problems = validate(ds)
     if problems:
         raise DataError(problems)
+    ds.candidates["stage"] = ds.candidates["stage"].astype(np.int8)
     for table in (ds.users, ds.items, ds.candidates, ds.requests):
         for key in [k for k in table if k.endswith("_len") and k != "history_len"]:
             del table[key]

@@ -74,6 +74,7 @@ BAD_INPUTS = {
     "request without candidates": ("candidates.parquet", None, "requests.parquet: column 'request_id', row 0: request has no candidates (value 1)"),
     "unknown split": ("requests.parquet", lambda t: _set(t, "split", 4, "holdout"), "requests.parquet: column 'split', row 4: split is not one of ['train', 'valid', 'test'] (value 'holdout')"),
     "unknown stage": ("candidates.parquet", lambda t: _set(t, "stage", 6, 7), "candidates.parquet: column 'stage', row 6: stage is not one of [0, 1, 2, 3] (value 7)"),
+    "stage past int8": ("candidates.parquet", lambda t: _set(t, "stage", 6, 259, pa.int64()), "candidates.parquet: column 'stage', row 6: stage is not one of [0, 1, 2, 3] (value 259)"),
     "nan label": ("candidates.parquet", lambda t: _set(t, "label", 8, float("nan")), "candidates.parquet: column 'label', row 8: label is not finite (value nan)"),
     "infinite label": ("candidates.parquet", lambda t: _set(t, "label", 8, float("inf")), "candidates.parquet: column 'label', row 8: label is not finite (value inf)"),
     "null inside a list": ("items.parquet", lambda t: _set(t, "tags", 6, [1, None, 0]), "items.parquet: column 'tags', row 6: list holds a null"),
