@@ -104,10 +104,6 @@ class World:
     request_user: np.ndarray  # (R,) user id of each request id 1..R
     request_history: np.ndarray  # (R, L) item ids, most recent last, 0-padded after
 
-    @property
-    def ta_window(self) -> int:
-        return self.request_history.shape[1]
-
     def terms(self, request_ids: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The two parts of the true logit, request_ids (B,), item_ids (B, N) -> (B, N) each:
         the two-tower part ``c0 + c_aff <u, v> + c_pop b`` and the target-attention part."""
