@@ -29,7 +29,7 @@ import pyarrow.csv as pacsv
 
 from cascade.data.history import last_before
 from cascade.data.schema import EXPOSED, Schema
-from cascade.data.store import DataError, Dataset, Problem
+from cascade.data.store import DataError, Dataset, Problem, ProblemLog, duplicate_rows
 from cascade.features import Field, FeatureSpec
 
 HISTORY = 50
@@ -56,19 +56,14 @@ def _read_dat(path: Path, names: list[str], types: dict[str, pa.DataType]) -> pa
         raise DataError([Problem(path.name, None, None, None, f"unreadable: {e}")]) from None
 
 
-def _flag(problems: list[Problem], file: str, column: str, bad: np.ndarray, values: np.ndarray, message: str) -> None:
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        problems.append(Problem(file, column, row, values[row].item(), message, int(bad.sum())))
-
-
 def read_movielens(src: str | Path) -> dict[str, np.ndarray]:
     """The three files as flat arrays; ``ts`` is -1 where the timestamp is empty."""
     src = Path(src)
     ratings = _read_dat(src / "ratings.dat", ["user", "movie", "rating", "ts"], {"user": pa.int64(), "movie": pa.int64(), "rating": pa.int64(), "ts": pa.int64()})
     users = _read_dat(src / "users.dat", ["user", "gender", "age", "occupation", "zip"], {"user": pa.int64(), "gender": pa.string(), "age": pa.int64(), "occupation": pa.int64(), "zip": pa.string()})
     movies = _read_dat(src / "movies.dat", ["movie", "title", "genres"], {"movie": pa.int64(), "title": pa.string(), "genres": pa.string()})
-    problems: list[Problem] = []
+    log = ProblemLog()
+    problems = log.problems
     for table, file in ((ratings, "ratings.dat"), (users, "users.dat"), (movies, "movies.dat")):
         for col in table.column_names:
             if col != "ts" and table.column(col).null_count:
@@ -89,19 +84,17 @@ def read_movielens(src: str | Path) -> dict[str, np.ndarray]:
         "m_movie": movies.column("movie").to_numpy(),
         "m_genres": np.asarray(movies.column("genres").to_pylist()),
     }
-    _flag(problems, "ratings.dat", "Rating", (out["rating"] < 1) | (out["rating"] > 5), out["rating"], "rating is not 1..5")
-    _flag(problems, "ratings.dat", "UserID", ~np.isin(out["user"], out["u_user"]), out["user"], "user not in users.dat")
-    _flag(problems, "ratings.dat", "MovieID", ~np.isin(out["movie"], out["m_movie"]), out["movie"], "movie not in movies.dat")
-    _flag(problems, "ratings.dat", "Timestamp", out["ts"] < -1, out["ts"], "negative timestamp")
-    _flag(problems, "users.dat", "Gender", ~np.isin(out["u_gender"], ["F", "M"]), out["u_gender"], "gender is not F or M")
-    _flag(problems, "users.dat", "Age", ~np.isin(out["u_age"], AGES), out["u_age"], f"age is not one of {list(AGES)}")
-    _flag(problems, "users.dat", "Occupation", (out["u_occupation"] < 0) | (out["u_occupation"] > 20), out["u_occupation"], "occupation is not 0..20")
-    _flag(problems, "users.dat", "UserID", out["u_user"] < 1, out["u_user"], "user id is not positive")
-    _flag(problems, "movies.dat", "MovieID", out["m_movie"] < 1, out["m_movie"], "movie id is not positive")
-    pair = out["user"] * (out["m_movie"].max(initial=0) + 1) + out["movie"]
-    dup = np.zeros(len(pair), dtype=bool)
-    dup[np.setdiff1d(np.arange(len(pair)), np.unique(pair, return_index=True)[1])] = True
-    _flag(problems, "ratings.dat", "MovieID", dup, out["movie"], "user rated this movie twice")
+    log.flag("ratings.dat", "Rating", (out["rating"] < 1) | (out["rating"] > 5), out["rating"], "rating is not 1..5")
+    log.flag("ratings.dat", "UserID", ~np.isin(out["user"], out["u_user"]), out["user"], "user not in users.dat")
+    log.flag("ratings.dat", "MovieID", ~np.isin(out["movie"], out["m_movie"]), out["movie"], "movie not in movies.dat")
+    log.flag("ratings.dat", "Timestamp", out["ts"] < -1, out["ts"], "negative timestamp")
+    log.flag("users.dat", "Gender", ~np.isin(out["u_gender"], ["F", "M"]), out["u_gender"], "gender is not F or M")
+    log.flag("users.dat", "Age", ~np.isin(out["u_age"], AGES), out["u_age"], f"age is not one of {list(AGES)}")
+    log.flag("users.dat", "Occupation", (out["u_occupation"] < 0) | (out["u_occupation"] > 20), out["u_occupation"], "occupation is not 0..20")
+    log.flag("users.dat", "UserID", out["u_user"] < 1, out["u_user"], "user id is not positive")
+    log.flag("movies.dat", "MovieID", out["m_movie"] < 1, out["m_movie"], "movie id is not positive")
+    dup = duplicate_rows(np.stack([out["user"], out["movie"]], axis=1))
+    log.flag("ratings.dat", "MovieID", dup, out["movie"], "user rated this movie twice")
     if problems:
         raise DataError(problems)
     return out

@@ -192,7 +192,9 @@ def read_dataset(directory: str | os.PathLike) -> Dataset:
 # validation of values
 
 
-class _Collector:
+class ProblemLog:
+    """Collects problems; ``flag`` records one per (file, column, message) with its first row."""
+
     def __init__(self) -> None:
         self.problems: list[Problem] = []
 
@@ -213,7 +215,7 @@ def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _duplicates(keys: np.ndarray) -> np.ndarray:
+def duplicate_rows(keys: np.ndarray) -> np.ndarray:
     """Mask of rows whose key already appeared in an earlier row. keys (n,) or (n, k)."""
     if len(keys) == 0:
         return np.zeros(0, dtype=bool)
@@ -229,7 +231,7 @@ def _present(ids: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 def validate(ds: Dataset) -> list[Problem]:
     """Every value problem in a dataset whose columns exist with the right types."""
-    c = _Collector()
+    c = ProblemLog()
     spec = ds.schema.features
     U, I, R, C = (TABLE_FILES[t] for t in ("users", "items", "requests", "candidates"))
 
@@ -246,10 +248,10 @@ def validate(ds: Dataset) -> list[Problem]:
                 if lengths is not None:
                     c.flag(file, f.name, lengths > f.max_len, lengths, f"list longer than max_len {f.max_len}")
         if key is not None:
-            c.flag(file, key, _duplicates(table[key]), table[key], f"duplicate {key}")
+            c.flag(file, key, duplicate_rows(table[key]), table[key], f"duplicate {key}")
 
     req, cand = ds.requests, ds.candidates
-    c.flag(R, "request_id", _duplicates(req["request_id"]), req["request_id"], "duplicate request_id")
+    c.flag(R, "request_id", duplicate_rows(req["request_id"]), req["request_id"], "duplicate request_id")
     c.flag(R, "user_id", ~_present(req["user_id"], ds.users["user_id"]), req["user_id"], "user not in users.parquet")
     c.flag(R, "split", ~np.isin(req["split"], SPLITS), req["split"], f"split is not one of {list(SPLITS)}")
     hist, hts, hlen = req["history"], req["history_ts"], req["history_len"]
@@ -267,7 +269,7 @@ def validate(ds: Dataset) -> list[Problem]:
     c.flag(C, "request_id", ~_present(cand["request_id"], req["request_id"]), cand["request_id"], "request not in requests.parquet")
     c.flag(C, "item_id", (cand["item_id"] > 0) & ~_present(cand["item_id"], ds.items["item_id"]), cand["item_id"], "item not in items.parquet")
     pair = np.stack([cand["request_id"], cand["item_id"]], axis=1)
-    c.flag(C, "item_id", _duplicates(pair), cand["item_id"], "item listed twice for the same request")
+    c.flag(C, "item_id", duplicate_rows(pair), cand["item_id"], "item listed twice for the same request")
     c.flag(C, "stage", ~np.isin(cand["stage"], list(STAGES)), cand["stage"], f"stage is not one of {sorted(STAGES)}")
     c.flag(C, "label", ~np.isfinite(cand["label"]), cand["label"], "label is not finite")
     c.flag(R, "request_id", ~_present(req["request_id"], cand["request_id"]), req["request_id"], "request has no candidates")

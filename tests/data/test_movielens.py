@@ -146,3 +146,9 @@ def test_temporal_windows_before_the_fully_timed_period_are_refused(tmp_path):
     early = [(u, m, r, 900_000_000 + t % 1000) for u, m, r, t in RATINGS]  # all in 1998
     with pytest.raises(DataError, match="ratings.dat: column 'Timestamp': the 80th percentile of rating time falls before"):
         convert(_write_ml(tmp_path / "ml", early), "cascade")
+
+
+def test_a_repeated_rating_is_named(tmp_path):
+    twice = [*RATINGS, RATINGS[2]]
+    with pytest.raises(DataError, match=r"ratings.dat: column 'MovieID', row 12: user rated this movie twice \(value 3\)"):
+        convert(_write_ml(tmp_path / "ml", twice), "ctr")
