@@ -3,6 +3,7 @@
     cascade data synth --out DIR [--users N --items N --requests N --seed S]
     cascade data check DIR
     cascade data movielens --src DIR --out DIR --protocol ctr|cascade [--seed S]
+    cascade train CONFIG [--experiment NAME]
     cascade demo [--out DIR]
 
 Exit status: 0 on success, 2 on bad input (each problem printed on stderr, nothing written).
@@ -71,6 +72,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from cascade.config import ConfigError, load_config
+    from cascade.pipeline import train_pointwise
+
+    try:
+        experiments = load_config(args.config, args.experiment)
+        for exp in experiments:
+            result = train_pointwise(exp)
+            print(f"{exp.name}: test auc {result['test']['auc']:.4f} logloss {result['test']['logloss']:.4f} -> {exp.run_dir}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description="Multi-stage recommendation cascades.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -96,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--protocol", required=True, choices=["ctr", "cascade"])
     ml.add_argument("--seed", type=int, default=2024)
     ml.set_defaults(run=_movielens)
+
+    train = verbs.add_parser("train", help="train the experiments a YAML config names")
+    train.add_argument("config", type=Path)
+    train.add_argument("--experiment", help="only this experiment of the config")
+    train.set_defaults(run=_train)
 
     demo = verbs.add_parser("demo", help="the main job on the built-in synthetic world")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

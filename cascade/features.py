@@ -56,3 +56,4 @@ class FeatureSpec:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
+

@@ -1,0 +1,110 @@
+"""Typed experiment configs from YAML.
+
+A config file holds a ``base`` block and named ``experiments``; each experiment is ``base`` with
+its own keys merged over it (FuxiCTR style). Unknown keys are errors that name the key. Models
+are found through the explicit ``MODELS`` registry in ``cascade.pipeline``, never by name lookup
+in modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cascade.train import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, naming the file and the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "synth"  # synth | movielens | logs
+    dir: str = "runs/data/synthetic"  # the log directory; made from the source when missing
+    src: str | None = None  # movielens: the folder with users.dat, movies.dat, ratings.dat
+    protocol: str = "ctr"  # movielens: ctr | cascade
+    synth: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "dssm"
+    embedding_dim: int = 32
+    params: dict[str, Any] = field(default_factory=dict)  # the model constructor's own keywords
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    out: str = "runs"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build(cls, raw: Any, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
+
+
+def load_config(path: str | Path, experiment: str | None = None) -> list[ExperimentConfig]:
+    """The experiments of a config file (one when ``experiment`` names it)."""
+    path = Path(path)
+    try:
+        body = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if not isinstance(body, dict) or "experiments" not in body:
+        raise ConfigError(f"{path}: needs an 'experiments' mapping (and optionally 'base')")
+    extra = sorted(set(body) - {"base", "experiments"})
+    if extra:
+        raise ConfigError(f"{path}: unknown top-level key '{extra[0]}'")
+    names = list(body["experiments"] or {})
+    if experiment is not None:
+        if experiment not in names:
+            raise ConfigError(f"{path}: no experiment '{experiment}' (have: {', '.join(names)})")
+        names = [experiment]
+    out = []
+    for name in names:
+        raw = _merge(body.get("base") or {}, body["experiments"][name] or {})
+        where = f"{path}: experiments.{name}"
+        extra = sorted(set(raw) - {"data", "model", "train", "out"})
+        if extra:
+            raise ConfigError(f"{where}: unknown key '{extra[0]}'")
+        out.append(
+            ExperimentConfig(
+                name=name,
+                data=_build(DataConfig, raw.get("data"), f"{where}.data"),
+                model=_build(ModelConfig, raw.get("model"), f"{where}.model"),
+                train=_build(TrainConfig, raw.get("train"), f"{where}.train"),
+                out=raw.get("out", "runs"),
+            )
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Losses: pure functions over padded (B, N) lists with a mask."""

@@ -1,0 +1,1 @@
+"""Two-tower pre-rankers (one file each) and their shared parts."""

@@ -1,0 +1,58 @@
+"""What every two-tower pre-ranker shares: the MLP block, the cheap scores, the packed forward.
+
+A pre-ranker holds ``user`` and ``item`` towers (``nn.Module``s taking one packed int64 tensor,
+``(B, W) -> (B, H, D)``, each exportable alone) and a cheap ``score(u, v)``. The item side is
+computed once per item and cached at serving time; only the user side runs per request.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cascade.towers.embedding import Slot
+
+
+def mlp(in_dim: int, hidden: Sequence[int], dropout: float, batch_norm: bool = True) -> nn.Sequential:
+    """Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden size."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers.append(nn.Linear(in_dim, width))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_dim = width
+    return nn.Sequential(*layers)
+
+
+def dot_score(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """u (B, H, D), v (B, N, H, D) -> (B, N): sum over heads of <u_h, v_h> (H = 1: a dot)."""
+    return torch.einsum("bhd,bnhd->bn", u, v)
+
+
+def maxsim_score(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """u (B, Hu, D), v (B, N, Hv, D) -> (B, N): sum_a max_b <u_a, v_b> (ColBERT MaxSim)."""
+    return torch.einsum("bad,bnkd->bnak", u, v).amax(dim=3).sum(dim=2)
+
+
+class TwoTower(nn.Module):
+    """Base of the pre-rankers: subclasses set ``user``, ``item``, the slots, and ``score``."""
+
+    user: nn.Module
+    item: nn.Module
+    user_slots: tuple[Slot, ...]
+    item_slots: tuple[Slot, ...]
+
+    def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """user (B, Wu), items (B, N, Wi) -> logits (B, N)."""
+        b, n, w = items.shape
+        u = self.user(user)
+        v = self.item(items.reshape(b * n, w))
+        return self.score(u, v.reshape(b, n, *v.shape[1:]))

@@ -1,0 +1,84 @@
+"""The shared embedding layer and the packed tower inputs.
+
+A tower takes one ``int64`` tensor: the ids of its fields side by side (``layout``), so every
+tower exports to ONNX with a single plain input. ``pack_user`` / ``pack_items`` build those
+tensors from a ``ListBatch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cascade.data.lists import ListBatch
+from cascade.features import Field, FeatureSpec
+
+HISTORY = "history"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One field's columns in a tower's packed input: ``x[:, start:start + width]``, embedded
+    with the table of field ``table`` (the history uses ``item_id``'s)."""
+
+    name: str
+    start: int
+    width: int
+    table: str
+
+
+def layout(fields: tuple[Field, ...], history_len: int = 0) -> tuple[Slot, ...]:
+    """Column layout of a packed tower input: each field in order, then the history if any."""
+    slots, start = [], 0
+    for f in fields:
+        width = f.max_len if f.multi else 1
+        slots.append(Slot(f.name, start, width, f.name))
+        start += width
+    if history_len:
+        slots.append(Slot(HISTORY, start, history_len, "item_id"))
+    return tuple(slots)
+
+
+class Embeddings(nn.Module):
+    """One embedding table per field, ids 0..vocab with row 0 the (zero, frozen) padding.
+
+    ``forward(x (B, W) int64, slots) -> (B, F, E)``: a single-valued field is looked up; a
+    multi-valued one (and the history) is the mean of its non-zero ids' embeddings, zero when
+    it has none. Shared by both towers, so the history pools the item tower's item_id table.
+    """
+
+    def __init__(self, spec: FeatureSpec, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.tables = nn.ModuleDict({f.name: nn.Embedding(f.vocab + 1, dim, padding_idx=0) for f in spec.fields})
+        for table in self.tables.values():
+            nn.init.normal_(table.weight, std=0.05)
+            with torch.no_grad():
+                table.weight[0].zero_()
+
+    def forward(self, x: torch.Tensor, slots: tuple[Slot, ...]) -> torch.Tensor:
+        out = []
+        for s in slots:
+            ids = x[:, s.start : s.start + s.width]
+            e = self.tables[s.table](ids)  # (B, width, E); padding rows are zero
+            if s.width == 1:
+                out.append(e[:, 0])
+            else:
+                count = (ids > 0).sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
+                out.append(e.sum(dim=1) / count)
+        return torch.stack(out, dim=1)
+
+
+def pack_user(batch: ListBatch, slots: tuple[Slot, ...]) -> np.ndarray:
+    """User side of a batch in the layout of ``slots``: (B, W) int64."""
+    cols = [batch.history if s.name == HISTORY else batch.user[s.name].reshape(len(batch), -1) for s in slots]
+    return np.concatenate(cols, axis=1).astype(np.int64)
+
+
+def pack_items(batch: ListBatch, slots: tuple[Slot, ...]) -> np.ndarray:
+    """Item side of a batch in the layout of ``slots``: (B, N, W) int64."""
+    b, n = batch.mask.shape
+    return np.concatenate([batch.item[s.name].reshape(b, n, -1) for s in slots], axis=2).astype(np.int64)

@@ -1,0 +1,130 @@
+"""One small Trainer: epochs, validation with early stopping, checkpoints, resume, progress.
+
+The Trainer knows nothing of models or losses: it is given a ``step_loss(batch) -> loss`` and an
+``evaluate() -> metrics`` closure and the name of the metric to maximise. A run folder holds
+``config.json`` (resolved), ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``last.pt``
+(everything needed to resume) and ``best.pt`` (the best model's ``state_dict``). Checkpoints hold
+tensors and plain values only and are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 2  # epochs without improvement before stopping
+    seed: int = 0
+    monitor: str = "auc"  # validation metric to maximise
+
+
+@dataclass
+class Tensors:
+    """A split as tensors: user (R, Wu), items (R, N, Wi), label and mask (R, N), teachers."""
+
+    user: torch.Tensor
+    items: torch.Tensor
+    label: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def batches(self, size: int, generator: torch.Generator | None = None) -> Iterator["Tensors"]:
+        order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
+        for a in range(0, len(self), size):
+            idx = order[a : a + size]
+            yield Tensors(self.user[idx], self.items[idx], self.label[idx], self.mask[idx])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: str | Path, params: list[nn.Parameter] | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.optimizer = torch.optim.Adam(params or list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def log(self, text: str) -> None:
+        with open(self.run_dir / "log.txt", "a") as f:
+            f.write(text + "\n")
+        tqdm.write(text)
+
+    def fit(
+        self,
+        train: Tensors,
+        step_loss: Callable[[Tensors], torch.Tensor],
+        evaluate: Callable[[], dict[str, float]],
+        resolved_config: dict | None = None,
+    ) -> dict:
+        """Train with early stopping on ``cfg.monitor``; resume from ``last.pt`` if present.
+        Returns the best epoch's metrics (and loads the best weights into the model)."""
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        (self.run_dir / "config.json").write_text(json.dumps(resolved_config or {"train": asdict(cfg)}, indent=2, sort_keys=True) + "\n")
+        state = {"epoch": -1, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}}
+        last = self.run_dir / "last.pt"
+        if last.exists():
+            ckpt = torch.load(last, weights_only=True)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"])
+            state = ckpt["state"]
+            self.log(f"resumed from {last} after epoch {state['epoch'] + 1}")
+        for epoch in range(state["epoch"] + 1, cfg.epochs):
+            if state["bad_epochs"] >= cfg.patience:
+                break
+            self.model.train()
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            start, seen, total = time.perf_counter(), 0, 0.0
+            bar = tqdm(train.batches(cfg.batch_size, gen), total=math.ceil(len(train) / cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+            for batch in bar:
+                loss = step_loss(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                seen += len(batch)
+                total += float(loss.detach()) * len(batch)
+                bar.set_postfix(loss=f"{total / seen:.4f}")
+            seconds = time.perf_counter() - start
+            self.model.eval()
+            with torch.no_grad():
+                metrics = evaluate()
+            row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "seconds": seconds, "samples_per_s": seen / seconds, **metrics}
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            value = metrics[cfg.monitor]
+            if value > state["best"]:
+                state.update(best=value, best_epoch=epoch + 1, bad_epochs=0, best_metrics=row)
+                torch.save(self.model.state_dict(), self.run_dir / "best.pt")
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "state": state}, last)
+        if (self.run_dir / "best.pt").exists():
+            self.model.load_state_dict(torch.load(self.run_dir / "best.pt", weights_only=True))
+        (self.run_dir / "results.json").write_text(json.dumps(state["best_metrics"], indent=2) + "\n")
+        return state["best_metrics"]

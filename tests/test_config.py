@@ -1,0 +1,59 @@
+import pytest
+
+from cascade.cli import main
+from cascade.config import ConfigError, load_config
+
+CONFIG = """
+base:
+  data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2]}}
+  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+  train: {epochs: 2, batch_size: 64, seed: 1}
+  out: OUT
+experiments:
+  small: {}
+  wide: {model: {params: {hidden: [32, 8]}}, train: {lr: 0.01}}
+"""
+
+
+def _write(tmp_path, text=CONFIG):
+    path = tmp_path / "c.yaml"
+    path.write_text(text.replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")))
+    return path
+
+
+def test_experiments_merge_over_base(tmp_path):
+    small, wide = load_config(_write(tmp_path))
+    assert small.model.params == {"hidden": [16, 8], "dropout": 0.0}
+    assert wide.model.params == {"hidden": [32, 8], "dropout": 0.0}  # merged, not replaced
+    assert wide.train.lr == 0.01 and wide.train.batch_size == 64 and small.train.lr == 0.001
+    assert [e.name for e in load_config(_write(tmp_path), "wide")] == ["wide"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("batch_size: 64", "batchsize: 64"), "experiments.small.train: unknown key 'batchsize'"),
+        (("embedding_dim: 8", "embedding_dim: 8, color: red"), "experiments.small.model: unknown key 'color'"),
+        (("experiments:", "experiment:"), "needs an 'experiments' mapping"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, edit, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, CONFIG.replace(*edit)))
+
+
+def test_train_from_config_writes_a_run(tmp_path, capsys):
+    path = _write(tmp_path)
+    assert main(["train", str(path), "--experiment", "small"]) == 0
+    run = tmp_path / "runs" / "small"
+    for f in ("config.json", "log.txt", "metrics.jsonl", "last.pt", "best.pt", "results.json"):
+        assert (run / f).exists(), f
+    assert "small: test auc" in capsys.readouterr().out
+
+
+def test_unknown_model_and_bad_params_exit_2(tmp_path, capsys):
+    assert main(["train", str(_write(tmp_path, CONFIG.replace("name: dssm", "name: dsm")))]) == 2
+    assert "unknown model 'dsm' (have: dssm)" in capsys.readouterr().err
+    assert main(["train", str(_write(tmp_path, CONFIG.replace("dropout: 0.0", "dropuot: 0.0")))]) == 2
+    err = capsys.readouterr().err
+    assert "model.params:" in err and "dropuot" in err
