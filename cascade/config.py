@@ -34,6 +34,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "dssm"
     embedding_dim: int = 32
+    drop_fields: tuple[str, ...] = ()  # fields the model leaves out ("history" for the history)
     params: dict[str, Any] = field(default_factory=dict)  # the model constructor's own keywords
 
 

@@ -1,6 +1,8 @@
 """From an experiment config to data, a model and a trained run (what `cascade train` runs).
 
-``MODELS`` is the explicit registry of pre-rankers.
+``MODELS`` is the explicit registry of pre-rankers; ``cascade.cli`` adds the teachers to it (the
+core never imports ``teachers/``). A model is any module with ``user_slots``, ``item_slots`` and
+``forward(user (B, Wu), items (B, N, Wi)) -> (B, N)`` logits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from cascade import metrics as M
 from cascade.config import ConfigError, DataConfig, ExperimentConfig
@@ -18,12 +21,11 @@ from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset
 from cascade.losses.pointwise import bce
-from cascade.towers.base import TwoTower
 from cascade.towers.dssm import DSSM
-from cascade.towers.embedding import Embeddings, pack_items, pack_user
+from cascade.towers.embedding import HISTORY, Embeddings, pack_items, pack_user
 from cascade.train import Tensors, Trainer
 
-MODELS: dict[str, Callable[..., TwoTower]] = {"dssm": DSSM}
+MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM}
 
 
 def prepare_data(cfg: DataConfig) -> Dataset:
@@ -47,18 +49,25 @@ def prepare_data(cfg: DataConfig) -> Dataset:
     return read_dataset(out)
 
 
-def build_model(exp: ExperimentConfig, ds: Dataset) -> TwoTower:
-    if exp.model.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model '{exp.model.name}' (have: {', '.join(MODELS)})")
+def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]] = MODELS) -> nn.Module:
+    if exp.model.name not in models:
+        raise ConfigError(f"model.name: unknown model '{exp.model.name}' (have: {', '.join(models)})")
     spec = ds.schema.features
+    drop = set(exp.model.drop_fields)
+    unknown = sorted(drop - set(spec.names) - {HISTORY})
+    if unknown:
+        raise ConfigError(f"model.drop_fields: unknown field '{unknown[0]}' (have: {', '.join(spec.names)}, {HISTORY})")
+    user = tuple(f for f in spec.side("user") if f.name not in drop)
+    item = tuple(f for f in spec.side("item") if f.name not in drop)
+    history_len = 0 if HISTORY in drop else ds.schema.history_max
     embeddings = Embeddings(spec, exp.model.embedding_dim)
     try:
-        return MODELS[exp.model.name](spec.side("user"), spec.side("item"), embeddings, history_len=ds.schema.history_max, **exp.model.params)
-    except TypeError as e:
-        raise ConfigError(f"model.params: {e}") from None
+        return models[exp.model.name](user, item, embeddings, history_len=history_len, **exp.model.params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
 
 
-def exposures(ds: Dataset, split: str, model: TwoTower) -> tuple[ListBatch, Tensors]:
+def exposures(ds: Dataset, split: str, model: nn.Module) -> tuple[ListBatch, Tensors]:
     """The logged exposures of a split, one sample per list (N = 1), packed for ``model``."""
     flat = pointwise_lists(ds, split)
     flat = flat.take(np.flatnonzero(flat.stage[:, 0] == EXPOSED))
@@ -72,7 +81,7 @@ def exposures(ds: Dataset, split: str, model: TwoTower) -> tuple[ListBatch, Tens
 
 
 @torch.no_grad()
-def predict(model: TwoTower, data: Tensors, batch_size: int = 8192) -> np.ndarray:
+def predict(model: nn.Module, data: Tensors, batch_size: int = 8192) -> np.ndarray:
     model.eval()
     return torch.cat([model(b.user, b.items) for b in data.batches(batch_size)]).numpy()
 
@@ -84,11 +93,11 @@ def pointwise_metrics(logits: np.ndarray, flat: ListBatch) -> dict[str, float]:
     return {"auc": M.auc(y, s), "logloss": M.logloss(y, 1 / (1 + np.exp(-s))), "gauc": gauc, "gauc_dropped": float(dropped)}
 
 
-def train_pointwise(exp: ExperimentConfig) -> dict:
+def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Module]] = MODELS) -> dict:
     """Train a pre-ranker with BCE on logged exposures; early-stop on validation; score test."""
     ds = prepare_data(exp.data)
     torch.manual_seed(exp.train.seed)
-    model = build_model(exp, ds)
+    model = build_model(exp, ds, models)
     _, train = exposures(ds, "train", model)
     valid_flat, valid = exposures(ds, "valid", model)
     test_flat, test = exposures(ds, "test", model)

@@ -9,22 +9,28 @@ import torch
 from torch import nn
 
 
-def export_tower(tower: nn.Module, example: torch.Tensor, path: str | Path, input_name: str = "x", output_name: str = "vec") -> Path:
-    """Export ``tower: (B, W) int64 -> (B, H, D)`` with a dynamic batch dimension."""
+def export_module(module: nn.Module, examples: tuple[torch.Tensor, ...], input_names: tuple[str, ...], path: str | Path, output_name: str = "out") -> Path:
+    """Export ``module(*examples)`` with every input's first dimension (the batch) dynamic."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tower.eval()
+    module.eval()
+    batch = torch.export.Dim("batch")
     program = torch.onnx.export(
-        tower,
-        (example,),
+        module,
+        examples,
         dynamo=True,
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        input_names=[input_name],
+        dynamic_shapes=tuple({0: batch} for _ in examples),
+        input_names=list(input_names),
         output_names=[output_name],
         verbose=False,
     )
     program.save(str(path))
     return path
+
+
+def export_tower(tower: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """A tower ``(B, W) int64 -> (B, H, D)``: input ``x``, output ``vec``."""
+    return export_module(tower, (example,), ("x",), path, "vec")
 
 
 def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:

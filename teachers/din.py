@@ -1,0 +1,70 @@
+"""DIN: a ranker with target attention over the request's history (Zhou et al., KDD 2018).
+
+For each candidate, an attention unit scores every history item against it from
+``[q, k, q - k, q * k]`` (q the candidate's item embedding, k a history item's); padded history
+positions (id 0) get weight 0. The weighted sum of history embeddings joins the user and item
+field embeddings in an MLP head. Unlike a two-tower model it sees the target and the history
+together, which is what it has to teach.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cascade.features import Field
+from cascade.towers.base import mlp
+from cascade.towers.embedding import HISTORY, Embeddings, Slot, layout
+
+
+class DIN(nn.Module):
+    """forward(user (B, Wu), items (B, N, Wi)) -> logits (B, N)."""
+
+    def __init__(
+        self,
+        user_fields: tuple[Field, ...],
+        item_fields: tuple[Field, ...],
+        embeddings: Embeddings,
+        history_len: int,
+        attention_hidden: Sequence[int] = (80, 40),
+        hidden: Sequence[int] = (200, 80),
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if history_len < 1:
+            raise ValueError("DIN needs a history (history_len >= 1)")
+        self.user_slots = layout(user_fields, history_len)
+        self.item_slots = layout(item_fields)
+        self.embeddings = embeddings
+        self._fields = tuple(s for s in self.user_slots if s.name != HISTORY)
+        self._history = next(s for s in self.user_slots if s.name == HISTORY)
+        self._target = next(s for s in self.item_slots if s.name == "item_id")
+        dim = embeddings.dim
+        self.attention = nn.Sequential(mlp(4 * dim, attention_hidden, 0.0, batch_norm=False), nn.Linear(attention_hidden[-1], 1))
+        head_in = (len(self._fields) + len(self.item_slots) + 1) * dim
+        self.head = nn.Sequential(mlp(head_in, hidden, dropout), nn.Linear(hidden[-1], 1))
+
+    def attend(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """history (B, L) ids, target (B, N) ids -> (B, N, E) attention-pooled history."""
+        table = self.embeddings.tables["item_id"]
+        k = table(history)  # (B, L, E)
+        q = table(target)  # (B, N, E)
+        b, n, e = q.shape
+        length = k.shape[1]
+        qq = q.unsqueeze(2).expand(b, n, length, e)
+        kk = k.unsqueeze(1).expand(b, n, length, e)
+        w = self.attention(torch.cat([qq, kk, qq - kk, qq * kk], dim=-1)).squeeze(-1)  # (B, N, L)
+        w = w * (history > 0).unsqueeze(1).to(w.dtype)  # padding never contributes
+        return torch.einsum("bnl,ble->bne", w, k)
+
+    def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        b, n, width = items.shape
+        hist = user[:, self._history.start : self._history.start + self._history.width]
+        target = items[:, :, self._target.start]
+        pooled = self.attend(hist, target)  # (B, N, E)
+        user_e = self.embeddings(user, self._fields).flatten(1)  # (B, Fu * E)
+        item_e = self.embeddings(items.reshape(b * n, width), self.item_slots).reshape(b, n, -1)
+        x = torch.cat([user_e.unsqueeze(1).expand(b, n, user_e.shape[1]), item_e, pooled], dim=-1)
+        return self.head(x.reshape(b * n, -1)).reshape(b, n)
