@@ -1,0 +1,84 @@
+"""IntTower (Li et al., CIKM 2022): Light-SE, FE-Block heads on every user layer, MaxSim.
+
+User tower: Light-SE re-weights the field embeddings, an MLP runs over them, and a linear head
+projects the *input* of every layer (the embeddings, then each hidden output but the last) to
+H heads of size D. Item tower: the same up to its last layer, whose output one head projects.
+Score = sum over user heads (all layers) of the max over item heads of their dot product, plus
+a bias: the authors' ``fe_score`` with their prediction layer's bias. No normalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cascade.features import Field
+from cascade.towers.base import TwoTower, maxsim_score, mlp
+from cascade.towers.embedding import Embeddings, Slot, layout
+
+
+class LightSE(nn.Module):
+    """E (B, F, E) -> E + E * a, a = softmax(W mean_e(E)) over fields; W (F, F) without bias."""
+
+    def __init__(self, n_fields: int):
+        super().__init__()
+        self.weight = nn.Linear(n_fields, n_fields, bias=False)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax(self.weight(e.mean(dim=-1)), dim=-1)
+        return e + e * a.unsqueeze(-1)
+
+
+class IntTowerSide(nn.Module):
+    """x (B, W) -> (B, heads_out, D): the user side projects every layer's input, the item side
+    its last output."""
+
+    def __init__(self, embeddings: Embeddings, slots: tuple[Slot, ...], hidden: Sequence[int], heads: int, head_dim: int, dropout: float, every_layer: bool):
+        super().__init__()
+        self.embeddings = embeddings
+        self.slots = slots
+        self.light_se = LightSE(len(slots))
+        widths = [len(slots) * embeddings.dim, *hidden]
+        self.layers = nn.ModuleList(mlp(a, [b], dropout) for a, b in zip(widths[:-1], widths[1:]))
+        projected = widths[:-1] if every_layer else widths[-1:]
+        self.heads = nn.ModuleList(nn.Linear(w, heads * head_dim) for w in projected)
+        self.every_layer = every_layer
+        self.n_heads, self.head_dim = heads, head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.light_se(self.embeddings(x, self.slots)).flatten(1)
+        reps = []
+        for i, layer in enumerate(self.layers):
+            if self.every_layer:
+                reps.append(self.heads[i](h))
+            h = layer(h)
+        if not self.every_layer:
+            reps.append(self.heads[0](h))
+        return torch.cat(reps, dim=1).unflatten(1, (-1, self.head_dim))
+
+
+class IntTower(TwoTower):
+    def __init__(
+        self,
+        user_fields: tuple[Field, ...],
+        item_fields: tuple[Field, ...],
+        embeddings: Embeddings,
+        history_len: int = 0,
+        hidden: Sequence[int] = (300, 300, 128),
+        heads: int = 32,
+        head_dim: int = 64,
+        dropout: float = 0.3,
+    ):
+        super().__init__()
+        self.user_slots = layout(user_fields, history_len)
+        self.item_slots = layout(item_fields)
+        self.embeddings = embeddings
+        self.user = IntTowerSide(embeddings, self.user_slots, hidden, heads, head_dim, dropout, every_layer=True)
+        self.item = IntTowerSide(embeddings, self.item_slots, hidden, heads, head_dim, dropout, every_layer=False)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """u (B, layers * heads, D), v (B, N, heads, D) -> (B, N)."""
+        return maxsim_score(u, v) + self.bias

@@ -1,0 +1,54 @@
+import numpy as np
+import torch
+
+from cascade.data.lists import build_lists
+from cascade.towers.base import maxsim_score
+from cascade.towers.embedding import Embeddings, pack_items, pack_user
+from cascade.towers.inttower import IntTower, LightSE
+from export.onnx import export_tower, session
+from tests.towers.test_embedding import SPEC
+
+
+def _model(spec=SPEC, history_len=4):
+    torch.manual_seed(0)
+    return IntTower(spec.side("user"), spec.side("item"), Embeddings(spec, 8), history_len=history_len, hidden=(16, 12, 8), heads=3, head_dim=5, dropout=0.0).eval()
+
+
+def test_light_se_hand_worked():
+    se = LightSE(2)
+    with torch.no_grad():
+        se.weight.weight.zero_()  # a = softmax(0, 0) = (1/2, 1/2): every field scaled by 1.5
+    e = torch.tensor([[[1.0, 3.0], [2.0, -2.0]]])
+    torch.testing.assert_close(se(e), 1.5 * e)
+
+
+def test_user_heads_on_every_layer_item_heads_on_the_last():
+    m = _model()
+    u = m.user(torch.tensor([[1, 2, 3, 0, 0]]))
+    v = m.item(torch.tensor([[1, 1, 2, 0]]))
+    # user: 3 layers (inputs: embeddings, hidden 16, hidden 12) x 3 heads; item: 3 heads
+    assert u.shape == (1, 9, 5) and v.shape == (1, 3, 5)
+    assert [h.in_features for h in m.user.heads] == [2 * 8, 16, 12]
+    assert [h.in_features for h in m.item.heads] == [8]
+
+
+def test_score_is_maxsim_plus_bias():
+    m = _model()
+    with torch.no_grad():
+        m.bias.fill_(0.25)
+    user, items = torch.tensor([[1, 2, 3, 0, 0]]), torch.tensor([[[1, 1, 2, 0], [3, 4, 0, 0]]])
+    u, v = m.user(user), m.item(items.reshape(2, 4)).reshape(1, 2, 3, 5)
+    torch.testing.assert_close(m(user, items), maxsim_score(u, v) + 0.25)
+
+
+def test_inttower_towers_round_trip_through_onnxruntime(small_world, tmp_path):
+    ds, _ = small_world
+    m = _model(ds.schema.features, ds.schema.history_max)
+    lists = build_lists(ds, "test")
+    user = torch.from_numpy(pack_user(lists, m.user_slots))
+    items = torch.from_numpy(pack_items(lists, m.item_slots))
+    items = items.reshape(-1, items.shape[-1])[:500]
+    for tower, x in ((m.user, user), (m.item, items)):
+        got = session(export_tower(tower, x[:3], tmp_path / "t.onnx")).run(None, {"x": x.numpy()})[0]
+        want = tower(x).detach().numpy()
+        assert np.all(np.abs(got - want) <= 1e-5 * np.maximum(1.0, np.abs(want)))
