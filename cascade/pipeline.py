@@ -23,10 +23,11 @@ from cascade.data.store import Dataset, read_dataset, write_dataset
 from cascade.losses.pointwise import bce
 from cascade.towers.dssm import DSSM
 from cascade.towers.inttower import IntTower
+from cascade.towers.senet import SENetTwoTower
 from cascade.towers.embedding import HISTORY, Embeddings, pack_items, pack_user
 from cascade.train import Tensors, Trainer
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "inttower": IntTower}
+MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "inttower": IntTower}
 
 
 def prepare_data(cfg: DataConfig) -> Dataset:

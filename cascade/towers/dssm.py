@@ -14,17 +14,20 @@ from cascade.towers.embedding import Embeddings, Slot, layout
 
 
 class DSSMTower(nn.Module):
-    """x (B, W) int64 -> (B, 1, D), unit length."""
+    """x (B, W) int64 -> (B, 1, D), unit length. ``reweight`` maps the field embeddings
+    (B, F, E) -> (B, F, E) before the MLP (identity for DSSM, SENet for the SENet two-tower)."""
 
-    def __init__(self, embeddings: Embeddings, slots: tuple[Slot, ...], hidden: Sequence[int], dropout: float):
+    def __init__(self, embeddings: Embeddings, slots: tuple[Slot, ...], hidden: Sequence[int], dropout: float, reweight: nn.Module | None = None):
         super().__init__()
         self.embeddings = embeddings
         self.slots = slots
-        self.mlp = mlp(len(slots) * embeddings.dim, hidden[:-1], dropout)
-        self.out = nn.Linear(hidden[-2] if len(hidden) > 1 else len(slots) * embeddings.dim, hidden[-1])
+        self.reweight = reweight or nn.Identity()
+        in_dim = len(slots) * embeddings.dim
+        self.mlp = mlp(in_dim, hidden[:-1], dropout)
+        self.out = nn.Linear(hidden[-2] if len(hidden) > 1 else in_dim, hidden[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mlp(self.embeddings(x, self.slots).flatten(1))
+        h = self.mlp(self.reweight(self.embeddings(x, self.slots)).flatten(1))
         return F.normalize(self.out(h), dim=-1).unsqueeze(1)
 
 
@@ -43,9 +46,12 @@ class DSSM(TwoTower):
         self.user_slots = layout(user_fields, history_len)
         self.item_slots = layout(item_fields)
         self.embeddings = embeddings
-        self.user = DSSMTower(embeddings, self.user_slots, hidden, dropout)
-        self.item = DSSMTower(embeddings, self.item_slots, hidden, dropout)
+        self.user = DSSMTower(embeddings, self.user_slots, hidden, dropout, self.field_weighting(len(self.user_slots)))
+        self.item = DSSMTower(embeddings, self.item_slots, hidden, dropout, self.field_weighting(len(self.item_slots)))
         self.temperature = temperature
+
+    def field_weighting(self, n_fields: int) -> nn.Module | None:
+        return None
 
     def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dot_score(u, v) / self.temperature
