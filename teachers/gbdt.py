@@ -1,0 +1,149 @@
+"""A LightGBM ranker teacher over user, item and history-cross features.
+
+Features per (request, candidate):
+* every user and item field as a LightGBM categorical (multi-valued fields with at most
+  ``MULTI_HOT_MAX`` values as multi-hot columns instead);
+* history crosses: for each item field other than ``item_id`` with at most ``CROSS_MAX`` values,
+  how many history items share a value with the candidate (e.g. history movies sharing a genre
+  with the target), and that count over the history length;
+* the history length.
+
+``objective="lambdarank"`` trains one query group per request (scores are meaningful only within
+a list: an order-only teacher); ``"binary"`` trains a CTR model on the samples. Both answer
+``score(lists) -> (B, N)`` (0 at padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightgbm as lgb
+import numpy as np
+
+from cascade.data.lists import ListBatch
+from cascade.features import FeatureSpec
+
+MULTI_HOT_MAX = 64
+CROSS_MAX = 1000
+
+
+@dataclass(frozen=True)
+class GBDTConfig:
+    objective: str = "lambdarank"  # lambdarank | binary
+    num_leaves: int = 63
+    learning_rate: float = 0.05
+    n_estimators: int = 500
+    early_stopping: int = 30
+    min_data_in_leaf: int = 50
+    seed: int = 0
+    threads: int = 2
+
+
+class GBDTTeacher:
+    def __init__(self, spec: FeatureSpec, items: dict[str, np.ndarray], cfg: GBDTConfig = GBDTConfig()):
+        if cfg.objective not in ("lambdarank", "binary"):
+            raise ValueError(f"objective {cfg.objective!r} is not 'lambdarank' or 'binary'")
+        self.spec, self.cfg = spec, cfg
+        # item field values by item id (row 0: padding), for the history crosses
+        n = int(items["item_id"].max()) + 1
+        self._by_id = {}
+        for f in spec.side("item"):
+            if f.name in items and f.name != "item_id" and f.vocab <= CROSS_MAX:
+                v = items[f.name]
+                table = np.zeros((n,) + v.shape[1:], dtype=np.int64)
+                table[items["item_id"]] = v
+                self._by_id[f.name] = table.reshape(n, -1)
+        self.booster: lgb.Booster | None = None
+        self.feature_names: list[str] = []
+
+    # ---------------------------------------------------------------- features
+
+    def history_crosses(self, lists: ListBatch) -> dict[str, np.ndarray]:
+        """Per item field f: (B, N) count of history items sharing a value of f with the candidate."""
+        hist = lists.history
+        valid = hist > 0
+        out = {}
+        for name, table in self._by_id.items():
+            vocab = self.spec[name].vocab
+            values = table[hist]  # (B, L, m)
+            # counts[b, v] = how many history items of list b carry value v
+            counts = np.zeros((len(hist), vocab + 1))
+            rows = np.broadcast_to(np.arange(len(hist))[:, None, None], values.shape)
+            np.add.at(counts, (rows[valid], values[valid]), 1.0)
+            counts[:, 0] = 0.0
+            target = lists.item[name].reshape(*lists.mask.shape, -1)  # (B, N, m)
+            # an item counts once per shared value; values within one item are distinct
+            out[name] = np.take_along_axis(counts, target.reshape(len(hist), -1), 1).reshape(target.shape).sum(axis=2)
+        return out
+
+    def features(self, lists: ListBatch) -> tuple[np.ndarray, list[str], list[str]]:
+        """(rows, K) float32 over valid positions in list order, the column names, and which
+        columns are categorical."""
+        rows, cols = np.nonzero(lists.mask)
+        columns, names, categorical = [], [], []
+        for side, table in (("user", lists.user), ("item", lists.item)):
+            for f in self.spec.side(side):
+                if f.name not in table:
+                    continue
+                v = table[f.name]
+                v = v[rows, cols] if side == "item" or f.table == "candidates" else v[rows]
+                if f.multi:
+                    if f.vocab > MULTI_HOT_MAX:
+                        continue
+                    hot = np.zeros((len(v), f.vocab + 1), dtype=np.float32)
+                    np.put_along_axis(hot, v.reshape(len(v), -1), 1.0, axis=1)
+                    columns.append(hot[:, 1:])
+                    names += [f"{f.name}={i}" for i in range(1, f.vocab + 1)]
+                else:
+                    columns.append(v.reshape(-1, 1).astype(np.float32))
+                    names.append(f.name)
+                    categorical.append(f.name)
+        length = (lists.history > 0).sum(axis=1)
+        for name, count in self.history_crosses(lists).items():
+            c = count[rows, cols]
+            columns += [c[:, None], (c / np.maximum(length[rows], 1))[:, None]]
+            names += [f"history_shares_{name}", f"history_share_rate_{name}"]
+        columns.append(length[rows][:, None].astype(np.float32))
+        names.append("history_len")
+        return np.concatenate(columns, axis=1).astype(np.float32), names, categorical
+
+    # ---------------------------------------------------------------- training and scoring
+
+    def _dataset(self, lists: ListBatch, reference: lgb.Dataset | None = None) -> lgb.Dataset:
+        x, names, categorical = self.features(lists)
+        self.feature_names = names
+        label = lists.label[lists.mask]
+        group = lists.mask.sum(axis=1) if self.cfg.objective == "lambdarank" else None
+        if self.cfg.objective == "lambdarank":
+            label = np.rint(label).astype(np.int64)
+        return lgb.Dataset(x, label=label, group=group, feature_name=names, categorical_feature=categorical, reference=reference, free_raw_data=False)
+
+    def fit(self, train: ListBatch, valid: ListBatch) -> dict[str, float]:
+        """Train with early stopping on the validation lists; returns the best validation score."""
+        cfg = self.cfg
+        train_set = self._dataset(train)
+        valid_set = self._dataset(valid, reference=train_set)
+        params = {
+            "objective": cfg.objective,
+            "metric": "ndcg" if cfg.objective == "lambdarank" else "auc",
+            "num_leaves": cfg.num_leaves,
+            "learning_rate": cfg.learning_rate,
+            "min_data_in_leaf": cfg.min_data_in_leaf,
+            "seed": cfg.seed,
+            "deterministic": True,
+            "num_threads": cfg.threads,
+            "verbosity": -1,
+        }
+        if cfg.objective == "lambdarank":
+            params["eval_at"] = [10]
+        self.booster = lgb.train(params, train_set, num_boost_round=cfg.n_estimators, valid_sets=[valid_set], callbacks=[lgb.early_stopping(cfg.early_stopping, verbose=False)])
+        return {k: float(v) for k, v in self.booster.best_score["valid_0"].items()}
+
+    def score(self, lists: ListBatch) -> np.ndarray:
+        """Raw scores (B, N); 0 at padding. Lambdarank scores order a list, nothing more."""
+        if self.booster is None:
+            raise RuntimeError("fit the teacher first")
+        x, _, _ = self.features(lists)
+        out = np.zeros(lists.mask.shape, dtype=np.float32)
+        out[lists.mask] = self.booster.predict(x, num_iteration=self.booster.best_iteration)
+        return out
