@@ -75,12 +75,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError, load_config
     from cascade.pipeline import MODELS, train_pointwise
-    from teachers import TEACHERS
+    from teachers import BOOSTED, TEACHERS
 
     try:
         experiments = load_config(args.config, args.experiment)
         for exp in experiments:
-            result = train_pointwise(exp, {**MODELS, **TEACHERS})
+            if exp.model.name in BOOSTED:
+                result = BOOSTED[exp.model.name](exp)
+            else:
+                result = train_pointwise(exp, {**MODELS, **TEACHERS})
             print(f"{exp.name}: test auc {result['test']['auc']:.4f} logloss {result['test']['logloss']:.4f} -> {exp.run_dir}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -57,3 +57,11 @@ def test_unknown_model_and_bad_params_exit_2(tmp_path, capsys):
     assert main(["train", str(_write(tmp_path, CONFIG.replace("dropout: 0.0", "dropuot: 0.0")))]) == 2
     err = capsys.readouterr().err
     assert "error: model:" in err and "dropuot" in err
+
+
+def test_gbdt_trains_from_config(tmp_path, capsys):
+    # model params belong to each experiment: base params would merge into every model's
+    text = CONFIG.replace(", params: {hidden: [16, 8], dropout: 0.0}", "") + "  boosted: {model: {name: gbdt, params: {n_estimators: 30, min_data_in_leaf: 5}}}\n"
+    assert main(["train", str(_write(tmp_path, text)), "--experiment", "boosted"]) == 0
+    assert (tmp_path / "runs" / "boosted" / "model.txt").exists()
+    assert "boosted: test auc" in capsys.readouterr().out
