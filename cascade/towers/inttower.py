@@ -44,6 +44,12 @@ class IntTowerSide(nn.Module):
         self.layers = nn.ModuleList(mlp(a, [b], dropout) for a, b in zip(widths[:-1], widths[1:]))
         projected = widths[:-1] if every_layer else widths[-1:]
         self.heads = nn.ModuleList(nn.Linear(w, heads * head_dim) for w in projected)
+        for head in self.heads:
+            # MaxSim sums (layers x heads) maxima of unnormalised dots: default-initialised heads
+            # start it near +-100 and saturate the sigmoid. Small heads start it near 0 (the
+            # authors initialise every layer with std 1e-4 for the same reason).
+            nn.init.normal_(head.weight, std=1e-3)
+            nn.init.zeros_(head.bias)
         self.every_layer = every_layer
         self.n_heads, self.head_dim = heads, head_dim
 
