@@ -20,14 +20,37 @@ from cascade.config import ConfigError, DataConfig, ExperimentConfig
 from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset
+from cascade.losses.dat import adaptive_mimic
 from cascade.losses.pointwise import bce
+from cascade.towers.dat import DAT
 from cascade.towers.dssm import DSSM
 from cascade.towers.inttower import IntTower
 from cascade.towers.senet import SENetTwoTower
 from cascade.towers.embedding import HISTORY, Embeddings, pack_items, pack_user
 from cascade.train import Tensors, Trainer
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "inttower": IntTower}
+MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower}
+
+
+def bce_step(model: nn.Module, batch: Tensors) -> torch.Tensor:
+    return bce(model(batch.user, batch.items), batch.label, batch.mask)
+
+
+def dat_step(model: DAT, batch: Tensors) -> torch.Tensor:
+    """BCE plus the adaptive-mimic loss on the same forward pass."""
+    b, n, w = batch.items.shape
+    p_u = model.user(batch.user)  # (B, 1, D)
+    flat_items = batch.items.reshape(b * n, w)
+    p_v = model.item(flat_items).reshape(b, n, 1, -1)
+    logits = model.score(p_u, p_v)
+    a_u = model.user.augmented(batch.user)
+    a_v = model.item.augmented(flat_items).reshape(b, n, -1)
+    mimic = adaptive_mimic(a_u, a_v, p_u[:, 0], p_v[:, :, 0], batch.label, batch.mask)
+    return bce(logits, batch.label, batch.mask) + model.mimic_weight * mimic
+
+
+# The training step of each model that needs more than BCE on its logits.
+STEPS: dict[str, Callable[[nn.Module, Tensors], torch.Tensor]] = {"dat": dat_step}
 
 
 def prepare_data(cfg: DataConfig) -> Dataset:
@@ -107,7 +130,7 @@ def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Mo
     trainer.log(f"{exp.name}: {exp.model.name} on {exp.data.dir}: train {len(train):,} valid {len(valid):,} test {len(test):,} samples; {sum(p.numel() for p in model.parameters()):,} parameters")
     best = trainer.fit(
         train,
-        step_loss=lambda b: bce(model(b.user, b.items), b.label, b.mask),
+        step_loss=lambda b: STEPS.get(exp.model.name, bce_step)(model, b),
         evaluate=lambda: pointwise_metrics(predict(model, valid), valid_flat),
         resolved_config=exp.to_dict(),
     )
