@@ -21,15 +21,17 @@ from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset
 from cascade.losses.dat import adaptive_mimic
+from cascade.losses.hit import generation
 from cascade.losses.pointwise import bce
 from cascade.towers.dat import DAT
 from cascade.towers.dssm import DSSM
+from cascade.towers.hit import HIT
 from cascade.towers.inttower import IntTower
 from cascade.towers.senet import SENetTwoTower
 from cascade.towers.embedding import HISTORY, Embeddings, pack_items, pack_user
 from cascade.train import Tensors, Trainer
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower}
+MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower, "hit": HIT}
 
 
 def bce_step(model: nn.Module, batch: Tensors) -> torch.Tensor:
@@ -49,8 +51,21 @@ def dat_step(model: DAT, batch: Tensors) -> torch.Tensor:
     return bce(logits, batch.label, batch.mask) + model.mimic_weight * mimic
 
 
+def hit_step(model: HIT, batch: Tensors) -> torch.Tensor:
+    """BCE plus the four generation terms (user and item tower, target and non-target)."""
+    b, n, w = batch.items.shape
+    u, p_u, gt_u, gn_u = model.user.parts(batch.user)
+    v, p_v, gt_v, gn_v = model.item.parts(batch.items.reshape(b * n, w))
+    logits = model.score(u, v.reshape(b, n, *v.shape[1:]))
+    expand = lambda x: x.unsqueeze(1).expand(b, n, x.shape[-1])  # noqa: E731  user side to (B, N, P)
+    per_item = lambda x: x.reshape(b, n, -1)  # noqa: E731
+    gen = generation(expand(gt_u), expand(gn_u), per_item(p_v), batch.label, batch.mask)
+    gen = gen + generation(per_item(gt_v), per_item(gn_v), expand(p_u), batch.label, batch.mask)
+    return bce(logits, batch.label, batch.mask) + model.generation_weight * gen
+
+
 # The training step of each model that needs more than BCE on its logits.
-STEPS: dict[str, Callable[[nn.Module, Tensors], torch.Tensor]] = {"dat": dat_step}
+STEPS: dict[str, Callable[[nn.Module, Tensors], torch.Tensor]] = {"dat": dat_step, "hit": hit_step}
 
 
 def prepare_data(cfg: DataConfig) -> Dataset:

@@ -53,7 +53,7 @@ def test_train_from_config_writes_a_run(tmp_path, capsys):
 
 def test_unknown_model_and_bad_params_exit_2(tmp_path, capsys):
     assert main(["train", str(_write(tmp_path, CONFIG.replace("name: dssm", "name: dsm")))]) == 2
-    assert "unknown model 'dsm' (have: dssm, senet, dat, inttower, din)" in capsys.readouterr().err
+    assert "unknown model 'dsm' (have: dssm, senet, dat, inttower, hit, din)" in capsys.readouterr().err
     assert main(["train", str(_write(tmp_path, CONFIG.replace("dropout: 0.0", "dropuot: 0.0")))]) == 2
     err = capsys.readouterr().err
     assert "error: model:" in err and "dropuot" in err

@@ -1,0 +1,51 @@
+import numpy as np
+import torch
+
+from cascade.data.lists import build_lists
+from cascade.pipeline import bce_step, hit_step
+from cascade.towers.embedding import Embeddings, pack_items, pack_user
+from cascade.towers.hit import HIT
+from cascade.train import Tensors
+from export.onnx import export_tower, session
+from tests.towers.test_embedding import SPEC
+
+
+def _model(spec=SPEC, history_len=4):
+    torch.manual_seed(0)
+    return HIT(spec.side("user"), spec.side("item"), Embeddings(spec, 8), history_len=history_len, hidden=(16, 8), heads=2, head_dim=4, dropout=0.0, generation_weight=1.0)
+
+
+def _grads(model, loss):
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    return {name: (torch.zeros(1) if g is None else g) for (name, _), g in zip(model.named_parameters(), grads)}
+
+
+def test_generators_learn_only_from_generation_and_the_tower_never_from_it():
+    m = _model().train()
+    batch = Tensors(user=torch.tensor([[1, 2, 3, 0, 0], [2, 4, 0, 0, 0]]), items=torch.tensor([[[1, 1, 2, 0]], [[3, 4, 0, 0]]]), label=torch.tensor([[1.0], [0.0]]), mask=torch.ones(2, 1, dtype=torch.bool))
+    bce_only, both = _grads(m, bce_step(m, batch)), _grads(m, hit_step(m, batch))
+    for name in bce_only:
+        if "generator" in name:
+            assert bce_only[name].abs().sum() == 0, name  # output cut: the tower cannot train it
+            assert both[name].abs().sum() > 0, name
+        else:
+            torch.testing.assert_close(bce_only[name], both[name], msg=name)  # inputs and partner cut
+
+
+def test_generator_fields_default_to_the_non_id_fields():
+    m = _model()
+    assert [s.name for s in m.user.generator_slots] == ["user_id"]  # the only user field here
+    assert [s.name for s in m.item.generator_slots] == ["tags"]
+
+
+def test_hit_towers_round_trip_through_onnxruntime(small_world, tmp_path):
+    ds, _ = small_world
+    m = _model(ds.schema.features, ds.schema.history_max).eval()
+    lists = build_lists(ds, "test")
+    user = torch.from_numpy(pack_user(lists, m.user_slots))
+    items = torch.from_numpy(pack_items(lists, m.item_slots))
+    items = items.reshape(-1, items.shape[-1])[:300]
+    for tower, x in ((m.user, user), (m.item, items)):
+        got = session(export_tower(tower, x[:3], tmp_path / "t.onnx")).run(None, {"x": x.numpy()})[0]
+        want = tower(x).detach().numpy()
+        assert np.all(np.abs(got - want) <= 1e-5 * np.maximum(1.0, np.abs(want)))
