@@ -378,3 +378,16 @@ def joint_recall(
     total = rel.sum(axis=1)
     defined = total > 0
     return _row_mean((survive * rel).sum(axis=1) / np.where(defined, total, 1.0), defined)
+
+
+def retrieval_recall(retrieved: np.ndarray, positives: np.ndarray) -> float:
+    """Recall@k of a retrieval: |retrieved ∩ positives| / |positives|, mean over rows with a
+    positive. retrieved (R, k) item ids (ordered or not; k = the cut), positives (R, P) item ids
+    with 0 as padding. Retrieval returns a set, so no tie rule is needed here."""
+    pos = np.asarray(positives)
+    got = np.asarray(retrieved)
+    valid = pos > 0
+    hit = (pos[:, :, None] == got[:, None, :]).any(axis=2) & valid
+    n = valid.sum(axis=1)
+    defined = n > 0
+    return _row_mean(hit.sum(axis=1) / np.maximum(n, 1), defined)

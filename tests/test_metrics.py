@@ -241,3 +241,10 @@ def test_perfect_student_scores_one():
     assert M.teacher_recall_at_k_at_m(t, t, 10, 10, mask) == pytest.approx(1.0)
     assert M.kendall_tau(t, t, mask) == pytest.approx(1.0)
     assert M.teacher_ndcg_at_k(t, t, 10, mask) == pytest.approx(1.0)
+
+
+def test_retrieval_recall_hand_worked():
+    retrieved = np.array([[5, 3, 9], [1, 2, 4], [7, 8, 6]])
+    positives = np.array([[3, 4, 0], [0, 0, 0], [6, 7, 8]])
+    # row 0: {3} of {3, 4} -> 1/2; row 1 has no positive; row 2: all 3 -> 1; mean 0.75
+    assert M.retrieval_recall(retrieved, positives) == pytest.approx(0.75)
