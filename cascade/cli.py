@@ -74,17 +74,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError, load_config
-    from cascade.pipeline import MODELS, train_pointwise
+    from cascade.pipeline import MODELS, train_pointwise, train_recall
     from teachers import BOOSTED, TEACHERS
 
     try:
         experiments = load_config(args.config, args.experiment)
         for exp in experiments:
-            if exp.model.name in BOOSTED:
+            if exp.task == "recall":
+                result = train_recall(exp)
+            elif exp.model.name in BOOSTED:
                 result = BOOSTED[exp.model.name](exp)
             else:
                 result = train_pointwise(exp, {**MODELS, **TEACHERS})
-            print(f"{exp.name}: test auc {result['test']['auc']:.4f} logloss {result['test']['logloss']:.4f} -> {exp.run_dir}")
+            shown = " ".join(f"{k} {v:.4f}" for k, v in result["test"].items() if k in ("auc", "logloss") or k.startswith("recall@"))
+            print(f"{exp.name}: test {shown} -> {exp.run_dir}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cascade.recall import RecallConfig
 from cascade.train import TrainConfig
 
 
@@ -45,6 +46,8 @@ class ExperimentConfig:
     model: ModelConfig
     train: TrainConfig
     out: str = "runs"
+    task: str = "pointwise"  # pointwise: BCE on exposures | recall: retrieval over the catalog
+    recall: RecallConfig = field(default_factory=RecallConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -75,6 +78,15 @@ def _build(cls, raw: Any, where: str):
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
 
 
+TASKS = ("pointwise", "recall")
+
+
+def _task(value: str, where: str) -> str:
+    if value not in TASKS:
+        raise ConfigError(f"{where}.task: '{value}' is not one of {', '.join(TASKS)}")
+    return value
+
+
 def load_config(path: str | Path, experiment: str | None = None) -> list[ExperimentConfig]:
     """The experiments of a config file (one when ``experiment`` names it)."""
     path = Path(path)
@@ -96,7 +108,7 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
     for name in names:
         raw = _merge(body.get("base") or {}, body["experiments"][name] or {})
         where = f"{path}: experiments.{name}"
-        extra = sorted(set(raw) - {"data", "model", "train", "out"})
+        extra = sorted(set(raw) - {"data", "model", "train", "out", "task", "recall"})
         if extra:
             raise ConfigError(f"{where}: unknown key '{extra[0]}'")
         out.append(
@@ -106,6 +118,8 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
                 model=_build(ModelConfig, raw.get("model"), f"{where}.model"),
                 train=_build(TrainConfig, raw.get("train"), f"{where}.train"),
                 out=raw.get("out", "runs"),
+                task=_task(raw.get("task", "pointwise"), where),
+                recall=_build(RecallConfig, raw.get("recall"), f"{where}.recall"),
             )
         )
     return out

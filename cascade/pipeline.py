@@ -23,6 +23,7 @@ from cascade.data.store import Dataset, read_dataset, write_dataset
 from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
 from cascade.losses.pointwise import bce
+from cascade.recall import RecallStep, evaluate_recall, item_table, training_pairs
 from cascade.towers.dat import DAT
 from cascade.towers.dssm import DSSM
 from cascade.towers.hit import HIT
@@ -153,3 +154,28 @@ def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Mo
     (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result
+
+
+def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Module]] = MODELS) -> dict:
+    """Train a retrieval two-tower with sampled softmax; early-stop on validation Recall@k of the
+    catalog retrieval (``train.monitor``, e.g. ``recall@200``); score test."""
+    ds = prepare_data(exp.data)
+    torch.manual_seed(exp.train.seed)
+    model = build_model(exp, ds, models)
+    try:
+        table = item_table(ds, model.item_slots)
+    except ValueError as e:
+        raise ConfigError(f"model.drop_fields: {e}") from None
+    train = training_pairs(ds, model, "train", table, exp.recall.hard_negatives, exp.recall.seed)
+    step = RecallStep(exp.recall, model, table, ds.items["item_id"], train.items[:, 0, step_id_column(model)].numpy())
+    trainer = Trainer(model, exp.train, exp.run_dir)
+    trainer.log(f"{exp.name}: recall with {exp.model.name} on {exp.data.dir}: {len(train):,} training pairs, {len(ds.items['item_id']):,} items")
+    best = trainer.fit(train, step_loss=lambda b: step(model, b), evaluate=lambda: evaluate_recall(model, ds, "valid"), resolved_config=exp.to_dict())
+    result = {"experiment": exp.name, "model": exp.model.name, "task": "recall", "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith("recall@")}, "test": evaluate_recall(model, ds, "test"), "seconds_per_epoch": best.get("seconds")}
+    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    trainer.log(f"test: {json.dumps(result['test'])}")
+    return result
+
+
+def step_id_column(model: nn.Module) -> int:
+    return next(s.start for s in model.item_slots if s.name == "item_id")

@@ -48,7 +48,7 @@ def test_train_from_config_writes_a_run(tmp_path, capsys):
     run = tmp_path / "runs" / "small"
     for f in ("config.json", "log.txt", "metrics.jsonl", "last.pt", "best.pt", "results.json"):
         assert (run / f).exists(), f
-    assert "small: test auc" in capsys.readouterr().out
+    assert "small: test auc" in capsys.readouterr().out  # "small: test auc 0.xxxx logloss ..."
 
 
 def test_unknown_model_and_bad_params_exit_2(tmp_path, capsys):

@@ -1,0 +1,162 @@
+"""The recall stage: a two-tower retrieval model trained with sampled softmax, and faiss
+inner-product retrieval of the top-N of the whole catalog.
+
+Training pairs are (request, positive item) from the logs. For a batch of B pairs the candidates
+are: the B positives (each the others' in-batch negative; expected count B * q_j, q_j the item's
+share of training positives), optionally M items drawn by popularity^power (expected count
+M * p_j), and optionally K hard negatives per pair mined from the logged cascade (recalled but cut
+before the rank stage, stage <= 1; not corrected). Logits are s / tau - log(expected count);
+accidental hits (a row's own positive appearing as another candidate) are masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+from cascade import metrics as M
+from cascade.data.lists import ListBatch, build_lists, pointwise_lists
+from cascade.data.store import Dataset
+from cascade.losses.retrieval import log_q_correction, remove_accidental_hits, sampled_softmax
+from cascade.towers.base import TwoTower
+from cascade.towers.embedding import Slot, pack_items, pack_user
+from cascade.train import Tensors
+
+
+@dataclass(frozen=True)
+class RecallConfig:
+    temperature: float = 0.05
+    popularity_negatives: int = 0  # M per batch, drawn by popularity ** popularity_power
+    popularity_power: float = 0.75
+    hard_negatives: int = 0  # K per pair, from the request's logged items cut before rank
+    seed: int = 0
+
+
+def item_table(ds: Dataset, slots: tuple[Slot, ...]) -> torch.Tensor:
+    """Every catalog item packed for an item tower, indexed by item id: (max id + 1, Wi), row 0
+    all padding. The recall item tower may use items-table fields only (it must be able to
+    embed any item of the catalog, not just logged ones)."""
+    names = {f.name for f in ds.schema.features.in_table("items")}
+    missing = [s.name for s in slots if s.name not in names]
+    if missing:
+        raise ValueError(f"the recall item tower may only use items-table fields; '{missing[0]}' is stored per candidate")
+    n = len(ds.items["item_id"])
+    batch = ListBatch(np.zeros(n), {}, np.zeros((n, 0)), {k: v[:, None] for k, v in ds.items.items()}, np.zeros((n, 1)), np.zeros((n, 1)), np.ones((n, 1), bool))
+    table = np.zeros((int(ds.items["item_id"].max()) + 1, sum(s.width for s in slots)), dtype=np.int64)
+    table[ds.items["item_id"]] = pack_items(batch, slots)[:, 0]
+    return torch.from_numpy(table)
+
+
+def training_pairs(ds: Dataset, model: TwoTower, split: str, table: torch.Tensor, hard_negatives: int, seed: int) -> Tensors:
+    """(request, positive) pairs: user (P, Wu), items (P, 1 + K, Wi) = the positive then up to K
+    hard negatives of its request (cut before rank in the logged cascade), mask (P, 1 + K)."""
+    flat = pointwise_lists(ds, split)
+    flat = flat.take(np.flatnonzero(flat.label[:, 0] > 0))
+    ids = np.zeros((len(flat), 1 + hard_negatives), dtype=np.int64)
+    ids[:, 0] = flat.item["item_id"][:, 0]
+    if hard_negatives:
+        lists = build_lists(ds, split)
+        order = np.argsort(lists.request_id)
+        rows = order[np.searchsorted(lists.request_id[order], flat.request_id)]
+        cut = lists.mask[rows] & (lists.stage[rows] <= 1)
+        # a seeded random order among each request's cut items; the first K are its hard negatives
+        key = np.where(cut, np.random.default_rng(seed).random(cut.shape), np.inf)
+        pick = np.argsort(key, axis=1)[:, :hard_negatives]
+        ok = np.take_along_axis(cut, pick, 1)
+        ids[:, 1:] = np.where(ok, np.take_along_axis(lists.item["item_id"][rows], pick, 1), 0)
+    return Tensors(
+        user=torch.from_numpy(pack_user(flat, model.user_slots)),
+        items=table[torch.from_numpy(ids)],
+        label=torch.ones(ids.shape),
+        mask=torch.from_numpy(ids > 0),
+    )
+
+
+class RecallStep:
+    """The training step: ``step(model, batch) -> loss`` with the configured negatives."""
+
+    def __init__(self, cfg: RecallConfig, model: TwoTower, table: torch.Tensor, item_ids: np.ndarray, positive_ids: np.ndarray):
+        self.cfg = cfg
+        n = len(table)
+        counts = np.bincount(positive_ids, minlength=n).astype(np.float64)
+        self.q_batch = torch.from_numpy(np.maximum(counts, 1.0) / max(len(positive_ids), 1))  # share of positives
+        pop = np.zeros(n)
+        pop[item_ids] = (counts[item_ids] + 1.0) ** cfg.popularity_power
+        self.p_pop = torch.from_numpy(pop / pop.sum())
+        self.table = table
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.id_column = next(s.start for s in model.item_slots if s.name == "item_id")
+
+    def __call__(self, model: TwoTower, batch: Tensors) -> torch.Tensor:
+        cfg = self.cfg
+        b = len(batch)
+        u = model.user(batch.user)[:, 0]  # (B, D)
+        pos_items = batch.items[:, 0]
+        pos_ids = pos_items[:, self.id_column]
+        cand = [model.item(pos_items)[:, 0]]
+        cand_ids = [pos_ids]
+        log_count = [torch.log(b * self.q_batch[pos_ids])]
+        if cfg.popularity_negatives:
+            drawn = torch.multinomial(self.p_pop, cfg.popularity_negatives, replacement=True, generator=self.generator)
+            cand.append(model.item(self.table[drawn])[:, 0])
+            cand_ids.append(drawn)
+            log_count.append(torch.log(cfg.popularity_negatives * self.p_pop[drawn]))
+        shared = log_q_correction(u @ torch.cat(cand).T / cfg.temperature, torch.cat(log_count).float())
+        shared = remove_accidental_hits(shared, pos_ids, torch.cat(cand_ids), torch.arange(b))
+        logits = [shared]
+        if batch.items.shape[1] > 1:
+            hard = batch.items[:, 1:]
+            k = hard.shape[1]
+            hv = model.item(hard.reshape(b * k, -1))[:, 0].reshape(b, k, -1)
+            hard_logits = torch.einsum("bd,bkd->bk", u, hv) / cfg.temperature
+            invalid = ~batch.mask[:, 1:] | (hard[:, :, self.id_column] == pos_ids.unsqueeze(1))
+            logits.append(hard_logits.masked_fill(invalid, float("-inf")))
+        return sampled_softmax(torch.cat(logits, dim=1), torch.arange(b))
+
+
+class ItemIndex:
+    """faiss inner-product index over the item tower's vectors of the whole catalog."""
+
+    def __init__(self, item_ids: np.ndarray, vectors: np.ndarray):
+        self.item_ids = item_ids
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def search(self, user_vectors: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+        """Top-k item ids (R, k) per user vector, never an id in that row of ``exclude``."""
+        extra = 0 if exclude is None else exclude.shape[1]
+        _, idx = self.index.search(np.ascontiguousarray(user_vectors, dtype=np.float32), min(k + extra, len(self.item_ids)))
+        ids = self.item_ids[idx]
+        if exclude is not None:
+            banned = (ids[:, :, None] == exclude[:, None, :]).any(axis=2) & (ids > 0)
+            # keep order, push banned ids after the allowed ones, then cut
+            order = np.argsort(banned, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, 1)
+        return ids[:, :k]
+
+
+@torch.no_grad()
+def build_index(model: TwoTower, ds: Dataset) -> ItemIndex:
+    model.eval()
+    ids = ds.items["item_id"]
+    packed = item_table(ds, model.item_slots)[torch.from_numpy(ids)]
+    vectors = torch.cat([model.item(packed[a : a + 8192])[:, 0] for a in range(0, len(ids), 8192)]).numpy()
+    return ItemIndex(ids, vectors)
+
+
+@torch.no_grad()
+def evaluate_recall(model: TwoTower, ds: Dataset, split: str, ks: tuple[int, ...] = (50, 200)) -> dict[str, float]:
+    """Recall@k of the catalog retrieval against each request's logged positives, the
+    request's history excluded from what may be retrieved."""
+    model.eval()
+    index = build_index(model, ds)
+    lists = build_lists(ds, split)
+    user = torch.from_numpy(pack_user(lists, model.user_slots))
+    u = torch.cat([model.user(user[a : a + 8192])[:, 0] for a in range(0, len(user), 8192)]).numpy()
+    retrieved = index.search(u, max(ks), exclude=lists.history)
+    positives = np.where(lists.mask & (lists.label > 0), lists.item["item_id"], 0)
+    return {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], positives) for k in ks}
+
