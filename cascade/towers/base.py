@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cascade.towers.embedding import Slot
+from cascade.features import Field
+from cascade.towers.embedding import Embeddings, layout
 
 
 def mlp(in_dim: int, hidden: Sequence[int], dropout: float, batch_norm: bool = True) -> nn.Sequential:
@@ -40,12 +41,17 @@ def maxsim_score(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class TwoTower(nn.Module):
-    """Base of the pre-rankers: subclasses set ``user``, ``item``, the slots, and ``score``."""
+    """Base of the pre-rankers: the input layouts and the shared embeddings; subclasses add the
+    ``user`` and ``item`` towers and ``score``."""
 
     user: nn.Module
     item: nn.Module
-    user_slots: tuple[Slot, ...]
-    item_slots: tuple[Slot, ...]
+
+    def __init__(self, user_fields: tuple[Field, ...], item_fields: tuple[Field, ...], embeddings: Embeddings, history_len: int = 0):
+        super().__init__()
+        self.user_slots = layout(user_fields, history_len)
+        self.item_slots = layout(item_fields)
+        self.embeddings = embeddings
 
     def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from cascade.features import Field
 from cascade.towers.base import TwoTower, dot_score, mlp
-from cascade.towers.embedding import Embeddings, Slot, layout
+from cascade.towers.embedding import Embeddings, Slot
 
 
 class DATSide(nn.Module):
@@ -54,10 +54,7 @@ class DAT(TwoTower):
         temperature: float = 0.05,
         mimic_weight: float = 0.5,
     ):
-        super().__init__()
-        self.user_slots = layout(user_fields, history_len)
-        self.item_slots = layout(item_fields)
-        self.embeddings = embeddings
+        super().__init__(user_fields, item_fields, embeddings, history_len)
         user_id = next(f for f in user_fields if f.name == "user_id")
         item_id = next(f for f in item_fields if f.name == "item_id")
         self.user = DATSide(embeddings, self.user_slots, user_id, hidden, dropout)

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from cascade.features import Field
 from cascade.towers.base import TwoTower, dot_score, mlp
-from cascade.towers.embedding import Embeddings, Slot, layout
+from cascade.towers.embedding import Embeddings, Slot
 
 
 class DSSMTower(nn.Module):
@@ -42,10 +42,7 @@ class DSSM(TwoTower):
         dropout: float = 0.3,
         temperature: float = 0.05,
     ):
-        super().__init__()
-        self.user_slots = layout(user_fields, history_len)
-        self.item_slots = layout(item_fields)
-        self.embeddings = embeddings
+        super().__init__(user_fields, item_fields, embeddings, history_len)
         self.user = DSSMTower(embeddings, self.user_slots, hidden, dropout, self.field_weighting(len(self.user_slots)))
         self.item = DSSMTower(embeddings, self.item_slots, hidden, dropout, self.field_weighting(len(self.item_slots)))
         self.temperature = temperature

@@ -17,7 +17,7 @@ from torch import nn
 
 from cascade.features import Field
 from cascade.towers.base import TwoTower, maxsim_score, mlp
-from cascade.towers.embedding import HISTORY, Embeddings, Slot, layout
+from cascade.towers.embedding import HISTORY, Embeddings, Slot
 
 
 def _generator(in_dim: int, width: int, out_dim: int) -> nn.Sequential:
@@ -65,10 +65,7 @@ class HIT(TwoTower):
         user_generator_fields: Sequence[str] | None = None,
         item_generator_fields: Sequence[str] | None = None,
     ):
-        super().__init__()
-        self.user_slots = layout(user_fields, history_len)
-        self.item_slots = layout(item_fields)
-        self.embeddings = embeddings
+        super().__init__(user_fields, item_fields, embeddings, history_len)
         out = hidden[-1]
         self.user = HITSide(embeddings, self.user_slots, self._subset(self.user_slots, user_generator_fields, "user_id"), hidden, heads, head_dim, dropout, out)
         self.item = HITSide(embeddings, self.item_slots, self._subset(self.item_slots, item_generator_fields, "item_id"), hidden, heads, head_dim, dropout, out)

@@ -16,7 +16,7 @@ from torch import nn
 
 from cascade.features import Field
 from cascade.towers.base import TwoTower, maxsim_score, mlp
-from cascade.towers.embedding import Embeddings, Slot, layout
+from cascade.towers.embedding import Embeddings, Slot
 
 
 class LightSE(nn.Module):
@@ -77,10 +77,7 @@ class IntTower(TwoTower):
         head_dim: int = 64,
         dropout: float = 0.3,
     ):
-        super().__init__()
-        self.user_slots = layout(user_fields, history_len)
-        self.item_slots = layout(item_fields)
-        self.embeddings = embeddings
+        super().__init__(user_fields, item_fields, embeddings, history_len)
         self.user = IntTowerSide(embeddings, self.user_slots, hidden, heads, head_dim, dropout, every_layer=True)
         self.item = IntTowerSide(embeddings, self.item_slots, hidden, heads, head_dim, dropout, every_layer=False)
         self.bias = nn.Parameter(torch.zeros(()))
