@@ -158,7 +158,7 @@ def pointwise_lists(ds: Dataset, split: str | None = None, seed: int = 0) -> Lis
     per_candidate = {f.name for f in ds.schema.features.in_table("candidates")}
     flat = ListBatch(
         request_id=lists.request_id[rows],
-        user={k: (v[rows, cols] if k in per_candidate else v[rows]) for k, v in lists.user.items()},
+        user={k: (v[rows, cols][:, None] if k in per_candidate else v[rows]) for k, v in lists.user.items()},
         history=lists.history[rows],
         item={k: v[rows, cols][:, None] for k, v in lists.item.items()},
         label=lists.label[rows, cols][:, None],

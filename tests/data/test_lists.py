@@ -82,4 +82,5 @@ def test_ctr_pointwise_lists_drop_the_target(tmp_path):
     np.testing.assert_array_equal(got, np.maximum(full - 1, 0))
     assert not (flat.history == flat.item["item_id"]).any()
     # the per-candidate statistics arrive as per-sample user and item fields
-    assert flat.user["user_mean_rating"].shape == (len(flat),) and flat.item["item_mean_rating"].shape == (len(flat), 1)
+    # per-candidate fields keep their (B, N) shape, N = 1, on either side
+    assert flat.user["user_mean_rating"].shape == (len(flat), 1) and flat.item["item_mean_rating"].shape == (len(flat), 1)

@@ -59,3 +59,17 @@ def test_unknown_objective_is_refused(small_world):
     ds, _ = small_world
     with pytest.raises(ValueError, match="objective 'xendcg'"):
         GBDTTeacher(ds.schema.features, ds.items, GBDTConfig(objective="xendcg"))
+
+
+def test_features_take_per_candidate_fields_of_both_sides(tmp_path):
+    # MovieLens ctr stores out-of-fold mean ratings per candidate, on the user and the item side
+    from cascade.data.movielens import convert
+    from tests.data.test_movielens import RATINGS, _write_ml
+
+    ds, _ = convert(_write_ml(tmp_path / "ml", RATINGS), "ctr", seed=0)
+    flat = pointwise_lists(ds, "train")
+    x, names, categorical = GBDTTeacher(ds.schema.features, ds.items).features(flat)
+    assert x.shape[0] == len(flat)
+    np.testing.assert_array_equal(x[:, names.index("user_mean_rating")], flat.user["user_mean_rating"][:, 0])
+    np.testing.assert_array_equal(x[:, names.index("item_mean_rating")], flat.item["item_mean_rating"][:, 0])
+    assert "user_mean_rating" in categorical
