@@ -71,7 +71,7 @@ def write_tables(rows: dict[str, list[dict]], recall_rows: dict[str, list[dict]]
         sps = [r.get("train_samples_per_s") for r in rs]
         lines.append(
             f"| {name} | {len(rs)} | {mean_std(aucs)} | {mean_std([r['test']['logloss'] for r in rs])} | {rel} | {params} | "
-            f"{np.mean([s for s in sec if s]):.1f} | {np.mean([s for s in sps if s]):,.0f} | {PUBLISHED.get(name, '-')} |"
+            f"{np.mean([s for s in sec if s]):.1f} | {f'{np.mean([s for s in sps if s]):,.0f}' if any(sps) else '-'} | {PUBLISHED.get(name, '-')} |"
         )
     lines += [
         "",

@@ -140,12 +140,14 @@ class GBDTTeacher:
         return {k: float(v) for k, v in self.booster.best_score["valid_0"].items()}
 
     def score(self, lists: ListBatch) -> np.ndarray:
-        """Raw scores (B, N); 0 at padding. Lambdarank scores order a list, nothing more."""
+        """Raw scores (B, N): logits for ``binary``, order-only list scores for ``lambdarank``; 0 at
+        padding."""
         if self.booster is None:
             raise RuntimeError("fit the teacher first")
         x, _, _ = self.features(lists)
         out = np.zeros(lists.mask.shape, dtype=np.float32)
-        out[lists.mask] = self.booster.predict(x, num_iteration=self.booster.best_iteration)
+        # raw scores: logits for binary (the teacher contract), list scores for lambdarank
+        out[lists.mask] = self.booster.predict(x, num_iteration=self.booster.best_iteration, raw_score=True)
         return out
 
 
@@ -180,7 +182,6 @@ def train_gbdt(exp) -> dict:
         "valid": pointwise_metrics(teacher.score(flat["valid"]), flat["valid"]),
         "test": pointwise_metrics(teacher.score(flat["test"]), flat["test"]),
         "train_seconds": seconds,
-        "train_samples_per_s": len(flat["train"]) * teacher.booster.current_iteration() / seconds,
     }
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -73,3 +73,13 @@ def test_features_take_per_candidate_fields_of_both_sides(tmp_path):
     np.testing.assert_array_equal(x[:, names.index("user_mean_rating")], flat.user["user_mean_rating"][:, 0])
     np.testing.assert_array_equal(x[:, names.index("item_mean_rating")], flat.item["item_mean_rating"][:, 0])
     assert "user_mean_rating" in categorical
+
+
+def test_binary_scores_are_logits(small_world):
+    ds, _ = small_world
+    flat = {s: pointwise_lists(ds, s) for s in ("train", "valid")}
+    teacher = GBDTTeacher(ds.schema.features, ds.items, GBDTConfig(objective="binary", n_estimators=20, min_data_in_leaf=20))
+    teacher.fit(flat["train"], flat["valid"])
+    raw = teacher.score(flat["valid"])[:, 0]
+    prob = teacher.booster.predict(teacher.features(flat["valid"])[0], num_iteration=teacher.booster.best_iteration)
+    np.testing.assert_allclose(1 / (1 + np.exp(-raw)), prob, rtol=1e-5)
