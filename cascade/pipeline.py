@@ -167,7 +167,7 @@ def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Modul
     except ValueError as e:
         raise ConfigError(f"model.drop_fields: {e}") from None
     train = training_pairs(ds, model, "train", table, exp.recall.hard_negatives, exp.recall.seed)
-    step = RecallStep(exp.recall, model, table, ds.items["item_id"], train.items[:, 0, step_id_column(model)].numpy())
+    step = RecallStep(exp.recall, model, table, ds.items["item_id"], train)
     trainer = Trainer(model, exp.train, exp.run_dir)
     trainer.log(f"{exp.name}: recall with {exp.model.name} on {exp.data.dir}: {len(train):,} training pairs, {len(ds.items['item_id']):,} items")
     best = trainer.fit(train, step_loss=lambda b: step(model, b), evaluate=lambda: evaluate_recall(model, ds, "valid"), resolved_config=exp.to_dict())
@@ -176,6 +176,3 @@ def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Modul
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result
 
-
-def step_id_column(model: nn.Module) -> int:
-    return next(s.start for s in model.item_slots if s.name == "item_id")

@@ -78,8 +78,10 @@ def training_pairs(ds: Dataset, model: TwoTower, split: str, table: torch.Tensor
 class RecallStep:
     """The training step: ``step(model, batch) -> loss`` with the configured negatives."""
 
-    def __init__(self, cfg: RecallConfig, model: TwoTower, table: torch.Tensor, item_ids: np.ndarray, positive_ids: np.ndarray):
+    def __init__(self, cfg: RecallConfig, model: TwoTower, table: torch.Tensor, item_ids: np.ndarray, pairs: Tensors):
         self.cfg = cfg
+        self.id_column = next(s.start for s in model.item_slots if s.name == "item_id")
+        positive_ids = pairs.items[:, 0, self.id_column].numpy()
         n = len(table)
         counts = np.bincount(positive_ids, minlength=n).astype(np.float64)
         self.q_batch = torch.from_numpy(np.maximum(counts, 1.0) / max(len(positive_ids), 1))  # share of positives
@@ -88,7 +90,6 @@ class RecallStep:
         self.p_pop = torch.from_numpy(pop / pop.sum())
         self.table = table
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.id_column = next(s.start for s in model.item_slots if s.name == "item_id")
 
     def __call__(self, model: TwoTower, batch: Tensors) -> torch.Tensor:
         cfg = self.cfg

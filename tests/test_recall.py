@@ -54,7 +54,7 @@ def test_a_few_epochs_beat_the_untrained_tower(tmp_path):
     before = evaluate_recall(m, ds, "test", ks=(20,))["recall@20"]
     cfg = RecallConfig(temperature=0.1, popularity_negatives=64, hard_negatives=2)
     pairs = training_pairs(ds, m, "train", table, cfg.hard_negatives, 0)
-    step = RecallStep(cfg, m, table, ds.items["item_id"], pairs.items[:, 0, 0].numpy())
+    step = RecallStep(cfg, m, table, ds.items["item_id"], pairs)
     Trainer(m, TrainConfig(epochs=6, batch_size=128, lr=0.01, patience=6, monitor="recall@20"), tmp_path).fit(pairs, lambda b: step(m, b), lambda: evaluate_recall(m, ds, "valid", ks=(20,)))
     after = evaluate_recall(m, ds, "test", ks=(20,))["recall@20"]
     # 20 of 400 items retrieved at random would recall about 0.05

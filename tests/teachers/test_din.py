@@ -1,10 +1,10 @@
-import numpy as np
 import torch
 
 from cascade.data.lists import build_lists
 from cascade.towers.embedding import Embeddings, pack_items, pack_user
 from export.onnx import export_module, session
 from teachers.din import DIN
+from tests.export.roundtrip import assert_parity
 from tests.towers.test_embedding import SPEC
 
 
@@ -41,5 +41,4 @@ def test_din_round_trips_through_onnxruntime(small_world, tmp_path):
     items = torch.from_numpy(pack_items(lists, m.item_slots))[:16]
     path = export_module(m, (user[:3], items[:3]), ("user", "items"), tmp_path / "din.onnx")
     got = session(path).run(None, {"user": user.numpy(), "items": items.numpy()})[0]
-    want = m(user, items).detach().numpy()
-    assert np.all(np.abs(got - want) <= 1e-5 * np.maximum(1.0, np.abs(want)))
+    assert_parity(got, m(user, items).detach().numpy())

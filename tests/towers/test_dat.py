@@ -1,12 +1,10 @@
-import numpy as np
 import torch
 
-from cascade.data.lists import build_lists
 from cascade.pipeline import dat_step
 from cascade.towers.dat import DAT
-from cascade.towers.embedding import Embeddings, pack_items, pack_user
+from cascade.towers.embedding import Embeddings
 from cascade.train import Tensors
-from export.onnx import export_tower, session
+from tests.export.roundtrip import assert_towers_round_trip
 from tests.towers.test_embedding import SPEC
 
 
@@ -33,12 +31,4 @@ def test_mimic_loss_reaches_only_the_augmented_vectors():
 
 def test_dat_towers_round_trip_through_onnxruntime(small_world, tmp_path):
     ds, _ = small_world
-    m = _model(ds.schema.features, ds.schema.history_max).eval()
-    lists = build_lists(ds, "test")
-    user = torch.from_numpy(pack_user(lists, m.user_slots))
-    items = torch.from_numpy(pack_items(lists, m.item_slots))
-    items = items.reshape(-1, items.shape[-1])[:300]
-    for tower, x in ((m.user, user), (m.item, items)):
-        got = session(export_tower(tower, x[:3], tmp_path / "t.onnx")).run(None, {"x": x.numpy()})[0]
-        want = tower(x).detach().numpy()
-        assert np.all(np.abs(got - want) <= 1e-5 * np.maximum(1.0, np.abs(want)))
+    assert_towers_round_trip(_model(ds.schema.features, ds.schema.history_max), ds, tmp_path)

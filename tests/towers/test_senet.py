@@ -1,10 +1,8 @@
-import numpy as np
 import torch
 
-from cascade.data.lists import build_lists
-from cascade.towers.embedding import Embeddings, pack_user
+from cascade.towers.embedding import Embeddings
 from cascade.towers.senet import SENet, SENetTwoTower
-from export.onnx import export_tower, session
+from tests.export.roundtrip import assert_towers_round_trip
 from tests.towers.test_embedding import SPEC
 
 
@@ -32,8 +30,5 @@ def test_senet_two_tower_reweights_before_the_mlp(small_world, tmp_path):
     assert not torch.allclose(out, m(torch.tensor([[1, 2, 3, 0, 0]]), torch.tensor([[[1, 1, 2, 0]]])))
     ds, _ = small_world
     spec = ds.schema.features
-    m = SENetTwoTower(spec.side("user"), spec.side("item"), Embeddings(spec, 8), history_len=ds.schema.history_max, hidden=(16, 8)).eval()
-    x = torch.from_numpy(pack_user(build_lists(ds, "test"), m.user_slots))
-    got = session(export_tower(m.user, x[:3], tmp_path / "u.onnx")).run(None, {"x": x.numpy()})[0]
-    want = m.user(x).detach().numpy()
-    assert np.all(np.abs(got - want) <= 1e-5 * np.maximum(1.0, np.abs(want)))
+    m = SENetTwoTower(spec.side("user"), spec.side("item"), Embeddings(spec, 8), history_len=ds.schema.history_max, hidden=(16, 8))
+    assert_towers_round_trip(m, ds, tmp_path)
