@@ -16,6 +16,23 @@ from cascade.features import Field
 from cascade.towers.embedding import Embeddings, layout
 
 
+class Dropout(nn.Module):
+    """Inverted dropout with the mask drawn by ``rand_like(x) >= p``: the same distribution as
+    ``nn.Dropout``, but ``bernoulli_`` costs 3.4x more on CPU (8.2 vs 2.4 ms for a 2048 x 300
+    mask) and was 28% of a DSSM training step. Identity in eval mode (and so in ONNX)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1 / (1 - self.p))
+
+
 def mlp(in_dim: int, hidden: Sequence[int], dropout: float, batch_norm: bool = True) -> nn.Sequential:
     """Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden size."""
     layers: list[nn.Module] = []
@@ -25,7 +42,7 @@ def mlp(in_dim: int, hidden: Sequence[int], dropout: float, batch_norm: bool = T
             layers.append(nn.BatchNorm1d(width))
         layers.append(nn.ReLU())
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         in_dim = width
     return nn.Sequential(*layers)
 
@@ -36,8 +53,13 @@ def dot_score(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def maxsim_score(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """u (B, Hu, D), v (B, N, Hv, D) -> (B, N): sum_a max_b <u_a, v_b> (ColBERT MaxSim)."""
-    return torch.einsum("bad,bnkd->bnak", u, v).amax(dim=3).sum(dim=2)
+    """u (B, Hu, D), v (B, N, Hv, D) -> (B, N): sum_a max_b <u_a, v_b> (ColBERT MaxSim).
+
+    A broadcast matmul and ``max(...).values``: its backward scatters to the arg-max, where
+    ``einsum`` + ``amax`` copied and compared the whole (B, N, Hu, Hv) block (51 vs 118 ms for
+    B = 2048, Hu = 96, Hv = 32, D = 64, forward + backward)."""
+    sim = torch.matmul(u.unsqueeze(1), v.transpose(-1, -2))  # (B, N, Hu, Hv)
+    return sim.max(dim=3).values.sum(dim=2)
 
 
 class TwoTower(nn.Module):
