@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from cascade.recall import RecallConfig
@@ -81,6 +82,17 @@ def _build(cls, raw: Any, where: str):
 TASKS = ("pointwise", "recall")
 
 
+def _train(raw: Any, where: str) -> TrainConfig:
+    cfg = _build(TrainConfig, raw, where)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as e:
+        raise ConfigError(f"{where}.device: '{cfg.device}' is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{where}.device: '{cfg.device}' asked for, but this torch ({torch.__version__}) sees no CUDA device")
+    return cfg
+
+
 def _task(value: str, where: str) -> str:
     if value not in TASKS:
         raise ConfigError(f"{where}.task: '{value}' is not one of {', '.join(TASKS)}")
@@ -116,7 +128,7 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
                 name=name,
                 data=_build(DataConfig, raw.get("data"), f"{where}.data"),
                 model=_build(ModelConfig, raw.get("model"), f"{where}.model"),
-                train=_build(TrainConfig, raw.get("train"), f"{where}.train"),
+                train=_train(raw.get("train"), f"{where}.train"),
                 out=raw.get("out", "runs"),
                 task=_task(raw.get("task", "pointwise"), where),
                 recall=_build(RecallConfig, raw.get("recall"), f"{where}.recall"),

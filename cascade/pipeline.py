@@ -123,8 +123,10 @@ def exposures(ds: Dataset, split: str, model: nn.Module) -> tuple[ListBatch, Ten
 
 @torch.no_grad()
 def predict(model: nn.Module, data: Tensors, batch_size: int = 8192) -> np.ndarray:
+    """Logits (R, N) of ``model`` on ``data``, computed on the model's device."""
     model.eval()
-    return torch.cat([model(b.user, b.items) for b in data.batches(batch_size)]).numpy()
+    device = next(model.parameters()).device
+    return torch.cat([model(b.user, b.items).cpu() for b in data.to(device).batches(batch_size)]).numpy()
 
 
 def pointwise_metrics(logits: np.ndarray, flat: ListBatch) -> dict[str, float]:

@@ -32,6 +32,7 @@ class TrainConfig:
     patience: int = 2  # epochs without improvement before stopping
     seed: int = 0
     monitor: str = "auc"  # validation metric to maximise
+    device: str = "cpu"  # torch device the model and the training split live on, e.g. "cuda"
 
 
 @dataclass
@@ -47,10 +48,16 @@ class Tensors:
         return len(self.user)
 
     def batches(self, size: int, generator: torch.Generator | None = None) -> Iterator["Tensors"]:
+        """Batches in a random order drawn from ``generator`` (on the CPU, so the order is the
+        same whatever the device), or in order without one."""
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
+        order = order.to(self.user.device)
         for a in range(0, len(self), size):
             idx = order[a : a + size]
             yield Tensors(self.user[idx], self.items[idx], self.label[idx], self.mask[idx])
+
+    def to(self, device: torch.device | str) -> "Tensors":
+        return Tensors(self.user.to(device), self.items.to(device), self.label.to(device), self.mask.to(device))
 
 
 def seed_everything(seed: int) -> None:
@@ -65,6 +72,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(cfg.device)
+        model.to(self.device)
         self.optimizer = torch.optim.Adam(params or list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def log(self, text: str) -> None:
@@ -87,12 +96,13 @@ class Trainer:
         state = {"epoch": -1, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}}
         last = self.run_dir / "last.pt"
         if last.exists():
-            ckpt = torch.load(last, weights_only=True)
+            ckpt = torch.load(last, weights_only=True, map_location=self.device)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["rng"])
+            torch.set_rng_state(ckpt["rng"].cpu())
             state = ckpt["state"]
             self.log(f"resumed from {last} after epoch {state['epoch'] + 1}")
+        train = train.to(self.device)
         for epoch in range(state["epoch"] + 1, cfg.epochs):
             if state["bad_epochs"] >= cfg.patience:
                 break
@@ -125,6 +135,6 @@ class Trainer:
             state["epoch"] = epoch
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "state": state}, last)
         if (self.run_dir / "best.pt").exists():
-            self.model.load_state_dict(torch.load(self.run_dir / "best.pt", weights_only=True))
+            self.model.load_state_dict(torch.load(self.run_dir / "best.pt", weights_only=True, map_location=self.device))
         (self.run_dir / "results.json").write_text(json.dumps(state["best_metrics"], indent=2) + "\n")
         return state["best_metrics"]

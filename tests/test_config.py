@@ -35,6 +35,7 @@ def test_experiments_merge_over_base(tmp_path):
         (("batch_size: 64", "batchsize: 64"), "experiments.small.train: unknown key 'batchsize'"),
         (("embedding_dim: 8", "embedding_dim: 8, color: red"), "experiments.small.model: unknown key 'color'"),
         (("experiments:", "experiment:"), "needs an 'experiments' mapping"),
+        (("seed: 1", "seed: 1, device: gpu0"), "experiments.small.train.device: 'gpu0' is not a torch device"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, edit, message):
@@ -65,3 +66,9 @@ def test_gbdt_trains_from_config(tmp_path, capsys):
     assert main(["train", str(_write(tmp_path, text)), "--experiment", "boosted"]) == 0
     assert (tmp_path / "runs" / "boosted" / "model.txt").exists()
     assert "boosted: test auc" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="experiments.small.train.device: 'cuda' asked for, but this torch .* sees no CUDA device"):
+        load_config(_write(tmp_path, CONFIG.replace("seed: 1", "seed: 1, device: cuda")))
