@@ -52,7 +52,8 @@ def train_one(model: str, lr: float, dropout: float, seed: int, device: str, run
         result = json.loads(done.read_text())
     else:
         result = train_pointwise(exp, {**MODELS, **TEACHERS})
-    return {"model": model, "lr": lr, "dropout": dropout, "seed": seed, **result}
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU"
+    return {"model": model, "lr": lr, "dropout": dropout, "seed": seed, "device": where, **result}
 
 
 def main() -> None:
