@@ -22,6 +22,7 @@ from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset
 from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
+from cascade.losses.inttower import contrastive_interaction
 from cascade.losses.pointwise import bce
 from cascade.recall import RecallStep, evaluate_recall, item_table, training_pairs
 from cascade.towers.dat import DAT
@@ -65,8 +66,22 @@ def hit_step(model: HIT, batch: Tensors) -> torch.Tensor:
     return bce(logits, batch.label, batch.mask) + model.generation_weight * gen
 
 
+def inttower_step(model: IntTower, batch: Tensors) -> torch.Tensor:
+    """BCE, plus the CIR regulariser on the positive pairs when ``model.cir_weight > 0``."""
+    if model.cir_weight == 0:
+        return bce_step(model, batch)
+    b, n, w = batch.items.shape
+    u, u_last = model.user.encode(batch.user)
+    v, v_last = model.item.encode(batch.items.reshape(b * n, w))
+    logits = model.score(u, v.reshape(b, n, *v.shape[1:]))
+    user_rows = u_last.repeat_interleave(n, dim=0)  # (B * N, D): one row per (user, item) pair
+    valid = batch.mask.reshape(-1)
+    cir = contrastive_interaction(user_rows[valid], v_last[valid], batch.label.reshape(-1)[valid], model.cir_temperature)
+    return bce(logits, batch.label, batch.mask) + model.cir_weight * cir
+
+
 # The training step of each model that needs more than BCE on its logits.
-STEPS: dict[str, Callable[[nn.Module, Tensors], torch.Tensor]] = {"dat": dat_step, "hit": hit_step}
+STEPS: dict[str, Callable[[nn.Module, Tensors], torch.Tensor]] = {"dat": dat_step, "hit": hit_step, "inttower": inttower_step}
 
 
 def prepare_data(cfg: DataConfig) -> Dataset:

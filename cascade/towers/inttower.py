@@ -4,7 +4,9 @@ User tower: Light-SE re-weights the field embeddings, an MLP runs over them, and
 projects the *input* of every layer (the embeddings, then each hidden output but the last) to
 H heads of size D. Item tower: the same up to its last layer, whose output one head projects.
 Score = sum over user heads (all layers) of the max over item heads of their dot product, plus
-a bias: the authors' ``fe_score`` with their prediction layer's bias. No normalisation.
+a bias: the authors' ``fe_score`` with their prediction layer's bias. No normalisation. The
+optional CIR term (``losses.inttower.contrastive_interaction``) works on the towers' last-layer
+outputs; ``pipeline.inttower_step`` adds it when ``cir_weight > 0``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class IntTowerSide(nn.Module):
     """x (B, W) -> (B, heads_out, D): the user side projects every layer's input, the item side
     its last output."""
 
-    def __init__(self, embeddings: Embeddings, slots: tuple[Slot, ...], hidden: Sequence[int], heads: int, head_dim: int, dropout: float, every_layer: bool):
+    def __init__(self, embeddings: Embeddings, slots: tuple[Slot, ...], hidden: Sequence[int], heads: int, head_dim: int, dropout: float, every_layer: bool, head_std: float = 1e-3):
         super().__init__()
         self.embeddings = embeddings
         self.slots = slots
@@ -48,12 +50,13 @@ class IntTowerSide(nn.Module):
             # MaxSim sums (layers x heads) maxima of unnormalised dots: default-initialised heads
             # start it near +-100 and saturate the sigmoid. Small heads start it near 0 (the
             # authors initialise every layer with std 1e-4 for the same reason).
-            nn.init.normal_(head.weight, std=1e-3)
+            nn.init.normal_(head.weight, std=head_std)
             nn.init.zeros_(head.bias)
         self.every_layer = every_layer
         self.n_heads, self.head_dim = heads, head_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, W) -> heads (B, heads_out, D) and the last layer's output (B, hidden[-1])."""
         h = self.light_se(self.embeddings(x, self.slots)).flatten(1)
         reps = []
         for i, layer in enumerate(self.layers):
@@ -62,7 +65,10 @@ class IntTowerSide(nn.Module):
             h = layer(h)
         if not self.every_layer:
             reps.append(self.heads[0](h))
-        return torch.cat(reps, dim=1).unflatten(1, (-1, self.head_dim))
+        return torch.cat(reps, dim=1).unflatten(1, (-1, self.head_dim)), h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)[0]
 
 
 class IntTower(TwoTower):
@@ -76,11 +82,16 @@ class IntTower(TwoTower):
         heads: int = 32,
         head_dim: int = 64,
         dropout: float = 0.3,
+        head_std: float = 1e-3,
+        cir_weight: float = 0.0,
+        cir_temperature: float = 0.07,
     ):
         super().__init__(user_fields, item_fields, embeddings, history_len)
-        self.user = IntTowerSide(embeddings, self.user_slots, hidden, heads, head_dim, dropout, every_layer=True)
-        self.item = IntTowerSide(embeddings, self.item_slots, hidden, heads, head_dim, dropout, every_layer=False)
+        self.user = IntTowerSide(embeddings, self.user_slots, hidden, heads, head_dim, dropout, every_layer=True, head_std=head_std)
+        self.item = IntTowerSide(embeddings, self.item_slots, hidden, heads, head_dim, dropout, every_layer=False, head_std=head_std)
         self.bias = nn.Parameter(torch.zeros(()))
+        # the contrastive interaction regulariser (CIR): off by default, as in the authors' HEAD
+        self.cir_weight, self.cir_temperature = cir_weight, cir_temperature
 
     def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """u (B, layers * heads, D), v (B, N, heads, D) -> (B, N)."""
