@@ -74,19 +74,27 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError, load_config
+    from cascade.flow import train_distill
     from cascade.pipeline import MODELS, train_pointwise, train_recall
     from teachers import BOOSTED, TEACHERS
 
     try:
         experiments = load_config(args.config, args.experiment)
+        if args.verb == "distill":
+            experiments = [e for e in experiments if e.task == "distill"]
+            if not experiments:
+                raise ConfigError(f"{args.config}: no experiment with 'task: distill'")
         for exp in experiments:
-            if exp.task == "recall":
+            if exp.task == "distill":
+                (teacher_exp,) = load_config(args.config, exp.distill.teacher)
+                result = train_distill(exp, teacher_exp, {**MODELS, **TEACHERS})
+            elif exp.task == "recall":
                 result = train_recall(exp)
             elif exp.model.name in BOOSTED:
                 result = BOOSTED[exp.model.name](exp)
             else:
                 result = train_pointwise(exp, {**MODELS, **TEACHERS})
-            shown = " ".join(f"{k} {v:.4f}" for k, v in result["test"].items() if k in ("auc", "logloss") or k.startswith("recall@"))
+            shown = " ".join(f"{k} {v:.4f}" for k, v in result["test"].items() if k in ("auc", "logloss", "oracle_ratio") or k.startswith(("recall@", "teacher_recall@")))
             print(f"{exp.name}: test {shown} -> {exp.run_dir}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -124,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path)
     train.add_argument("--experiment", help="only this experiment of the config")
     train.set_defaults(run=_train)
+
+    distill = verbs.add_parser("distill", help="train the pre-rankers of a config's 'task: distill' experiments from their teacher")
+    distill.add_argument("config", type=Path)
+    distill.add_argument("--experiment", help="only this experiment of the config")
+    distill.set_defaults(run=_train)
 
     demo = verbs.add_parser("demo", help="the main job on the built-in synthetic world")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

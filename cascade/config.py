@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import yaml
 
+from cascade.flow import DistillConfig
 from cascade.recall import RecallConfig
 from cascade.train import TrainConfig
 
@@ -47,8 +48,9 @@ class ExperimentConfig:
     model: ModelConfig
     train: TrainConfig
     out: str = "runs"
-    task: str = "pointwise"  # pointwise: BCE on exposures | recall: retrieval over the catalog
+    task: str = "pointwise"  # pointwise: BCE on exposures | recall: retrieval over the catalog | distill: a pre-ranker on the flow's lists
     recall: RecallConfig = field(default_factory=RecallConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -76,10 +78,13 @@ def _build(cls, raw: Any, where: str):
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
+    try:
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
-TASKS = ("pointwise", "recall")
+TASKS = ("pointwise", "recall", "distill")
 
 
 def _train(raw: Any, where: str) -> TrainConfig:
@@ -120,7 +125,7 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
     for name in names:
         raw = _merge(body.get("base") or {}, body["experiments"][name] or {})
         where = f"{path}: experiments.{name}"
-        extra = sorted(set(raw) - {"data", "model", "train", "out", "task", "recall"})
+        extra = sorted(set(raw) - {"data", "model", "train", "out", "task", "recall", "distill"})
         if extra:
             raise ConfigError(f"{where}: unknown key '{extra[0]}'")
         out.append(
@@ -132,6 +137,7 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
                 out=raw.get("out", "runs"),
                 task=_task(raw.get("task", "pointwise"), where),
                 recall=_build(RecallConfig, raw.get("recall"), f"{where}.recall"),
+                distill=_build(DistillConfig, raw.get("distill"), f"{where}.distill"),
             )
         )
     return out

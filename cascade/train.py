@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,15 +37,21 @@ class TrainConfig:
 
 @dataclass
 class Tensors:
-    """A split as tensors: user (R, Wu), items (R, N, Wi), label and mask (R, N), teachers."""
+    """A split as tensors: user (R, Wu), items (R, N, Wi), label and mask (R, N); for list
+    training also the teacher's logits and the logged stage (R, N)."""
 
     user: torch.Tensor
     items: torch.Tensor
     label: torch.Tensor
     mask: torch.Tensor
+    teacher: torch.Tensor | None = None
+    stage: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.user)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Tensors":
+        return Tensors(*(None if t is None else fn(t) for t in (getattr(self, f.name) for f in fields(self))))
 
     def batches(self, size: int, generator: torch.Generator | None = None) -> Iterator["Tensors"]:
         """Batches in a random order drawn from ``generator`` (on the CPU, so the order is the
@@ -54,10 +60,10 @@ class Tensors:
         order = order.to(self.user.device)
         for a in range(0, len(self), size):
             idx = order[a : a + size]
-            yield Tensors(self.user[idx], self.items[idx], self.label[idx], self.mask[idx])
+            yield self._map(lambda t: t[idx])
 
     def to(self, device: torch.device | str) -> "Tensors":
-        return Tensors(self.user.to(device), self.items.to(device), self.label.to(device), self.mask.to(device))
+        return self._map(lambda t: t.to(device))
 
 
 def seed_everything(seed: int) -> None:

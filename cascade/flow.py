@@ -1,0 +1,193 @@
+"""The cascade as a flow of stages, and distillation of a pre-ranker from the ranker after it.
+
+The recall output is frozen: every stage-0 candidate a request logged (the synthetic world's
+200 recalled items; see DESIGN.md, "Lists, stages and teachers"). The pre-ranker scores that
+list and passes its top ``prerank_quota`` on; the ranker (the frozen teacher) picks its top
+``rank_quota`` of those. ``train_distill`` trains a pre-ranker on those lists with a mix of
+losses (``DistillConfig``), each a pure function of ``cascade.losses``, against the teacher's
+scores of every candidate, unexposed ones included; ``cascade_report`` scores the result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cascade import metrics as M
+from cascade.data.lists import ListBatch, build_lists
+from cascade.data.schema import EXPOSED
+from cascade.losses.arf import UncertaintyWeights, global_loss, relax_bce
+from cascade.losses.distill import listwise_kd, logit_mse, soft_bce
+from cascade.losses.pointwise import bce
+from cascade.losses.rankflow import tutor
+from cascade.losses.sorting import hard_sort, neural_sort, top_k_indicator
+from cascade.towers.embedding import pack_items, pack_user
+from cascade.train import Tensors, Trainer
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The loss mix (a weight per term; 0 leaves it out) and the flow's quotas."""
+
+    teacher: str = "din"  # a pointwise experiment of the same config file: the frozen ranker
+    prerank_quota: int = 50  # the pre-ranker passes on its top-m
+    rank_quota: int = 10  # the ranker shows its top-k of those
+    exposure_bce: float = 1.0  # BCE on the logged exposures only (the independent baseline)
+    rankflow_bce: float = 0.0  # RankFlow self-learning: BCE on the whole list, unexposed = 0
+    tutor: float = 0.0  # RankFlow tutor: alpha * TopK-BPR + (1 - alpha) * probability MSE
+    tutor_alpha: float = 0.5
+    arf: float = 0.0  # ARF-v2 relaxed top-m BCE + uncertainty-weighted OPA (L_global)
+    arf_tau: float = 200.0  # NeuralSort temperature, on the scale of list length x logit gaps
+    arf_global_rows: int | None = None  # rows of L_global (None: every valid row)
+    listwise_kd: float = 0.0  # -T^2 sum softmax(t/T) log softmax(s/T)
+    kd_temperature: float = 1.0
+    logit_mse: float = 0.0
+    soft_bce: float = 0.0  # BCE against sigmoid(teacher)
+    lists_per_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0 < self.rank_quota < self.prerank_quota:
+            raise ValueError(f"need 0 < rank_quota < prerank_quota, got {self.rank_quota} and {self.prerank_quota}")
+        weights = [self.exposure_bce, self.rankflow_bce, self.tutor, self.arf, self.listwise_kd, self.logit_mse, self.soft_bce]
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError("loss weights must be >= 0 and at least one > 0")
+
+
+def list_tensors(lists: ListBatch, model: nn.Module, teacher: np.ndarray | None = None) -> Tensors:
+    """A ListBatch packed for ``model``: user (B, Wu), items (B, N, Wi), label, mask, stage and
+    the teacher's logits (B, N)."""
+    return Tensors(
+        user=torch.from_numpy(pack_user(lists, model.user_slots)),
+        items=torch.from_numpy(pack_items(lists, model.item_slots)),
+        label=torch.from_numpy(lists.label),
+        mask=torch.from_numpy(lists.mask),
+        teacher=None if teacher is None else torch.from_numpy(teacher.astype(np.float32)),
+        stage=torch.from_numpy(lists.stage.astype(np.int64)),
+    )
+
+
+@torch.no_grad()
+def score_lists(model: nn.Module, lists: ListBatch, lists_per_batch: int = 64) -> np.ndarray:
+    """The model's logits (B, N) for every candidate of ``lists`` (padding: 0)."""
+    model.eval()
+    data = list_tensors(lists, model)
+    device = next(model.parameters()).device
+    out = torch.cat([model(b.user, b.items).cpu() for b in data.to(device).batches(lists_per_batch)]).numpy()
+    return np.where(lists.mask, out, 0.0).astype(np.float32)
+
+
+class DistillLoss(nn.Module):
+    """The configured mix over a batch of lists; holds ARF's learnable log sigma, if used."""
+
+    def __init__(self, cfg: DistillConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.arf_weights = UncertaintyWeights(1) if cfg.arf > 0 else None
+
+    def forward(self, logits: torch.Tensor, batch: Tensors) -> torch.Tensor:
+        """logits (B, N) of the student on ``batch`` -> ()."""
+        cfg, mask, t = self.cfg, batch.mask, batch.teacher
+        total = logits.new_zeros(())
+        if cfg.exposure_bce:
+            total = total + cfg.exposure_bce * bce(logits, batch.label, mask & (batch.stage == EXPOSED))
+        if cfg.rankflow_bce:
+            total = total + cfg.rankflow_bce * bce(logits, batch.label, mask)
+        if cfg.tutor:
+            total = total + cfg.tutor * tutor(logits, t, mask, cfg.rank_quota, cfg.tutor_alpha)
+        if cfg.arf:
+            p_hat = neural_sort(logits, mask, cfg.arf_tau)
+            g = top_k_indicator(t, mask, cfg.rank_quota)  # ground truth: the teacher's top-k
+            relax = relax_bce(p_hat, g, mask, cfg.prerank_quota)
+            opa = global_loss(p_hat, hard_sort(t, mask), mask, cfg.arf_global_rows)
+            total = total + cfg.arf * self.arf_weights(relax, opa)
+        if cfg.listwise_kd:
+            total = total + cfg.listwise_kd * listwise_kd(logits, t, mask, cfg.kd_temperature)
+        if cfg.logit_mse:
+            total = total + cfg.logit_mse * logit_mse(logits, t, mask)
+        if cfg.soft_bce:
+            total = total + cfg.soft_bce * soft_bce(logits, t, mask)
+        return total
+
+
+def cascade_report(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None, history: np.ndarray | None = None) -> dict[str, float]:
+    """How the flow pre-ranker (top ``prerank_quota``) -> teacher (top ``rank_quota``) does.
+
+    student, teacher (B, N) over the frozen recall output. Teacher consistency Recall@k@20 and
+    Recall@k@m (k = rank_quota, m = prerank_quota); Recall@k and NDCG@k of the real positives in
+    the final top-k, out of all positives of the list; with a synthetic ``world``, the oracle
+    ratio: true utility of the final top-k over the best top-k of the catalog (history excluded).
+    """
+    k, m, mask = cfg.rank_quota, cfg.prerank_quota, lists.mask
+    passed = M.topk_membership(student, m, mask) > 0.5
+    lowest = np.float32(min(teacher[mask].min(initial=0.0), 0.0) - 1e6)
+    final = np.where(passed, teacher, lowest)  # the ranker orders what the pre-ranker passed
+    out = {
+        f"teacher_recall@{k}@20": M.teacher_recall_at_k_at_m(student, teacher, k, 20, mask),
+        f"teacher_recall@{k}@{m}": M.teacher_recall_at_k_at_m(student, teacher, k, m, mask),
+        f"recall@{k}": M.recall_at_k(final, lists.label, k, mask),
+        f"ndcg@{k}": M.ndcg_at_k(final, lists.label, k, mask),
+    }
+    if world is not None:
+        shown_rows = M.topk_membership(final, k, mask) > 0.5
+        shown = np.where(shown_rows, lists.item["item_id"], 0)
+        got = world.click_prob(lists.request_id, shown).sum(axis=1)
+        _, best = world.best_topk(lists.request_id, k, exclude=history)
+        out["oracle_ratio"] = float(got.sum() / best.sum())
+    return out
+
+
+def load_teacher(teacher_exp, ds, models: dict[str, Callable[..., nn.Module]], train_pointwise: Callable, build_model: Callable) -> nn.Module:
+    """The frozen teacher of ``teacher_exp``: trained first (pointwise, on exposures) unless its
+    run folder already holds ``best.pt`` and ``results.json``."""
+    done = teacher_exp.run_dir / "results.json"
+    if not (done.exists() and (teacher_exp.run_dir / "best.pt").exists()):
+        train_pointwise(teacher_exp, models)
+    torch.manual_seed(teacher_exp.train.seed)
+    teacher = build_model(teacher_exp, ds, models)
+    teacher.load_state_dict(torch.load(teacher_exp.run_dir / "best.pt", weights_only=True))
+    return teacher.eval()
+
+
+def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]]) -> dict:
+    """Train the pre-ranker of ``exp`` on the frozen recall output with ``exp.distill``'s loss
+    mix against the frozen teacher of ``teacher_exp``; early-stop on validation
+    Recall@k@m against the teacher; report the cascade on test."""
+    from cascade.data.synth import WORLD_FILE, World
+    from cascade.pipeline import build_model, prepare_data, train_pointwise
+
+    cfg: DistillConfig = exp.distill
+    ds = prepare_data(exp.data)
+    teacher = load_teacher(teacher_exp, ds, models, train_pointwise, build_model)
+    lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
+    teacher_scores = {split: score_lists(teacher, lst) for split, lst in lists.items()}
+    torch.manual_seed(exp.train.seed)
+    model = build_model(exp, ds, models)
+    loss = DistillLoss(cfg)
+    train = list_tensors(lists["train"], model, teacher_scores["train"])
+    trainer = Trainer(model, replace(exp.train, batch_size=cfg.lists_per_batch), exp.run_dir, params=list(model.parameters()) + list(loss.parameters()))
+    trainer.log(f"{exp.name}: distill {exp.model.name} from {teacher_exp.name} on {exp.data.dir}: {len(train):,} train lists of up to {lists['train'].list_size} candidates")
+    monitor = f"teacher_recall@{cfg.rank_quota}@{cfg.prerank_quota}"
+    world = World.load(exp.data.dir) if (Path(exp.data.dir) / WORLD_FILE).exists() else None
+    history = {split: ds.requests["history"][np.searchsorted(ds.requests["request_id"], lst.request_id)] for split, lst in lists.items()}
+
+    def evaluate() -> dict[str, float]:
+        return cascade_report(score_lists(model, lists["valid"]), teacher_scores["valid"], lists["valid"], cfg)
+
+    best = trainer.fit(train, step_loss=lambda b: loss(model(b.user, b.items), b), evaluate=evaluate, resolved_config=exp.to_dict())
+    test = cascade_report(score_lists(model, lists["test"]), teacher_scores["test"], lists["test"], cfg, world, history["test"])
+    reference = {
+        # the same flow with the teacher as its own pre-ranker (the ceiling of consistency) and
+        # with the logged production cascade's stage as the pre-ranker score
+        "teacher_as_preranker": cascade_report(teacher_scores["test"], teacher_scores["test"], lists["test"], cfg, world, history["test"]),
+        "logged_preranker": cascade_report(lists["test"].stage.astype(np.float32) + np.random.default_rng(0).random(lists["test"].stage.shape, dtype=np.float32) * 0.5, teacher_scores["test"], lists["test"], cfg, world, history["test"]),
+    }
+    result = {"experiment": exp.name, "model": exp.model.name, "teacher": teacher_exp.name, "task": "distill", "distill": {k: v for k, v in cfg.__dict__.items()}, "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith(("teacher_recall", "recall", "ndcg"))}, "test": test, "reference": reference, "seconds_per_epoch": best.get("seconds")}
+    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    trainer.log(f"test: {json.dumps(test)}")
+    return result

@@ -1,0 +1,82 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cascade.cli import main
+from cascade.config import ConfigError, load_config
+from cascade.data.lists import build_lists
+from cascade.flow import DistillConfig, DistillLoss, cascade_report
+from cascade.train import Tensors
+
+CONFIG = """
+base:
+  data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
+  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+  train: {epochs: 2, batch_size: 64, seed: 1, lr: 0.01, monitor: teacher_recall@4@10}
+  out: OUT
+  task: distill
+  distill: {teacher: din, prerank_quota: 10, rank_quota: 4, lists_per_batch: 16}
+experiments:
+  din:
+    task: pointwise
+    model: {name: din, params: {attention_hidden: [8], hidden: [16], dropout: 0.0}}
+    train: {monitor: auc}
+  exposure: {}
+  mix: {distill: {exposure_bce: 0, rankflow_bce: 1, tutor: 1, arf: 1, arf_tau: 5, listwise_kd: 1, logit_mse: 0.1, soft_bce: 0.1}}
+"""
+
+
+def _write(tmp_path, text=CONFIG):
+    path = tmp_path / "d.yaml"
+    path.write_text(text.replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")))
+    return path
+
+
+def test_distill_trains_every_mix_from_config_against_one_frozen_teacher(tmp_path, capsys):
+    path = _write(tmp_path)
+    assert main(["distill", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "exposure: test teacher_recall@4@20" in out and "mix: test" in out
+    teacher_best = (tmp_path / "runs" / "din" / "best.pt").stat().st_mtime_ns
+    results = {name: json.loads((tmp_path / "runs" / name / "results.json").read_text()) for name in ("exposure", "mix")}
+    for r in results.values():
+        assert 0 <= r["test"]["teacher_recall@4@10"] <= 1 and 0 < r["test"]["oracle_ratio"] <= 1
+    # the teacher as its own pre-ranker passes all of its top-4 on: consistency 1
+    assert results["mix"]["reference"]["teacher_as_preranker"]["teacher_recall@4@10"] == pytest.approx(1.0)
+    # a second run reuses the trained teacher rather than training it again
+    assert main(["distill", str(path), "--experiment", "exposure"]) == 0
+    assert (tmp_path / "runs" / "din" / "best.pt").stat().st_mtime_ns == teacher_best
+
+
+def test_distill_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"experiments.din.distill: need 0 < rank_quota < prerank_quota, got 10 and 10"):
+        load_config(_write(tmp_path, CONFIG.replace("rank_quota: 4", "rank_quota: 10")))
+    with pytest.raises(ConfigError, match="experiments.din.distill: unknown key 'kd'"):
+        load_config(_write(tmp_path, CONFIG.replace("lists_per_batch: 16}", "lists_per_batch: 16, kd: 1}")))
+    with pytest.raises(ConfigError, match="at least one > 0"):
+        load_config(_write(tmp_path, CONFIG.replace("lists_per_batch: 16}", "lists_per_batch: 16, exposure_bce: 0}")))
+
+
+def test_exposure_bce_sees_only_exposed_items_and_the_mix_adds_terms():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    batch = Tensors(user=torch.zeros(1, 1), items=torch.zeros(1, 3, 1), label=torch.tensor([[1.0, 0.0, 0.0]]), mask=torch.ones(1, 3, dtype=torch.bool), teacher=torch.tensor([[1.0, 3.0, -2.0]]), stage=torch.tensor([[3, 0, 3]]))
+    # exposed: items 0 (label 1, logit 2) and 2 (label 0, logit 0.5):
+    # (log(1 + e^-2) + log(1 + e^0.5)) / 2 = (0.126928 + 0.974077) / 2 = 0.550503
+    assert DistillLoss(DistillConfig(prerank_quota=2, rank_quota=1))(logits, batch).item() == pytest.approx(0.550503, abs=1e-5)
+    kd_only = DistillLoss(DistillConfig(prerank_quota=2, rank_quota=1, exposure_bce=0, listwise_kd=1.0))(logits, batch)
+    both = DistillLoss(DistillConfig(prerank_quota=2, rank_quota=1, listwise_kd=1.0))(logits, batch)
+    assert both.item() == pytest.approx(0.550503 + kd_only.item(), abs=1e-5)
+
+
+def test_cascade_report_hand_worked(small_world):
+    ds, world = small_world
+    lists = build_lists(ds, "test").take(np.arange(3))
+    teacher = np.where(lists.mask, np.random.default_rng(0).normal(size=lists.mask.shape), 0).astype(np.float32)
+    cfg = DistillConfig(prerank_quota=20, rank_quota=8)
+    perfect = cascade_report(teacher, teacher, lists, cfg)
+    assert perfect["teacher_recall@8@20"] == pytest.approx(1.0) and perfect["teacher_recall@8@20"] == perfect[f"teacher_recall@8@{cfg.prerank_quota}"]
+    # a student that ranks the teacher's order backwards passes none of its top-8 into its top-20
+    # (each list holds 60 candidates: the teacher's top-8 are the student's bottom-8)
+    assert cascade_report(-teacher, teacher, lists, cfg)["teacher_recall@8@20"] == 0.0
