@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{args.config}: no experiment with 'task: distill'")
         for exp in experiments:
             if exp.task == "distill":
-                (teacher_exp,) = load_config(args.config, exp.distill.teacher)
+                teacher_exp = None if exp.distill.teacher is None else load_config(args.config, exp.distill.teacher)[0]
                 result = train_distill(exp, teacher_exp, {**MODELS, **TEACHERS})
             elif exp.task == "recall":
                 result = train_recall(exp)

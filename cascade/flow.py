@@ -35,7 +35,9 @@ from cascade.train import Tensors, Trainer
 class DistillConfig:
     """The loss mix (a weight per term; 0 leaves it out) and the flow's quotas."""
 
-    teacher: str = "din"  # a pointwise experiment of the same config file: the frozen ranker
+    # an experiment of the same config file whose model is the frozen ranker (pointwise, or a
+    # distill-task one trained on the lists itself); None: no teacher (label losses only)
+    teacher: str | None = "din"
     prerank_quota: int = 50  # the pre-ranker passes on its top-m
     rank_quota: int = 10  # the ranker shows its top-k of those
     exposure_bce: float = 1.0  # BCE on the logged exposures only (the independent baseline)
@@ -57,6 +59,8 @@ class DistillConfig:
         weights = [self.exposure_bce, self.rankflow_bce, self.tutor, self.arf, self.listwise_kd, self.logit_mse, self.soft_bce]
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError("loss weights must be >= 0 and at least one > 0")
+        if self.teacher is None and max(weights[2:]) > 0:
+            raise ValueError("tutor, arf, listwise_kd, logit_mse and soft_bce need a teacher")
 
 
 def list_tensors(lists: ListBatch, model: nn.Module, teacher: np.ndarray | None = None) -> Tensors:
@@ -142,12 +146,12 @@ def cascade_report(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, c
     return out
 
 
-def load_teacher(teacher_exp, ds, models: dict[str, Callable[..., nn.Module]], train_pointwise: Callable, build_model: Callable) -> nn.Module:
-    """The frozen teacher of ``teacher_exp``: trained first (pointwise, on exposures) unless its
-    run folder already holds ``best.pt`` and ``results.json``."""
+def load_teacher(teacher_exp, ds, models: dict[str, Callable[..., nn.Module]], train: Callable, build_model: Callable) -> nn.Module:
+    """The frozen teacher of ``teacher_exp``: trained first (by ``train``) unless its run folder
+    already holds ``best.pt`` and ``results.json``."""
     done = teacher_exp.run_dir / "results.json"
     if not (done.exists() and (teacher_exp.run_dir / "best.pt").exists()):
-        train_pointwise(teacher_exp, models)
+        train(teacher_exp)
     torch.manual_seed(teacher_exp.train.seed)
     teacher = build_model(teacher_exp, ds, models)
     teacher.load_state_dict(torch.load(teacher_exp.run_dir / "best.pt", weights_only=True))
@@ -155,39 +159,46 @@ def load_teacher(teacher_exp, ds, models: dict[str, Callable[..., nn.Module]], t
 
 
 def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]]) -> dict:
-    """Train the pre-ranker of ``exp`` on the frozen recall output with ``exp.distill``'s loss
-    mix against the frozen teacher of ``teacher_exp``; early-stop on validation
-    Recall@k@m against the teacher; report the cascade on test."""
+    """Train the model of ``exp`` on the frozen recall output with ``exp.distill``'s loss mix
+    against the frozen teacher of ``teacher_exp`` (None for a teacher-free mix, e.g. a ranker's
+    own self-learning); early-stop on validation Recall@k@m against the teacher (Recall@k of
+    the real positives without one); report the cascade on test."""
     from cascade.data.synth import WORLD_FILE, World
     from cascade.pipeline import build_model, prepare_data, train_pointwise
 
     cfg: DistillConfig = exp.distill
     ds = prepare_data(exp.data)
-    teacher = load_teacher(teacher_exp, ds, models, train_pointwise, build_model)
     lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
-    teacher_scores = {split: score_lists(teacher, lst) for split, lst in lists.items()}
+    if teacher_exp is None:
+        teacher_scores = {split: np.zeros(lst.mask.shape, np.float32) for split, lst in lists.items()}
+    else:
+        train_teacher = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
+        teacher = load_teacher(teacher_exp, ds, models, train_teacher, build_model)
+        teacher_scores = {split: score_lists(teacher, lst) for split, lst in lists.items()}
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
     loss = DistillLoss(cfg)
     train = list_tensors(lists["train"], model, teacher_scores["train"])
     trainer = Trainer(model, replace(exp.train, batch_size=cfg.lists_per_batch), exp.run_dir, params=list(model.parameters()) + list(loss.parameters()))
-    trainer.log(f"{exp.name}: distill {exp.model.name} from {teacher_exp.name} on {exp.data.dir}: {len(train):,} train lists of up to {lists['train'].list_size} candidates")
-    monitor = f"teacher_recall@{cfg.rank_quota}@{cfg.prerank_quota}"
+    teacher_name = "no teacher" if teacher_exp is None else teacher_exp.name
+    trainer.log(f"{exp.name}: distill {exp.model.name} from {teacher_name} on {exp.data.dir}: {len(train):,} train lists of up to {lists['train'].list_size} candidates")
     world = World.load(exp.data.dir) if (Path(exp.data.dir) / WORLD_FILE).exists() else None
     history = {split: ds.requests["history"][np.searchsorted(ds.requests["request_id"], lst.request_id)] for split, lst in lists.items()}
 
-    def evaluate() -> dict[str, float]:
-        return cascade_report(score_lists(model, lists["valid"]), teacher_scores["valid"], lists["valid"], cfg)
+    def report(split: str, **oracle) -> dict[str, float]:
+        student = score_lists(model, lists[split])
+        # without a teacher the model is its own ranker: the report is its own Recall@k
+        return cascade_report(student, student if teacher_exp is None else teacher_scores[split], lists[split], cfg, **oracle)
 
-    best = trainer.fit(train, step_loss=lambda b: loss(model(b.user, b.items), b), evaluate=evaluate, resolved_config=exp.to_dict())
-    test = cascade_report(score_lists(model, lists["test"]), teacher_scores["test"], lists["test"], cfg, world, history["test"])
+    best = trainer.fit(train, step_loss=lambda b: loss(model(b.user, b.items), b), evaluate=lambda: report("valid"), resolved_config=exp.to_dict())
+    test = report("test", world=world, history=history["test"])
     reference = {
         # the same flow with the teacher as its own pre-ranker (the ceiling of consistency) and
         # with the logged production cascade's stage as the pre-ranker score
         "teacher_as_preranker": cascade_report(teacher_scores["test"], teacher_scores["test"], lists["test"], cfg, world, history["test"]),
         "logged_preranker": cascade_report(lists["test"].stage.astype(np.float32) + np.random.default_rng(0).random(lists["test"].stage.shape, dtype=np.float32) * 0.5, teacher_scores["test"], lists["test"], cfg, world, history["test"]),
     }
-    result = {"experiment": exp.name, "model": exp.model.name, "teacher": teacher_exp.name, "task": "distill", "distill": {k: v for k, v in cfg.__dict__.items()}, "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith(("teacher_recall", "recall", "ndcg"))}, "test": test, "reference": reference, "seconds_per_epoch": best.get("seconds")}
+    result = {"experiment": exp.name, "model": exp.model.name, "teacher": teacher_name, "task": "distill", "distill": {k: v for k, v in cfg.__dict__.items()}, "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith(("teacher_recall", "recall", "ndcg"))}, "test": test, "reference": reference, "seconds_per_epoch": best.get("seconds")}
     (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     trainer.log(f"test: {json.dumps(test)}")
     return result

@@ -55,6 +55,8 @@ def test_distill_config_errors_name_the_key(tmp_path):
         load_config(_write(tmp_path, CONFIG.replace("rank_quota: 4", "rank_quota: 10")))
     with pytest.raises(ConfigError, match="experiments.din.distill: unknown key 'kd'"):
         load_config(_write(tmp_path, CONFIG.replace("lists_per_batch: 16}", "lists_per_batch: 16, kd: 1}")))
+    with pytest.raises(ConfigError, match="experiments.mix.distill: tutor, arf, listwise_kd, logit_mse and soft_bce need a teacher"):
+        load_config(_write(tmp_path, CONFIG.replace("mix: {distill: {", "mix: {distill: {teacher: null, ")))
     with pytest.raises(ConfigError, match="at least one > 0"):
         load_config(_write(tmp_path, CONFIG.replace("lists_per_batch: 16}", "lists_per_batch: 16, exposure_bce: 0}")))
 
