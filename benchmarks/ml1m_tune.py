@@ -1,6 +1,6 @@
 """Equal-budget tuning on MovieLens-1M `ctr`: every model gets the same grid, chosen on valid AUC.
 
-    python benchmarks/ml1m_tune.py [--models dssm inttower din] [--device cuda] [--jobs 4] [--seeds 0 1 2] [--ablation]
+    python benchmarks/ml1m_tune.py [--models dssm inttower din] [--device cuda] [--jobs 4] [--seeds 0 1 2] [--ablation] [--bf16]
 
 Grid (the same six points for every model): lr in {1e-3, 3e-3} x dropout in {0, 0.1, 0.3},
 everything else as in configs/ml1m_ctr.yaml. Seed 0 screens the grid; the point with the best
@@ -40,7 +40,7 @@ def point_name(model: str, lr: float, dropout: float, seed: int, extra: dict | N
     return f"{model}_lr{lr:g}_do{dropout:g}{tail}_s{seed}"
 
 
-def train_one(model: str, lr: float, dropout: float, seed: int, device: str, runs: str, threads: int, extra: dict | None = None) -> dict:
+def train_one(model: str, lr: float, dropout: float, seed: int, device: str, runs: str, threads: int, extra: dict | None = None, precision: str = "fp32") -> dict:
     """One run in its own process (torch state never leaks between runs)."""
     import torch
 
@@ -50,15 +50,15 @@ def train_one(model: str, lr: float, dropout: float, seed: int, device: str, run
 
     torch.set_num_threads(threads)
     (exp,) = load_config(ROOT / "configs" / "ml1m_ctr.yaml", model)
-    name = point_name(model, lr, dropout, seed, extra)
-    exp = replace(exp, name=name, out=runs, train=replace(exp.train, lr=lr, seed=seed, device=device), model=replace(exp.model, params={**exp.model.params, "dropout": dropout, **(extra or {})}))
+    name = point_name(model, lr, dropout, seed, extra) + ("_bf16" if precision == "bf16" else "")
+    exp = replace(exp, name=name, out=runs, train=replace(exp.train, lr=lr, seed=seed, device=device, precision=precision), model=replace(exp.model, params={**exp.model.params, "dropout": dropout, **(extra or {})}))
     done = exp.run_dir / "results.json"
     if done.exists() and "test" in json.loads(done.read_text()):
         result = json.loads(done.read_text())
     else:
         result = train_pointwise(exp, {**MODELS, **TEACHERS})
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU"
-    return {"model": model, "lr": lr, "dropout": dropout, "seed": seed, "extra": extra or {}, "device": where, **result}
+    return {"model": model, "lr": lr, "dropout": dropout, "seed": seed, "extra": extra or {}, "precision": precision, "device": where, **result}
 
 
 def main() -> None:
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", default="runs/tune")
     parser.add_argument("--ablation", action="store_true", help="also IntTower's head init x CIR at its chosen point")
+    parser.add_argument("--bf16", action="store_true", help="also the chosen points of dssm and inttower under bf16 autocast")
     args = parser.parse_args()
     runs = str(ROOT / args.runs)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -83,11 +84,15 @@ def main() -> None:
             b = best["inttower"]
             jobs = [("inttower", b["lr"], b["dropout"], s, args.device, runs, threads, extra) for extra in ABLATION for s in args.seeds]
             ablation = list(pool.map(train_one, *zip(*jobs)))
+        bf16 = []
+        if args.bf16:
+            jobs = [(m, best[m]["lr"], best[m]["dropout"], s, args.device, runs, threads, None, "bf16") for m in ("dssm", "inttower") if m in best for s in args.seeds]
+            bf16 = list(pool.map(train_one, *zip(*jobs)))
     chosen = {m: [best[m]] + [r for r in finals if r["model"] == m] for m in args.models}
-    write(screen, chosen, ablation, args)
+    write(screen, chosen, ablation, bf16, args)
 
 
-def write(screen: list[dict], chosen: dict[str, list[dict]], ablation: list[dict], args) -> None:
+def write(screen: list[dict], chosen: dict[str, list[dict]], ablation: list[dict], bf16: list[dict], args) -> None:
     import torch
 
     dssm = [r["test"]["auc"] for r in chosen.get("dssm", [])]
@@ -109,10 +114,15 @@ def write(screen: list[dict], chosen: dict[str, list[dict]], ablation: list[dict
             rel = f"{(np.mean(aucs) - 0.5) / (np.mean(dssm) - 0.5) - 1:+.2%}" if dssm else "-"
             lines.append(f"| {extra['head_std']:g} | {extra['cir_weight']:g} | {len(rs)} | {', '.join(str(r['best_epoch']) for r in rs)} | {ms([r['valid']['auc'] for r in rs])} | {ms(aucs)} | {rel} |")
     # a copy of the tree run elsewhere (a GPU machine) may carry a stale .git: let the caller say
+    if bf16:
+        lines += ["", "## bf16 autocast (fp32 master weights) at the chosen point, every seed (test)", "", "| model | seeds | fp32 test AUC | bf16 test AUC | fp32 LogLoss | bf16 LogLoss |", "|---|---:|---|---|---|---|"]
+        for m in dict.fromkeys(r["model"] for r in bf16):
+            rs, fp = [r for r in bf16 if r["model"] == m], chosen[m]
+            lines.append(f"| {m} | {len(rs)} | {ms([r['test']['auc'] for r in fp])} | {ms([r['test']['auc'] for r in rs])} | {ms([r['test']['logloss'] for r in fp])} | {ms([r['test']['logloss'] for r in rs])} |")
     commit = os.environ.get("CASCADE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU"
     meta = {
-        "command": f"python benchmarks/ml1m_tune.py --models {' '.join(args.models)} --device {args.device} --jobs {args.jobs} --seeds {' '.join(map(str, args.seeds))}" + (" --ablation" if args.ablation else ""),
+        "command": f"python benchmarks/ml1m_tune.py --models {' '.join(args.models)} --device {args.device} --jobs {args.jobs} --seeds {' '.join(map(str, args.seeds))}" + (" --ablation" if args.ablation else "") + (" --bf16" if args.bf16 else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,
         "machine": f"{device}, torch {torch.__version__}, {os.cpu_count()} cores, Python {platform.python_version()}",
@@ -120,7 +130,7 @@ def write(screen: list[dict], chosen: dict[str, list[dict]], ablation: list[dict
     lines += ["", "Mean ± population std over seeds. s / epoch is on the machine below with several runs sharing it: not a speed figure.", "", f"`{meta['command']}` at {commit}, {meta['date']}, {meta['machine']}"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ml1m_tune.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "ml1m_tune.json").write_text(json.dumps({**meta, "grid": GRID, "screen": screen, "chosen": chosen, "ablation": ablation}, indent=2) + "\n")
+    (RESULTS / "ml1m_tune.json").write_text(json.dumps({**meta, "grid": GRID, "screen": screen, "chosen": chosen, "ablation": ablation, "bf16": bf16}, indent=2) + "\n")
     print((RESULTS / "ml1m_tune.md").read_text())
 
 
