@@ -146,6 +146,23 @@ def cascade_report(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, c
     return out
 
 
+def cached_scores(teacher: nn.Module, lists: ListBatch, path: Path) -> np.ndarray:
+    """``score_lists`` of a frozen teacher, kept beside its ``best.pt`` (every loss mix reuses
+    them: DIN over 200 candidates x 20,000 requests takes minutes). Recomputed when ``best.pt``
+    is newer than the cache or the lists' shape changed."""
+    best = path.parent.parent / "best.pt"
+    if path.exists() and path.stat().st_mtime_ns >= best.stat().st_mtime_ns:
+        scores = np.load(path)
+        if scores.shape == lists.mask.shape:
+            return scores
+    scores = score_lists(teacher, lists)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, scores)
+    tmp.replace(path)
+    return scores
+
+
 def load_teacher(teacher_exp, ds, models: dict[str, Callable[..., nn.Module]], train: Callable, build_model: Callable) -> nn.Module:
     """The frozen teacher of ``teacher_exp``: trained first (by ``train``) unless its run folder
     already holds ``best.pt`` and ``results.json``."""
@@ -174,7 +191,7 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]])
     else:
         train_teacher = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
         teacher = load_teacher(teacher_exp, ds, models, train_teacher, build_model)
-        teacher_scores = {split: score_lists(teacher, lst) for split, lst in lists.items()}
+        teacher_scores = {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
     loss = DistillLoss(cfg)

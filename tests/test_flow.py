@@ -40,6 +40,8 @@ def test_distill_trains_every_mix_from_config_against_one_frozen_teacher(tmp_pat
     out = capsys.readouterr().out
     assert "exposure: test teacher_recall@4@20" in out and "mix: test" in out
     teacher_best = (tmp_path / "runs" / "din" / "best.pt").stat().st_mtime_ns
+    cached = tmp_path / "runs" / "din" / "scores" / "test.npy"
+    cached_at = cached.stat().st_mtime_ns
     results = {name: json.loads((tmp_path / "runs" / name / "results.json").read_text()) for name in ("exposure", "mix")}
     for r in results.values():
         assert 0 <= r["test"]["teacher_recall@4@10"] <= 1 and 0 < r["test"]["oracle_ratio"] <= 1
@@ -48,6 +50,7 @@ def test_distill_trains_every_mix_from_config_against_one_frozen_teacher(tmp_pat
     # a second run reuses the trained teacher rather than training it again
     assert main(["distill", str(path), "--experiment", "exposure"]) == 0
     assert (tmp_path / "runs" / "din" / "best.pt").stat().st_mtime_ns == teacher_best
+    assert cached.stat().st_mtime_ns == cached_at  # and its cached scores rather than scoring again
 
 
 def test_distill_config_errors_name_the_key(tmp_path):
