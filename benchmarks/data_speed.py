@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,8 @@ from cascade.data.lists import build_lists, pointwise_lists
 from cascade.data.movielens import convert
 from cascade.data.store import read_dataset, write_dataset
 from cascade.data.synth import WORLD_FILE, WorldConfig, generate
+
+from provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,13 +81,7 @@ def main() -> None:
         _, s = timed(fn)
         rows.append((f"metrics: {name}", "10,000 x 100 lists", s, ""))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {
-        "command": "python benchmarks/data_speed.py",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
-    }
+    meta = provenance()
     table = ["| step | size | seconds | target |", "|---|---|---:|---|"]
     table += [f"| {a} | {b} | {c:.2f} | {d} |" for a, b, c, d in rows]
     md = "# data_speed\n\n" + "\n".join(table) + f"\n\n`{meta['command']}` at {meta['git_commit']}, {meta['date']}, {meta['machine']}\n"

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +22,8 @@ from cascade.config import load_config
 from cascade.flow import train_distill
 from cascade.pipeline import MODELS
 from teachers import TEACHERS
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -74,14 +72,8 @@ def write(rows: dict[str, list[dict]], args, name: str) -> None:
         "exposures, so this metric favours copying the logged cascade. The oracle ratio is the true click",
         "utility of the final top-k over the best top-k of the whole catalog (history excluded).",
     ]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    meta = {
-        "command": f"python benchmarks/{name}.py --config {args.config} --seeds {' '.join(map(str, args.seeds))} --runs {args.runs}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-    }
-    lines += ["", f"`{meta['command']}` at {commit}, {meta['date']}, {meta['machine']}"]
+    meta = provenance()
+    lines += ["", f"`{meta['command']}` at {meta['git_commit']}, {meta['date']}, {meta['machine']}"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2, default=float) + "\n")

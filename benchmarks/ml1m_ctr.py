@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,8 @@ import numpy as np
 from cascade.config import load_config
 from cascade.pipeline import MODELS, train_pointwise, train_recall
 from teachers import BOOSTED, TEACHERS
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,14 +86,8 @@ def write_tables(rows: dict[str, list[dict]], recall_rows: dict[str, list[dict]]
         for name, rs in recall_rows.items():
             lines.append(f"| {name} | {len(rs)} | {mean_std([r['test']['recall@50'] for r in rs])} | {mean_std([r['test']['recall@200'] for r in rs])} |")
         lines += ["", "Retrieval from the whole catalog (3,883 movies) minus the request's history; positives = the", "request's ratings >= 4. Mean over test requests with a positive."]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    meta = {
-        "command": "python benchmarks/ml1m_ctr.py " + " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
-    }
-    lines += ["", f"`{meta['command']}` at {commit}, {meta['date']}, {meta['machine']}"]
+    meta = provenance()
+    lines += ["", f"`{meta['command']}` at {meta['git_commit']}, {meta['date']}, {meta['machine']}"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ml1m_ctr.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "ml1m_ctr.json").write_text(json.dumps({**meta, "runs": finished, "ctr": rows, "recall": recall_rows}, indent=2, default=float) + "\n")

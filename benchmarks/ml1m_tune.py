@@ -17,14 +17,14 @@ import json
 import multiprocessing
 import os
 import platform
-import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from datetime import datetime, timezone
 from itertools import product
 from pathlib import Path
 
 import numpy as np
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -113,21 +113,9 @@ def write(screen: list[dict], chosen: dict[str, list[dict]], ablation: list[dict
             aucs = [r["test"]["auc"] for r in rs]
             rel = f"{(np.mean(aucs) - 0.5) / (np.mean(dssm) - 0.5) - 1:+.2%}" if dssm else "-"
             lines.append(f"| {extra['head_std']:g} | {extra['cir_weight']:g} | {len(rs)} | {', '.join(str(r['best_epoch']) for r in rs)} | {ms([r['valid']['auc'] for r in rs])} | {ms(aucs)} | {rel} |")
-    # a copy of the tree run elsewhere (a GPU machine) may carry a stale .git: let the caller say
-    if bf16:
-        lines += ["", "## bf16 autocast (fp32 master weights) at the chosen point, every seed (test)", "", "| model | seeds | fp32 test AUC | bf16 test AUC | fp32 LogLoss | bf16 LogLoss |", "|---|---:|---|---|---|---|"]
-        for m in dict.fromkeys(r["model"] for r in bf16):
-            rs, fp = [r for r in bf16 if r["model"] == m], chosen[m]
-            lines.append(f"| {m} | {len(rs)} | {ms([r['test']['auc'] for r in fp])} | {ms([r['test']['auc'] for r in rs])} | {ms([r['test']['logloss'] for r in fp])} | {ms([r['test']['logloss'] for r in rs])} |")
-    commit = os.environ.get("CASCADE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU"
-    meta = {
-        "command": f"python benchmarks/ml1m_tune.py --models {' '.join(args.models)} --device {args.device} --jobs {args.jobs} --seeds {' '.join(map(str, args.seeds))}" + (" --ablation" if args.ablation else "") + (" --bf16" if args.bf16 else ""),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "machine": f"{device}, torch {torch.__version__}, {os.cpu_count()} cores, Python {platform.python_version()}",
-    }
-    lines += ["", "Mean ± population std over seeds. s / epoch is on the machine below with several runs sharing it: not a speed figure.", "", f"`{meta['command']}` at {commit}, {meta['date']}, {meta['machine']}"]
+    meta = provenance(f"{device}, torch {torch.__version__}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    lines += ["", "Mean ± population std over seeds. s / epoch is on the machine below with several runs sharing it: not a speed figure.", "", f"`{meta['command']}` at {meta['git_commit']}, {meta['date']}, {meta['machine']}"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ml1m_tune.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "ml1m_tune.json").write_text(json.dumps({**meta, "grid": GRID, "screen": screen, "chosen": chosen, "ablation": ablation, "bf16": bf16}, indent=2) + "\n")

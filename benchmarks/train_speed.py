@@ -22,10 +22,8 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -37,6 +35,8 @@ import cascade.towers.inttower
 from cascade.config import load_config
 from cascade.pipeline import STEPS, bce_step, build_model, exposures, prepare_data
 from cascade.towers import base
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -144,13 +144,7 @@ def main() -> None:
 
 
 def write(rows: list[dict], peak: dict, args) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    meta = {
-        "command": f"python benchmarks/train_speed.py --steps {args.steps} --repeats {args.repeats} --bf16-steps {args.bf16_steps}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
-    }
+    meta = provenance(f"{platform.machine()}, {__import__('os').cpu_count()} cores, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     lines = [
         "# Training-step speed, ML-1M `ctr`, batch 2048 (forward + BCE + backward + Adam)",
         "",
@@ -170,7 +164,7 @@ def write(rows: list[dict], peak: dict, args) -> None:
         "`torch.utils.flop_counter` on one step. Ceiling: the measured matmul peak divided by the FLOPs",
         "per sample, i.e. what a step made of nothing but peak-speed matmuls would reach.",
         "",
-        f"`{meta['command']}` at {commit}, {meta['date']}, {meta['machine']}",
+        f"`{meta['command']}` at {meta['git_commit']}, {meta['date']}, {meta['machine']}",
     ]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_speed.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,24 @@
+"""Where a benchmark's figures came from: the command as run, the date, the commit, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def provenance(machine: str | None = None) -> dict[str, str]:
+    # a copy of the tree run elsewhere (a GPU machine) may carry a stale .git: CASCADE_COMMIT says
+    commit = os.environ.get("CASCADE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "machine": machine or f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    }
