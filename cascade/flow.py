@@ -11,7 +11,7 @@ scores of every candidate, unexposed ones included; ``cascade_report`` scores th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -119,7 +119,7 @@ class DistillLoss(nn.Module):
         return total
 
 
-def cascade_report(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None, history: np.ndarray | None = None) -> dict[str, float]:
+def cascade_report(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None) -> dict[str, float]:
     """How the flow pre-ranker (top ``prerank_quota``) -> teacher (top ``rank_quota``) does.
 
     student, teacher (B, N) over the frozen recall output. Teacher consistency Recall@k@20 and
@@ -141,7 +141,7 @@ def cascade_report(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, c
         shown_rows = M.topk_membership(final, k, mask) > 0.5
         shown = np.where(shown_rows, lists.item["item_id"], 0)
         got = world.click_prob(lists.request_id, shown).sum(axis=1)
-        _, best = world.best_topk(lists.request_id, k, exclude=history)
+        _, best = world.best_topk(lists.request_id, k, exclude=lists.history)
         out["oracle_ratio"] = float(got.sum() / best.sum())
     return out
 
@@ -163,9 +163,11 @@ def cached_scores(teacher: nn.Module, lists: ListBatch, path: Path) -> np.ndarra
     return scores
 
 
-def load_teacher(teacher_exp, ds, models: dict[str, Callable[..., nn.Module]], train: Callable, build_model: Callable) -> nn.Module:
+def load_teacher(teacher_exp, ds, models: dict[str, Callable[..., nn.Module]], train: Callable) -> nn.Module:
     """The frozen teacher of ``teacher_exp``: trained first (by ``train``) unless its run folder
     already holds ``best.pt`` and ``results.json``."""
+    from cascade.pipeline import build_model
+
     done = teacher_exp.run_dir / "results.json"
     if not (done.exists() and (teacher_exp.run_dir / "best.pt").exists()):
         train(teacher_exp)
@@ -190,7 +192,7 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]])
         teacher_scores = {split: np.zeros(lst.mask.shape, np.float32) for split, lst in lists.items()}
     else:
         train_teacher = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
-        teacher = load_teacher(teacher_exp, ds, models, train_teacher, build_model)
+        teacher = load_teacher(teacher_exp, ds, models, train_teacher)
         teacher_scores = {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
@@ -200,22 +202,21 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]])
     teacher_name = "no teacher" if teacher_exp is None else teacher_exp.name
     trainer.log(f"{exp.name}: distill {exp.model.name} from {teacher_name} on {exp.data.dir}: {len(train):,} train lists of up to {lists['train'].list_size} candidates")
     world = World.load(exp.data.dir) if (Path(exp.data.dir) / WORLD_FILE).exists() else None
-    history = {split: ds.requests["history"][np.searchsorted(ds.requests["request_id"], lst.request_id)] for split, lst in lists.items()}
 
-    def report(split: str, **oracle) -> dict[str, float]:
+    def report(split: str, world=None) -> dict[str, float]:
         student = score_lists(model, lists[split])
         # without a teacher the model is its own ranker: the report is its own Recall@k
-        return cascade_report(student, student if teacher_exp is None else teacher_scores[split], lists[split], cfg, **oracle)
+        return cascade_report(student, student if teacher_exp is None else teacher_scores[split], lists[split], cfg, world)
 
     best = trainer.fit(train, step_loss=lambda b: loss(model(b.user, b.items), b), evaluate=lambda: report("valid"), resolved_config=exp.to_dict())
-    test = report("test", world=world, history=history["test"])
+    test = report("test", world=world)
     reference = {
         # the same flow with the teacher as its own pre-ranker (the ceiling of consistency) and
         # with the logged production cascade's stage as the pre-ranker score
-        "teacher_as_preranker": cascade_report(teacher_scores["test"], teacher_scores["test"], lists["test"], cfg, world, history["test"]),
-        "logged_preranker": cascade_report(lists["test"].stage.astype(np.float32) + np.random.default_rng(0).random(lists["test"].stage.shape, dtype=np.float32) * 0.5, teacher_scores["test"], lists["test"], cfg, world, history["test"]),
+        "teacher_as_preranker": cascade_report(teacher_scores["test"], teacher_scores["test"], lists["test"], cfg, world),
+        "logged_preranker": cascade_report(lists["test"].stage.astype(np.float32) + np.random.default_rng(0).random(lists["test"].stage.shape, dtype=np.float32) * 0.5, teacher_scores["test"], lists["test"], cfg, world),
     }
-    result = {"experiment": exp.name, "model": exp.model.name, "teacher": teacher_name, "task": "distill", "distill": {k: v for k, v in cfg.__dict__.items()}, "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith(("teacher_recall", "recall", "ndcg"))}, "test": test, "reference": reference, "seconds_per_epoch": best.get("seconds")}
+    result = {"experiment": exp.name, "model": exp.model.name, "teacher": teacher_name, "task": "distill", "distill": asdict(cfg), "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith(("teacher_recall", "recall", "ndcg"))}, "test": test, "reference": reference, "seconds_per_epoch": best.get("seconds")}
     (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     trainer.log(f"test: {json.dumps(test)}")
     return result
