@@ -2,8 +2,8 @@
 
     python benchmarks/distill_synth.py [--config configs/distill_synth.yaml] [--seeds 0 1 2] [--runs runs/bench_distill]
 
-Screens every mix with seed 0, then trains each student's exposure-BCE baseline and the best
-two mixes (by validation Recall@10@50 against the teacher) with every seed. All mixes share the frozen
+Screens every mix with seed 0, then trains with every seed each student's exposure-BCE baseline
+and best mix, and the best two mixes overall (by validation Recall@10@50 against the teacher). All mixes share the frozen
 recall output and the one frozen teacher. Resumable: a finished run (its results.json) is read,
 not rerun, and the table is rewritten after every run.
 Writes benchmarks/results/distill_synth.{md,json}.
@@ -101,9 +101,11 @@ def main(name: str = "distill_synth", config: str = "configs/distill_synth.yaml"
         write(rows, args, name)
     key = lambda mix: rows[mix][0]["valid"][f"teacher_recall@{exp.distill.rank_quota}@{exp.distill.prerank_quota}"]  # noqa: E731
     baselines = [m for m in mixes if is_baseline(rows[m][0]["distill"])]
-    best_two = sorted((m for m in mixes if m not in baselines), key=key, reverse=True)[:2]
+    ranked = sorted((m for m in mixes if m not in baselines), key=key, reverse=True)
+    # the best two overall, and the best of each student model
+    best = dict.fromkeys(ranked[:2] + [next(m for m in ranked if mixes[m].model.name == mixes[b].model.name) for b in baselines])
     for seed in args.seeds[1:]:
-        for mix in [*baselines, *best_two]:
+        for mix in [*baselines, *best]:
             rows[mix].append(run(mixes[mix], teacher, seed, runs))
             write(rows, args, name)
     print((RESULTS / f"{name}.md").read_text())
