@@ -26,11 +26,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "synth"  # synth | movielens | logs
+    kind: str = "synth"  # synth | movielens | recall_output | logs
     dir: str = "runs/data/synthetic"  # the log directory; made from the source when missing
     src: str | None = None  # movielens: the folder with users.dat, movies.dat, ratings.dat
     protocol: str = "ctr"  # movielens: ctr | cascade
     synth: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides
+    # recall_output: {config, experiment, n}: a recall experiment (trained first if needed) whose
+    # top-n, added to its data's logged candidates, becomes this directory's candidates
+    recall: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

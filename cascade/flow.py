@@ -22,6 +22,7 @@ from torch import nn
 from cascade import metrics as M
 from cascade.data.lists import ListBatch, build_lists
 from cascade.data.schema import EXPOSED
+from cascade.data.store import Dataset
 from cascade.losses.arf import UncertaintyWeights, global_loss, relax_bce
 from cascade.losses.distill import listwise_kd, logit_mse, soft_bce
 from cascade.losses.pointwise import bce
@@ -61,6 +62,42 @@ class DistillConfig:
             raise ValueError("loss weights must be >= 0 and at least one > 0")
         if self.teacher is None and max(weights[2:]) > 0:
             raise ValueError("tutor, arf, listwise_kd, logit_mse and soft_bce need a teacher")
+
+
+def recall_output(ds: Dataset, model: nn.Module, n: int) -> Dataset:
+    """The logs with each request's candidates replaced by the frozen recall output: the recall
+    tower's top-n of the catalog (faiss, history excluded). A retrieved item the request logged
+    keeps its logged stage and label; any other is stage 0, label 0 (unexposed: a negative, as
+    in RankFlow). Logged items recall missed are gone, as in a real cascade. Every split."""
+    from cascade.recall import build_index
+
+    index = build_index(model, ds)
+    lists = build_lists(ds)
+    with torch.no_grad():
+        model.eval()
+        user = torch.from_numpy(pack_user(lists, model.user_slots))
+        u = torch.cat([model.user(user[a : a + 8192])[:, 0] for a in range(0, len(user), 8192)]).numpy()
+    retrieved = index.search(u, n, exclude=lists.history)  # (R, n), best first
+    logged = ds.candidates
+    extra = sorted(set(logged) - {"request_id", "item_id", "stage", "label"})
+    if extra:
+        raise ValueError(f"candidates field '{extra[0]}' is stored per logged sample and has no value for a retrieved item")
+    rid, iid = np.repeat(lists.request_id, n), retrieved.ravel()
+    keep = iid > 0  # faiss pads with id 0 when the catalog runs out
+    rid, iid = rid[keep], iid[keep]
+    key = lambda r, i: r.astype(np.int64) * (int(ds.items["item_id"].max()) + 1) + i  # noqa: E731
+    logged_keys = key(logged["request_id"], logged["item_id"])
+    order = np.argsort(logged_keys)
+    pos = np.clip(np.searchsorted(logged_keys[order], key(rid, iid)), 0, len(order) - 1)
+    hit = logged_keys[order][pos] == key(rid, iid)
+    row = order[pos]
+    cand = {
+        "request_id": rid,
+        "item_id": iid,
+        "stage": np.where(hit, logged["stage"][row], 0).astype(logged["stage"].dtype),
+        "label": np.where(hit, logged["label"][row], 0).astype(logged["label"].dtype),
+    }
+    return replace(ds, candidates=cand)
 
 
 def list_tensors(lists: ListBatch, model: nn.Module, teacher: np.ndarray | None = None) -> Tensors:

@@ -85,3 +85,28 @@ def test_cascade_report_hand_worked(small_world):
     # a student that ranks the teacher's order backwards passes none of its top-8 into its top-20
     # (each list holds 60 candidates: the teacher's top-8 are the student's bottom-8)
     assert cascade_report(-teacher, teacher, lists, cfg)["teacher_recall@8@20"] == 0.0
+
+
+def test_recall_output_is_the_retrieved_items_labelled_from_the_logs(small_world):
+    from cascade.data.store import validate
+    from cascade.flow import recall_output
+    from cascade.towers.dssm import DSSM
+    from cascade.towers.embedding import Embeddings
+
+    ds, _ = small_world
+    spec = ds.schema.features
+    torch.manual_seed(0)
+    model = DSSM(spec.side("user"), spec.in_table("items"), Embeddings(spec, 8), history_len=ds.schema.history_max, hidden=(16, 8), dropout=0.0)
+    out = recall_output(ds, model, 30)
+    assert validate(out) == []
+    c, logged = out.candidates, ds.candidates
+    # 30 per request (the catalog is large enough), no (request, item) twice
+    assert (np.bincount(c["request_id"])[ds.requests["request_id"]] == 30).all()
+    assert len(set(zip(c["request_id"].tolist(), c["item_id"].tolist()))) == len(c["item_id"])
+    # a retrieved item the request logged keeps its logged stage and label; the others are 0 / 0
+    logged_rows = {(r, i): (s, y) for r, i, s, y in zip(logged["request_id"].tolist(), logged["item_id"].tolist(), logged["stage"].tolist(), logged["label"].tolist())}
+    got = list(zip(c["request_id"].tolist(), c["item_id"].tolist(), c["stage"].tolist(), c["label"].tolist()))
+    assert all((s, y) == logged_rows.get((r, i), (0, 0.0)) for r, i, s, y in got)
+    assert any((r, i) in logged_rows for r, i, _, _ in got)  # some overlap, or the test checks nothing
+    history = {r: set(h[h > 0].tolist()) for r, h in zip(ds.requests["request_id"].tolist(), ds.requests["history"])}
+    assert not any(i in history[r] for r, i, _, _ in got)
