@@ -110,3 +110,13 @@ def test_recall_output_is_the_retrieved_items_labelled_from_the_logs(small_world
     assert any((r, i) in logged_rows for r, i, _, _ in got)  # some overlap, or the test checks nothing
     history = {r: set(h[h > 0].tolist()) for r, h in zip(ds.requests["request_id"].tolist(), ds.requests["history"])}
     assert not any(i in history[r] for r, i, _, _ in got)
+
+
+def test_recall_output_data_needs_a_recall_experiment(tmp_path):
+    from cascade.pipeline import frozen_recall_output
+
+    with pytest.raises(ConfigError, match="data.recall: 'experiment' is required for kind 'recall_output'"):
+        frozen_recall_output({"config": "configs/ml1m_recall.yaml"})
+    path = _write(tmp_path)
+    with pytest.raises(ConfigError, match="data.recall: experiment 'din' of .* is not a recall task"):
+        frozen_recall_output({"config": str(path), "experiment": "din"})
