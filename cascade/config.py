@@ -32,7 +32,7 @@ class DataConfig:
     protocol: str = "ctr"  # movielens: ctr | cascade
     synth: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides
     # recall_output: {config, experiment, n}: a recall experiment (trained first if needed) whose
-    # top-n, added to its data's logged candidates, becomes this directory's candidates
+    # top-n per request, labelled from its data's logs, becomes this directory's candidates
     recall: dict[str, Any] = field(default_factory=dict)
 
 

@@ -69,15 +69,10 @@ def recall_output(ds: Dataset, model: nn.Module, n: int) -> Dataset:
     tower's top-n of the catalog (faiss, history excluded). A retrieved item the request logged
     keeps its logged stage and label; any other is stage 0, label 0 (unexposed: a negative, as
     in RankFlow). Logged items recall missed are gone, as in a real cascade. Every split."""
-    from cascade.recall import build_index
+    from cascade.recall import build_index, user_vectors
 
-    index = build_index(model, ds)
     lists = build_lists(ds)
-    with torch.no_grad():
-        model.eval()
-        user = torch.from_numpy(pack_user(lists, model.user_slots))
-        u = torch.cat([model.user(user[a : a + 8192])[:, 0] for a in range(0, len(user), 8192)]).numpy()
-    retrieved = index.search(u, n, exclude=lists.history)  # (R, n), best first
+    retrieved = build_index(model, ds).search(user_vectors(model, lists), n, exclude=lists.history)  # (R, n), best first
     logged = ds.candidates
     extra = sorted(set(logged) - {"request_id", "item_id", "stage", "label"})
     if extra:
@@ -113,14 +108,11 @@ def list_tensors(lists: ListBatch, model: nn.Module, teacher: np.ndarray | None 
     )
 
 
-@torch.no_grad()
 def score_lists(model: nn.Module, lists: ListBatch, lists_per_batch: int = 64) -> np.ndarray:
     """The model's logits (B, N) for every candidate of ``lists`` (padding: 0)."""
-    model.eval()
-    data = list_tensors(lists, model)
-    device = next(model.parameters()).device
-    out = torch.cat([model(b.user, b.items).cpu() for b in data.to(device).batches(lists_per_batch)]).numpy()
-    return np.where(lists.mask, out, 0.0).astype(np.float32)
+    from cascade.pipeline import predict
+
+    return np.where(lists.mask, predict(model, list_tensors(lists, model), lists_per_batch), 0.0).astype(np.float32)
 
 
 class DistillLoss(nn.Module):
@@ -200,18 +192,17 @@ def cached_scores(teacher: nn.Module, lists: ListBatch, path: Path) -> np.ndarra
     return scores
 
 
-def load_teacher(teacher_exp, ds, models: dict[str, Callable[..., nn.Module]], train: Callable) -> nn.Module:
-    """The frozen teacher of ``teacher_exp``: trained first (by ``train``) unless its run folder
-    already holds ``best.pt`` and ``results.json``."""
+def load_trained(exp, ds, models: dict[str, Callable[..., nn.Module]], train: Callable) -> nn.Module:
+    """The frozen model of ``exp`` (a teacher, a recall tower): trained first (by ``train``)
+    unless its run folder already holds ``best.pt`` and ``results.json``."""
     from cascade.pipeline import build_model
 
-    done = teacher_exp.run_dir / "results.json"
-    if not (done.exists() and (teacher_exp.run_dir / "best.pt").exists()):
-        train(teacher_exp)
-    torch.manual_seed(teacher_exp.train.seed)
-    teacher = build_model(teacher_exp, ds, models)
-    teacher.load_state_dict(torch.load(teacher_exp.run_dir / "best.pt", weights_only=True))
-    return teacher.eval()
+    if not ((exp.run_dir / "results.json").exists() and (exp.run_dir / "best.pt").exists()):
+        train(exp)
+    torch.manual_seed(exp.train.seed)
+    model = build_model(exp, ds, models)
+    model.load_state_dict(torch.load(exp.run_dir / "best.pt", weights_only=True))
+    return model.eval()
 
 
 def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]]) -> dict:
@@ -229,7 +220,7 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]])
         teacher_scores = {split: np.zeros(lst.mask.shape, np.float32) for split, lst in lists.items()}
     else:
         train_teacher = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
-        teacher = load_teacher(teacher_exp, ds, models, train_teacher)
+        teacher = load_trained(teacher_exp, ds, models, train_teacher)
         teacher_scores = {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)

@@ -111,7 +111,7 @@ def frozen_recall_output(spec: dict) -> Dataset:
     """``flow.recall_output`` of the recall experiment ``spec`` names ({config, experiment, n}),
     trained first unless its run folder holds ``best.pt`` and ``results.json``."""
     from cascade.config import load_config
-    from cascade.flow import recall_output
+    from cascade.flow import load_trained, recall_output
 
     missing = sorted({"config", "experiment"} - set(spec))
     if missing:
@@ -119,13 +119,8 @@ def frozen_recall_output(spec: dict) -> Dataset:
     (exp,) = load_config(spec["config"], spec["experiment"])
     if exp.task != "recall":
         raise ConfigError(f"data.recall: experiment '{exp.name}' of {spec['config']} is not a recall task")
-    if not ((exp.run_dir / "best.pt").exists() and (exp.run_dir / "results.json").exists()):
-        train_recall(exp)
     ds = prepare_data(exp.data)
-    torch.manual_seed(exp.train.seed)
-    model = build_model(exp, ds)
-    model.load_state_dict(torch.load(exp.run_dir / "best.pt", weights_only=True))
-    return recall_output(ds, model, int(spec.get("n", 200)))
+    return recall_output(ds, load_trained(exp, ds, MODELS, train_recall), int(spec.get("n", 200)))
 
 
 def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]] = MODELS) -> nn.Module:

@@ -149,15 +149,19 @@ def build_index(model: TwoTower, ds: Dataset) -> ItemIndex:
 
 
 @torch.no_grad()
+def user_vectors(model: TwoTower, lists: ListBatch) -> np.ndarray:
+    """The user tower's vector of every request of ``lists``: (R, D)."""
+    model.eval()
+    user = torch.from_numpy(pack_user(lists, model.user_slots))
+    return torch.cat([model.user(user[a : a + 8192])[:, 0] for a in range(0, len(user), 8192)]).numpy()
+
+
+@torch.no_grad()
 def evaluate_recall(model: TwoTower, ds: Dataset, split: str, ks: tuple[int, ...] = (50, 200)) -> dict[str, float]:
     """Recall@k of the catalog retrieval against each request's logged positives, the
     request's history excluded from what may be retrieved."""
-    model.eval()
-    index = build_index(model, ds)
     lists = build_lists(ds, split)
-    user = torch.from_numpy(pack_user(lists, model.user_slots))
-    u = torch.cat([model.user(user[a : a + 8192])[:, 0] for a in range(0, len(user), 8192)]).numpy()
-    retrieved = index.search(u, max(ks), exclude=lists.history)
+    retrieved = build_index(model, ds).search(user_vectors(model, lists), max(ks), exclude=lists.history)
     positives = np.where(lists.mask & (lists.label > 0), lists.item["item_id"], 0)
     return {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], positives) for k in ks}
 
