@@ -74,8 +74,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError, load_config
-    from cascade.flow import train_distill
-    from cascade.pipeline import MODELS, train_pointwise, train_recall
+    from cascade.joint import train_experiment
+    from cascade.pipeline import MODELS
     from teachers import BOOSTED, TEACHERS
 
     try:
@@ -85,16 +85,8 @@ def _train(args: argparse.Namespace) -> int:
             if not experiments:
                 raise ConfigError(f"{args.config}: no experiment with 'task: distill'")
         for exp in experiments:
-            if exp.task == "distill":
-                teacher_exp = None if exp.distill.teacher is None else load_config(args.config, exp.distill.teacher)[0]
-                result = train_distill(exp, teacher_exp, {**MODELS, **TEACHERS})
-            elif exp.task == "recall":
-                result = train_recall(exp)
-            elif exp.model.name in BOOSTED:
-                result = BOOSTED[exp.model.name](exp)
-            else:
-                result = train_pointwise(exp, {**MODELS, **TEACHERS})
-            shown = " ".join(f"{k} {v:.4f}" for k, v in result["test"].items() if k in ("auc", "logloss", "oracle_ratio") or k.startswith(("recall@", "teacher_recall@")))
+            result = train_experiment(exp, args.config, {**MODELS, **TEACHERS}, BOOSTED)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in result["test"].items() if k in ("auc", "logloss", "oracle_ratio", "joint_recall") or k.startswith(("recall@", "teacher_recall@")))
             print(f"{exp.name}: test {shown} -> {exp.run_dir}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

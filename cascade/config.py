@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from cascade.flow import DistillConfig
+from cascade.joint import CascadeConfig
 from cascade.recall import RecallConfig
 from cascade.train import TrainConfig
 
@@ -51,9 +52,12 @@ class ExperimentConfig:
     model: ModelConfig
     train: TrainConfig
     out: str = "runs"
-    task: str = "pointwise"  # pointwise: BCE on exposures | recall: retrieval over the catalog | distill: a pre-ranker on the flow's lists
+    # pointwise: BCE on exposures | recall: retrieval over the catalog | distill: a pre-ranker on
+    # the flow's lists | cascade: recall -> pre-rank -> rank reported and trained as one
+    task: str = "pointwise"
     recall: RecallConfig = field(default_factory=RecallConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -87,7 +91,7 @@ def _build(cls, raw: Any, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
-TASKS = ("pointwise", "recall", "distill")
+TASKS = ("pointwise", "recall", "distill", "cascade")
 
 
 def _train(raw: Any, where: str) -> TrainConfig:
@@ -128,7 +132,7 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
     for name in names:
         raw = _merge(body.get("base") or {}, body["experiments"][name] or {})
         where = f"{path}: experiments.{name}"
-        extra = sorted(set(raw) - {"data", "model", "train", "out", "task", "recall", "distill"})
+        extra = sorted(set(raw) - {"data", "model", "train", "out", "task", "recall", "distill", "cascade"})
         if extra:
             raise ConfigError(f"{where}: unknown key '{extra[0]}'")
         out.append(
@@ -141,6 +145,10 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
                 task=_task(raw.get("task", "pointwise"), where),
                 recall=_build(RecallConfig, raw.get("recall"), f"{where}.recall"),
                 distill=_build(DistillConfig, raw.get("distill"), f"{where}.distill"),
+                cascade=_build(CascadeConfig, raw.get("cascade"), f"{where}.cascade"),
             )
         )
+        missing = sorted({"config", "experiment"} - set(out[-1].cascade.recall))
+        if out[-1].task == "cascade" and missing:
+            raise ConfigError(f"{where}.cascade.recall: '{missing[0]}' is required (the recall experiment: {{config, experiment}})")
     return out

@@ -64,11 +64,13 @@ class DistillConfig:
             raise ValueError("tutor, arf, listwise_kd, logit_mse and soft_bce need a teacher")
 
 
-def recall_output(ds: Dataset, model: nn.Module, n: int) -> Dataset:
+def recall_output(ds: Dataset, model: nn.Module, n: int, keep_positives: bool = False) -> Dataset:
     """The logs with each request's candidates replaced by the frozen recall output: the recall
     tower's top-n of the catalog (faiss, history excluded). A retrieved item the request logged
     keeps its logged stage and label; any other is stage 0, label 0 (unexposed: a negative, as
-    in RankFlow). Logged items recall missed are gone, as in a real cascade. Every split."""
+    in RankFlow). Logged items recall missed are gone, as in a real cascade, unless
+    ``keep_positives``: then its missed positives are added (RankFlow's self-learning sees every
+    positive of the split beside the stage's own negatives). Every split."""
     from cascade.recall import build_index, user_vectors
 
     lists = build_lists(ds)
@@ -86,13 +88,15 @@ def recall_output(ds: Dataset, model: nn.Module, n: int) -> Dataset:
     pos = np.clip(np.searchsorted(logged_keys[order], key(rid, iid)), 0, len(order) - 1)
     hit = logged_keys[order][pos] == key(rid, iid)
     row = order[pos]
-    cand = {
-        "request_id": rid,
-        "item_id": iid,
-        "stage": np.where(hit, logged["stage"][row], 0).astype(logged["stage"].dtype),
-        "label": np.where(hit, logged["label"][row], 0).astype(logged["label"].dtype),
-    }
-    return replace(ds, candidates=cand)
+    stage = np.where(hit, logged["stage"][row], 0).astype(logged["stage"].dtype)
+    label = np.where(hit, logged["label"][row], 0).astype(logged["label"].dtype)
+    if keep_positives:
+        retrieved_keys = np.sort(key(rid, iid))
+        at = np.clip(np.searchsorted(retrieved_keys, logged_keys), 0, len(retrieved_keys) - 1)
+        missed = np.flatnonzero((logged["label"] > 0) & (retrieved_keys[at] != logged_keys))
+        rid, iid = np.concatenate([rid, logged["request_id"][missed]]), np.concatenate([iid, logged["item_id"][missed]])
+        stage, label = np.concatenate([stage, logged["stage"][missed]]), np.concatenate([label, logged["label"][missed]])
+    return replace(ds, candidates={"request_id": rid, "item_id": iid, "stage": stage, "label": label})
 
 
 def list_tensors(lists: ListBatch, model: nn.Module, teacher: np.ndarray | None = None) -> Tensors:
@@ -201,7 +205,7 @@ def load_trained(exp, ds, models: dict[str, Callable[..., nn.Module]], train: Ca
         train(exp)
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
-    model.load_state_dict(torch.load(exp.run_dir / "best.pt", weights_only=True))
+    model.load_state_dict(torch.load(exp.run_dir / "best.pt", weights_only=True, map_location="cpu"))
     return model.eval()
 
 
@@ -220,13 +224,13 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]])
         teacher_scores = {split: np.zeros(lst.mask.shape, np.float32) for split, lst in lists.items()}
     else:
         train_teacher = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
-        teacher = load_trained(teacher_exp, ds, models, train_teacher)
+        teacher = load_trained(teacher_exp, ds, models, train_teacher).to(exp.train.device)
         teacher_scores = {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
     loss = DistillLoss(cfg)
     train = list_tensors(lists["train"], model, teacher_scores["train"])
-    trainer = Trainer(model, replace(exp.train, batch_size=cfg.lists_per_batch), exp.run_dir, params=list(model.parameters()) + list(loss.parameters()))
+    trainer = Trainer(model, replace(exp.train, batch_size=cfg.lists_per_batch), exp.run_dir, loss=loss)
     teacher_name = "no teacher" if teacher_exp is None else teacher_exp.name
     trainer.log(f"{exp.name}: distill {exp.model.name} from {teacher_name} on {exp.data.dir}: {len(train):,} train lists of up to {lists['train'].list_size} candidates")
     world = World.load(exp.data.dir) if (Path(exp.data.dir) / WORLD_FILE).exists() else None

@@ -353,6 +353,7 @@ def joint_recall(
     quotas: Sequence[int],
     truth: np.ndarray,
     mask: np.ndarray | None = None,
+    total: np.ndarray | None = None,
 ) -> float:
     """Share of a ground truth that survives every stage's quota, mean over rows with truth.
 
@@ -360,6 +361,8 @@ def joint_recall(
     Stage j ranks only the items that can have survived stages before it; an item's survival is
     the product of its stage memberships. truth (R, N): the real positives (end-to-end recall)
     or a teacher's top-k membership (consistency); the caller says which it reports.
+    total (R,): the ground truth's size per row when part of it lies outside the lists (the
+    positives a catalog recall stage never retrieved); default: the truth inside the lists.
     Exact without ties at an intermediate cut; a tie group straddling one passes whole into the
     next stage's ranking, each member weighted by its share, which slightly overstates the
     competition there.
@@ -375,7 +378,10 @@ def joint_recall(
         member = topk_membership(s, q, alive)
         survive = survive * member
         alive = member > 0
-    total = rel.sum(axis=1)
+    if total is None:
+        total = rel.sum(axis=1)
+    elif np.any(total < rel.sum(axis=1) - 1e-9):
+        raise ValueError("total is smaller than the ground truth inside the lists")
     defined = total > 0
     return _row_mean((survive * rel).sum(axis=1) / np.where(defined, total, 1.0), defined)
 

@@ -144,7 +144,8 @@ def build_index(model: TwoTower, ds: Dataset) -> ItemIndex:
     model.eval()
     ids = ds.items["item_id"]
     packed = item_table(ds, model.item_slots)[torch.from_numpy(ids)]
-    vectors = torch.cat([model.item(packed[a : a + 8192])[:, 0] for a in range(0, len(ids), 8192)]).numpy()
+    device = next(model.parameters()).device
+    vectors = torch.cat([model.item(packed[a : a + 8192].to(device))[:, 0].cpu() for a in range(0, len(ids), 8192)]).numpy()
     return ItemIndex(ids, vectors)
 
 
@@ -153,7 +154,8 @@ def user_vectors(model: TwoTower, lists: ListBatch) -> np.ndarray:
     """The user tower's vector of every request of ``lists``: (R, D)."""
     model.eval()
     user = torch.from_numpy(pack_user(lists, model.user_slots))
-    return torch.cat([model.user(user[a : a + 8192])[:, 0] for a in range(0, len(user), 8192)]).numpy()
+    device = next(model.parameters()).device
+    return torch.cat([model.user(user[a : a + 8192].to(device))[:, 0].cpu() for a in range(0, len(user), 8192)]).numpy()
 
 
 @torch.no_grad()

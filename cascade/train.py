@@ -80,14 +80,17 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: str | Path, params: list[nn.Parameter] | None = None):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: str | Path, loss: nn.Module | None = None):
+        """``loss``: the module holding a loss's own parameters (uncertainty weights), trained with
+        the model and kept in ``last.pt`` so a resumed run has them; ``best.pt`` is the model's."""
         self.model = model
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(cfg.device)
+        self.loss = (loss or nn.Module()).to(self.device)
         model.to(self.device)
-        self.optimizer = torch.optim.Adam(params or list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.Adam([*model.parameters(), *self.loss.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def log(self, text: str) -> None:
         with open(self.run_dir / "log.txt", "a") as f:
@@ -98,11 +101,12 @@ class Trainer:
         self,
         train: Tensors,
         step_loss: Callable[[Tensors], torch.Tensor],
-        evaluate: Callable[[], dict[str, float]],
+        evaluate: Callable[[], dict[str, float]] | None,
         resolved_config: dict | None = None,
     ) -> dict:
         """Train with early stopping on ``cfg.monitor``; resume from ``last.pt`` if present.
-        Returns the best epoch's metrics (and loads the best weights into the model)."""
+        Returns the best epoch's metrics (and loads the best weights into the model). Without
+        ``evaluate`` it trains a fixed schedule: every epoch runs and the last one is kept."""
         cfg = self.cfg
         seed_everything(cfg.seed)
         (self.run_dir / "config.json").write_text(json.dumps(resolved_config or {"train": asdict(cfg)}, indent=2, sort_keys=True) + "\n")
@@ -111,6 +115,8 @@ class Trainer:
         if last.exists():
             ckpt = torch.load(last, weights_only=True, map_location=self.device)
             self.model.load_state_dict(ckpt["model"])
+            if "loss" in ckpt:  # runs saved before losses had parameters have none
+                self.loss.load_state_dict(ckpt["loss"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"].cpu())
             state = ckpt["state"]
@@ -135,19 +141,19 @@ class Trainer:
             seconds = time.perf_counter() - start
             self.model.eval()
             with torch.no_grad():
-                metrics = evaluate()
+                metrics = {} if evaluate is None else evaluate()
             row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "seconds": seconds, "samples_per_s": seen / seconds, **metrics}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-            value = metrics[cfg.monitor]
+            value = epoch if evaluate is None else metrics[cfg.monitor]
             if value > state["best"]:
                 state.update(best=value, best_epoch=epoch + 1, bad_epochs=0, best_metrics=row)
                 torch.save(self.model.state_dict(), self.run_dir / "best.pt")
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch
-            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "state": state}, last)
+            torch.save({"model": self.model.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "state": state}, last)
         if (self.run_dir / "best.pt").exists():
             self.model.load_state_dict(torch.load(self.run_dir / "best.pt", weights_only=True, map_location=self.device))
         (self.run_dir / "results.json").write_text(json.dumps(state["best_metrics"], indent=2) + "\n")

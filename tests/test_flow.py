@@ -110,6 +110,14 @@ def test_recall_output_is_the_retrieved_items_labelled_from_the_logs(small_world
     assert any((r, i) in logged_rows for r, i, _, _ in got)  # some overlap, or the test checks nothing
     history = {r: set(h[h > 0].tolist()) for r, h in zip(ds.requests["request_id"].tolist(), ds.requests["history"])}
     assert not any(i in history[r] for r, i, _, _ in got)
+    # keep_positives adds exactly the logged positives recall missed, with their logged stage
+    full = recall_output(ds, model, 30, keep_positives=True)
+    assert validate(full) == []
+    retrieved = {(r, i) for r, i, _, _ in got}
+    positives = {(r, i): (s, y) for (r, i), (s, y) in logged_rows.items() if y > 0}
+    added = list(zip(*(full.candidates[k][len(c["item_id"]) :].tolist() for k in ("request_id", "item_id", "stage", "label"))))
+    assert {(r, i) for r, i, _, _ in added} == set(positives) - retrieved
+    assert all((s, y) == positives[(r, i)] for r, i, s, y in added) and len(added) > 0
 
 
 def test_recall_output_data_needs_a_recall_experiment(tmp_path):

@@ -110,6 +110,17 @@ def test_joint_recall_hand_worked():
     assert M.joint_recall([recall, prerank], [3, 1], truth) == pytest.approx(0.5)
 
 
+def test_joint_recall_counts_the_truth_outside_the_lists():
+    # row 0: 1 of its 2 listed positives survives, and 2 more positives were never retrieved:
+    # 1 / 4. Row 1: its only positive (item 0) survives, nothing missed: 1 / 1. Row 2 has no
+    # positive at all: left out. Mean (0.25 + 1) / 2 = 0.625.
+    prerank = np.array([[1.0, 3.0, 2.0], [5.0, 1.0, 0.0], [1.0, 2.0, 3.0]])
+    truth = np.array([[0, 1, 1], [1, 0, 0], [0, 0, 0]])
+    assert M.joint_recall([prerank], [1], truth, total=np.array([4, 1, 0])) == pytest.approx(0.625)
+    with pytest.raises(ValueError, match="smaller than the ground truth"):
+        M.joint_recall([prerank], [1], truth, total=np.array([1, 1, 0]))
+
+
 # ---------------------------------------------------------------------------- references
 
 

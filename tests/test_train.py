@@ -39,6 +39,41 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
+class _ScaledBCE(nn.Module):
+    """A loss owning a parameter (as ARF's and LCRON's uncertainty weights do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, logits, label):
+        return nn.functional.binary_cross_entropy_with_logits(logits * self.log_scale.exp(), label)
+
+
+def _fit_with_loss(run_dir, epochs):
+    model, data, loss = _model(), _data(), _ScaledBCE()
+    Trainer(model, TrainConfig(epochs=epochs, batch_size=32, lr=0.01), run_dir, loss=loss).fit(data, lambda b: loss(model(b.user), b.label), None)
+    return model, loss
+
+
+def test_a_loss_with_parameters_is_trained_and_resumed_with_the_model(tmp_path):
+    model, loss = _fit_with_loss(tmp_path / "a", epochs=3)
+    assert loss.log_scale.item() != 0.0  # the optimiser saw it
+    _fit_with_loss(tmp_path / "b", epochs=1)
+    model_b, loss_b = _fit_with_loss(tmp_path / "b", epochs=3)  # resumed after epoch 1
+    torch.testing.assert_close(loss_b.log_scale, loss.log_scale)
+    torch.testing.assert_close(model_b[0].weight, model[0].weight)
+
+
+def test_without_evaluate_every_epoch_runs_and_the_last_is_kept(tmp_path):
+    model, _ = _fit_with_loss(tmp_path, epochs=3)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    last = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    for k, v in torch.load(tmp_path / "best.pt", weights_only=True).items():
+        torch.testing.assert_close(v, last[k], msg=k)
+
+
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
     _fit(tmp_path, epochs=5, patience=2, evaluate=lambda: {"neg_loss": next(scores)})
@@ -59,7 +94,7 @@ def test_training_lowers_the_loss(tmp_path):
 def test_checkpoints_load_with_weights_only(tmp_path):
     _fit(tmp_path, epochs=1)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "rng", "state"}
+    assert set(ckpt) == {"model", "loss", "optimizer", "rng", "state"}
     with pytest.raises(Exception):
         torch.save({"bad": object()}, tmp_path / "x.pt")
         torch.load(tmp_path / "x.pt", weights_only=True)

@@ -47,6 +47,12 @@ class ListBatch:
         pick = lambda d: {k: v[rows] for k, v in d.items()}  # noqa: E731
         return ListBatch(self.request_id[rows], pick(self.user), self.history[rows], pick(self.item), self.label[rows], self.stage[rows], self.mask[rows], pick(self.teacher))
 
+    def take_columns(self, cols: np.ndarray) -> "ListBatch":
+        """Each list cut to its candidates at ``cols`` (B, M), in that order: a stage's top-m."""
+        rows = np.arange(len(self))[:, None]
+        pick = lambda d: {k: v[rows, cols] for k, v in d.items()}  # noqa: E731  (B, M, ...) per field
+        return replace(self, item=pick(self.item), label=self.label[rows, cols], stage=self.stage[rows, cols], mask=self.mask[rows, cols], teacher=pick(self.teacher))
+
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator["ListBatch"]:
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         for a in range(0, len(self), batch_size):

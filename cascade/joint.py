@@ -1,0 +1,268 @@
+"""The whole cascade: recall (faiss over the catalog) -> pre-rank -> rank, reported and trained
+as one (``task: cascade``, what `cascade train` runs for such an experiment).
+
+Each request's recall stage is the recall tower's top-``recall_quota`` of the catalog (history
+excluded; ``flow.recall_output``): a retrieved item the request logged keeps its label, any other
+is an unexposed negative. The pre-ranker passes its top ``prerank_quota`` on, the ranker shows its
+top ``rank_quota``. ``joint_report`` says how much of each request's real positives survives every
+quota (positives recall never retrieved count as lost), and on the synthetic world the oracle
+ratio. The stages start from warm-up models, each an experiment trained on its own; ``method``:
+
+- ``frozen``: no training; the cascade of the given stages (the baselines).
+- ``rankflow`` (Qin et al., SIGIR 2022): ``rounds`` rounds of (1) regenerate each stage's data
+  with the current models: recall's top-n (faiss index rebuilt from the current item tower) for
+  the pre-ranker and recall, the pre-ranker's top-m of it for the ranker; (2) self-learning,
+  ranker first: each stage BCE on its own list (unexposed = 0) plus every logged positive of the
+  split; (3) tutor learning: the ranker teaches the pre-ranker (top-k), the pre-ranker teaches
+  recall (top-m), ``alpha * TopK-BPR + (1 - alpha) * probability MSE`` on the student's list.
+- ``lcron`` (Wang et al., ICML 2025): recall and pre-ranker trained as one network on the warm-up
+  recall's lists against the ranker's top-k: L_e2e (BCE of the product of both stages' relaxed
+  top-quota memberships) + each stage's ARF-v2 loss under learnable uncertainty weights. The
+  quotas in the loss are the stages' (``lcron_recall_quota`` of the n-item list, then
+  ``prerank_quota``); the authors' PyTorch code uses the ground-truth count for both. The
+  ranker stays frozen.
+
+Every phase trains with this experiment's ``train`` config (lr, device, seed) for the epochs the
+schedule gives, no early stopping, in its own folder under ``run_dir``: a stopped run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cascade import metrics as M
+from cascade.data.lists import ListBatch, build_lists
+from cascade.data.store import Dataset
+from cascade.flow import DistillConfig, DistillLoss, cascade_report, list_tensors, load_trained, recall_output, score_lists
+from cascade.losses.arf import UncertaintyWeights, e2e_loss, relax_bce
+from cascade.losses.sorting import neural_sort, top_k_indicator
+from cascade.train import Tensors, Trainer
+
+METHODS = ("frozen", "rankflow", "lcron")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """The three stages, their quotas and the training schedule."""
+
+    method: str = "frozen"  # frozen | rankflow | lcron
+    # {config, experiment}: the recall tower (a ``task: recall`` experiment); its data are the
+    # logs the whole cascade runs over
+    recall: dict = field(default_factory=dict)
+    prerank: str = "exposure_bce"  # an experiment of this config: the (warm-up) pre-ranker
+    rank: str = "din"  # an experiment of this config: the (warm-up) ranker
+    recall_quota: int = 200
+    prerank_quota: int = 50
+    rank_quota: int = 10
+    rounds: int = 2  # rankflow
+    self_epochs: int = 2
+    tutor_epochs: int = 1
+    tutor_alpha: float = 0.5  # the pre-ranker's tutor (RankFlow's ML-1M value)
+    recall_tutor_alpha: float = 0.2  # recall's tutor (RankFlow's ML-1M value)
+    lcron_epochs: int = 2
+    lcron_recall_quota: int = 100  # recall's quota inside LCRON's n-item training lists
+    tau: float = 200.0  # LCRON's NeuralSort temperature, on the scale of list length x logit gaps
+    lists_per_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
+        if not 0 < self.rank_quota < self.prerank_quota < self.recall_quota:
+            raise ValueError(f"need 0 < rank_quota < prerank_quota < recall_quota, got {self.rank_quota}, {self.prerank_quota} and {self.recall_quota}")
+        if not self.prerank_quota < self.lcron_recall_quota <= self.recall_quota:
+            raise ValueError(f"need prerank_quota < lcron_recall_quota <= recall_quota, got {self.prerank_quota}, {self.lcron_recall_quota} and {self.recall_quota}")
+
+
+# ------------------------------------------------------------------------------ the flow
+
+
+def stage_lists(ds: Dataset, recall: nn.Module, n: int, keep_positives: bool = False) -> dict[str, ListBatch]:
+    """Each split's recall output: the recall tower's top-n per request (and, with
+    ``keep_positives``, every logged positive it missed)."""
+    out = recall_output(ds, recall, n, keep_positives)
+    return {split: build_lists(out, split) for split in SPLITS}
+
+
+def positive_counts(ds: Dataset, request_id: np.ndarray) -> np.ndarray:
+    """Each request's number of logged positives, (R,) in the order of ``request_id``."""
+    c = ds.candidates
+    counts = np.bincount(c["request_id"][c["label"] > 0], minlength=int(ds.requests["request_id"].max()) + 1)
+    return counts[request_id]
+
+
+def top_of(lists: ListBatch, scores: np.ndarray, m: int, also: np.ndarray | None = None) -> ListBatch:
+    """Each list cut to its top-m by ``scores`` (B, N), best first, plus the items ``also``
+    (B, N) marks (padding where a row keeps fewer)."""
+    order = np.argsort(np.where(lists.mask, -scores, np.inf), axis=1, kind="stable")
+    keep = np.zeros_like(lists.mask)
+    np.put_along_axis(keep, order[:, :m], True, axis=1)
+    keep &= lists.mask
+    if also is not None:
+        keep |= also & lists.mask
+    cols = np.argsort(~keep, axis=1, kind="stable")[:, : int(keep.sum(1).max())]
+    cut = lists.take_columns(cols)
+    return replace(cut, mask=cut.mask & np.take_along_axis(keep, cols, 1))
+
+
+def joint_report(lists: ListBatch, prerank: np.ndarray, rank: np.ndarray, positives: np.ndarray, cfg: CascadeConfig, world=None) -> dict[str, float]:
+    """The cascade over each request's recall output ``lists`` (B, n) with the pre-ranker's and
+    ranker's scores (B, n); ``positives`` (B,) the request's logged positives, retrieved or not.
+
+    ``positives_retrieved``, ``positives_after_prerank`` and ``joint_recall``: the share of the
+    real positives still alive after recall, pre-rank and rank (end-to-end joint recall);
+    ``cascade_report``'s teacher consistency of the pre-ranker against this cascade's ranker,
+    Recall@k / NDCG@k of the positives inside the lists, and the oracle ratio."""
+    m, k = cfg.prerank_quota, cfg.rank_quota
+    truth = (lists.label > 0) & lists.mask
+    out = {
+        "positives_retrieved": M.joint_recall([prerank], [lists.list_size], truth, lists.mask, positives),
+        "positives_after_prerank": M.joint_recall([prerank], [m], truth, lists.mask, positives),
+        "joint_recall": M.joint_recall([prerank, rank], [m, k], truth, lists.mask, positives),
+    }
+    return out | cascade_report(prerank, rank, lists, DistillConfig(prerank_quota=m, rank_quota=k), world)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _fit(model: nn.Module, lists: ListBatch, teacher: np.ndarray | None, loss_cfg: DistillConfig, exp, run_dir: Path, epochs: int) -> float:
+    """One phase: ``epochs`` of ``loss_cfg``'s mix on ``lists``; returns its seconds."""
+    start = time.perf_counter()
+    loss = DistillLoss(loss_cfg)
+    trainer = Trainer(model, replace(exp.train, epochs=epochs, batch_size=exp.cascade.lists_per_batch), run_dir, loss=loss)
+    trainer.log(f"{run_dir.name}: {len(lists):,} lists of up to {lists.list_size} candidates, {epochs} epoch(s)")
+    trainer.fit(list_tensors(lists, model, teacher), lambda b: loss(model(b.user, b.items), b), None, resolved_config=exp.to_dict())
+    return time.perf_counter() - start
+
+
+class StackedStages(nn.Module):
+    """Two stages' models over one packed input, their columns side by side (user (B, Wa + Wb),
+    items (B, N, Wa' + Wb')), so one Trainer trains both: forward -> (B, N, 2) logits."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.second = first, second
+        self.cut_user = sum(s.width for s in first.user_slots)
+        self.cut_item = sum(s.width for s in first.item_slots)
+
+    def pack(self, lists: ListBatch, teacher: np.ndarray) -> Tensors:
+        one, two = list_tensors(lists, self.first, teacher), list_tensors(lists, self.second)
+        return replace(one, user=torch.cat([one.user, two.user], 1), items=torch.cat([one.items, two.items], 2))
+
+    def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        first = self.first(user[:, : self.cut_user], items[..., : self.cut_item])
+        second = self.second(user[:, self.cut_user :], items[..., self.cut_item :])
+        return torch.stack([first, second], dim=-1)
+
+
+class LcronLoss(nn.Module):
+    """LCRON over (B, N, 2) logits of (recall, pre-ranker) against the teacher's top-k:
+    ``L_e2e + L_recall / (2 sigma_r^2) + L_prerank / (2 sigma_p^2) + log sigma_r sigma_p``."""
+
+    def __init__(self, quotas: tuple[int, int], k: int, tau: float):
+        super().__init__()
+        self.quotas, self.k, self.tau = quotas, k, tau
+        self.weights = UncertaintyWeights(2)
+
+    def forward(self, logits: torch.Tensor, batch: Tensors) -> torch.Tensor:
+        mask = batch.mask
+        p_hats = [neural_sort(logits[..., i], mask, self.tau) for i in (0, 1)]
+        g = top_k_indicator(batch.teacher, mask, self.k)
+        singles = [relax_bce(p, g, mask, q) for p, q in zip(p_hats, self.quotas)]
+        return self.weights(e2e_loss(p_hats, list(self.quotas), g, mask), *singles)
+
+
+def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Module]], boosted: dict[str, Callable] | None = None) -> dict:
+    """Train one experiment of the config file ``config`` by its task (what `cascade train`
+    runs); ``boosted``: models with their own training function (LightGBM)."""
+    from cascade.config import load_config
+    from cascade.flow import train_distill
+    from cascade.pipeline import train_pointwise, train_recall
+
+    if exp.task == "cascade":
+        return train_cascade(exp, config, models)
+    if exp.task == "distill":
+        return train_distill(exp, None if exp.distill.teacher is None else load_config(config, exp.distill.teacher)[0], models)
+    if exp.task == "recall":
+        return train_recall(exp, models)
+    if boosted and exp.model.name in boosted:
+        return boosted[exp.model.name](exp)
+    return train_pointwise(exp, models)
+
+
+def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]) -> dict:
+    """Run ``exp.cascade``'s method from the warm-up stages (each trained first if its run folder
+    has no ``best.pt``); report the cascade on valid and test before training and after each
+    round. Writes ``results.json`` in ``exp.run_dir``."""
+    from cascade.config import ConfigError, load_config
+    from cascade.data.synth import WORLD_FILE, World
+    from cascade.pipeline import prepare_data
+
+    cfg: CascadeConfig = exp.cascade
+    recall_config = Path(cfg.recall["config"])
+    (recall_exp,) = load_config(recall_config, cfg.recall["experiment"])
+    if recall_exp.task != "recall":
+        raise ConfigError(f"cascade.recall: experiment '{recall_exp.name}' of {recall_config} is not a recall task")
+    ds = prepare_data(recall_exp.data)
+    world = World.load(recall_exp.data.dir) if (Path(recall_exp.data.dir) / WORLD_FILE).exists() else None
+    # the warm-up stages, each trained with its own config on this experiment's device if missing
+    on_device = lambda e: replace(e, train=replace(e.train, device=exp.train.device))  # noqa: E731
+    recall = load_trained(on_device(recall_exp), ds, models, lambda e: train_experiment(e, recall_config, models))
+    prerank, rank = (load_trained(on_device(load_config(config, name)[0]), ds, models, lambda e: train_experiment(e, config, models)) for name in (cfg.prerank, cfg.rank))
+    for model in (recall, prerank, rank):
+        model.to(exp.train.device)
+    n, m, k = cfg.recall_quota, cfg.prerank_quota, cfg.rank_quota
+    rounds: list[dict] = []
+    seconds: dict[str, float] = {}
+
+    def report(label: str) -> dict[str, ListBatch]:
+        lists = stage_lists(ds, recall, n)
+        row = {"after": label}
+        for split in ("valid", "test"):
+            lst = lists[split]
+            row[split] = joint_report(lst, score_lists(prerank, lst), score_lists(rank, lst), positive_counts(ds, lst.request_id), cfg, world if split == "test" else None)
+        rounds.append(row)
+        print(f"{exp.name} after {label}: test " + " ".join(f"{key} {v:.4f}" for key, v in row["test"].items()))
+        return lists
+
+    lists = report("start")
+    if cfg.method == "rankflow":
+        self_loss = DistillConfig(teacher=None, exposure_bce=0, rankflow_bce=1.0, prerank_quota=m, rank_quota=k)
+        pre_tutor = DistillConfig(exposure_bce=0, tutor=1.0, tutor_alpha=cfg.tutor_alpha, prerank_quota=m, rank_quota=k)
+        recall_tutor = DistillConfig(exposure_bce=0, tutor=1.0, tutor_alpha=cfg.recall_tutor_alpha, prerank_quota=n, rank_quota=m)
+        for r in range(1, cfg.rounds + 1):
+            start, here = time.perf_counter(), exp.run_dir / f"round{r}"
+            served = lists["train"]  # recall's top-n with the current recall tower
+            with_positives = stage_lists(ds, recall, n, keep_positives=True)["train"]
+            positive = (with_positives.label > 0) & with_positives.mask
+            ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive)
+            _fit(rank, ranker_lists, None, self_loss, exp, here / "rank_self", cfg.self_epochs)
+            _fit(prerank, with_positives, None, self_loss, exp, here / "prerank_self", cfg.self_epochs)
+            _fit(recall, with_positives, None, self_loss, exp, here / "recall_self", cfg.self_epochs)
+            _fit(prerank, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
+            _fit(recall, served, score_lists(prerank, served), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs)
+            seconds[f"round{r}"] = time.perf_counter() - start
+            lists = report(f"round {r}")  # the next round's stage data, from the updated recall tower
+    elif cfg.method == "lcron":
+        start = time.perf_counter()
+        train = lists["train"]
+        stacked = StackedStages(recall, prerank)
+        loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
+        trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss)
+        trainer.log(f"lcron: recall + pre-ranker on {len(train):,} lists of {train.list_size}, against {cfg.rank}'s top-{k}")
+        trainer.fit(stacked.pack(train, score_lists(rank, train)), lambda b: loss(stacked(b.user, b.items), b), None, resolved_config=exp.to_dict())
+        seconds["lcron"] = time.perf_counter() - start
+        report("lcron")
+    result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds}
+    exp.run_dir.mkdir(parents=True, exist_ok=True)
+    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return result

@@ -1,0 +1,134 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cascade.cli import main
+from cascade.config import ConfigError, load_config
+from cascade.data.lists import ListBatch
+from cascade.joint import LcronLoss, StackedStages, top_of
+from cascade.losses.arf import e2e_loss, relax_bce
+from cascade.losses.sorting import neural_sort, top_k_indicator
+from cascade.train import Tensors
+
+CONFIG = """
+base:
+  data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
+  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+  train: {epochs: 2, batch_size: 64, seed: 1, lr: 0.01, monitor: teacher_recall@4@10}
+  out: OUT
+  task: distill
+  distill: {teacher: din, prerank_quota: 10, rank_quota: 4, lists_per_batch: 16}
+  cascade: {recall: {config: CONFIG, experiment: recall}, recall_quota: 40, prerank_quota: 10, rank_quota: 4, lcron_recall_quota: 20, rounds: 1, self_epochs: 1, tutor_epochs: 1, lcron_epochs: 1, tau: 20.0}
+experiments:
+  recall:
+    task: recall
+    train: {monitor: recall@50}
+  din:
+    model: {name: din, params: {attention_hidden: [8], hidden: [16], dropout: 0.0}}
+    train: {monitor: recall@4}
+    distill: {teacher: null, exposure_bce: 0, rankflow_bce: 1}
+  exposure: {}
+  frozen: {task: cascade, cascade: {method: frozen, prerank: exposure}}
+  ranker_as_preranker: {task: cascade, cascade: {method: frozen, prerank: din}}
+  rankflow: {task: cascade, cascade: {method: rankflow, prerank: exposure}}
+  lcron: {task: cascade, cascade: {method: lcron, prerank: exposure}}
+"""
+
+
+def _write(tmp_path, text=CONFIG):
+    path = tmp_path / "c.yaml"
+    path.write_text(text.replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")).replace("CONFIG", str(path)))
+    return path
+
+
+def _lists(label, mask):
+    b, n = label.shape
+    return ListBatch(np.arange(b), {}, np.zeros((b, 0)), {"item_id": np.arange(1, b * n + 1).reshape(b, n)}, label, np.zeros((b, n), np.int8), mask)
+
+
+def test_top_of_keeps_the_top_m_best_first_plus_the_marked_items():
+    scores = np.array([[0.1, 0.9, 0.5, 0.7], [3.0, 1.0, 2.0, 0.0]])
+    mask = np.array([[True, True, True, True], [True, True, True, False]])
+    label = np.array([[1.0, 0, 0, 0], [0, 0, 0, 0]])
+    cut = top_of(_lists(label, mask), scores, 2, also=label > 0)
+    # row 0: top-2 are items 2 (0.9) and 4 (0.7); item 1 is marked (a positive) and joins.
+    # row 1: top-2 are items 5 (3.0) and 7 (2.0); nothing marked: its third slot is padding.
+    assert set(cut.item["item_id"][0][cut.mask[0]].tolist()) == {1, 2, 4}
+    assert cut.item["item_id"][1][cut.mask[1]].tolist() == [5, 7]
+    assert cut.label[0][cut.mask[0]].sum() == 1  # labels travel with their items
+
+
+def test_stacked_stages_score_each_stage_on_its_own_columns(small_world):
+    from cascade.data.lists import build_lists
+    from cascade.flow import score_lists
+    from cascade.towers.dssm import DSSM
+    from cascade.towers.embedding import Embeddings
+
+    ds, _ = small_world
+    spec = ds.schema.features
+    torch.manual_seed(0)
+    # different fields per stage, so a wrong column split would show
+    first = DSSM(spec.side("user"), spec.in_table("items"), Embeddings(spec, 8), history_len=ds.schema.history_max, hidden=(16, 8), dropout=0.0)
+    second = DSSM(spec.side("user")[:1], spec.side("item")[:2], Embeddings(spec, 4), history_len=0, hidden=(8, 4), dropout=0.0)
+    lists = build_lists(ds, "test").take(np.arange(5))
+    stacked = StackedStages(first, second).eval()
+    packed = stacked.pack(lists, np.zeros(lists.mask.shape, np.float32))
+    with torch.no_grad():
+        both = stacked(packed.user, packed.items).numpy()
+    np.testing.assert_allclose(np.where(lists.mask, both[..., 0], 0), score_lists(first, lists), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.where(lists.mask, both[..., 1], 0), score_lists(second, lists), rtol=1e-5, atol=1e-5)
+
+
+def test_lcron_loss_is_e2e_plus_half_the_stage_losses_at_unit_sigma():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, 2, generator=g)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[2, 6:] = False
+    teacher = torch.randn(3, 8, generator=g)
+    batch = Tensors(user=torch.zeros(3, 1), items=torch.zeros(3, 8, 1), label=torch.zeros(3, 8), mask=mask, teacher=teacher)
+    p = [neural_sort(logits[..., i], mask, 2.0) for i in (0, 1)]
+    gt = top_k_indicator(teacher, mask, 2)
+    # sigma = 1 at the start: L = e2e + L_recall / 2 + L_prerank / 2 + log 1 + log 1
+    expected = e2e_loss(p, [5, 3], gt, mask) + relax_bce(p[0], gt, mask, 5) / 2 + relax_bce(p[1], gt, mask, 3) / 2
+    assert LcronLoss((5, 3), 2, 2.0)(logits, batch).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_cascade_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"experiments.frozen.cascade.recall: 'experiment' is required"):
+        load_config(_write(tmp_path, CONFIG.replace("experiment: recall}, recall_quota", "}, recall_quota")))
+    with pytest.raises(ConfigError, match=r"experiments.lcron.cascade: method 'lcorn' is not one of frozen, rankflow, lcron"):
+        load_config(_write(tmp_path, CONFIG.replace("method: lcron", "method: lcorn")))
+    with pytest.raises(ConfigError, match=r"need 0 < rank_quota < prerank_quota < recall_quota, got 4, 10 and 8"):
+        load_config(_write(tmp_path, CONFIG.replace("recall_quota: 40", "recall_quota: 8")))
+
+
+def test_cascade_train_runs_each_method_and_a_rerun_resumes_to_the_same_result(tmp_path, capsys):
+    path = _write(tmp_path)
+    for name in ("frozen", "ranker_as_preranker", "rankflow", "lcron"):
+        assert main(["train", str(path), "--experiment", name]) == 0
+    runs = tmp_path / "runs"
+    results = {name: json.loads((runs / name / "results.json").read_text()) for name in ("frozen", "ranker_as_preranker", "rankflow", "lcron")}
+    for name, r in results.items():
+        for row in r["rounds"]:
+            t = row["test"]
+            # survival can only shrink down the cascade
+            assert 1 >= t["positives_retrieved"] >= t["positives_after_prerank"] >= t["joint_recall"] >= 0, name
+            assert 0 < t["oracle_ratio"] <= 1
+    assert [row["after"] for row in results["rankflow"]["rounds"]] == ["start", "round 1"]
+    assert [row["after"] for row in results["lcron"]["rounds"]] == ["start", "lcron"]
+    # every method starts from the same warm-up cascade
+    assert results["rankflow"]["rounds"][0]["test"] == results["frozen"]["rounds"][0]["test"] == results["lcron"]["rounds"][0]["test"]
+    # the ranker as its own pre-ranker passes all its top-4 on
+    assert results["ranker_as_preranker"]["test"]["teacher_recall@4@10"] == pytest.approx(1.0)
+    # rankflow and lcron retrained recall: what it retrieves changed; the warm-up run is untouched
+    for name in ("rankflow", "lcron"):
+        assert results[name]["test"]["positives_retrieved"] != results[name]["rounds"][0]["test"]["positives_retrieved"]
+    for phase in ("rank_self", "prerank_self", "recall_self", "prerank_tutor", "recall_tutor"):
+        assert (runs / "rankflow" / "round1" / phase / "best.pt").exists(), phase
+    # a rerun resumes every phase (nothing trains again) and reports the same cascade
+    assert main(["train", str(path), "--experiment", "rankflow"]) == 0
+    again = json.loads((runs / "rankflow" / "results.json").read_text())
+    assert again["rounds"] == results["rankflow"]["rounds"]
+    assert "resumed from" in (runs / "rankflow" / "round1" / "recall_tutor" / "log.txt").read_text()
