@@ -64,13 +64,16 @@ class DistillConfig:
             raise ValueError("tutor, arf, listwise_kd, logit_mse and soft_bce need a teacher")
 
 
-def recall_output(ds: Dataset, model: nn.Module, n: int, keep_positives: bool = False) -> Dataset:
+def recall_output(ds: Dataset, model: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0) -> Dataset:
     """The logs with each request's candidates replaced by the frozen recall output: the recall
     tower's top-n of the catalog (faiss, history excluded). A retrieved item the request logged
     keeps its logged stage and label; any other is stage 0, label 0 (unexposed: a negative, as
     in RankFlow). Logged items recall missed are gone, as in a real cascade, unless
     ``keep_positives``: then its missed positives are added (RankFlow's self-learning sees every
-    positive of the split beside the stage's own negatives). Every split."""
+    positive of the split beside the stage's own negatives). ``catalog_negatives``: that many
+    uniform draws from the catalog per request are added as label-0 items (duplicates and the
+    request's logged positives dropped): recall's own candidate space is the whole catalog, not
+    its top-n. Every split."""
     from cascade.recall import build_index, user_vectors
 
     lists = build_lists(ds)
@@ -90,12 +93,20 @@ def recall_output(ds: Dataset, model: nn.Module, n: int, keep_positives: bool = 
     row = order[pos]
     stage = np.where(hit, logged["stage"][row], 0).astype(logged["stage"].dtype)
     label = np.where(hit, logged["label"][row], 0).astype(logged["label"].dtype)
+    positive = logged["label"] > 0
     if keep_positives:
-        retrieved_keys = np.sort(key(rid, iid))
-        at = np.clip(np.searchsorted(retrieved_keys, logged_keys), 0, len(retrieved_keys) - 1)
-        missed = np.flatnonzero((logged["label"] > 0) & (retrieved_keys[at] != logged_keys))
+        missed = np.flatnonzero(positive & ~np.isin(logged_keys, key(rid, iid)))
         rid, iid = np.concatenate([rid, logged["request_id"][missed]]), np.concatenate([iid, logged["item_id"][missed]])
         stage, label = np.concatenate([stage, logged["stage"][missed]]), np.concatenate([label, logged["label"][missed]])
+    if catalog_negatives:
+        draw_r = np.repeat(lists.request_id, catalog_negatives)
+        draw_i = np.random.default_rng(seed).choice(ds.items["item_id"], size=len(draw_r))
+        drawn = key(draw_r, draw_i)
+        first = np.zeros(len(drawn), bool)
+        first[np.unique(drawn, return_index=True)[1]] = True
+        new = np.flatnonzero(first & ~np.isin(drawn, key(rid, iid)) & ~np.isin(drawn, logged_keys[positive]))
+        rid, iid = np.concatenate([rid, draw_r[new]]), np.concatenate([iid, draw_i[new]])
+        stage, label = np.concatenate([stage, np.zeros(len(new), stage.dtype)]), np.concatenate([label, np.zeros(len(new), label.dtype)])
     return replace(ds, candidates={"request_id": rid, "item_id": iid, "stage": stage, "label": label})
 
 

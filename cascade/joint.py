@@ -16,11 +16,17 @@ ratio. The stages start from warm-up models, each an experiment trained on its o
   split; (3) tutor learning: the ranker teaches the pre-ranker (top-k), the pre-ranker teaches
   recall (top-m), ``alpha * TopK-BPR + (1 - alpha) * probability MSE`` on the student's list.
 - ``lcron`` (Wang et al., ICML 2025): recall and pre-ranker trained as one network on the warm-up
-  recall's lists against the ranker's top-k: L_e2e (BCE of the product of both stages' relaxed
+  recall's lists (plus the catalog draws below) against the ranker's top-k: L_e2e (BCE of the product of both stages' relaxed
   top-quota memberships) + each stage's ARF-v2 loss under learnable uncertainty weights. The
   quotas in the loss are the stages' (``lcron_recall_quota`` of the n-item list, then
   ``prerank_quota``); the authors' PyTorch code uses the ground-truth count for both. The
   ranker stays frozen.
+
+Recall's training lists (its self-learning and tutor lists, LCRON's) also hold
+``catalog_negatives`` uniform draws from the catalog, label 0: recall's candidate space is the
+whole catalog, and trained on its own top-n alone it forgets the rest (on ML-1M one RankFlow
+round without them cut the share of real positives in its top-200 from 0.26 to 0.03). This is
+our addition; neither paper's code has it (LCRON never retrieves from a catalog).
 
 Every phase trains with this experiment's ``train`` config (lr, device, seed) for the epochs the
 schedule gives, no early stopping, in its own folder under ``run_dir``: a stopped run resumes.
@@ -69,6 +75,9 @@ class CascadeConfig:
     tutor_alpha: float = 0.5  # the pre-ranker's tutor (RankFlow's ML-1M value)
     recall_tutor_alpha: float = 0.2  # recall's tutor (RankFlow's ML-1M value)
     lcron_epochs: int = 2
+    # uniform catalog items (label 0) added to each of recall's training lists: its candidate space
+    # is the catalog, and trained on its own top-n alone it forgets the rest (see the module doc)
+    catalog_negatives: int = 200
     lcron_recall_quota: int = 100  # recall's quota inside LCRON's n-item training lists
     tau: float = 200.0  # LCRON's NeuralSort temperature, on the scale of list length x logit gaps
     lists_per_batch: int = 32
@@ -85,10 +94,11 @@ class CascadeConfig:
 # ------------------------------------------------------------------------------ the flow
 
 
-def stage_lists(ds: Dataset, recall: nn.Module, n: int, keep_positives: bool = False) -> dict[str, ListBatch]:
+def stage_lists(ds: Dataset, recall: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0) -> dict[str, ListBatch]:
     """Each split's recall output: the recall tower's top-n per request (and, with
-    ``keep_positives``, every logged positive it missed)."""
-    out = recall_output(ds, recall, n, keep_positives)
+    ``keep_positives``, every logged positive it missed; ``catalog_negatives`` uniform catalog
+    draws as label-0 items: see ``flow.recall_output``)."""
+    out = recall_output(ds, recall, n, keep_positives, catalog_negatives, seed)
     return {split: build_lists(out, split) for split in SPLITS}
 
 
@@ -243,18 +253,20 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             start, here = time.perf_counter(), exp.run_dir / f"round{r}"
             served = lists["train"]  # recall's top-n with the current recall tower
             with_positives = stage_lists(ds, recall, n, keep_positives=True)["train"]
+            recall_self = stage_lists(ds, recall, n, True, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
+            recall_served = stage_lists(ds, recall, n, False, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
             positive = (with_positives.label > 0) & with_positives.mask
             ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive)
             _fit(rank, ranker_lists, None, self_loss, exp, here / "rank_self", cfg.self_epochs)
             _fit(prerank, with_positives, None, self_loss, exp, here / "prerank_self", cfg.self_epochs)
-            _fit(recall, with_positives, None, self_loss, exp, here / "recall_self", cfg.self_epochs)
+            _fit(recall, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs)
             _fit(prerank, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
-            _fit(recall, served, score_lists(prerank, served), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs)
+            _fit(recall, recall_served, score_lists(prerank, recall_served), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs)
             seconds[f"round{r}"] = time.perf_counter() - start
             lists = report(f"round {r}")  # the next round's stage data, from the updated recall tower
     elif cfg.method == "lcron":
         start = time.perf_counter()
-        train = lists["train"]
+        train = stage_lists(ds, recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed)["train"]
         stacked = StackedStages(recall, prerank)
         loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
         trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss)

@@ -118,6 +118,13 @@ def test_recall_output_is_the_retrieved_items_labelled_from_the_logs(small_world
     added = list(zip(*(full.candidates[k][len(c["item_id"]) :].tolist() for k in ("request_id", "item_id", "stage", "label"))))
     assert {(r, i) for r, i, _, _ in added} == set(positives) - retrieved
     assert all((s, y) == positives[(r, i)] for r, i, s, y in added) and len(added) > 0
+    # catalog_negatives adds up to 25 new label-0 items per request, never a logged positive
+    wide = recall_output(ds, model, 30, catalog_negatives=25, seed=1)
+    assert validate(wide) == []  # no (request, item) twice
+    drawn = list(zip(*(wide.candidates[k][len(c["item_id"]) :].tolist() for k in ("request_id", "item_id", "label"))))
+    per_request = np.bincount([r for r, _, _ in drawn], minlength=len(ds.requests["request_id"]) + 1)
+    assert 20 * len(ds.requests["request_id"]) < len(drawn) and per_request.max() <= 25
+    assert not any((r, i) in retrieved or (r, i) in positives or y != 0 for r, i, y in drawn)
 
 
 def test_recall_output_data_needs_a_recall_experiment(tmp_path):
