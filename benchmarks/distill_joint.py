@@ -34,7 +34,10 @@ def run(exp, config: Path, seed: int, runs: Path, device: str) -> dict:
     done = exp.run_dir / "results.json"
     if done.exists():
         return json.loads(done.read_text())
-    return train_experiment(exp, config, {**MODELS, **TEACHERS})
+    result = train_experiment(exp, config, {**MODELS, **TEACHERS})
+    result["machine"] = provenance()["machine"]  # rows of one table may come from different machines
+    done.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return result
 
 
 def write(rows: dict[str, list[dict]], name: str, config: str) -> None:
@@ -46,8 +49,8 @@ def write(rows: dict[str, list[dict]], name: str, config: str) -> None:
     lines = [
         f"# The whole cascade ({config}): recall top-{n} of the catalog -> pre-rank top-{m} -> rank top-{k}",
         "",
-        f"| experiment | method | after | seeds | positives retrieved (top-{n}) | after pre-rank (top-{m}) | joint recall (final top-{k}) | Recall@{k}@{m}, pre-ranker vs this ranker | NDCG@{k} (listed positives) | oracle ratio | minutes |",
-        "|---|---|---|---:|---|---|---|---|---|---|---:|",
+        f"| experiment | method | after | seeds | positives retrieved (top-{n}) | after pre-rank (top-{m}) | joint recall (final top-{k}) | Recall@{k}@{m}, pre-ranker vs this ranker | NDCG@{k} (listed positives) | oracle ratio | minutes | machine |",
+        "|---|---|---|---:|---|---|---|---|---|---|---:|---|",
     ]
     for exp_name, rs in rows.items():
         for i, after in enumerate(row["after"] for row in rs[0]["rounds"]):
@@ -60,7 +63,7 @@ def write(rows: dict[str, list[dict]], name: str, config: str) -> None:
             lines.append(
                 f"| {exp_name} | {rs[0]['method']} ({rs[0]['stages']['prerank']}) | {after} | {len(rs)} | {mean_std([x['positives_retrieved'] for x in t])} | "
                 f"{mean_std([x['positives_after_prerank'] for x in t])} | {mean_std([x['joint_recall'] for x in t])} | {mean_std([x[f'teacher_recall@{k}@{m}'] for x in t])} | "
-                f"{mean_std([x[f'ndcg@{k}'] for x in t])} | {oracle} | {'-' if np.isnan(minutes) else f'{minutes:.1f}'} |"
+                f"{mean_std([x[f'ndcg@{k}'] for x in t])} | {oracle} | {'-' if np.isnan(minutes) else f'{minutes:.1f}'} | {rs[0].get('machine', '-')} |"
             )
     lines += [
         "",

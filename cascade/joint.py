@@ -28,7 +28,9 @@ whole catalog, and trained on its own top-n alone it forgets the rest (on ML-1M 
 round without them cut the share of real positives in its top-200 from 0.26 to 0.03). This is
 our addition; neither paper's code has it (LCRON never retrieves from a catalog).
 
-Every phase trains with this experiment's ``train`` config (lr, device, seed) for the epochs the
+Every phase fine-tunes a warm-up model, so its BatchNorm layers keep their running statistics
+(``keep_norm_statistics``): re-estimated on the stage lists they shift a tower's output (measured
+in the closing note of issue 4). Every phase trains with this experiment's ``train`` config (lr, device, seed) for the epochs the
 schedule gives, no early stopping, in its own folder under ``run_dir``: a stopped run resumes.
 """
 
@@ -70,10 +72,12 @@ class CascadeConfig:
     prerank_quota: int = 50
     rank_quota: int = 10
     rounds: int = 2  # rankflow
+    trained: tuple[str, ...] = ("rank", "prerank", "recall")  # rankflow: the stages its rounds train
     self_epochs: int = 2
     tutor_epochs: int = 1
     tutor_alpha: float = 0.5  # the pre-ranker's tutor (RankFlow's ML-1M value)
     recall_tutor_alpha: float = 0.2  # recall's tutor (RankFlow's ML-1M value)
+    recall_lr: float | None = None  # rankflow: the lr of recall's phases (None: train.lr)
     lcron_epochs: int = 2
     # uniform catalog items (label 0) added to each of recall's training lists: its candidate space
     # is the catalog, and trained on its own top-n alone it forgets the rest (see the module doc)
@@ -87,6 +91,9 @@ class CascadeConfig:
             raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
         if not 0 < self.rank_quota < self.prerank_quota < self.recall_quota:
             raise ValueError(f"need 0 < rank_quota < prerank_quota < recall_quota, got {self.rank_quota}, {self.prerank_quota} and {self.recall_quota}")
+        unknown = sorted(set(self.trained) - {"rank", "prerank", "recall"})
+        if unknown:
+            raise ValueError(f"trained: unknown stage '{unknown[0]}' (stages: rank, prerank, recall)")
         if not self.prerank_quota < self.lcron_recall_quota <= self.recall_quota:
             raise ValueError(f"need prerank_quota < lcron_recall_quota <= recall_quota, got {self.prerank_quota}, {self.lcron_recall_quota} and {self.recall_quota}")
 
@@ -144,13 +151,27 @@ def joint_report(lists: ListBatch, prerank: np.ndarray, rank: np.ndarray, positi
 # ------------------------------------------------------------------------------ training
 
 
-def _fit(model: nn.Module, lists: ListBatch, teacher: np.ndarray | None, loss_cfg: DistillConfig, exp, run_dir: Path, epochs: int) -> float:
-    """One phase: ``epochs`` of ``loss_cfg``'s mix on ``lists``; returns its seconds."""
+def keep_norm_statistics(model: nn.Module) -> None:
+    """Put ``model``'s BatchNorm layers in eval mode, so a training step normalises with their
+    running statistics and leaves them as they are: a warm-up stage fine-tuned on another
+    distribution (its stage lists) keeps the normalisation its other weights were trained with."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _fit(model: nn.Module, lists: ListBatch, teacher: np.ndarray | None, loss_cfg: DistillConfig, exp, run_dir: Path, epochs: int, lr: float | None = None) -> float:
+    """One phase: ``epochs`` of ``loss_cfg``'s mix on ``lists`` (at ``lr``, default
+    ``exp.train.lr``); returns its seconds."""
     start = time.perf_counter()
     loss = DistillLoss(loss_cfg)
-    trainer = Trainer(model, replace(exp.train, epochs=epochs, batch_size=exp.cascade.lists_per_batch), run_dir, loss=loss)
+    trainer = Trainer(model, replace(exp.train, epochs=epochs, batch_size=exp.cascade.lists_per_batch, lr=lr or exp.train.lr), run_dir, loss=loss)
     trainer.log(f"{run_dir.name}: {len(lists):,} lists of up to {lists.list_size} candidates, {epochs} epoch(s)")
-    trainer.fit(list_tensors(lists, model, teacher), lambda b: loss(model(b.user, b.items), b), None, resolved_config=exp.to_dict())
+    def step(b: Tensors) -> torch.Tensor:
+        keep_norm_statistics(model)
+        return loss(model(b.user, b.items), b)
+
+    trainer.fit(list_tensors(lists, model, teacher), step, None, resolved_config=exp.to_dict())
     return time.perf_counter() - start
 
 
@@ -257,11 +278,16 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             recall_served = stage_lists(ds, recall, n, False, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
             positive = (with_positives.label > 0) & with_positives.mask
             ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive)
-            _fit(rank, ranker_lists, None, self_loss, exp, here / "rank_self", cfg.self_epochs)
-            _fit(prerank, with_positives, None, self_loss, exp, here / "prerank_self", cfg.self_epochs)
-            _fit(recall, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs)
-            _fit(prerank, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
-            _fit(recall, recall_served, score_lists(prerank, recall_served), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs)
+            if "rank" in cfg.trained:
+                _fit(rank, ranker_lists, None, self_loss, exp, here / "rank_self", cfg.self_epochs)
+            if "prerank" in cfg.trained:
+                _fit(prerank, with_positives, None, self_loss, exp, here / "prerank_self", cfg.self_epochs)
+            if "recall" in cfg.trained:
+                _fit(recall, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
+            if "prerank" in cfg.trained:
+                _fit(prerank, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
+            if "recall" in cfg.trained:
+                _fit(recall, recall_served, score_lists(prerank, recall_served), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs, cfg.recall_lr)
             seconds[f"round{r}"] = time.perf_counter() - start
             lists = report(f"round {r}")  # the next round's stage data, from the updated recall tower
     elif cfg.method == "lcron":
@@ -271,7 +297,11 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
         trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss)
         trainer.log(f"lcron: recall + pre-ranker on {len(train):,} lists of {train.list_size}, against {cfg.rank}'s top-{k}")
-        trainer.fit(stacked.pack(train, score_lists(rank, train)), lambda b: loss(stacked(b.user, b.items), b), None, resolved_config=exp.to_dict())
+        def step(b: Tensors) -> torch.Tensor:
+            keep_norm_statistics(stacked)
+            return loss(stacked(b.user, b.items), b)
+
+        trainer.fit(stacked.pack(train, score_lists(rank, train)), step, None, resolved_config=exp.to_dict())
         seconds["lcron"] = time.perf_counter() - start
         report("lcron")
     result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds}
