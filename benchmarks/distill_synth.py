@@ -96,8 +96,9 @@ def main(name: str = "distill_synth", config: str = "configs/distill_synth.yaml"
     parser.add_argument("--runs", default=f"runs/bench_{name}")
     args = parser.parse_args()
     experiments = {e.name: e for e in load_config(ROOT / args.config)}
-    mixes = {n: e for n, e in experiments.items() if e.task == "distill" and e.distill.teacher is not None}
-    teacher = experiments[next(iter(mixes.values())).distill.teacher]
+    # every mix taught by the one DIN teacher (other teachers' students are run on their own)
+    mixes = {n: e for n, e in experiments.items() if e.task == "distill" and e.distill.teacher == "din"}
+    teacher = experiments["din"]
     runs = ROOT / args.runs
     rows: dict[str, list[dict]] = {}
     for mix, exp in mixes.items():  # the screen: seed 0 of every mix

@@ -220,11 +220,45 @@ def load_trained(exp, ds, models: dict[str, Callable[..., nn.Module]], train: Ca
     return model.eval()
 
 
-def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]]) -> dict:
+ORDER_ONLY_TERMS = ("listwise_kd", "logit_mse", "soft_bce")  # they read the teacher's score scale
+
+
+def boosted_scores(teacher_exp, lists: dict[str, ListBatch], train: Callable) -> dict[str, np.ndarray]:
+    """The scores (B, N) per split of a teacher that is not a torch model (LightGBM): its training
+    (``train``, run first if its folder has no ``results.json``) writes them to
+    ``scores/SPLIT.npy`` for the same lists."""
+    if not (teacher_exp.run_dir / "results.json").exists():
+        train(teacher_exp)
+    out = {}
+    for split, lst in lists.items():
+        path = teacher_exp.run_dir / "scores" / f"{split}.npy"
+        scores = np.load(path) if path.exists() else None
+        if scores is None or scores.shape != lst.mask.shape:
+            raise ValueError(f"teacher '{teacher_exp.name}': {path} is missing or was written for other lists; delete {teacher_exp.run_dir} to retrain it")
+        out[split] = scores
+    return out
+
+
+def check_order_only(cfg: DistillConfig, teacher_exp) -> None:
+    """A LightGBM lambdarank teacher's scores mean something only within a list: it may feed
+    only the order-based terms (TopK-BPR, i.e. tutor at alpha 1, and ARF)."""
+    from cascade.config import ConfigError
+
+    used = [t for t in ORDER_ONLY_TERMS if getattr(cfg, t)]
+    if cfg.tutor and cfg.tutor_alpha != 1:
+        used.append(f"tutor with tutor_alpha {cfg.tutor_alpha} (its MSE term)")
+    if used:
+        raise ConfigError(f"distill: teacher '{teacher_exp.name}' is order-only (LightGBM lambdarank): it feeds only tutor at tutor_alpha 1 and arf, not {used[0]}")
+
+
+def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]], train_teacher: Callable | None = None) -> dict:
     """Train the model of ``exp`` on the frozen recall output with ``exp.distill``'s loss mix
     against the frozen teacher of ``teacher_exp`` (None for a teacher-free mix, e.g. a ranker's
     own self-learning); early-stop on validation Recall@k@m against the teacher (Recall@k of
-    the real positives without one); report the cascade on test."""
+    the real positives without one); report the cascade on test. ``train_teacher`` trains a
+    missing teacher (default: as a distill or pointwise experiment of ``models``); a teacher
+    outside ``models`` (LightGBM) must come with it."""
+    from cascade.config import ConfigError
     from cascade.data.synth import WORLD_FILE, World
     from cascade.pipeline import build_model, prepare_data, train_pointwise
 
@@ -233,9 +267,15 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]])
     lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
     if teacher_exp is None:
         teacher_scores = {split: np.zeros(lst.mask.shape, np.float32) for split, lst in lists.items()}
+    elif teacher_exp.model.name not in models:
+        if train_teacher is None:
+            raise ConfigError(f"distill.teacher: '{teacher_exp.name}' ({teacher_exp.model.name}) is not a torch model and nothing here can train it")
+        if teacher_exp.model.params.get("objective", "lambdarank") == "lambdarank":
+            check_order_only(cfg, teacher_exp)
+        teacher_scores = boosted_scores(teacher_exp, lists, train_teacher)
     else:
-        train_teacher = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
-        teacher = load_trained(teacher_exp, ds, models, train_teacher).to(exp.train.device)
+        default = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
+        teacher = load_trained(teacher_exp, ds, models, train_teacher or default).to(exp.train.device)
         teacher_scores = {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)

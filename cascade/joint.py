@@ -214,15 +214,16 @@ class LcronLoss(nn.Module):
 
 def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Module]], boosted: dict[str, Callable] | None = None) -> dict:
     """Train one experiment of the config file ``config`` by its task (what `cascade train`
-    runs); ``boosted``: models with their own training function (LightGBM)."""
+    runs); ``boosted``: models with their own training function (LightGBM), for any task."""
     from cascade.config import load_config
     from cascade.flow import train_distill
     from cascade.pipeline import train_pointwise, train_recall
 
     if exp.task == "cascade":
         return train_cascade(exp, config, models)
-    if exp.task == "distill":
-        return train_distill(exp, None if exp.distill.teacher is None else load_config(config, exp.distill.teacher)[0], models)
+    if exp.task == "distill" and not (boosted and exp.model.name in boosted):
+        teacher = None if exp.distill.teacher is None else load_config(config, exp.distill.teacher)[0]
+        return train_distill(exp, teacher, models, lambda e: train_experiment(e, config, models, boosted))
     if exp.task == "recall":
         return train_recall(exp, models)
     if boosted and exp.model.name in boosted:

@@ -152,8 +152,10 @@ class GBDTTeacher:
 
 
 def train_gbdt(exp) -> dict:
-    """`cascade train` for ``model.name: gbdt``: a binary LightGBM on logged exposures, early
-    stopping on validation AUC, scored on test like the neural models."""
+    """`cascade train` for ``model.name: gbdt``. ``task: pointwise``: a binary LightGBM on logged
+    exposures, early stopping on validation AUC, scored on test like the neural models.
+    ``task: distill`` (with ``distill.teacher: null``): a ranker on the flow's lists, see
+    ``train_gbdt_lists``."""
     import json
     import time
 
@@ -162,6 +164,10 @@ def train_gbdt(exp) -> dict:
     from cascade.data.lists import pointwise_lists
     from cascade.pipeline import pointwise_metrics, prepare_data
 
+    if exp.task == "distill":
+        return train_gbdt_lists(exp)
+    if exp.task != "pointwise":
+        raise ConfigError(f"task: model 'gbdt' trains as 'pointwise' or 'distill', not '{exp.task}'")
     ds = prepare_data(exp.data)
     try:
         cfg = GBDTConfig(**{"objective": "binary", "seed": exp.train.seed, **exp.model.params})
@@ -186,4 +192,42 @@ def train_gbdt(exp) -> dict:
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     teacher.booster.save_model(str(exp.run_dir / "model.txt"))
+    return result
+
+
+def train_gbdt_lists(exp) -> dict:
+    """A LightGBM ranker on its own candidate space, the teacher of a distill run: one query group
+    per request's list (the frozen recall output; unexposed items are label 0), ``lambdarank`` by
+    default (an order-only teacher), early stopping on validation NDCG@10. Writes ``model.txt``,
+    its scores of every split's lists to ``scores/SPLIT.npy`` (what ``flow.train_distill`` reads)
+    and ``results.json`` with the flow's report of itself as its own pre-ranker."""
+    import json
+    import time
+
+    from cascade.config import ConfigError
+    from cascade.data.lists import build_lists
+    from cascade.flow import cascade_report
+    from cascade.pipeline import prepare_data
+
+    if exp.distill.teacher is not None:
+        raise ConfigError(f"distill.teacher: a 'gbdt' ranker trains on labels only, so it takes no teacher (got '{exp.distill.teacher}')")
+    ds = prepare_data(exp.data)
+    try:
+        cfg = GBDTConfig(**{"seed": exp.train.seed, **exp.model.params})
+    except TypeError as e:
+        raise ConfigError(f"model: {e}") from None
+    lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
+    teacher = GBDTTeacher(ds.schema.features, ds.items, cfg)
+    start = time.perf_counter()
+    best = teacher.fit(lists["train"], lists["valid"])
+    seconds = time.perf_counter() - start
+    (exp.run_dir / "scores").mkdir(parents=True, exist_ok=True)
+    scores = {}
+    for split, lst in lists.items():
+        scores[split] = teacher.score(lst)
+        np.save(exp.run_dir / "scores" / f"{split}.npy", scores[split])
+    teacher.booster.save_model(str(exp.run_dir / "model.txt"))
+    test = cascade_report(scores["test"], scores["test"], lists["test"], exp.distill)
+    result = {"experiment": exp.name, "model": "gbdt", "task": "distill", "objective": cfg.objective, "trees": teacher.booster.best_iteration, "valid": best, "test": test, "train_seconds": seconds}
+    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

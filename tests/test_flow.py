@@ -135,3 +135,37 @@ def test_recall_output_data_needs_a_recall_experiment(tmp_path):
     path = _write(tmp_path)
     with pytest.raises(ConfigError, match="data.recall: experiment 'din' of .* is not a recall task"):
         frozen_recall_output({"config": str(path), "experiment": "din"})
+
+
+GBDT_TEACHER = """
+  gbdt_rank:  # a LightGBM lambdarank ranker on the lists: an order-only teacher
+    model: {name: gbdt, params: {n_estimators: 20, num_leaves: 7, min_data_in_leaf: 5, early_stopping: 5}}
+    distill: {teacher: null, exposure_bce: 0, rankflow_bce: 1}
+  from_gbdt:
+    model: {params: {hidden: [16, 8], dropout: 0.0}}
+    distill: {teacher: gbdt_rank, exposure_bce: 0, tutor: 1, tutor_alpha: 1.0, arf: 1, arf_tau: 5}
+  kd_from_gbdt: {distill: {teacher: gbdt_rank, exposure_bce: 0, listwise_kd: 1}}
+  mse_from_gbdt: {distill: {teacher: gbdt_rank, exposure_bce: 0, tutor: 1, tutor_alpha: 0.5}}
+"""
+
+
+def test_a_lightgbm_lambdarank_teacher_feeds_only_the_order_based_terms(tmp_path, capsys):
+    # model params only per experiment: the base's would merge into the LightGBM ones
+    path = _write(tmp_path, CONFIG.replace("name: dssm, params: {hidden: [16, 8], dropout: 0.0}}", "name: dssm}") + GBDT_TEACHER)
+    assert main(["distill", str(path), "--experiment", "from_gbdt"]) == 0
+    runs = tmp_path / "runs"
+    teacher = json.loads((runs / "gbdt_rank" / "results.json").read_text())
+    assert teacher["objective"] == "lambdarank" and (runs / "gbdt_rank" / "model.txt").exists()
+    student = json.loads((runs / "from_gbdt" / "results.json").read_text())
+    assert student["teacher"] == "gbdt_rank"
+    # the scores the student learned from are the ones the LightGBM ranker wrote: the flow with
+    # them as their own pre-ranker reports the same as the ranker's own run (below 1: its few
+    # trees leave ties at the cut, counted at their expected share)
+    reference = student["reference"]["teacher_as_preranker"]
+    assert {k: reference[k] for k in teacher["test"]} == pytest.approx(teacher["test"])
+    capsys.readouterr()
+    # terms that read the teacher's score scale are refused, naming the term
+    assert main(["distill", str(path), "--experiment", "kd_from_gbdt"]) == 2
+    assert "teacher 'gbdt_rank' is order-only (LightGBM lambdarank): it feeds only tutor at tutor_alpha 1 and arf, not listwise_kd" in capsys.readouterr().err
+    assert main(["distill", str(path), "--experiment", "mse_from_gbdt"]) == 2
+    assert "not tutor with tutor_alpha 0.5 (its MSE term)" in capsys.readouterr().err
