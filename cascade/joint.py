@@ -78,6 +78,12 @@ class CascadeConfig:
     tutor_alpha: float = 0.5  # the pre-ranker's tutor (RankFlow's ML-1M value)
     recall_tutor_alpha: float = 0.2  # recall's tutor (RankFlow's ML-1M value)
     recall_lr: float | None = None  # rankflow: the lr of recall's phases (None: train.lr)
+    # rankflow: recall's self-learning. lists: BCE on its own top-n + positives (RankFlow's);
+    # retrieval: its warm-up objective (sampled softmax over the catalog) on the logged positives
+    recall_self: str = "lists"
+    # rankflow self-learning positives. all: every logged positive of the split joins each stage's
+    # list (RankFlow's); listed: only those inside the stage's own list
+    self_positives: str = "all"
     lcron_epochs: int = 2
     # uniform catalog items (label 0) added to each of recall's training lists: its candidate space
     # is the catalog, and trained on its own top-n alone it forgets the rest (see the module doc)
@@ -91,6 +97,10 @@ class CascadeConfig:
             raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
         if not 0 < self.rank_quota < self.prerank_quota < self.recall_quota:
             raise ValueError(f"need 0 < rank_quota < prerank_quota < recall_quota, got {self.rank_quota}, {self.prerank_quota} and {self.recall_quota}")
+        if self.self_positives not in ("all", "listed"):
+            raise ValueError(f"self_positives: '{self.self_positives}' is not 'all' or 'listed'")
+        if self.recall_self not in ("lists", "retrieval"):
+            raise ValueError(f"recall_self: '{self.recall_self}' is not 'lists' or 'retrieval'")
         unknown = sorted(set(self.trained) - {"rank", "prerank", "recall"})
         if unknown:
             raise ValueError(f"trained: unknown stage '{unknown[0]}' (stages: rank, prerank, recall)")
@@ -172,6 +182,26 @@ def _fit(model: nn.Module, lists: ListBatch, teacher: np.ndarray | None, loss_cf
         return loss(model(b.user, b.items), b)
 
     trainer.fit(list_tensors(lists, model, teacher), step, None, resolved_config=exp.to_dict())
+    return time.perf_counter() - start
+
+
+def _fit_retrieval(recall: nn.Module, ds: Dataset, recall_exp, exp, run_dir: Path, epochs: int, lr: float | None) -> float:
+    """Recall's self-learning with its own warm-up objective (``recall.RecallStep`` over the
+    logged (request, positive) pairs of the train split) for ``epochs``; returns its seconds."""
+    from cascade.recall import RecallStep, item_table, training_pairs
+
+    start = time.perf_counter()
+    table = item_table(ds, recall.item_slots)
+    pairs = training_pairs(ds, recall, "train", table, recall_exp.recall.hard_negatives, recall_exp.recall.seed)
+    step = RecallStep(recall_exp.recall, recall, table, ds.items["item_id"], pairs)
+    trainer = Trainer(recall, replace(exp.train, epochs=epochs, batch_size=recall_exp.train.batch_size, lr=lr or exp.train.lr), run_dir)
+    trainer.log(f"{run_dir.name}: {len(pairs):,} (request, positive) pairs, sampled softmax, {epochs} epoch(s)")
+
+    def loss(b: Tensors) -> torch.Tensor:
+        keep_norm_statistics(recall)
+        return step(recall, b)
+
+    trainer.fit(pairs, loss, None, resolved_config=exp.to_dict())
     return time.perf_counter() - start
 
 
@@ -274,16 +304,19 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         for r in range(1, cfg.rounds + 1):
             start, here = time.perf_counter(), exp.run_dir / f"round{r}"
             served = lists["train"]  # recall's top-n with the current recall tower
-            with_positives = stage_lists(ds, recall, n, keep_positives=True)["train"]
-            recall_self = stage_lists(ds, recall, n, True, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
+            every_positive = cfg.self_positives == "all"
+            with_positives = stage_lists(ds, recall, n, keep_positives=every_positive)["train"]
+            recall_self = stage_lists(ds, recall, n, every_positive, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
             recall_served = stage_lists(ds, recall, n, False, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
             positive = (with_positives.label > 0) & with_positives.mask
-            ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive)
+            ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive if every_positive else None)
             if "rank" in cfg.trained:
                 _fit(rank, ranker_lists, None, self_loss, exp, here / "rank_self", cfg.self_epochs)
             if "prerank" in cfg.trained:
                 _fit(prerank, with_positives, None, self_loss, exp, here / "prerank_self", cfg.self_epochs)
-            if "recall" in cfg.trained:
+            if "recall" in cfg.trained and cfg.recall_self == "retrieval":
+                _fit_retrieval(recall, ds, recall_exp, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
+            elif "recall" in cfg.trained:
                 _fit(recall, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             if "prerank" in cfg.trained:
                 _fit(prerank, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)

@@ -33,6 +33,7 @@ experiments:
   frozen: {task: cascade, cascade: {method: frozen, prerank: exposure}}
   ranker_as_preranker: {task: cascade, cascade: {method: frozen, prerank: din}}
   rankflow: {task: cascade, cascade: {method: rankflow, prerank: exposure}}
+  rankflow_retrieval: {task: cascade, cascade: {method: rankflow, prerank: exposure, recall_self: retrieval, self_positives: listed, trained: [recall]}}
   lcron: {task: cascade, cascade: {method: lcron, prerank: exposure}}
 """
 
@@ -106,10 +107,11 @@ def test_cascade_config_errors_name_the_key(tmp_path):
 
 def test_cascade_train_runs_each_method_and_a_rerun_resumes_to_the_same_result(tmp_path, capsys):
     path = _write(tmp_path)
-    for name in ("frozen", "ranker_as_preranker", "rankflow", "lcron"):
+    names = ("frozen", "ranker_as_preranker", "rankflow", "rankflow_retrieval", "lcron")
+    for name in names:
         assert main(["train", str(path), "--experiment", name]) == 0
     runs = tmp_path / "runs"
-    results = {name: json.loads((runs / name / "results.json").read_text()) for name in ("frozen", "ranker_as_preranker", "rankflow", "lcron")}
+    results = {name: json.loads((runs / name / "results.json").read_text()) for name in names}
     for name, r in results.items():
         for row in r["rounds"]:
             t = row["test"]
@@ -131,6 +133,9 @@ def test_cascade_train_runs_each_method_and_a_rerun_resumes_to_the_same_result(t
         assert any(not torch.equal(retrained[k], warm[k]) for k in warm)
     for phase in ("rank_self", "prerank_self", "recall_self", "prerank_tutor", "recall_tutor"):
         assert (runs / "rankflow" / "round1" / phase / "best.pt").exists(), phase
+    # trained: [recall] runs only recall's phases; recall_self: retrieval trains on (request, positive) pairs
+    assert sorted(d.name for d in (runs / "rankflow_retrieval" / "round1").iterdir()) == ["recall_self", "recall_tutor"]
+    assert "(request, positive) pairs, sampled softmax" in (runs / "rankflow_retrieval" / "round1" / "recall_self" / "log.txt").read_text()
     # a rerun resumes every phase (nothing trains again) and reports the same cascade
     assert main(["train", str(path), "--experiment", "rankflow"]) == 0
     again = json.loads((runs / "rankflow" / "results.json").read_text())
