@@ -15,6 +15,9 @@ ratio. The stages start from warm-up models, each an experiment trained on its o
   ranker first: each stage BCE on its own list (unexposed = 0) plus every logged positive of the
   split; (3) tutor learning: the ranker teaches the pre-ranker (top-k), the pre-ranker teaches
   recall (top-m), ``alpha * TopK-BPR + (1 - alpha) * probability MSE`` on the student's list.
+  Options: ``trained`` stages, ``recall_lr``, ``recall_self: retrieval`` (recall's self-learning
+  keeps its own sampled-softmax objective), ``self_positives: listed`` (only a list's own
+  positives), ``recall_tutor_alpha: 1`` (TopK-BPR only: recall's logits are not probabilities).
 - ``lcron`` (Wang et al., ICML 2025): recall and pre-ranker trained as one network on the warm-up
   recall's lists (plus the catalog draws below) against the ranker's top-k: L_e2e (BCE of the product of both stages' relaxed
   top-quota memberships) + each stage's ARF-v2 loss under learnable uncertainty weights. The
