@@ -308,8 +308,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             start, here = time.perf_counter(), exp.run_dir / f"round{r}"
             served = lists["train"]  # recall's top-n with the current recall tower
             every_positive = cfg.self_positives == "all"
-            with_positives = stage_lists(ds, recall, n, keep_positives=every_positive)["train"]
-            recall_self = stage_lists(ds, recall, n, every_positive, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
+            with_positives = stage_lists(ds, recall, n, keep_positives=True)["train"] if every_positive else served
             recall_served = stage_lists(ds, recall, n, False, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
             positive = (with_positives.label > 0) & with_positives.mask
             ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive if every_positive else None)
@@ -320,6 +319,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             if "recall" in cfg.trained and cfg.recall_self == "retrieval":
                 _fit_retrieval(recall, ds, recall_exp, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             elif "recall" in cfg.trained:
+                recall_self = stage_lists(ds, recall, n, every_positive, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
                 _fit(recall, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             if "prerank" in cfg.trained:
                 _fit(prerank, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
