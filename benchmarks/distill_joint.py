@@ -23,7 +23,7 @@ from cascade.joint import train_experiment
 from cascade.pipeline import MODELS
 from teachers import TEACHERS
 
-from provenance import provenance
+from provenance import provenance, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -75,11 +75,7 @@ def write(rows: dict[str, list[dict]], name: str, config: str) -> None:
         "Minutes: wall time of the round's training (stage data regeneration, scoring and every phase), not the reports.",
         "A trained method's start row is shown only where it differs from the first row's (a warm-up retrained elsewhere).",
     ]
-    meta = provenance()
-    lines += ["", f"`{meta['command']}` at {meta['git_commit']}, {meta['date']}, {meta['machine']}"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2, default=float) + "\n")
+    write_results(name, lines, {"rows": rows})
 
 
 def main() -> None:

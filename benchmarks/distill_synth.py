@@ -24,7 +24,7 @@ from cascade.flow import train_distill
 from cascade.pipeline import MODELS
 from teachers import TEACHERS
 
-from provenance import provenance
+from provenance import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,11 +82,7 @@ def write(rows: dict[str, list[dict]], args, name: str) -> None:
         "exposures, so this metric favours copying the logged cascade. The oracle ratio is the true click",
         "utility of the final top-k over the best top-k of the whole catalog (history excluded).",
     ]
-    meta = provenance()
-    lines += ["", f"`{meta['command']}` at {meta['git_commit']}, {meta['date']}, {meta['machine']}"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2, default=float) + "\n")
+    write_results(name, lines, {"rows": rows})
 
 
 def main(name: str = "distill_synth", config: str = "configs/distill_synth.yaml") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -22,3 +23,14 @@ def provenance(machine: str | None = None) -> dict[str, str]:
         "git_commit": commit,
         "machine": machine or f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }
+
+
+def write_results(name: str, lines: list[str], payload: dict) -> None:
+    """``benchmarks/results/NAME.md`` (``lines`` and a provenance footer) and ``NAME.json``
+    (``payload`` with the provenance)."""
+    meta = provenance()
+    lines = [*lines, "", f"`{meta['command']}` at {meta['git_commit']}, {meta['date']}, {meta['machine']}"]
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{name}.json").write_text(json.dumps({**meta, **payload}, indent=2, default=float) + "\n")

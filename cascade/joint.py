@@ -114,12 +114,12 @@ class CascadeConfig:
 # ------------------------------------------------------------------------------ the flow
 
 
-def stage_lists(ds: Dataset, recall: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0) -> dict[str, ListBatch]:
-    """Each split's recall output: the recall tower's top-n per request (and, with
+def stage_lists(ds: Dataset, recall: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0, splits: tuple[str, ...] = SPLITS) -> dict[str, ListBatch]:
+    """Each split's (of ``splits``) recall output: the recall tower's top-n per request (and, with
     ``keep_positives``, every logged positive it missed; ``catalog_negatives`` uniform catalog
     draws as label-0 items: see ``flow.recall_output``)."""
     out = recall_output(ds, recall, n, keep_positives, catalog_negatives, seed)
-    return {split: build_lists(out, split) for split in SPLITS}
+    return {split: build_lists(out, split) for split in splits}
 
 
 def positive_counts(ds: Dataset, request_id: np.ndarray) -> np.ndarray:
@@ -308,8 +308,8 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             start, here = time.perf_counter(), exp.run_dir / f"round{r}"
             served = lists["train"]  # recall's top-n with the current recall tower
             every_positive = cfg.self_positives == "all"
-            with_positives = stage_lists(ds, recall, n, keep_positives=True)["train"] if every_positive else served
-            recall_served = stage_lists(ds, recall, n, False, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
+            with_positives = stage_lists(ds, recall, n, keep_positives=True, splits=("train",))["train"] if every_positive else served
+            recall_served = stage_lists(ds, recall, n, False, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",))["train"]
             positive = (with_positives.label > 0) & with_positives.mask
             ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive if every_positive else None)
             if "rank" in cfg.trained:
@@ -319,7 +319,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             if "recall" in cfg.trained and cfg.recall_self == "retrieval":
                 _fit_retrieval(recall, ds, recall_exp, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             elif "recall" in cfg.trained:
-                recall_self = stage_lists(ds, recall, n, every_positive, cfg.catalog_negatives, seed=exp.train.seed * 100 + r)["train"]
+                recall_self = stage_lists(ds, recall, n, every_positive, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",))["train"]
                 _fit(recall, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             if "prerank" in cfg.trained:
                 _fit(prerank, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
@@ -329,7 +329,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             lists = report(f"round {r}")  # the next round's stage data, from the updated recall tower
     elif cfg.method == "lcron":
         start = time.perf_counter()
-        train = stage_lists(ds, recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed)["train"]
+        train = stage_lists(ds, recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",))["train"]
         stacked = StackedStages(recall, prerank)
         loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
         trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss)
