@@ -20,7 +20,7 @@ import numpy as np
 
 from cascade.config import load_config
 from cascade.joint import train_experiment
-from cascade.pipeline import MODELS
+from cascade.models import MODELS
 from teachers import TEACHERS
 
 from provenance import provenance, write_results

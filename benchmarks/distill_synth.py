@@ -21,7 +21,7 @@ import numpy as np
 
 from cascade.config import load_config
 from cascade.flow import train_distill
-from cascade.pipeline import MODELS
+from cascade.models import MODELS
 from teachers import TEACHERS
 
 from provenance import write_results

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from cascade.config import load_config
-from cascade.pipeline import MODELS, train_pointwise, train_recall
+from cascade.models import MODELS
+from cascade.pipeline import train_pointwise, train_recall
 from teachers import BOOSTED, TEACHERS
 
 from provenance import provenance

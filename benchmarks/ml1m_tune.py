@@ -45,7 +45,8 @@ def train_one(model: str, lr: float, dropout: float, seed: int, device: str, run
     import torch
 
     from cascade.config import load_config
-    from cascade.pipeline import MODELS, train_pointwise
+    from cascade.models import MODELS
+    from cascade.pipeline import train_pointwise
     from teachers import TEACHERS
 
     torch.set_num_threads(threads)

@@ -33,7 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import cascade.towers.hit
 import cascade.towers.inttower
 from cascade.config import load_config
-from cascade.pipeline import STEPS, bce_step, build_model, exposures, prepare_data
+from cascade.models import build_model
+from cascade.pipeline import STEPS, bce_step, exposures, prepare_data
 from cascade.towers import base
 
 from provenance import provenance

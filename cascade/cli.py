@@ -75,7 +75,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError, load_config
     from cascade.joint import train_experiment
-    from cascade.pipeline import MODELS
+    from cascade.models import MODELS
     from teachers import BOOSTED, TEACHERS
 
     try:

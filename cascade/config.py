@@ -15,10 +15,101 @@ from typing import Any
 import torch
 import yaml
 
-from cascade.flow import DistillConfig
-from cascade.joint import CascadeConfig
-from cascade.recall import RecallConfig
 from cascade.train import TrainConfig
+
+
+METHODS = ("frozen", "rankflow", "lcron")  # task: cascade
+
+
+@dataclass(frozen=True)
+class RecallConfig:
+    temperature: float = 0.05
+    popularity_negatives: int = 0  # M per batch, drawn by popularity ** popularity_power
+    popularity_power: float = 0.75
+    hard_negatives: int = 0  # K per pair, from the request's logged items cut before rank
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The loss mix (a weight per term; 0 leaves it out) and the flow's quotas."""
+
+    # an experiment of the same config file whose model is the frozen ranker (pointwise, or a
+    # distill-task one trained on the lists itself); None: no teacher (label losses only)
+    teacher: str | None = "din"
+    prerank_quota: int = 50  # the pre-ranker passes on its top-m
+    rank_quota: int = 10  # the ranker shows its top-k of those
+    exposure_bce: float = 1.0  # BCE on the logged exposures only (the independent baseline)
+    rankflow_bce: float = 0.0  # RankFlow self-learning: BCE on the whole list, unexposed = 0
+    tutor: float = 0.0  # RankFlow tutor: alpha * TopK-BPR + (1 - alpha) * probability MSE
+    tutor_alpha: float = 0.5
+    arf: float = 0.0  # ARF-v2 relaxed top-m BCE + uncertainty-weighted OPA (L_global)
+    arf_tau: float = 200.0  # NeuralSort temperature, on the scale of list length x logit gaps
+    arf_global_rows: int | None = None  # rows of L_global (None: every valid row)
+    listwise_kd: float = 0.0  # -T^2 sum softmax(t/T) log softmax(s/T)
+    kd_temperature: float = 1.0
+    logit_mse: float = 0.0
+    soft_bce: float = 0.0  # BCE against sigmoid(teacher)
+    lists_per_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0 < self.rank_quota < self.prerank_quota:
+            raise ValueError(f"need 0 < rank_quota < prerank_quota, got {self.rank_quota} and {self.prerank_quota}")
+        weights = [self.exposure_bce, self.rankflow_bce, self.tutor, self.arf, self.listwise_kd, self.logit_mse, self.soft_bce]
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError("loss weights must be >= 0 and at least one > 0")
+        if self.teacher is None and max(weights[2:]) > 0:
+            raise ValueError("tutor, arf, listwise_kd, logit_mse and soft_bce need a teacher")
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """The three stages, their quotas and the training schedule."""
+
+    method: str = "frozen"  # frozen | rankflow | lcron
+    # {config, experiment}: the recall tower (a ``task: recall`` experiment); its data are the
+    # logs the whole cascade runs over
+    recall: dict = field(default_factory=dict)
+    prerank: str = "exposure_bce"  # an experiment of this config: the (warm-up) pre-ranker
+    rank: str = "din"  # an experiment of this config: the (warm-up) ranker
+    recall_quota: int = 200
+    prerank_quota: int = 50
+    rank_quota: int = 10
+    rounds: int = 2  # rankflow
+    trained: tuple[str, ...] = ("rank", "prerank", "recall")  # rankflow: the stages its rounds train
+    self_epochs: int = 2
+    tutor_epochs: int = 1
+    tutor_alpha: float = 0.5  # the pre-ranker's tutor (RankFlow's ML-1M value)
+    recall_tutor_alpha: float = 0.2  # recall's tutor (RankFlow's ML-1M value)
+    recall_lr: float | None = None  # rankflow: the lr of recall's phases (None: train.lr)
+    # rankflow: recall's self-learning. lists: BCE on its own top-n + positives (RankFlow's);
+    # retrieval: its warm-up objective (sampled softmax over the catalog) on the logged positives
+    recall_self: str = "lists"
+    # rankflow self-learning positives. all: every logged positive of the split joins each stage's
+    # list (RankFlow's); listed: only those inside the stage's own list
+    self_positives: str = "all"
+    lcron_epochs: int = 2
+    # uniform catalog items (label 0) added to each of recall's training lists: its candidate space
+    # is the catalog, and trained on its own top-n alone it forgets the rest (see the module doc)
+    catalog_negatives: int = 200
+    lcron_recall_quota: int = 100  # recall's quota inside LCRON's n-item training lists
+    tau: float = 200.0  # LCRON's NeuralSort temperature, on the scale of list length x logit gaps
+    lists_per_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
+        if not 0 < self.rank_quota < self.prerank_quota < self.recall_quota:
+            raise ValueError(f"need 0 < rank_quota < prerank_quota < recall_quota, got {self.rank_quota}, {self.prerank_quota} and {self.recall_quota}")
+        if self.self_positives not in ("all", "listed"):
+            raise ValueError(f"self_positives: '{self.self_positives}' is not 'all' or 'listed'")
+        if self.recall_self not in ("lists", "retrieval"):
+            raise ValueError(f"recall_self: '{self.recall_self}' is not 'lists' or 'retrieval'")
+        unknown = sorted(set(self.trained) - {"rank", "prerank", "recall"})
+        if unknown:
+            raise ValueError(f"trained: unknown stage '{unknown[0]}' (stages: rank, prerank, recall)")
+        if not self.prerank_quota < self.lcron_recall_quota <= self.recall_quota:
+            raise ValueError(f"need prerank_quota < lcron_recall_quota <= recall_quota, got {self.prerank_quota}, {self.lcron_recall_quota} and {self.recall_quota}")
 
 
 class ConfigError(ValueError):

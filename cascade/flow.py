@@ -11,7 +11,7 @@ scores of every candidate, unexposed ones included; ``cascade_report`` scores th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cascade import metrics as M
+from cascade.config import ConfigError, DistillConfig
 from cascade.data.lists import ListBatch, build_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset
@@ -28,106 +29,10 @@ from cascade.losses.distill import listwise_kd, logit_mse, soft_bce
 from cascade.losses.pointwise import bce
 from cascade.losses.rankflow import tutor
 from cascade.losses.sorting import hard_sort, neural_sort, top_k_indicator
-from cascade.towers.embedding import pack_items, pack_user
+from cascade.data.synth import WORLD_FILE, World
+from cascade.models import build_model, list_tensors, load_trained, score_lists
+from cascade.pipeline import prepare_data, train_pointwise
 from cascade.train import Tensors, Trainer
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """The loss mix (a weight per term; 0 leaves it out) and the flow's quotas."""
-
-    # an experiment of the same config file whose model is the frozen ranker (pointwise, or a
-    # distill-task one trained on the lists itself); None: no teacher (label losses only)
-    teacher: str | None = "din"
-    prerank_quota: int = 50  # the pre-ranker passes on its top-m
-    rank_quota: int = 10  # the ranker shows its top-k of those
-    exposure_bce: float = 1.0  # BCE on the logged exposures only (the independent baseline)
-    rankflow_bce: float = 0.0  # RankFlow self-learning: BCE on the whole list, unexposed = 0
-    tutor: float = 0.0  # RankFlow tutor: alpha * TopK-BPR + (1 - alpha) * probability MSE
-    tutor_alpha: float = 0.5
-    arf: float = 0.0  # ARF-v2 relaxed top-m BCE + uncertainty-weighted OPA (L_global)
-    arf_tau: float = 200.0  # NeuralSort temperature, on the scale of list length x logit gaps
-    arf_global_rows: int | None = None  # rows of L_global (None: every valid row)
-    listwise_kd: float = 0.0  # -T^2 sum softmax(t/T) log softmax(s/T)
-    kd_temperature: float = 1.0
-    logit_mse: float = 0.0
-    soft_bce: float = 0.0  # BCE against sigmoid(teacher)
-    lists_per_batch: int = 32
-
-    def __post_init__(self) -> None:
-        if not 0 < self.rank_quota < self.prerank_quota:
-            raise ValueError(f"need 0 < rank_quota < prerank_quota, got {self.rank_quota} and {self.prerank_quota}")
-        weights = [self.exposure_bce, self.rankflow_bce, self.tutor, self.arf, self.listwise_kd, self.logit_mse, self.soft_bce]
-        if min(weights) < 0 or max(weights) == 0:
-            raise ValueError("loss weights must be >= 0 and at least one > 0")
-        if self.teacher is None and max(weights[2:]) > 0:
-            raise ValueError("tutor, arf, listwise_kd, logit_mse and soft_bce need a teacher")
-
-
-def recall_output(ds: Dataset, model: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0) -> Dataset:
-    """The logs with each request's candidates replaced by the frozen recall output: the recall
-    tower's top-n of the catalog (faiss, history excluded). A retrieved item the request logged
-    keeps its logged stage and label; any other is stage 0, label 0 (unexposed: a negative, as
-    in RankFlow). Logged items recall missed are gone, as in a real cascade, unless
-    ``keep_positives``: then its missed positives are added (RankFlow's self-learning sees every
-    positive of the split beside the stage's own negatives). ``catalog_negatives``: that many
-    uniform draws from the catalog per request are added as label-0 items (duplicates and the
-    request's logged positives dropped): recall's own candidate space is the whole catalog, not
-    its top-n. Every split."""
-    from cascade.recall import build_index, user_vectors
-
-    lists = build_lists(ds)
-    retrieved = build_index(model, ds).search(user_vectors(model, lists), n, exclude=lists.history)  # (R, n), best first
-    logged = ds.candidates
-    extra = sorted(set(logged) - {"request_id", "item_id", "stage", "label"})
-    if extra:
-        raise ValueError(f"candidates field '{extra[0]}' is stored per logged sample and has no value for a retrieved item")
-    rid, iid = np.repeat(lists.request_id, n), retrieved.ravel()
-    keep = iid > 0  # faiss pads with id 0 when the catalog runs out
-    rid, iid = rid[keep], iid[keep]
-    key = lambda r, i: r.astype(np.int64) * (int(ds.items["item_id"].max()) + 1) + i  # noqa: E731
-    logged_keys = key(logged["request_id"], logged["item_id"])
-    order = np.argsort(logged_keys)
-    pos = np.clip(np.searchsorted(logged_keys[order], key(rid, iid)), 0, len(order) - 1)
-    hit = logged_keys[order][pos] == key(rid, iid)
-    row = order[pos]
-    stage = np.where(hit, logged["stage"][row], 0).astype(logged["stage"].dtype)
-    label = np.where(hit, logged["label"][row], 0).astype(logged["label"].dtype)
-    positive = logged["label"] > 0
-    if keep_positives:
-        missed = np.flatnonzero(positive & ~np.isin(logged_keys, key(rid, iid)))
-        rid, iid = np.concatenate([rid, logged["request_id"][missed]]), np.concatenate([iid, logged["item_id"][missed]])
-        stage, label = np.concatenate([stage, logged["stage"][missed]]), np.concatenate([label, logged["label"][missed]])
-    if catalog_negatives:
-        draw_r = np.repeat(lists.request_id, catalog_negatives)
-        draw_i = np.random.default_rng(seed).choice(ds.items["item_id"], size=len(draw_r))
-        drawn = key(draw_r, draw_i)
-        first = np.zeros(len(drawn), bool)
-        first[np.unique(drawn, return_index=True)[1]] = True
-        new = np.flatnonzero(first & ~np.isin(drawn, key(rid, iid)) & ~np.isin(drawn, logged_keys[positive]))
-        rid, iid = np.concatenate([rid, draw_r[new]]), np.concatenate([iid, draw_i[new]])
-        stage, label = np.concatenate([stage, np.zeros(len(new), stage.dtype)]), np.concatenate([label, np.zeros(len(new), label.dtype)])
-    return replace(ds, candidates={"request_id": rid, "item_id": iid, "stage": stage, "label": label})
-
-
-def list_tensors(lists: ListBatch, model: nn.Module, teacher: np.ndarray | None = None) -> Tensors:
-    """A ListBatch packed for ``model``: user (B, Wu), items (B, N, Wi), label, mask, stage and
-    the teacher's logits (B, N)."""
-    return Tensors(
-        user=torch.from_numpy(pack_user(lists, model.user_slots)),
-        items=torch.from_numpy(pack_items(lists, model.item_slots)),
-        label=torch.from_numpy(lists.label),
-        mask=torch.from_numpy(lists.mask),
-        teacher=None if teacher is None else torch.from_numpy(teacher.astype(np.float32)),
-        stage=torch.from_numpy(lists.stage.astype(np.int64)),
-    )
-
-
-def score_lists(model: nn.Module, lists: ListBatch, lists_per_batch: int = 64) -> np.ndarray:
-    """The model's logits (B, N) for every candidate of ``lists`` (padding: 0)."""
-    from cascade.pipeline import predict
-
-    return np.where(lists.mask, predict(model, list_tensors(lists, model), lists_per_batch), 0.0).astype(np.float32)
 
 
 class DistillLoss(nn.Module):
@@ -207,19 +112,6 @@ def cached_scores(teacher: nn.Module, lists: ListBatch, path: Path) -> np.ndarra
     return scores
 
 
-def load_trained(exp, ds, models: dict[str, Callable[..., nn.Module]], train: Callable) -> nn.Module:
-    """The frozen model of ``exp`` (a teacher, a recall tower): trained first (by ``train``)
-    unless its run folder already holds ``best.pt`` and ``results.json``."""
-    from cascade.pipeline import build_model
-
-    if not ((exp.run_dir / "results.json").exists() and (exp.run_dir / "best.pt").exists()):
-        train(exp)
-    torch.manual_seed(exp.train.seed)
-    model = build_model(exp, ds, models)
-    model.load_state_dict(torch.load(exp.run_dir / "best.pt", weights_only=True, map_location="cpu"))
-    return model.eval()
-
-
 ORDER_ONLY_TERMS = ("listwise_kd", "logit_mse", "soft_bce")  # they read the teacher's score scale
 
 
@@ -242,8 +134,6 @@ def boosted_scores(teacher_exp, lists: dict[str, ListBatch], train: Callable) ->
 def check_order_only(cfg: DistillConfig, teacher_exp) -> None:
     """A LightGBM lambdarank teacher's scores mean something only within a list: it may feed
     only the order-based terms (TopK-BPR, i.e. tutor at alpha 1, and ARF)."""
-    from cascade.config import ConfigError
-
     used = [t for t in ORDER_ONLY_TERMS if getattr(cfg, t)]
     if cfg.tutor and cfg.tutor_alpha != 1:
         used.append(f"tutor with tutor_alpha {cfg.tutor_alpha} (its MSE term)")
@@ -258,9 +148,6 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
     the real positives without one); report the cascade on test. ``train_teacher`` trains a
     missing teacher (default: as a distill or pointwise experiment of ``models``); a teacher
     outside ``models`` (LightGBM) must come with it."""
-    from cascade.config import ConfigError
-    from cascade.data.synth import WORLD_FILE, World
-    from cascade.pipeline import build_model, prepare_data, train_pointwise
 
     cfg: DistillConfig = exp.distill
     ds = prepare_data(exp.data)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,63 +52,17 @@ from torch import nn
 from cascade import metrics as M
 from cascade.data.lists import ListBatch, build_lists
 from cascade.data.store import Dataset
-from cascade.flow import DistillConfig, DistillLoss, cascade_report, list_tensors, load_trained, recall_output, score_lists
+from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_config
+from cascade.data.synth import WORLD_FILE, World
+from cascade.flow import DistillLoss, cascade_report, train_distill
+from cascade.models import list_tensors, load_trained, score_lists
+from cascade.pipeline import prepare_data, train_pointwise, train_recall
+from cascade.recall import RecallStep, item_table, recall_output, training_pairs
 from cascade.losses.arf import UncertaintyWeights, e2e_loss, relax_bce
 from cascade.losses.sorting import neural_sort, top_k_indicator
 from cascade.train import Tensors, Trainer
 
-METHODS = ("frozen", "rankflow", "lcron")
 SPLITS = ("train", "valid", "test")
-
-
-@dataclass(frozen=True)
-class CascadeConfig:
-    """The three stages, their quotas and the training schedule."""
-
-    method: str = "frozen"  # frozen | rankflow | lcron
-    # {config, experiment}: the recall tower (a ``task: recall`` experiment); its data are the
-    # logs the whole cascade runs over
-    recall: dict = field(default_factory=dict)
-    prerank: str = "exposure_bce"  # an experiment of this config: the (warm-up) pre-ranker
-    rank: str = "din"  # an experiment of this config: the (warm-up) ranker
-    recall_quota: int = 200
-    prerank_quota: int = 50
-    rank_quota: int = 10
-    rounds: int = 2  # rankflow
-    trained: tuple[str, ...] = ("rank", "prerank", "recall")  # rankflow: the stages its rounds train
-    self_epochs: int = 2
-    tutor_epochs: int = 1
-    tutor_alpha: float = 0.5  # the pre-ranker's tutor (RankFlow's ML-1M value)
-    recall_tutor_alpha: float = 0.2  # recall's tutor (RankFlow's ML-1M value)
-    recall_lr: float | None = None  # rankflow: the lr of recall's phases (None: train.lr)
-    # rankflow: recall's self-learning. lists: BCE on its own top-n + positives (RankFlow's);
-    # retrieval: its warm-up objective (sampled softmax over the catalog) on the logged positives
-    recall_self: str = "lists"
-    # rankflow self-learning positives. all: every logged positive of the split joins each stage's
-    # list (RankFlow's); listed: only those inside the stage's own list
-    self_positives: str = "all"
-    lcron_epochs: int = 2
-    # uniform catalog items (label 0) added to each of recall's training lists: its candidate space
-    # is the catalog, and trained on its own top-n alone it forgets the rest (see the module doc)
-    catalog_negatives: int = 200
-    lcron_recall_quota: int = 100  # recall's quota inside LCRON's n-item training lists
-    tau: float = 200.0  # LCRON's NeuralSort temperature, on the scale of list length x logit gaps
-    lists_per_batch: int = 32
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
-        if not 0 < self.rank_quota < self.prerank_quota < self.recall_quota:
-            raise ValueError(f"need 0 < rank_quota < prerank_quota < recall_quota, got {self.rank_quota}, {self.prerank_quota} and {self.recall_quota}")
-        if self.self_positives not in ("all", "listed"):
-            raise ValueError(f"self_positives: '{self.self_positives}' is not 'all' or 'listed'")
-        if self.recall_self not in ("lists", "retrieval"):
-            raise ValueError(f"recall_self: '{self.recall_self}' is not 'lists' or 'retrieval'")
-        unknown = sorted(set(self.trained) - {"rank", "prerank", "recall"})
-        if unknown:
-            raise ValueError(f"trained: unknown stage '{unknown[0]}' (stages: rank, prerank, recall)")
-        if not self.prerank_quota < self.lcron_recall_quota <= self.recall_quota:
-            raise ValueError(f"need prerank_quota < lcron_recall_quota <= recall_quota, got {self.prerank_quota}, {self.lcron_recall_quota} and {self.recall_quota}")
 
 
 # ------------------------------------------------------------------------------ the flow
@@ -191,8 +145,6 @@ def _fit(model: nn.Module, lists: ListBatch, teacher: np.ndarray | None, loss_cf
 def _fit_retrieval(recall: nn.Module, ds: Dataset, recall_exp, exp, run_dir: Path, epochs: int, lr: float | None) -> float:
     """Recall's self-learning with its own warm-up objective (``recall.RecallStep`` over the
     logged (request, positive) pairs of the train split) for ``epochs``; returns its seconds."""
-    from cascade.recall import RecallStep, item_table, training_pairs
-
     start = time.perf_counter()
     table = item_table(ds, recall.item_slots)
     pairs = training_pairs(ds, recall, "train", table, recall_exp.recall.hard_negatives, recall_exp.recall.seed)
@@ -248,10 +200,6 @@ class LcronLoss(nn.Module):
 def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Module]], boosted: dict[str, Callable] | None = None) -> dict:
     """Train one experiment of the config file ``config`` by its task (what `cascade train`
     runs); ``boosted``: models with their own training function (LightGBM), for any task."""
-    from cascade.config import load_config
-    from cascade.flow import train_distill
-    from cascade.pipeline import train_pointwise, train_recall
-
     if exp.task == "cascade":
         return train_cascade(exp, config, models)
     if exp.task == "distill" and not (boosted and exp.model.name in boosted):
@@ -268,10 +216,6 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     """Run ``exp.cascade``'s method from the warm-up stages (each trained first if its run folder
     has no ``best.pt``); report the cascade on valid and test before training and after each
     round. Writes ``results.json`` in ``exp.run_dir``."""
-    from cascade.config import ConfigError, load_config
-    from cascade.data.synth import WORLD_FILE, World
-    from cascade.pipeline import prepare_data
-
     cfg: CascadeConfig = exp.cascade
     recall_config = Path(cfg.recall["config"])
     (recall_exp,) = load_config(recall_config, cfg.recall["experiment"])

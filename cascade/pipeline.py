@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cascade import metrics as M
-from cascade.config import ConfigError, DataConfig, ExperimentConfig
+from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset
@@ -24,17 +24,13 @@ from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
 from cascade.losses.inttower import contrastive_interaction
 from cascade.losses.pointwise import bce
-from cascade.recall import RecallStep, evaluate_recall, item_table, training_pairs
+from cascade.recall import RecallStep, evaluate_recall, item_table, recall_output, training_pairs
+from cascade.models import MODELS, build_model, load_trained, predict
 from cascade.towers.dat import DAT
-from cascade.towers.dssm import DSSM
+from cascade.towers.embedding import pack_items, pack_user
 from cascade.towers.hit import HIT
 from cascade.towers.inttower import IntTower
-from cascade.towers.senet import SENetTwoTower
-from cascade.towers.embedding import HISTORY, Embeddings, pack_items, pack_user
 from cascade.train import Tensors, Trainer
-
-MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower, "hit": HIT}
-
 
 def bce_step(model: nn.Module, batch: Tensors) -> torch.Tensor:
     return bce(model(batch.user, batch.items), batch.label, batch.mask)
@@ -110,8 +106,6 @@ def prepare_data(cfg: DataConfig) -> Dataset:
 def frozen_recall_output(spec: dict) -> Dataset:
     """``flow.recall_output`` of the recall experiment ``spec`` names ({config, experiment, n}),
     trained first unless its run folder holds ``best.pt`` and ``results.json``."""
-    from cascade.config import load_config
-    from cascade.flow import load_trained, recall_output
 
     missing = sorted({"config", "experiment"} - set(spec))
     if missing:
@@ -121,24 +115,6 @@ def frozen_recall_output(spec: dict) -> Dataset:
         raise ConfigError(f"data.recall: experiment '{exp.name}' of {spec['config']} is not a recall task")
     ds = prepare_data(exp.data)
     return recall_output(ds, load_trained(exp, ds, MODELS, train_recall), int(spec.get("n", 200)))
-
-
-def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]] = MODELS) -> nn.Module:
-    if exp.model.name not in models:
-        raise ConfigError(f"model.name: unknown model '{exp.model.name}' (have: {', '.join(models)})")
-    spec = ds.schema.features
-    drop = set(exp.model.drop_fields)
-    unknown = sorted(drop - set(spec.names) - {HISTORY})
-    if unknown:
-        raise ConfigError(f"model.drop_fields: unknown field '{unknown[0]}' (have: {', '.join(spec.names)}, {HISTORY})")
-    user = tuple(f for f in spec.side("user") if f.name not in drop)
-    item = tuple(f for f in spec.side("item") if f.name not in drop)
-    history_len = 0 if HISTORY in drop else ds.schema.history_max
-    embeddings = Embeddings(spec, exp.model.embedding_dim)
-    try:
-        return models[exp.model.name](user, item, embeddings, history_len=history_len, **exp.model.params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model: {e}") from None
 
 
 def exposures(ds: Dataset, split: str, model: nn.Module) -> tuple[ListBatch, Tensors]:
@@ -152,14 +128,6 @@ def exposures(ds: Dataset, split: str, model: nn.Module) -> tuple[ListBatch, Ten
         mask=torch.from_numpy(flat.mask),
     )
     return flat, tensors
-
-
-@torch.no_grad()
-def predict(model: nn.Module, data: Tensors, batch_size: int = 8192) -> np.ndarray:
-    """Logits (R, N) of ``model`` on ``data``, computed on the model's device."""
-    model.eval()
-    device = next(model.parameters()).device
-    return torch.cat([model(b.user, b.items).cpu() for b in data.to(device).batches(batch_size)]).numpy()
 
 
 def pointwise_metrics(logits: np.ndarray, flat: ListBatch) -> dict[str, float]:

@@ -11,7 +11,7 @@ accidental hits (a row's own positive appearing as another candidate) are masked
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import faiss
 import numpy as np
@@ -19,20 +19,12 @@ import torch
 
 from cascade import metrics as M
 from cascade.data.lists import ListBatch, build_lists, pointwise_lists
+from cascade.config import RecallConfig
 from cascade.data.store import Dataset
 from cascade.losses.retrieval import log_q_correction, remove_accidental_hits, sampled_softmax
 from cascade.towers.base import TwoTower
 from cascade.towers.embedding import Slot, pack_items, pack_user
 from cascade.train import Tensors
-
-
-@dataclass(frozen=True)
-class RecallConfig:
-    temperature: float = 0.05
-    popularity_negatives: int = 0  # M per batch, drawn by popularity ** popularity_power
-    popularity_power: float = 0.75
-    hard_negatives: int = 0  # K per pair, from the request's logged items cut before rank
-    seed: int = 0
 
 
 def item_table(ds: Dataset, slots: tuple[Slot, ...]) -> torch.Tensor:
@@ -167,3 +159,46 @@ def evaluate_recall(model: TwoTower, ds: Dataset, split: str, ks: tuple[int, ...
     positives = np.where(lists.mask & (lists.label > 0), lists.item["item_id"], 0)
     return {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], positives) for k in ks}
 
+
+def recall_output(ds: Dataset, model: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0) -> Dataset:
+    """The logs with each request's candidates replaced by the frozen recall output: the recall
+    tower's top-n of the catalog (faiss, history excluded). A retrieved item the request logged
+    keeps its logged stage and label; any other is stage 0, label 0 (unexposed: a negative, as
+    in RankFlow). Logged items recall missed are gone, as in a real cascade, unless
+    ``keep_positives``: then its missed positives are added (RankFlow's self-learning sees every
+    positive of the split beside the stage's own negatives). ``catalog_negatives``: that many
+    uniform draws from the catalog per request are added as label-0 items (duplicates and the
+    request's logged positives dropped): recall's own candidate space is the whole catalog, not
+    its top-n. Every split."""
+    lists = build_lists(ds)
+    retrieved = build_index(model, ds).search(user_vectors(model, lists), n, exclude=lists.history)  # (R, n), best first
+    logged = ds.candidates
+    extra = sorted(set(logged) - {"request_id", "item_id", "stage", "label"})
+    if extra:
+        raise ValueError(f"candidates field '{extra[0]}' is stored per logged sample and has no value for a retrieved item")
+    rid, iid = np.repeat(lists.request_id, n), retrieved.ravel()
+    keep = iid > 0  # faiss pads with id 0 when the catalog runs out
+    rid, iid = rid[keep], iid[keep]
+    key = lambda r, i: r.astype(np.int64) * (int(ds.items["item_id"].max()) + 1) + i  # noqa: E731
+    logged_keys = key(logged["request_id"], logged["item_id"])
+    order = np.argsort(logged_keys)
+    pos = np.clip(np.searchsorted(logged_keys[order], key(rid, iid)), 0, len(order) - 1)
+    hit = logged_keys[order][pos] == key(rid, iid)
+    row = order[pos]
+    stage = np.where(hit, logged["stage"][row], 0).astype(logged["stage"].dtype)
+    label = np.where(hit, logged["label"][row], 0).astype(logged["label"].dtype)
+    positive = logged["label"] > 0
+    if keep_positives:
+        missed = np.flatnonzero(positive & ~np.isin(logged_keys, key(rid, iid)))
+        rid, iid = np.concatenate([rid, logged["request_id"][missed]]), np.concatenate([iid, logged["item_id"][missed]])
+        stage, label = np.concatenate([stage, logged["stage"][missed]]), np.concatenate([label, logged["label"][missed]])
+    if catalog_negatives:
+        draw_r = np.repeat(lists.request_id, catalog_negatives)
+        draw_i = np.random.default_rng(seed).choice(ds.items["item_id"], size=len(draw_r))
+        drawn = key(draw_r, draw_i)
+        first = np.zeros(len(drawn), bool)
+        first[np.unique(drawn, return_index=True)[1]] = True
+        new = np.flatnonzero(first & ~np.isin(drawn, key(rid, iid)) & ~np.isin(drawn, logged_keys[positive]))
+        rid, iid = np.concatenate([rid, draw_r[new]]), np.concatenate([iid, draw_i[new]])
+        stage, label = np.concatenate([stage, np.zeros(len(new), stage.dtype)]), np.concatenate([label, np.zeros(len(new), label.dtype)])
+    return replace(ds, candidates={"request_id": rid, "item_id": iid, "stage": stage, "label": label})

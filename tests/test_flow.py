@@ -7,7 +7,8 @@ import torch
 from cascade.cli import main
 from cascade.config import ConfigError, load_config
 from cascade.data.lists import build_lists
-from cascade.flow import DistillConfig, DistillLoss, cascade_report
+from cascade.config import DistillConfig
+from cascade.flow import DistillLoss, cascade_report
 from cascade.train import Tensors
 
 CONFIG = """
@@ -89,7 +90,7 @@ def test_cascade_report_hand_worked(small_world):
 
 def test_recall_output_is_the_retrieved_items_labelled_from_the_logs(small_world):
     from cascade.data.store import validate
-    from cascade.flow import recall_output
+    from cascade.recall import recall_output
     from cascade.towers.dssm import DSSM
     from cascade.towers.embedding import Embeddings
 

@@ -63,7 +63,7 @@ def test_top_of_keeps_the_top_m_best_first_plus_the_marked_items():
 
 def test_stacked_stages_score_each_stage_on_its_own_columns(small_world):
     from cascade.data.lists import build_lists
-    from cascade.flow import score_lists
+    from cascade.models import score_lists
     from cascade.towers.dssm import DSSM
     from cascade.towers.embedding import Embeddings
 

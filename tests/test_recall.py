@@ -3,7 +3,8 @@ import torch
 
 from cascade.data.lists import pointwise_lists
 from cascade.data.synth import WorldConfig, generate
-from cascade.recall import ItemIndex, RecallConfig, RecallStep, evaluate_recall, item_table, training_pairs
+from cascade.config import RecallConfig
+from cascade.recall import ItemIndex, RecallStep, evaluate_recall, item_table, training_pairs
 from cascade.towers.dssm import DSSM
 from cascade.towers.embedding import Embeddings
 from cascade.train import TrainConfig, Trainer

@@ -1,0 +1,83 @@
+"""The model zoo as the rest of the package sees it: the registry, building a model for a data
+set, loading a trained one, and scoring lists with it.
+
+``MODELS`` is the explicit registry of pre-rankers; ``cascade.cli`` adds the teachers to it (the
+core never imports ``teachers/``). A model is any module with ``user_slots``, ``item_slots`` and
+``forward(user (B, Wu), items (B, N, Wi)) -> (B, N)`` logits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cascade.config import ConfigError, ExperimentConfig
+from cascade.data.lists import ListBatch
+from cascade.data.store import Dataset
+from cascade.towers.dat import DAT
+from cascade.towers.dssm import DSSM
+from cascade.towers.embedding import HISTORY, Embeddings, pack_items, pack_user
+from cascade.towers.hit import HIT
+from cascade.towers.inttower import IntTower
+from cascade.towers.senet import SENetTwoTower
+from cascade.train import Tensors
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower, "hit": HIT}
+
+
+def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]] = MODELS) -> nn.Module:
+    if exp.model.name not in models:
+        raise ConfigError(f"model.name: unknown model '{exp.model.name}' (have: {', '.join(models)})")
+    spec = ds.schema.features
+    drop = set(exp.model.drop_fields)
+    unknown = sorted(drop - set(spec.names) - {HISTORY})
+    if unknown:
+        raise ConfigError(f"model.drop_fields: unknown field '{unknown[0]}' (have: {', '.join(spec.names)}, {HISTORY})")
+    user = tuple(f for f in spec.side("user") if f.name not in drop)
+    item = tuple(f for f in spec.side("item") if f.name not in drop)
+    history_len = 0 if HISTORY in drop else ds.schema.history_max
+    embeddings = Embeddings(spec, exp.model.embedding_dim)
+    try:
+        return models[exp.model.name](user, item, embeddings, history_len=history_len, **exp.model.params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def load_trained(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]], train: Callable) -> nn.Module:
+    """The frozen model of ``exp`` (a teacher, a recall tower): trained first (by ``train``)
+    unless its run folder already holds ``best.pt`` and ``results.json``."""
+    if not ((exp.run_dir / "results.json").exists() and (exp.run_dir / "best.pt").exists()):
+        train(exp)
+    torch.manual_seed(exp.train.seed)
+    model = build_model(exp, ds, models)
+    model.load_state_dict(torch.load(exp.run_dir / "best.pt", weights_only=True, map_location="cpu"))
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Tensors, batch_size: int = 8192) -> np.ndarray:
+    """Logits (R, N) of ``model`` on ``data``, computed on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(b.user, b.items).cpu() for b in data.to(device).batches(batch_size)]).numpy()
+
+
+def list_tensors(lists: ListBatch, model: nn.Module, teacher: np.ndarray | None = None) -> Tensors:
+    """A ListBatch packed for ``model``: user (B, Wu), items (B, N, Wi), label, mask, stage and
+    the teacher's logits (B, N)."""
+    return Tensors(
+        user=torch.from_numpy(pack_user(lists, model.user_slots)),
+        items=torch.from_numpy(pack_items(lists, model.item_slots)),
+        label=torch.from_numpy(lists.label),
+        mask=torch.from_numpy(lists.mask),
+        teacher=None if teacher is None else torch.from_numpy(teacher.astype(np.float32)),
+        stage=torch.from_numpy(lists.stage.astype(np.int64)),
+    )
+
+
+def score_lists(model: nn.Module, lists: ListBatch, lists_per_batch: int = 64) -> np.ndarray:
+    """The model's logits (B, N) for every candidate of ``lists`` (padding: 0)."""
+    return np.where(lists.mask, predict(model, list_tensors(lists, model), lists_per_batch), 0.0).astype(np.float32)
