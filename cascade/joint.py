@@ -53,6 +53,7 @@ from cascade import metrics as M
 from cascade.data.lists import ListBatch, build_lists
 from cascade.data.store import Dataset
 from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_config
+from cascade.cascade import Cascade, Stage, TorchScorer
 from cascade.data.synth import WORLD_FILE, World
 from cascade.flow import DistillLoss, cascade_report, train_distill
 from cascade.models import list_tensors, load_trained, score_lists
@@ -236,9 +237,11 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     def report(label: str) -> dict[str, ListBatch]:
         lists = stage_lists(ds, recall, n)
         row = {"after": label}
+        flow = Cascade([Stage("prerank", TorchScorer(prerank), m), Stage("rank", TorchScorer(rank), k)])
         for split in ("valid", "test"):
             lst = lists[split]
-            row[split] = joint_report(lst, score_lists(prerank, lst), score_lists(rank, lst), positive_counts(ds, lst.request_id), cfg, world if split == "test" else None)
+            run = flow.run(lst, candidates=lst, full=True)  # the ranker scores the whole list for consistency
+            row[split] = joint_report(lst, run.stages[0].scores, run.stages[1].scores, positive_counts(ds, lst.request_id), cfg, world if split == "test" else None)
         rounds.append(row)
         print(f"{exp.name} after {label}: test " + " ".join(f"{key} {v:.4f}" for key, v in row["test"].items()))
         return lists
@@ -285,7 +288,24 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         trainer.fit(stacked.pack(train, score_lists(rank, train)), step, None, resolved_config=exp.to_dict())
         seconds["lcron"] = time.perf_counter() - start
         report("lcron")
+    save_stages(exp, {"recall": (recall_config, recall_exp.name, recall), "prerank": (config, cfg.prerank, prerank), "rank": (config, cfg.rank, rank)})
     result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds}
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result
+
+
+STAGES_FILE = "stages.json"
+
+
+def save_stages(exp, stages: dict[str, tuple[Path, str, nn.Module]]) -> None:
+    """The cascade as trained, for `cascade export`: each stage's weights (``stages/NAME.pt``) and
+    ``stages.json`` naming its config file (absolute), experiment and quota."""
+    out = exp.run_dir / "stages"
+    out.mkdir(parents=True, exist_ok=True)
+    quotas = {"recall": exp.cascade.recall_quota, "prerank": exp.cascade.prerank_quota, "rank": exp.cascade.rank_quota}
+    manifest = {}
+    for name, (config, experiment, model) in stages.items():
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / f"{name}.pt")
+        manifest[name] = {"config": str(Path(config).resolve()), "experiment": experiment, "quota": quotas[name], "weights": f"stages/{name}.pt"}
+    (exp.run_dir / STAGES_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -111,34 +111,53 @@ class RecallStep:
 
 
 class ItemIndex:
-    """faiss inner-product index over the item tower's vectors of the whole catalog."""
+    """A faiss inner-product index over item vectors, with the item id of each row.
 
-    def __init__(self, item_ids: np.ndarray, vectors: np.ndarray):
+    ``ItemIndex(ids, vectors)`` builds the exact ``IndexFlatIP``; ``ItemIndex(ids, index=...)``
+    wraps any faiss index already built over the same rows (an IVF or HNSW one in a bundle)."""
+
+    def __init__(self, item_ids: np.ndarray, vectors: np.ndarray | None = None, index: faiss.Index | None = None):
         self.item_ids = item_ids
-        self.index = faiss.IndexFlatIP(vectors.shape[1])
-        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        if index is None:
+            index = faiss.IndexFlatIP(vectors.shape[1])
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.index = index
+
+    def search_scored(self, user_vectors: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item ids (R, k) per user vector, best first, never an id in that row of
+        ``exclude``, and their inner products (R, k); 0 and -inf where the catalog runs out."""
+        extra = 0 if exclude is None else exclude.shape[1]
+        sim, idx = self.index.search(np.ascontiguousarray(user_vectors, dtype=np.float32), min(k + extra, len(self.item_ids)))
+        ids = np.where(idx >= 0, self.item_ids[idx], 0)  # faiss marks missing results with -1
+        sim = np.where(idx >= 0, sim, -np.inf).astype(np.float32)
+        if exclude is not None:
+            banned = ((ids[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] > 0)).any(axis=2) | (ids == 0)
+            # keep order, push banned ids after the allowed ones, then cut
+            order = np.argsort(banned, axis=1, kind="stable")
+            ids, sim = np.take_along_axis(ids, order, 1), np.take_along_axis(sim, order, 1)
+            banned = np.take_along_axis(banned, order, 1)
+            ids, sim = np.where(banned, 0, ids), np.where(banned, -np.inf, sim)
+        if ids.shape[1] < k:  # a catalog smaller than k
+            pad = k - ids.shape[1]
+            ids, sim = np.pad(ids, ((0, 0), (0, pad))), np.pad(sim, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return ids[:, :k], sim[:, :k]
 
     def search(self, user_vectors: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
         """Top-k item ids (R, k) per user vector, never an id in that row of ``exclude``."""
-        extra = 0 if exclude is None else exclude.shape[1]
-        _, idx = self.index.search(np.ascontiguousarray(user_vectors, dtype=np.float32), min(k + extra, len(self.item_ids)))
-        ids = self.item_ids[idx]
-        if exclude is not None:
-            banned = (ids[:, :, None] == exclude[:, None, :]).any(axis=2) & (ids > 0)
-            # keep order, push banned ids after the allowed ones, then cut
-            order = np.argsort(banned, axis=1, kind="stable")
-            ids = np.take_along_axis(ids, order, 1)
-        return ids[:, :k]
+        return self.search_scored(user_vectors, k, exclude)[0]
 
 
 @torch.no_grad()
 def build_index(model: TwoTower, ds: Dataset) -> ItemIndex:
+    return ItemIndex(ds.items["item_id"], item_vectors(model, item_table(ds, model.item_slots)[torch.from_numpy(ds.items["item_id"])]))
+
+
+@torch.no_grad()
+def item_vectors(model: TwoTower, packed: torch.Tensor, batch: int = 8192) -> np.ndarray:
+    """The item tower's vector (R, D) of every packed item row (R, Wi)."""
     model.eval()
-    ids = ds.items["item_id"]
-    packed = item_table(ds, model.item_slots)[torch.from_numpy(ids)]
     device = next(model.parameters()).device
-    vectors = torch.cat([model.item(packed[a : a + 8192].to(device))[:, 0].cpu() for a in range(0, len(ids), 8192)]).numpy()
-    return ItemIndex(ids, vectors)
+    return torch.cat([model.item(packed[a : a + batch].to(device))[:, 0].cpu() for a in range(0, len(packed), batch)]).numpy()
 
 
 @torch.no_grad()
@@ -150,12 +169,25 @@ def user_vectors(model: TwoTower, lists: ListBatch) -> np.ndarray:
     return torch.cat([model.user(user[a : a + 8192].to(device))[:, 0].cpu() for a in range(0, len(user), 8192)]).numpy()
 
 
+class TowerRetriever:
+    """The recall stage with a torch recall tower: its user vector searched against a faiss
+    index of its item vectors for the whole catalog, the request's history excluded."""
+
+    def __init__(self, model: TwoTower, ds: Dataset):
+        self.model = model
+        self.index = build_index(model, ds)
+
+    def __call__(self, requests: ListBatch, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """requests (B, ...) -> item ids (B, n) best first (0 = none) and their scores (B, n)."""
+        return self.index.search_scored(user_vectors(self.model, requests), n, exclude=requests.history)
+
+
 @torch.no_grad()
 def evaluate_recall(model: TwoTower, ds: Dataset, split: str, ks: tuple[int, ...] = (50, 200)) -> dict[str, float]:
     """Recall@k of the catalog retrieval against each request's logged positives, the
     request's history excluded from what may be retrieved."""
     lists = build_lists(ds, split)
-    retrieved = build_index(model, ds).search(user_vectors(model, lists), max(ks), exclude=lists.history)
+    retrieved, _ = TowerRetriever(model, ds)(lists, max(ks))
     positives = np.where(lists.mask & (lists.label > 0), lists.item["item_id"], 0)
     return {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], positives) for k in ks}
 
@@ -171,7 +203,7 @@ def recall_output(ds: Dataset, model: nn.Module, n: int, keep_positives: bool = 
     request's logged positives dropped): recall's own candidate space is the whole catalog, not
     its top-n. Every split."""
     lists = build_lists(ds)
-    retrieved = build_index(model, ds).search(user_vectors(model, lists), n, exclude=lists.history)  # (R, n), best first
+    retrieved, _ = TowerRetriever(model, ds)(lists, n)  # (R, n), best first
     logged = ds.candidates
     extra = sorted(set(logged) - {"request_id", "item_id", "stage", "label"})
     if extra:

@@ -1,0 +1,187 @@
+"""THE cascade: an ordered list of stages, each a scorer and a quota.
+
+``Cascade.run(requests)`` retrieves each request's top ``recall_quota`` from the catalog (the
+history excluded), then lets every stage score what the one before it passed on and keep its top
+``quota``; it returns each stage's input, scores, survivors and seconds. Training (the joint
+report of ``task: cascade``), evaluation and serving all call it; only the scorers differ: torch
+modules in training (``TorchScorer``, ``recall.TowerRetriever``), onnxruntime sessions, cached
+item vectors, LightGBM and a faiss index in serving (``export.runtime``).
+
+A scorer is any ``lists (B, N) -> scores (B, N)`` callable over a ``ListBatch`` (values at padding
+are ignored); a retriever is ``(requests, n) -> (ids (B, n), scores (B, n))``, 0 / -inf where it
+found fewer than n. A cut keeps the top ``quota`` by score among the valid candidates; ties go to
+the earlier candidate, so the same input gives the same survivors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+from torch import nn
+
+from cascade.data.lists import ListBatch
+from cascade.data.store import Dataset
+from cascade.models import score_lists
+
+Scorer = Callable[[ListBatch], np.ndarray]
+Retriever = Callable[[ListBatch, int], tuple[np.ndarray, np.ndarray]]
+
+
+class Catalog:
+    """Every item's fields by id (row 0 = padding): turns candidate ids into the item side of a
+    ``ListBatch``. Only items-table fields: a per-candidate field has no value for an item a
+    stage picked from the catalog."""
+
+    def __init__(self, item_ids: np.ndarray, fields: dict[str, np.ndarray]):
+        n = int(item_ids.max(initial=0)) + 1
+        self.item_ids = item_ids
+        self.by_id = {}
+        for name, values in fields.items():
+            table = np.zeros((n,) + values.shape[1:], dtype=np.int64)
+            table[item_ids] = values
+            self.by_id[name] = table
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> "Catalog":
+        names = [f.name for f in ds.schema.features.in_table("items")]
+        return cls(ds.items["item_id"], {name: ds.items[name] for name in names})
+
+    def attach(self, requests: ListBatch, ids: np.ndarray) -> ListBatch:
+        """``requests``' user side with candidate ``ids`` (B, N) as its lists (0 = padding; an id
+        past the catalog is padding too)."""
+        ids = np.where((ids > 0) & (ids < len(self.by_id["item_id"])), ids, 0)
+        shape = ids.shape
+        return replace(
+            requests,
+            item={name: table[ids] for name, table in self.by_id.items()},
+            label=np.zeros(shape, np.float32),
+            stage=np.zeros(shape, np.int8),
+            mask=ids > 0,
+            teacher={},
+        )
+
+
+def requests_batch(user: dict[str, np.ndarray], history: np.ndarray, request_id: np.ndarray | None = None) -> ListBatch:
+    """B requests with no candidates yet: user fields (B,) or (B, max_len), history (B, L)."""
+    b = len(history)
+    return ListBatch(
+        request_id=np.arange(b) if request_id is None else request_id,
+        user=user,
+        history=history,
+        item={},
+        label=np.zeros((b, 0), np.float32),
+        stage=np.zeros((b, 0), np.int8),
+        mask=np.zeros((b, 0), bool),
+    )
+
+
+class TorchScorer:
+    """A torch model (pre-ranker or ranker) as a stage's scorer."""
+
+    def __init__(self, model: nn.Module, lists_per_batch: int = 64):
+        self.model, self.lists_per_batch = model, lists_per_batch
+
+    def __call__(self, lists: ListBatch) -> np.ndarray:
+        return score_lists(self.model, lists, self.lists_per_batch)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    scorer: Scorer
+    quota: int
+
+
+@dataclass
+class StageOutput:
+    """One stage of a run: the lists it scored (B, N), its scores (B, N), which candidates it
+    passed on (``kept`` (B, N), at most its quota per row) and its wall time."""
+
+    name: str
+    lists: ListBatch
+    scores: np.ndarray
+    kept: np.ndarray
+    seconds: float
+
+
+@dataclass
+class CascadeOutput:
+    """``stages``: recall first when the run retrieved; ``items`` and ``scores`` (B, k): the last
+    stage's survivors best first (0 / -inf past a row's survivors)."""
+
+    stages: list[StageOutput]
+    items: np.ndarray
+    scores: np.ndarray
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {s.name: s.seconds for s in self.stages}
+
+
+def top_mask(scores: np.ndarray, alive: np.ndarray, quota: int) -> np.ndarray:
+    """(B, N) bool: each row's top ``quota`` of the ``alive`` candidates by score (ties to the
+    earlier column)."""
+    order = np.argsort(np.where(alive, -scores, np.inf), axis=1, kind="stable")[:, :quota]
+    kept = np.zeros_like(alive)
+    np.put_along_axis(kept, order, True, axis=1)
+    return kept & alive
+
+
+def best_first(lists: ListBatch, scores: np.ndarray, kept: np.ndarray, width: int) -> tuple[ListBatch, np.ndarray]:
+    """The ``kept`` candidates of each row, best first, in ``width`` columns (padding after)."""
+    order = np.argsort(np.where(kept, -scores, np.inf), axis=1, kind="stable")[:, :width]
+    cut = lists.take_columns(order)
+    alive = np.take_along_axis(kept, order, 1)
+    return replace(cut, mask=cut.mask & alive), np.where(alive, np.take_along_axis(scores, order, 1), -np.inf)
+
+
+class Cascade:
+    """recall (a retriever and its quota, optional) -> stages in order, each cutting to its quota."""
+
+    def __init__(self, stages: Sequence[Stage], retriever: Retriever | None = None, recall_quota: int = 0, catalog: Catalog | None = None):
+        if retriever is not None and (recall_quota < 1 or catalog is None):
+            raise ValueError("a retriever needs a recall_quota >= 1 and the catalog")
+        quotas = [recall_quota] * (retriever is not None) + [s.quota for s in stages]
+        if any(q < 1 for q in quotas) or any(a <= b for a, b in zip(quotas, quotas[1:])):
+            raise ValueError(f"quotas must be >= 1 and shrink from stage to stage, got {quotas}")
+        self.stages, self.retriever, self.recall_quota, self.catalog = list(stages), retriever, recall_quota, catalog
+
+    @property
+    def quotas(self) -> dict[str, int]:
+        return ({"recall": self.recall_quota} if self.retriever is not None else {}) | {s.name: s.quota for s in self.stages}
+
+    def run(self, requests: ListBatch, candidates: ListBatch | None = None, full: bool = False) -> CascadeOutput:
+        """Serve ``requests`` (B, ...). ``candidates``: lists to start from instead of retrieving
+        (a frozen recall output). ``full``: every stage scores the whole first list (what
+        evaluation needs for teacher consistency) while the cuts stay the same; otherwise each
+        stage scores only what the stage before it passed on (what serving does)."""
+        out: list[StageOutput] = []
+        if candidates is None:
+            if self.retriever is None:
+                raise ValueError("this cascade has no retriever: pass the candidates")
+            start = time.perf_counter()
+            ids, scores = self.retriever(requests, self.recall_quota)
+            lists = self.catalog.attach(requests, ids)
+            out.append(StageOutput("recall", lists, scores, lists.mask.copy(), time.perf_counter() - start))
+        else:
+            lists = candidates
+        current, scores, alive = lists, None, lists.mask
+        for stage in self.stages:
+            start = time.perf_counter()
+            if full:
+                scores = np.asarray(stage.scorer(lists), np.float32)
+                kept = top_mask(scores, alive, stage.quota)
+                out.append(StageOutput(stage.name, lists, scores, kept, time.perf_counter() - start))
+                alive = kept
+            else:
+                scores = np.asarray(stage.scorer(current), np.float32)
+                kept = top_mask(scores, current.mask, stage.quota)
+                out.append(StageOutput(stage.name, current, scores, kept, time.perf_counter() - start))
+                current, _ = best_first(current, scores, kept, stage.quota)
+        last = out[-1]
+        final, final_scores = best_first(last.lists, last.scores, last.kept, self.stages[-1].quota if self.stages else self.recall_quota)
+        return CascadeOutput(out, np.where(final.mask, final.item["item_id"], 0), final_scores)
+

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cascade.cascade import Cascade, Catalog, Stage, TorchScorer, requests_batch, top_mask
+from cascade.data.lists import build_lists
+from cascade.recall import TowerRetriever
+from cascade.towers.dssm import DSSM
+from cascade.towers.embedding import Embeddings
+
+
+def _catalog():
+    ids = np.arange(1, 11)
+    return Catalog(ids, {"item_id": ids, "colour": ids % 3 + 1})
+
+
+def _requests(b=1):
+    return requests_batch({"user_id": np.arange(1, b + 1)}, np.zeros((b, 2), np.int64))
+
+
+def by_id(lists):
+    return lists.item["item_id"].astype(np.float32)
+
+
+def by_minus_id(lists):
+    return -lists.item["item_id"].astype(np.float32)
+
+
+def test_each_stage_scores_what_the_last_passed_on_and_keeps_its_quota():
+    lists = _catalog().attach(_requests(), np.array([[5, 3, 9, 1, 0]]))
+    flow = Cascade([Stage("prerank", by_id, 3), Stage("rank", by_minus_id, 2)])
+    out = flow.run(lists, candidates=lists)
+    # pre-rank by id keeps 9, 5, 3 (of 5, 3, 9, 1; the 0 is padding); rank by -id shows 3 then 5
+    assert out.stages[0].kept.tolist() == [[True, True, True, False, False]]
+    assert out.stages[1].lists.item["item_id"].tolist() == [[9, 5, 3]]
+    assert out.items.tolist() == [[3, 5]] and out.scores.tolist() == [[-3.0, -5.0]]
+    # the catalog's fields travel with the ids: colour = id % 3 + 1
+    assert out.stages[1].lists.item["colour"].tolist() == [[1, 3, 1]]
+
+
+def test_full_mode_scores_the_whole_list_and_cuts_the_same():
+    lists = _catalog().attach(_requests(), np.array([[5, 3, 9, 1, 0]]))
+    flow = Cascade([Stage("prerank", by_id, 3), Stage("rank", by_minus_id, 2)])
+    full = flow.run(lists, candidates=lists, full=True)
+    assert full.stages[1].scores.shape == (1, 5)  # the ranker saw all five columns
+    # survivors after rank: 5 and 3 (ids), i.e. columns 0 and 1; 1 scores best by -id but was cut
+    assert full.stages[1].kept.tolist() == [[True, True, False, False, False]]
+    assert full.items.tolist() == flow.run(lists, candidates=lists).items.tolist() == [[3, 5]]
+
+
+def test_a_tie_at_the_cut_goes_to_the_earlier_candidate():
+    kept = top_mask(np.array([[1.0, 2.0, 2.0, 2.0]]), np.ones((1, 4), bool), 2)
+    assert kept.tolist() == [[False, True, True, False]]
+
+
+def test_quotas_must_shrink():
+    with pytest.raises(ValueError, match="shrink"):
+        Cascade([Stage("prerank", by_id, 3), Stage("rank", by_id, 3)])
+    with pytest.raises(ValueError, match="retriever"):
+        Cascade([Stage("rank", by_id, 3)], retriever=lambda r, n: None, recall_quota=10)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.permutations(list(range(1, 11))), st.integers(1, 9))
+def test_survivors_do_not_depend_on_candidate_order(order, m):
+    # distinct scores (the id), so the cut is unique whatever the order
+    lists = _catalog().attach(_requests(), np.array([order]))
+    out = Cascade([Stage("prerank", by_id, m + 1), Stage("rank", by_id, m)]).run(lists, candidates=lists)
+    assert out.items.tolist() == [list(range(10, 10 - m, -1))]
+
+
+def test_recall_retrieves_from_the_catalog_without_the_history(small_world):
+    ds, _ = small_world
+    spec = ds.schema.features
+    torch.manual_seed(0)
+    tower = DSSM(spec.side("user"), spec.side("item"), Embeddings(spec, 8), history_len=ds.schema.history_max, hidden=(16, 8)).eval()
+    requests = build_lists(ds, "test")
+    flow = Cascade([Stage("prerank", TorchScorer(tower), 20), Stage("rank", TorchScorer(tower), 5)], TowerRetriever(tower, ds), 60, Catalog.from_dataset(ds))
+    out = flow.run(requests)
+    recalled = out.stages[0].lists.item["item_id"]
+    assert recalled.shape == (len(requests), 60) and (recalled > 0).all()
+    assert not ((recalled[:, :, None] == requests.history[:, None, :]) & (requests.history[:, None, :] > 0)).any()
+    assert out.items.shape == (len(requests), 5)
+    # the same tower at every stage: the final top-5 is the recall's own top-5, in order
+    np.testing.assert_array_equal(out.items, recalled[:, :5])
+    assert set(out.seconds) == {"recall", "prerank", "rank"}
