@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -313,17 +315,26 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
     if problems:
         raise DataError(problems)
     out = Path(directory)
+    with replacing_directory(out) as tmp:
+        (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
+        for name, file in TABLE_FILES.items():
+            pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd")
+        for file, data in (extra_files or {}).items():
+            (tmp / file).write_bytes(data)
+    return out
+
+
+@contextmanager
+def replacing_directory(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to fill; on success it is renamed to ``out`` (an older
+    ``out`` is replaced only then), on any error it is removed: ``out`` appears whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
     try:
-        (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
-        for name, file in TABLE_FILES.items():
-            pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd")
-        for file, data in (extra_files or {}).items():
-            (tmp / file).write_bytes(data)
+        yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             old.rmdir()
@@ -335,4 +346,3 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out

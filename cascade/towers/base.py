@@ -68,6 +68,9 @@ class TwoTower(nn.Module):
 
     user: nn.Module
     item: nn.Module
+    # score = dot_scale * sum_h <u_h, v_h> when set (serving needs no score graph); None: the
+    # score is not a plain dot (MaxSim + bias) and is exported as a graph of its own
+    dot_scale: float | None = None
 
     def __init__(self, user_fields: tuple[Field, ...], item_fields: tuple[Field, ...], embeddings: Embeddings, history_len: int = 0):
         super().__init__()

@@ -62,5 +62,9 @@ class DAT(TwoTower):
         self.temperature = temperature
         self.mimic_weight = mimic_weight  # read by the training step, not by forward
 
+    @property
+    def dot_scale(self) -> float:
+        return 1.0 / self.temperature
+
     def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dot_score(u, v) / self.temperature

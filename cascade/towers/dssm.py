@@ -50,5 +50,9 @@ class DSSM(TwoTower):
     def field_weighting(self, n_fields: int) -> nn.Module | None:
         return None
 
+    @property
+    def dot_scale(self) -> float:
+        return 1.0 / self.temperature
+
     def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dot_score(u, v) / self.temperature

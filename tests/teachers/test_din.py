@@ -2,9 +2,8 @@ import torch
 
 from cascade.data.lists import build_lists
 from cascade.towers.embedding import Embeddings, pack_items, pack_user
-from export.onnx import export_module, session
 from teachers.din import DIN
-from tests.export.roundtrip import assert_parity
+from tests.export.roundtrip import assert_ranker_round_trip
 from tests.towers.test_embedding import SPEC
 
 
@@ -35,10 +34,4 @@ def test_the_target_and_history_interact():
 
 def test_din_round_trips_through_onnxruntime(small_world, tmp_path):
     ds, _ = small_world
-    m = _din(ds.schema.features, ds.schema.history_max)
-    lists = build_lists(ds, "test")
-    user = torch.from_numpy(pack_user(lists, m.user_slots))[:16]
-    items = torch.from_numpy(pack_items(lists, m.item_slots))[:16]
-    path = export_module(m, (user[:3], items[:3]), ("user", "items"), tmp_path / "din.onnx")
-    got = session(path).run(None, {"user": user.numpy(), "items": items.numpy()})[0]
-    assert_parity(got, m(user, items).detach().numpy())
+    assert_ranker_round_trip(_din(ds.schema.features, ds.schema.history_max), ds, tmp_path)
