@@ -4,6 +4,10 @@
     cascade data check DIR
     cascade data movielens --src DIR --out DIR --protocol ctr|cascade [--seed S]
     cascade train CONFIG [--experiment NAME]
+    cascade distill CONFIG [--experiment NAME]
+    cascade export RUN_DIR --out BUNDLE [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
+    cascade export --recall CFG:EXP --prerank CFG:EXP --rank CFG:EXP [--quotas 200,50,10] --out BUNDLE
+    cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1]
     cascade demo [--out DIR]
 
 Exit status: 0 on success, 2 on bad input (each problem printed on stderr, nothing written).
@@ -94,6 +98,58 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from cascade.config import ConfigError
+    from export.bundle import BundleError, IndexSpec, write_bundle
+    from export.runtime import CascadeService
+    from export.stages import from_named, from_run, parity, torch_cascade
+
+    named = {role: getattr(args, role) for role in ("recall", "prerank", "rank")}
+    try:
+        if (args.run_dir is None) == all(v is None for v in named.values()):
+            raise BundleError("give RUN_DIR (a 'task: cascade' run) or all of --recall, --prerank and --rank")
+        if args.run_dir is None and any(v is None for v in named.values()):
+            missing = next(role for role, v in named.items() if v is None)
+            raise BundleError(f"--{missing} is required when the stages are named")
+        try:
+            index = IndexSpec(args.index, args.nlist, args.nprobe, args.hnsw_m, args.ef_search, args.pq_m)
+            quotas = tuple(int(q) for q in args.quotas.split(","))
+            if len(quotas) != 3:
+                raise ValueError(f"--quotas: expected three numbers (recall,prerank,rank), got '{args.quotas}'")
+        except ValueError as e:
+            raise BundleError(str(e)) from None
+        start = time.perf_counter()
+        ds, stages = from_run(args.run_dir) if args.run_dir is not None else from_named(named, quotas)
+        source = {"run_dir": str(args.run_dir)} if args.run_dir is not None else {"stages": named}
+        out = write_bundle(ds, *stages, args.out, index, args.quantize, source)
+        print(f"wrote {out} in {time.perf_counter() - start:.1f}s: " + ", ".join(f"{s.name} {s.model_name} top-{s.quota}" for s in stages))
+        service = CascadeService(out)
+        if not isinstance(stages[2].model, Path):
+            report = parity(service, torch_cascade(ds, stages), ds)
+            print("parity against torch on " + " ".join(f"{k} {v:.6g}" for k, v in report.items()))
+    except (BundleError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from export.bundle import BundleError
+    from export.runtime import CascadeService
+    from export.serve import make_app
+
+    try:
+        service = CascadeService(args.bundle, threads=args.threads)
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    print(f"serving {args.bundle} on http://{args.host}:{args.port} (POST /recommend, GET /health, GET /metrics)")
+    uvicorn.run(make_app(service), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description="Multi-stage recommendation cascades.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -129,6 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("config", type=Path)
     distill.add_argument("--experiment", help="only this experiment of the config")
     distill.set_defaults(run=_train)
+
+    export = verbs.add_parser("export", help="export a trained cascade to a bundle: ONNX towers, cached item side, faiss index, manifest")
+    export.add_argument("run_dir", nargs="?", type=Path, help="a finished 'task: cascade' run")
+    export.add_argument("--out", required=True, type=Path)
+    for role in ("recall", "prerank", "rank"):
+        export.add_argument(f"--{role}", metavar="CONFIG:EXPERIMENT", help=f"the {role} stage's trained run (instead of RUN_DIR)")
+    export.add_argument("--quotas", default="200,50,10", help="recall,prerank,rank quotas with named stages")
+    export.add_argument("--index", default="flat", help="faiss index over the recall item vectors: flat (exact) | ivf | hnsw | ivfpq")
+    export.add_argument("--nlist", type=int, default=1024)
+    export.add_argument("--nprobe", type=int, default=32)
+    export.add_argument("--hnsw-m", type=int, default=32)
+    export.add_argument("--ef-search", type=int, default=128)
+    export.add_argument("--pq-m", type=int, default=16)
+    export.add_argument("--quantize", action="store_true", help="int8 dynamic quantisation of the pre-ranker and ranker graphs")
+    export.set_defaults(run=_export)
+
+    serve = verbs.add_parser("serve", help="serve a bundle over HTTP JSON")
+    serve.add_argument("bundle", type=Path)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per session")
+    serve.set_defaults(run=_serve)
 
     demo = verbs.add_parser("demo", help="the main job on the built-in synthetic world")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -16,6 +16,8 @@ standalone BatchNormalization slowly, and a folded layer is one Gemm.
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +121,12 @@ def export_module(module: nn.Module, examples: dict[str, np.ndarray], path: str 
     shapes = tuple({0: batch, 1: n} if name in candidates else {0: batch} for name in examples)
     if isinstance(module, FieldInputs):  # one *fields argument: torch.export wants its shapes as one entry
         shapes = {"fields": shapes}
-    program = torch.onnx.export(module, tensors, dynamo=True, dynamic_shapes=shapes, input_names=list(examples), output_names=[output_name], verbose=False)
+    # the exporter's own deprecation notes and "torchvision is not installed" say nothing to a user
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        program = torch.onnx.export(module, tensors, dynamo=True, dynamic_shapes=shapes, input_names=list(examples), output_names=[output_name], verbose=False)
     program.save(str(path))
     return path
 

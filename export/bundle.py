@@ -1,0 +1,250 @@
+"""The export bundle: one directory per trained cascade, written whole or not at all, verified
+file by file on load.
+
+```
+BUNDLE/
+  manifest.json        format, stages (model, quota, inputs, score), index, libraries, source
+                       runs, sha256 of every other file
+  schema.json          the data set's schema (fields, vocabularies, history length)
+  catalog.npz          every item's items-table fields by id (row 0 = padding)
+  recall/user.onnx     the recall tower's user side
+  recall/index.faiss   its item vectors for the whole catalog; recall/item_ids.npy maps rows to ids
+  prerank/user.onnx    the pre-ranker's user tower; prerank/item.onnx its item tower
+  prerank/items.npy    the item side cached for the whole catalog (max id + 1, Hv, D), by id
+  prerank/score.onnx   the score head, where the score is not a plain dot (MaxSim)
+  rank/model.onnx      a neural ranker whole, or rank/model.txt (LightGBM's own model file)
+```
+
+``write_bundle`` builds it from trained stages; ``verify_bundle`` refuses a missing, extra or
+altered file, naming it (``BundleError``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+
+from cascade.cascade import Catalog
+from cascade.data.lists import ListBatch, build_lists
+from cascade.data.schema import SCHEMA_FILE
+from cascade.data.store import Dataset, replacing_directory
+from cascade.recall import item_table, item_vectors
+from export.onnx import export_ranker, export_tower, export_two_tower, flat_items, item_inputs, session, user_inputs
+
+FORMAT = "cascade-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CATALOG = "catalog.npz"
+INDEXES = ("flat", "ivf", "hnsw", "ivfpq")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used, naming the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """The faiss index over the recall tower's item vectors (inner product): ``flat`` exact;
+    ``ivf`` (nlist, nprobe), ``hnsw`` (hnsw_m, ef_search), ``ivfpq`` (nlist, nprobe, pq_m) for
+    large catalogs."""
+
+    kind: str = "flat"
+    nlist: int = 1024
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_search: int = 128
+    pq_m: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEXES:
+            raise ValueError(f"index '{self.kind}' is not one of {', '.join(INDEXES)}")
+
+    def factory(self, n_items: int) -> str:
+        nlist = max(1, min(self.nlist, n_items // 39))  # faiss wants >= 39 training points a list
+        return {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{self.hnsw_m}", "ivfpq": f"IVF{nlist},PQ{self.pq_m}"}[self.kind]
+
+    def search_parameters(self) -> dict[str, int]:
+        return {"ivf": {"nprobe": self.nprobe}, "ivfpq": {"nprobe": self.nprobe}, "hnsw": {"efSearch": self.ef_search}}.get(self.kind, {})
+
+
+@dataclass
+class StageModel:
+    """A trained stage to export: ``model`` is a torch module, or for a LightGBM ranker the path
+    of its ``model.txt`` with its ``params``; ``source`` says where it came from."""
+
+    name: str
+    model_name: str
+    model: nn.Module | Path
+    quota: int
+    source: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in ("cascade", "torch", "numpy", "onnx", "onnxruntime", "faiss-cpu", "lightgbm"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _slots(slots) -> list[dict[str, Any]]:
+    return [{"name": s.name, "width": s.width} for s in slots]
+
+
+def _check_catalog_fields(stage: StageModel, names: set[str]) -> None:
+    slots = getattr(stage.model, "item_slots", ())
+    missing = [s.name for s in slots if s.name not in names]
+    if missing:
+        raise BundleError(f"stage '{stage.name}': item field '{missing[0]}' is stored per candidate, so a served item picked from the catalog has no value for it")
+
+
+def _write_index(vectors: np.ndarray, spec: IndexSpec, path: Path) -> None:
+    index = faiss.index_factory(vectors.shape[1], spec.factory(len(vectors)), faiss.METRIC_INNER_PRODUCT)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not index.is_trained:
+        index.train(x)
+    index.add(x)
+    faiss.write_index(index, str(path))
+
+
+def _quantize(path: Path) -> None:
+    """int8 dynamic quantisation of the graph's weights, in place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_suffix(".int8.onnx")
+    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    tmp.replace(path)
+
+
+def write_bundle(ds: Dataset, recall: StageModel, prerank: StageModel, rank: StageModel, out: str | Path, index: IndexSpec = IndexSpec(), quantize: bool = False, source: dict[str, Any] | None = None) -> Path:
+    """Export the three stages over the catalog of ``ds`` into the bundle ``out`` (whole or not
+    at all). ``quantize``: int8 dynamic quantisation of the pre-ranker's and ranker's graphs."""
+    if not recall.quota > prerank.quota > rank.quota > 0:
+        raise BundleError(f"quotas must shrink: recall {recall.quota}, prerank {prerank.quota}, rank {rank.quota}")
+    catalog = Catalog.from_dataset(ds)
+    names = set(catalog.by_id)
+    for stage in (recall, prerank, rank):
+        _check_catalog_fields(stage, names)
+    # three real lists of the data as the example inputs the graphs are traced with
+    requests = build_lists(ds).take(slice(0, 3))
+    example = catalog.attach(requests, np.resize(catalog.item_ids, (len(requests), 4)))
+    out = Path(out)
+    stages = []
+    with replacing_directory(out) as tmp:
+        (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
+        np.savez(tmp / CATALOG, **{k: v[catalog.item_ids] for k, v in catalog.by_id.items()})  # one row per item
+        stages.append(_write_recall(recall, ds, example, tmp / "recall", index))
+        stages.append(_write_prerank(prerank, catalog, example, tmp / "prerank", quantize))
+        stages.append(_write_rank(rank, example, tmp / "rank", quantize))
+        files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dataset": ds.schema.name,
+            "items": int(len(catalog.item_ids)),
+            "stages": stages,
+            "quantized": quantize,
+            "libraries": library_versions(),
+            "source": source or {},
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+@torch.no_grad()
+def _write_recall(stage: StageModel, ds: Dataset, example: ListBatch, out: Path, spec: IndexSpec) -> dict:
+    model = stage.model.eval()
+    out.mkdir()
+    export_tower(model.user, model.user_slots, user_inputs(example, model.user_slots), out / "user.onnx")
+    ids = ds.items["item_id"]
+    vectors = item_vectors(model, item_table(ds, model.item_slots)[torch.from_numpy(ids)])
+    _write_index(vectors, spec, out / "index.faiss")
+    np.save(out / "item_ids.npy", ids.astype(np.int64))
+    return {"name": "recall", "kind": "retrieval", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "index": {"kind": spec.kind, "factory": spec.factory(len(ids)), "search": spec.search_parameters()}, "source": stage.source}
+
+
+@torch.no_grad()
+def _write_prerank(stage: StageModel, catalog: Catalog, example: ListBatch, out: Path, quantize: bool) -> dict:
+    model = stage.model.eval()
+    files = export_two_tower(model, example, out)
+    if quantize:
+        for name in ("user", "item"):
+            _quantize(out / files[name])
+    # the item side of the whole catalog, computed by the exported item tower itself
+    item_s = session(out / files["item"])
+    ids = np.arange(len(catalog.by_id["item_id"]))
+    rows = []
+    for a in range(0, len(ids), 4096):
+        part = catalog.attach(example.take(np.zeros(1, int)), ids[None, a : a + 4096])
+        rows.append(item_s.run(None, flat_items(item_inputs(part, model.item_slots)))[0])
+    cache = np.concatenate(rows)
+    cache[0] = 0.0  # id 0 is padding
+    np.save(out / "items.npy", cache.astype(np.float32))
+    score = {"kind": "dot", "scale": float(model.dot_scale)} if model.dot_scale is not None else {"kind": "graph", "file": "score.onnx"}
+    return {"name": "prerank", "kind": "two_tower", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "item_inputs": _slots(model.item_slots), "item_vectors": list(cache.shape[1:]), "score": score, "source": stage.source}
+
+
+def _write_rank(stage: StageModel, example: ListBatch, out: Path, quantize: bool) -> dict:
+    out.mkdir()
+    if isinstance(stage.model, Path):  # LightGBM ships as its own model file
+        shutil.copyfile(stage.model, out / "model.txt")
+        return {"name": "rank", "kind": "lightgbm", "model": stage.model_name, "quota": stage.quota, "params": stage.params, "source": stage.source}
+    model = stage.model.eval()
+    export_ranker(model, example, out / "model.onnx")
+    if quantize:
+        _quantize(out / "model.onnx")
+    return {"name": "rank", "kind": "onnx", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "item_inputs": _slots(model.item_slots), "source": stage.source}
+
+
+def verify_bundle(directory: str | Path) -> dict[str, Any]:
+    """The manifest of the bundle at ``directory``, once every file is there, unaltered, and
+    nothing else is; ``BundleError`` naming the first file that is not."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{root / MANIFEST}: missing (not a bundle made by `cascade export`)") from None
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{root / MANIFEST}: unreadable: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{root / MANIFEST}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{root / MANIFEST}: format_version {manifest.get('format_version')!r}, this cascade reads {FORMAT_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{root / MANIFEST}: no 'files' table")
+    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    for name in sorted(set(files) - present):
+        raise BundleError(f"{root / name}: missing (listed in the manifest)")
+    for name in sorted(present - set(files)):
+        raise BundleError(f"{root / name}: not in the manifest (an extra file)")
+    for name, digest in sorted(files.items()):
+        if sha256(root / name) != digest:
+            raise BundleError(f"{root / name}: altered (sha256 differs from the manifest)")
+    return manifest

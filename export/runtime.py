@@ -1,0 +1,228 @@
+"""Serving a bundle: onnxruntime, cached item vectors, LightGBM and faiss as the scorers of the
+one ``Cascade``, and ``CascadeService``, which checks each request and serves it.
+
+A request is a JSON object: the user's fields by name (ids as in the schema; a multi-valued one
+as a list), ``history`` (item ids, oldest first, most recent last) and optionally ``k`` (how many
+to return, at most the rank quota). A missing field or an id outside 1..vocab is the unknown id
+0 and is counted; a history longer than the schema's is cut to its most recent events and
+counted; anything else wrong (a key the schema does not have, a string where an id belongs, a
+nested list) raises ``RequestError`` naming the field, before any model runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import faiss
+import lightgbm as lgb
+import numpy as np
+
+from cascade.cascade import Cascade, Catalog, Stage, requests_batch
+from cascade.data.lists import ListBatch
+from cascade.data.schema import SCHEMA_FILE, Schema
+from cascade.recall import ItemIndex
+from cascade.towers.embedding import Slot
+from export.bundle import CATALOG, verify_bundle
+from export.onnx import item_inputs, session, user_inputs
+from teachers.gbdt import GBDTConfig, GBDTTeacher
+
+
+def _slots(entries: list[dict[str, Any]]) -> tuple[Slot, ...]:
+    return tuple(Slot(e["name"], 0, int(e["width"]), e["name"]) for e in entries)
+
+
+class OnnxRetriever:
+    """Recall: the ONNX user tower, then a faiss search over the catalog, history excluded."""
+
+    def __init__(self, root: Path, stage: dict, threads: int = 1):
+        self.user = session(root / "recall" / "user.onnx", threads)
+        self.slots = _slots(stage["user_inputs"])
+        index = faiss.read_index(str(root / "recall" / "index.faiss"))
+        params = faiss.ParameterSpace()
+        for name, value in stage["index"]["search"].items():
+            params.set_index_parameter(index, name, value)
+        self.index = ItemIndex(np.load(root / "recall" / "item_ids.npy"), index=index)
+
+    def __call__(self, requests: ListBatch, n: int) -> tuple[np.ndarray, np.ndarray]:
+        u = self.user.run(None, user_inputs(requests, self.slots))[0][:, 0]
+        return self.index.search_scored(u, n, exclude=requests.history)
+
+
+class TwoTowerScorer:
+    """Pre-rank: the ONNX user tower once per request against the cached item side; the score
+    is a scaled dot, or the exported score head (MaxSim)."""
+
+    def __init__(self, root: Path, stage: dict, threads: int = 1):
+        self.user = session(root / "prerank" / "user.onnx", threads)
+        self.slots = _slots(stage["user_inputs"])
+        self.items = np.load(root / "prerank" / "items.npy")  # (max id + 1, Hv, D)
+        score = stage["score"]
+        self.scale = score.get("scale")
+        self.head = session(root / "prerank" / score["file"], threads) if score["kind"] == "graph" else None
+
+    def score_vectors(self, u: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """u (B, Hu, D) against the cached items ``ids`` (B, N) -> (B, N)."""
+        v = self.items[ids]  # (B, N, Hv, D)
+        if self.head is not None:
+            return self.head.run(None, {"u": u, "v": v})[0]
+        if v.shape[2] == 1:  # one head: a batched matrix-vector product
+            return np.matmul(v[:, :, 0], u[:, 0, :, None])[..., 0] * np.float32(self.scale)
+        return np.einsum("bhd,bnhd->bn", u, v) * np.float32(self.scale)
+
+    def __call__(self, lists: ListBatch) -> np.ndarray:
+        u = self.user.run(None, user_inputs(lists, self.slots))[0]
+        return self.score_vectors(u, lists.item["item_id"])
+
+
+class OnnxRankScorer:
+    """Rank: a whole ONNX ranker (DIN) over the user's fields and the candidates' fields."""
+
+    def __init__(self, root: Path, stage: dict, threads: int = 1):
+        self.model = session(root / "rank" / "model.onnx", threads)
+        self.user_slots, self.item_slots = _slots(stage["user_inputs"]), _slots(stage["item_inputs"])
+
+    def __call__(self, lists: ListBatch) -> np.ndarray:
+        return self.model.run(None, user_inputs(lists, self.user_slots) | item_inputs(lists, self.item_slots))[0]
+
+
+class BoosterScorer:
+    """Rank: a LightGBM model file, scored by LightGBM's Booster over the ranker's features."""
+
+    def __init__(self, root: Path, stage: dict, schema: Schema, catalog: Catalog):
+        items = {"item_id": catalog.item_ids} | {k: v[catalog.item_ids] for k, v in catalog.by_id.items() if k != "item_id"}
+        self.teacher = GBDTTeacher(schema.features, items, GBDTConfig(**stage.get("params", {})))
+        self.teacher.booster = lgb.Booster(model_file=str(root / "rank" / "model.txt"))
+
+    def __call__(self, lists: ListBatch) -> np.ndarray:
+        return self.teacher.score(lists)
+
+
+class RequestError(ValueError):
+    """A request the service refuses, naming the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class CascadeService:
+    """A verified bundle as a cascade: ``recommend(request)`` and ``recommend_batch(requests)``."""
+
+    def __init__(self, bundle: str | Path, threads: int = 1):
+        root = Path(bundle)
+        self.manifest = verify_bundle(root)
+        self.schema = Schema.from_json((root / SCHEMA_FILE).read_text())
+        with np.load(root / CATALOG) as z:
+            self.catalog = Catalog(z["item_id"], {k: z[k] for k in z.files})
+        stages = {s["name"]: s for s in self.manifest["stages"]}
+        rank = stages["rank"]
+        ranker = BoosterScorer(root, rank, self.schema, self.catalog) if rank["kind"] == "lightgbm" else OnnxRankScorer(root, rank, threads)
+        self.cascade = Cascade(
+            [Stage("prerank", TwoTowerScorer(root, stages["prerank"], threads), stages["prerank"]["quota"]), Stage("rank", ranker, rank["quota"])],
+            OnnxRetriever(root, stages["recall"], threads),
+            stages["recall"]["quota"],
+            self.catalog,
+        )
+        self.user_fields = {f.name: f for f in self.schema.features.in_table("users")}
+        self.history_max = self.schema.history_max
+        self.item_vocab = self.schema.features["item_id"].vocab
+        self.k = rank["quota"]
+        self.counts: Counter[str] = Counter()  # unknown ids per field, truncated histories
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ requests
+
+    def _ids(self, name: str, value: Any, vocab: int, width: int | None, counts: Counter) -> np.ndarray:
+        """One field's value as int64 ids (a scalar, or ``width`` columns 0-padded)."""
+        if width is None:
+            if not _is_id(value):
+                raise RequestError(name, f"expected an integer id, got {json.dumps(value)[:60]}")
+            values = [value]
+        else:
+            if not isinstance(value, list) or not all(_is_id(x) for x in value):
+                raise RequestError(name, f"expected a list of integer ids, got {json.dumps(value)[:60]}")
+            if len(value) > width:
+                raise RequestError(name, f"has {len(value)} values, at most {width}")
+            values = value + [0] * (width - len(value))
+        given = values[: 1 if width is None else len(value)]
+        unknown = sum(1 for x in given if not 0 < x <= vocab)
+        if unknown:
+            counts[f"unknown_{name}"] += unknown
+        ids = np.array([x if 0 < x <= vocab else 0 for x in values], dtype=np.int64)
+        return ids if width is not None else ids[0]
+
+    def parse(self, request: Any) -> tuple[dict[str, Any], np.ndarray, int, Counter]:
+        """A request object -> user field ids, history (history_max,), k and what was counted."""
+        if not isinstance(request, dict):
+            raise RequestError("request", "expected a JSON object of user fields, 'history' and optionally 'k'")
+        known = set(self.user_fields) | {"history", "k"}
+        unknown = sorted(set(request) - known)
+        if unknown:
+            raise RequestError(str(unknown[0]), f"unknown field (known: {', '.join(sorted(known))})")
+        counts: Counter[str] = Counter()
+        user = {}
+        for name, f in self.user_fields.items():
+            if name not in request:
+                counts[f"missing_{name}"] += 1
+                user[name] = np.zeros(f.max_len, np.int64) if f.multi else np.int64(0)
+            else:
+                user[name] = self._ids(name, request[name], f.vocab, f.max_len if f.multi else None, counts)
+        history = request.get("history", [])
+        if not isinstance(history, list) or not all(_is_id(x) for x in history):
+            raise RequestError("history", f"expected a list of integer item ids, got {json.dumps(history)[:60]}")
+        if len(history) > self.history_max:
+            counts["truncated_history"] += 1
+            history = history[-self.history_max :]  # the most recent events
+        hist = self._ids("history", list(history), self.item_vocab, self.history_max, counts)
+        k = request.get("k", self.k)
+        if not _is_id(k) or not 1 <= k <= self.k:
+            raise RequestError("k", f"expected an integer in 1..{self.k}, got {json.dumps(k)[:60]}")
+        return user, hist, k, counts
+
+    # ------------------------------------------------------------------ serving
+
+    def recommend_batch(self, requests: list[Any]) -> list[dict[str, Any]]:
+        """Serve several requests in one cascade run (each checked first; one bad request
+        refuses the batch, naming it: ``requests[i].field``)."""
+        if not isinstance(requests, list) or not requests:
+            raise RequestError("requests", "expected a non-empty list of request objects")
+        parsed = []
+        for i, r in enumerate(requests):
+            try:
+                parsed.append(self.parse(r))
+            except RequestError as e:
+                raise RequestError(f"requests[{i}].{e.field}", str(e).split(": ", 1)[1]) from None
+        start = time.perf_counter()
+        user = {}
+        for name, f in self.user_fields.items():
+            user[name] = np.stack([p[0][name] for p in parsed]) if f.multi else np.array([p[0][name] for p in parsed], np.int64)
+        batch = requests_batch(user, np.stack([p[1] for p in parsed]))
+        out = self.cascade.run(batch)
+        total = time.perf_counter() - start
+        timings = {name: round(s * 1000, 3) for name, s in out.seconds.items()} | {"total": round(total * 1000, 3)}
+        with self._lock:
+            for p in parsed:
+                self.counts.update(p[3])
+        results = []
+        for row, (_, _, k, counts) in enumerate(parsed):
+            keep = out.items[row, :k] > 0
+            results.append({"items": out.items[row, :k][keep].tolist(), "scores": [round(float(s), 6) for s in out.scores[row, :k][keep]], "timings_ms": timings, "counted": dict(counts)})
+        return results
+
+    def recommend(self, request: Any) -> dict[str, Any]:
+        """recall top-N (history excluded) -> pre-rank -> rank -> the top-k items, best first,
+        with their scores, per-stage milliseconds and what was counted (unknown ids, a cut
+        history)."""
+        try:
+            return self.recommend_batch([request])[0]
+        except RequestError as e:
+            raise RequestError(e.field.removeprefix("requests[0]."), str(e).split(": ", 1)[1]) from None

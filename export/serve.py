@@ -1,0 +1,98 @@
+"""`cascade serve`: a bundle behind HTTP JSON, on Starlette + uvicorn.
+
+Why this stack: Starlette is a small, well-kept ASGI toolkit (the core under FastAPI) and uvicorn
+its standard server; we validate requests ourselves (``CascadeService.parse``) so every error
+names the schema's own field, which a generic model validator would not. The cascade runs in
+Starlette's thread pool (onnxruntime, faiss and numpy release the GIL), so a slow request does
+not block the event loop.
+
+- ``POST /recommend``: one request object -> ``{items, scores, timings_ms, counted}``; or
+  ``{"requests": [...]}`` -> ``{"results": [...]}`` in one cascade run.
+- ``GET /health``: ``{"status": "ok", ...}`` once the bundle is loaded.
+- ``GET /metrics``: requests, errors by status, counted unknown ids / cut histories, and latency
+  percentiles per stage over the last ``WINDOW`` requests.
+
+A bad request gets a 4xx with ``{"error", "field"}``; an unexpected failure a 500 with the same
+shape, counted, and the server stays up.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter, deque
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from export.runtime import CascadeService, RequestError
+
+WINDOW = 10_000  # latencies kept for the percentiles
+MAX_BODY = 1 << 20  # bytes
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.errors: Counter[str] = Counter()
+        self.latency: dict[str, deque] = {}
+
+    def observe(self, timings: dict[str, float], n: int) -> None:
+        with self.lock:
+            self.requests += n
+            for stage, ms in timings.items():
+                self.latency.setdefault(stage, deque(maxlen=WINDOW)).append(ms)
+
+    def error(self, status: int) -> None:
+        with self.lock:
+            self.errors[str(status)] += 1
+
+    def snapshot(self, service: CascadeService) -> dict:
+        with self.lock:
+            latency = {s: {f"p{q}": float(np.percentile(list(v), q)) for q in (50, 95, 99)} | {"count": len(v)} for s, v in self.latency.items()}
+            return {"requests": self.requests, "errors": dict(self.errors), "counted": dict(service.counts), "latency_ms": latency}
+
+
+def make_app(service: CascadeService) -> Starlette:
+    metrics = Metrics()
+
+    def refuse(status: int, message: str, field: str | None) -> JSONResponse:
+        metrics.error(status)
+        return JSONResponse({"error": message, "field": field}, status_code=status)
+
+    async def recommend(request: Request) -> JSONResponse:
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return refuse(413, f"body of {len(body)} bytes, at most {MAX_BODY}", None)
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return refuse(400, f"body is not valid JSON: {e}", None)
+        batch = isinstance(payload, dict) and "requests" in payload
+        try:
+            if batch:
+                if set(payload) != {"requests"}:
+                    raise RequestError(sorted(set(payload) - {"requests"})[0], "a batch body holds only 'requests'")
+                results = await run_in_threadpool(service.recommend_batch, payload["requests"])
+            else:
+                results = [await run_in_threadpool(service.recommend, payload)]
+        except RequestError as e:
+            return refuse(422, str(e), e.field)
+        except Exception as e:  # noqa: BLE001  a failure inside the cascade must not take the server down
+            return refuse(500, f"{type(e).__name__}: {e}", None)
+        metrics.observe(results[0]["timings_ms"], len(results))
+        return JSONResponse({"results": results} if batch else results[0])
+
+    async def health(request: Request) -> JSONResponse:
+        m = service.manifest
+        return JSONResponse({"status": "ok", "dataset": m["dataset"], "items": m["items"], "stages": {s["name"]: {"model": s["model"], "quota": s["quota"]} for s in m["stages"]}})
+
+    async def metrics_route(request: Request) -> JSONResponse:
+        return JSONResponse(metrics.snapshot(service))
+
+    return Starlette(routes=[Route("/recommend", recommend, methods=["POST"]), Route("/health", health), Route("/metrics", metrics_route)])

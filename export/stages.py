@@ -1,0 +1,110 @@
+"""The trained stages `cascade export` takes: those a ``task: cascade`` run saved
+(``stages.json``), or a recall, a pre-rank and a rank run named as ``CONFIG:EXPERIMENT``; and the
+parity of the served bundle against the same cascade in torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cascade.cascade import Cascade, Catalog, Stage, TorchScorer
+from cascade.config import ConfigError, ExperimentConfig, load_config
+from cascade.data.lists import build_lists
+from cascade.data.store import Dataset, read_dataset
+from cascade.joint import STAGES_FILE
+from cascade.models import MODELS, build_model
+from cascade.recall import TowerRetriever
+from export.bundle import BundleError, StageModel
+from teachers import TEACHERS
+
+ROLES = ("recall", "prerank", "rank")
+
+
+def _experiment(spec: str, where: str) -> ExperimentConfig:
+    config, sep, name = spec.rpartition(":")
+    if not sep or not config or not name:
+        raise BundleError(f"{where}: expected CONFIG:EXPERIMENT, got '{spec}'")
+    try:
+        (exp,) = load_config(config, name)
+    except ConfigError as e:
+        raise BundleError(f"{where}: {e}") from None
+    return exp
+
+
+def _stage(role: str, exp: ExperimentConfig, ds: Dataset, quota: int, weights: Path | None = None) -> StageModel:
+    source = {"config": str(exp.run_dir), "experiment": exp.name}
+    if exp.model.name == "gbdt":
+        if role != "rank":
+            raise BundleError(f"--{role}: a LightGBM model can only be the rank stage")
+        path = exp.run_dir / "model.txt"
+        if not path.exists():
+            raise BundleError(f"--rank: {path} is missing (train '{exp.name}' first)")
+        return StageModel(role, "gbdt", path, quota, source | {"run": str(exp.run_dir)}, {k: v for k, v in exp.model.params.items() if k in ("objective",)})
+    weights = weights or exp.run_dir / "best.pt"
+    if not weights.exists():
+        raise BundleError(f"{role}: {weights} is missing (train '{exp.name}' first)")
+    torch.manual_seed(exp.train.seed)
+    try:
+        model = build_model(exp, ds, {**MODELS, **TEACHERS})
+    except ConfigError as e:
+        raise BundleError(f"{role}: {e}") from None
+    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    if role != "rank" and not hasattr(model, "dot_scale"):
+        raise BundleError(f"{role}: model '{exp.model.name}' is not a two-tower model")
+    return StageModel(role, exp.model.name, model.eval(), quota, source | {"weights": str(weights)})
+
+
+def _data(exp: ExperimentConfig) -> Dataset:
+    if not Path(exp.data.dir).exists():
+        raise BundleError(f"recall: its data directory {exp.data.dir} is missing (train the cascade first)")
+    return read_dataset(exp.data.dir)
+
+
+def from_run(run_dir: str | Path) -> tuple[Dataset, list[StageModel]]:
+    """The stages a ``task: cascade`` run saved, over the recall experiment's logs."""
+    run_dir = Path(run_dir)
+    path = run_dir / STAGES_FILE
+    if not path.exists():
+        raise BundleError(f"{path}: missing; RUN_DIR must be a finished 'task: cascade' run (or name the stages with --recall, --prerank and --rank)")
+    saved = json.loads(path.read_text())
+    exps = {role: _experiment(f"{saved[role]['config']}:{saved[role]['experiment']}", f"{path}: {role}") for role in ROLES}
+    ds = _data(exps["recall"])
+    return ds, [_stage(role, exps[role], ds, int(saved[role]["quota"]), run_dir / saved[role]["weights"]) for role in ROLES]
+
+
+def from_named(specs: dict[str, str], quotas: tuple[int, int, int]) -> tuple[Dataset, list[StageModel]]:
+    """Stages named ``CONFIG:EXPERIMENT`` each, with their quotas (recall, prerank, rank)."""
+    exps = {role: _experiment(specs[role], f"--{role}") for role in ROLES}
+    ds = _data(exps["recall"])
+    return ds, [_stage(role, exps[role], ds, q) for role, q in zip(ROLES, quotas)]
+
+
+def torch_cascade(ds: Dataset, stages: list[StageModel]) -> Cascade:
+    """The same cascade with its torch models (the reference the bundle is checked against)."""
+    recall, prerank, rank = stages
+    if isinstance(rank.model, Path):
+        raise BundleError("a LightGBM rank stage has no torch reference")
+    return Cascade([Stage("prerank", TorchScorer(prerank.model), prerank.quota), Stage("rank", TorchScorer(rank.model), rank.quota)], TowerRetriever(recall.model, ds), recall.quota, Catalog.from_dataset(ds))
+
+
+def parity(service, reference: Cascade, ds: Dataset, n: int = 256) -> dict[str, float]:
+    """The bundle served against the torch cascade on ``n`` test requests: the share of requests
+    whose recall set, pre-rank set and final top-k are the same, and the largest score gap of the
+    final items."""
+    requests = build_lists(ds, "test").take(slice(0, n))
+    requests = requests.take_columns(np.zeros((len(requests), 0), int))
+    want = reference.run(requests)
+    got = service.cascade.run(requests)
+    out = {"requests": len(requests)}
+    for i, name in enumerate(["recall", "prerank", "rank"]):
+        w, g = want.stages[i], got.stages[i]
+        ws = [set(r[k].tolist()) for r, k in zip(w.lists.item["item_id"], w.kept)]
+        gs = [set(r[k].tolist()) for r, k in zip(g.lists.item["item_id"], g.kept)]
+        out[f"same_{name}_survivors"] = float(np.mean([a == b for a, b in zip(ws, gs)]))
+    out["same_final_order"] = float(np.mean((want.items == got.items).all(axis=1)))
+    same = want.items == got.items
+    out["max_final_score_gap"] = float(np.abs(np.where(same, want.scores - got.scores, 0)).max(initial=0.0))
+    return out
