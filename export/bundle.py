@@ -71,8 +71,9 @@ class IndexSpec:
             raise ValueError(f"index '{self.kind}' is not one of {', '.join(INDEXES)}")
 
     def factory(self, n_items: int) -> str:
-        nlist = max(1, min(self.nlist, n_items // 39))  # faiss wants >= 39 training points a list
-        return {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{self.hnsw_m}", "ivfpq": f"IVF{nlist},PQ{self.pq_m}"}[self.kind]
+        nlist = max(1, min(self.nlist, n_items // 39))  # faiss wants >= 39 training points a centroid
+        bits = int(max(1, min(8, np.log2(max(n_items // 39, 2)))))  # PQ codebooks of <= 2^bits centroids, same rule
+        return {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{self.hnsw_m}", "ivfpq": f"IVF{nlist},PQ{self.pq_m}x{bits}"}[self.kind]
 
     def search_parameters(self) -> dict[str, int]:
         return {"ivf": {"nprobe": self.nprobe}, "ivfpq": {"nprobe": self.nprobe}, "hnsw": {"efSearch": self.ef_search}}.get(self.kind, {})

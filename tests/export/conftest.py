@@ -8,7 +8,7 @@ from cascade.cli import main
 CONFIG = """
 base:
   data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
-  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+  model: {embedding_dim: 8}
   train: {epochs: 2, batch_size: 64, seed: 1, lr: 0.01, monitor: teacher_recall@4@10}
   out: OUT
   task: distill
@@ -17,6 +17,7 @@ base:
 experiments:
   recall:
     task: recall
+    model: {name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
     train: {monitor: recall@50}
   din:
     model: {name: din, params: {attention_hidden: [8], hidden: [16], dropout: 0.0}}
@@ -27,7 +28,8 @@ experiments:
     distill: {teacher: null, exposure_bce: 0, rankflow_bce: 1}
   inttower:
     model: {name: inttower, params: {hidden: [16, 8], heads: 2, head_dim: 4, dropout: 0.0}}
-  exposure: {}
+  exposure:
+    model: {name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
   frozen: {task: cascade, cascade: {method: frozen, prerank: exposure}}
 """
 
