@@ -21,6 +21,7 @@ from typing import Any
 import faiss
 import lightgbm as lgb
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from cascade.cascade import Cascade, Catalog, Stage, requests_batch
 from cascade.data.lists import ListBatch
@@ -61,16 +62,24 @@ class TwoTowerScorer:
         self.user = session(root / "prerank" / "user.onnx", threads)
         self.slots = _slots(stage["user_inputs"])
         self.items = np.load(root / "prerank" / "items.npy")  # (max id + 1, Hv, D)
+        self.flat = np.ascontiguousarray(self.items.reshape(len(self.items), -1))  # (max id + 1, Hv * D)
         score = stage["score"]
         self.scale = score.get("scale")
         self.head = session(root / "prerank" / score["file"], threads) if score["kind"] == "graph" else None
 
     def score_vectors(self, u: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """u (B, Hu, D) against the cached items ``ids`` (B, N) -> (B, N)."""
-        v = self.items[ids]  # (B, N, Hv, D)
+        b, n = ids.shape
+        hv, d = self.items.shape[1:]
+        if self.head is None and hv == 1 and 4 * n >= len(self.flat):
+            # the candidates are most of the catalog: one contiguous pass over it, then pick
+            # (gathering the rows first costs more than the arithmetic it saves)
+            every = self.flat @ u[:, 0].T  # (max id + 1, B)
+            return every[ids, np.arange(b)[:, None]] * np.float32(self.scale)
+        v = np.take(self.flat, ids.ravel(), axis=0).reshape(b, n, hv, d)  # take: ~3x a fancy index here
         if self.head is not None:
             return self.head.run(None, {"u": u, "v": v})[0]
-        if v.shape[2] == 1:  # one head: a batched matrix-vector product
+        if hv == 1:  # one head: a batched matrix-vector product
             return np.matmul(v[:, :, 0], u[:, 0, :, None])[..., 0] * np.float32(self.scale)
         return np.einsum("bhd,bnhd->bn", u, v) * np.float32(self.scale)
 
@@ -118,6 +127,10 @@ class CascadeService:
     """A verified bundle as a cascade: ``recommend(request)`` and ``recommend_batch(requests)``."""
 
     def __init__(self, bundle: str | Path, threads: int = 1):
+        """``threads``: per onnxruntime session, and the BLAS pool numpy uses for the scores (set
+        for the whole process: left at the core count, a matrix-vector product of 10k cached items
+        wakes every core and waits for them, 8 ms at p50 against 0.15 ms on one)."""
+        threadpool_limits(threads, user_api="blas")
         root = Path(bundle)
         self.manifest = verify_bundle(root)
         self.schema = Schema.from_json((root / SCHEMA_FILE).read_text())

@@ -71,3 +71,17 @@ def test_a_batch_serves_each_request_as_alone_and_names_a_bad_one(service):
     assert [r["items"] for r in batch] == [service.recommend(a)["items"], service.recommend(b)["items"]]
     with pytest.raises(RequestError, match=r"requests\[1\].segment: expected an integer id"):
         service.recommend_batch([a, {"user_id": 2, "segment": [1]}])
+
+
+@pytest.mark.parametrize("catalog", [30, 500])  # 4 x 20 candidates past / short of the catalog size
+def test_dot_scores_from_the_cached_side_take_either_path_to_the_same_numbers(catalog):
+    from export.runtime import TwoTowerScorer
+
+    rng = np.random.default_rng(0)
+    scorer = TwoTowerScorer.__new__(TwoTowerScorer)
+    scorer.items = rng.normal(size=(catalog + 1, 1, 8)).astype(np.float32)
+    scorer.flat, scorer.head, scorer.scale = scorer.items[:, 0].copy(), None, 2.0
+    u = rng.normal(size=(3, 1, 8)).astype(np.float32)
+    ids = rng.integers(1, catalog + 1, size=(3, 20))
+    want = 2.0 * np.einsum("bhd,bnhd->bn", u, scorer.items[ids])
+    np.testing.assert_allclose(scorer.score_vectors(u, ids), want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,367 @@
+"""Serving speed of an exported cascade on this machine, all in one run.
+
+    python benchmarks/serving.py [--requests 1000] [--catalog 100000] [--quality-bundle DIR]
+
+1. Each tower, torch eager against onnxruntime (both 1 thread), at batch 1, 64 and 1024
+   (for the DIN ranker: one request with 1, 64 and 1024 candidates): p50 / p99 and the ratio.
+2. Pre-rank scoring of one user against 1k and 10k cached items: the dot tower (gathered by id,
+   the serving path, and as one contiguous matrix), and MaxSim at the published IntTower size
+   (96 user heads x 32 item heads x 64) and at a small one, through the exported score head
+   and through numpy; achieved GFLOP/s beside the fp32 matmul peak measured in the same run.
+3. A full request on a synthetic catalog of ``--catalog`` items, recall 1000 -> pre-rank 200 ->
+   rank 20, in process and over HTTP (`cascade serve` in a subprocess on 127.0.0.1) at
+   concurrency 1 and 8, every loop bounded in count and time.
+4. int8 dynamic quantisation: with ``--quality-bundle`` (a bundle of a trained cascade, e.g. the
+   quickstart's), its quality change (AUC on test exposures, teacher Recall@10@50) beside the
+   speed-up of its graphs.
+
+Models in 1-3 are untrained at their serving sizes: speed does not depend on the weights.
+Writes benchmarks/results/serving.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from cascade import metrics as M
+from cascade.config import DataConfig, ExperimentConfig, ModelConfig
+from cascade.data.lists import build_lists
+from cascade.data.synth import WorldConfig, generate
+from cascade.models import MODELS, build_model
+from cascade.towers.embedding import pack_items, pack_user
+from cascade.train import TrainConfig
+from export.bundle import StageModel, write_bundle
+from export.onnx import export_ranker, export_two_tower, flat_items, item_inputs, session, user_inputs
+from export.runtime import CascadeService, TwoTowerScorer
+from export.stages import from_run
+from teachers import TEACHERS
+
+from provenance import ROOT, write_results
+
+SIZES = {
+    "dssm": {"hidden": [300, 300, 128], "dropout": 0.0},
+    "inttower": {"hidden": [300, 300, 128], "heads": 32, "head_dim": 64, "dropout": 0.0},
+    "din": {"attention_hidden": [80, 40], "hidden": [200, 80], "dropout": 0.0},
+}
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.array(seconds) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "n": len(ms)}
+
+
+def timed(fn, n: int, budget_s: float = 20.0, warmup: int = 10) -> dict[str, float]:
+    """Time ``fn()`` up to ``n`` times (fewer if ``budget_s`` runs out, at least 100)."""
+    for _ in range(warmup):
+        fn()
+    out, start = [], time.perf_counter()
+    while len(out) < n and (len(out) < 100 or time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return percentiles(out)
+
+
+def matmul_peak(threads: int) -> float:
+    """fp32 GFLOP/s of a 1024-cubed matmul in torch at ``threads``."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    t = timed(lambda: a @ b, 30, warmup=3)
+    return 2 * 1024**3 / (t["p50_ms"] / 1000) / 1e9
+
+
+def model(ds, name: str, params: dict | None = None):
+    exp = ExperimentConfig(name, DataConfig(), ModelConfig(name=name, embedding_dim=32, params=params or SIZES[name]), TrainConfig())
+    torch.manual_seed(0)
+    return build_model(exp, ds, {**MODELS, **TEACHERS}).eval()
+
+
+def rows(lists, n: int):
+    return lists.take(np.resize(np.arange(len(lists)), n))
+
+
+def towers(ds, args, tmp: Path) -> list[dict]:
+    """Section 1: torch eager vs onnxruntime per tower and batch."""
+    torch.set_num_threads(1)
+    lists = build_lists(ds, "test")
+    out = []
+    for name in ("dssm", "inttower"):
+        m = model(ds, name)
+        export_two_tower(m, lists.take(slice(0, 3)), tmp / name)
+        all_items = flat_items(item_inputs(lists, m.item_slots))
+        all_packed = torch.from_numpy(pack_items(lists, m.item_slots).reshape(-1, sum(slot.width for slot in m.item_slots)))
+        for side in ("user", "item"):
+            s = session(tmp / name / f"{side}.onnx")
+            tower = getattr(m, side)
+            for b in (1, 64, 1024):
+                if side == "user":
+                    sub = rows(lists, b)
+                    feeds, packed = user_inputs(sub, m.user_slots), torch.from_numpy(pack_user(sub, m.user_slots))
+                else:  # the first b candidates of the test lists
+                    feeds = {k: v[:b] for k, v in all_items.items()}
+                    packed = all_packed[:b]
+                with torch.no_grad():
+                    eager = timed(lambda: tower(packed), args.requests)
+                onnx = timed(lambda: s.run(None, feeds), args.requests)
+                out.append({"tower": f"{name} {side}", "batch": b, "torch": eager, "onnxruntime": onnx, "speedup": eager["p50_ms"] / onnx["p50_ms"]})
+                print(f"  {name} {side} batch {b}: torch {eager['p50_ms']:.3f} ms, onnxruntime {onnx['p50_ms']:.3f} ms (x{out[-1]['speedup']:.2f})", flush=True)
+    din = model(ds, "din")
+    export_ranker(din, lists.take(slice(0, 3)), tmp / "din.onnx")
+    s = session(tmp / "din.onnx")
+    one = lists.take(slice(0, 1))
+    for n in (1, 64, 1024):
+        cand = one.take_columns(np.resize(np.arange(one.list_size), (1, n)))
+        feeds = user_inputs(cand, din.user_slots) | item_inputs(cand, din.item_slots)
+        user, items = torch.from_numpy(pack_user(cand, din.user_slots)), torch.from_numpy(pack_items(cand, din.item_slots))
+        with torch.no_grad():
+            eager = timed(lambda: din(user, items), args.requests)
+        onnx = timed(lambda: s.run(None, feeds), args.requests)
+        out.append({"tower": "din ranker (1 request)", "batch": n, "torch": eager, "onnxruntime": onnx, "speedup": eager["p50_ms"] / onnx["p50_ms"]})
+        print(f"  din candidates {n}: torch {eager['p50_ms']:.3f} ms, onnxruntime {onnx['p50_ms']:.3f} ms (x{out[-1]['speedup']:.2f})", flush=True)
+    return out
+
+
+def scoring(ds, args, tmp: Path, threads: int) -> tuple[list[dict], float]:
+    """Section 2: one user against N cached items."""
+    peak = matmul_peak(threads)
+    rng = np.random.default_rng(0)
+    lists = build_lists(ds, "test")
+    out = []
+    for n in (1000, 10_000):
+        # the dot tower (DSSM output 128): the serving path takes n candidates by id from the
+        # cached side of a 100k catalog; the floor is the same n rows stored contiguously
+        cache = rng.normal(size=(100_001, 1, 128)).astype(np.float32)
+        ids = rng.choice(np.arange(1, 100_001), size=(1, n), replace=False)
+        u = rng.normal(size=(1, 1, 128)).astype(np.float32)
+        scorer = TwoTowerScorer.__new__(TwoTowerScorer)
+        scorer.items, scorer.flat, scorer.head, scorer.scale = cache, cache[:, 0].copy(), None, 20.0
+        block = cache[1 : n + 1, 0].copy()
+        flops = 2 * n * 128
+        for label, fn in (("dot, n of a 100k cached side by id (serving path)", lambda: scorer.score_vectors(u, ids)), ("dot, n cached rows contiguous", lambda: block @ u[0, 0])):
+            t = timed(fn, args.requests)
+            out.append({"score": label, "items": n, "heads": "1 x 1 x 128", **t, "gflops": flops / (t["p50_ms"] / 1000) / 1e9})
+        for heads, (layers, hv, d) in (("published", (3, 32, 64)), ("small", (3, 4, 16))):
+            m = model(ds, "inttower", {"hidden": [300, 300, 128], "heads": hv, "head_dim": d, "dropout": 0.0})
+            export_two_tower(m, lists.take(slice(0, 3)), tmp / f"maxsim_{heads}")
+            head = session(tmp / f"maxsim_{heads}" / "score.onnx", threads)
+            hu = layers * hv
+            uu = rng.normal(size=(1, hu, d)).astype(np.float32)
+            vv = rng.normal(size=(1, n, hv, d)).astype(np.float32)
+            flops = 2 * hu * hv * d * n
+            flat = vv[0].reshape(n * hv, d)
+
+            def numpy_maxsim():
+                return (flat @ uu[0].T).reshape(n, hv, hu).max(axis=1).sum(axis=1)
+
+            for label, fn in (("MaxSim, ONNX score head", lambda: head.run(None, {"u": uu, "v": vv})), ("MaxSim, numpy", numpy_maxsim)):
+                t = timed(fn, args.requests, budget_s=30)
+                out.append({"score": label, "items": n, "heads": f"{hu} x {hv} x {d}", **t, "gflops": flops / (t["p50_ms"] / 1000) / 1e9})
+        for r in out[-6:]:
+            print(f"  {r['score']} {r['heads']} vs {n}: p50 {r['p50_ms']:.3f} ms, {r['gflops']:.1f} GFLOP/s", flush=True)
+    return out, peak
+
+
+def catalog_bundle(args, tmp: Path) -> tuple[Path, object]:
+    """A synthetic world with ``--catalog`` items and an untrained cascade over it, exported."""
+    cfg = WorldConfig(users=2000, items=args.catalog, requests=4000, seed=0)
+    ds, world = generate(cfg)
+    recall, prerank, rank = model(ds, "dssm", {"hidden": [256, 128], "dropout": 0.0}), model(ds, "dssm"), model(ds, "din")
+    out = write_bundle(ds, StageModel("recall", "dssm", recall, 1000), StageModel("prerank", "dssm", prerank, 200), StageModel("rank", "din", rank, 20), tmp / "bundle")
+    return out, ds
+
+
+def bodies(ds, n: int) -> list[dict]:
+    lists = build_lists(ds, "test")
+    out = []
+    for row in range(len(lists)):
+        h = lists.history[row]
+        out.append({"user_id": int(lists.user["user_id"][row]), "segment": int(lists.user["segment"][row]), "history": h[h > 0].tolist()})
+    return [out[i % len(out)] for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_load(port: int, requests: list[dict], concurrency: int, budget_s: float) -> dict:
+    """``requests`` POSTed by ``concurrency`` threads (keep-alive connections), stopping at the
+    end of the list or after ``budget_s``."""
+    lock, nxt, lat, errors = threading.Lock(), [0], [], [0]
+    deadline = time.monotonic() + budget_s
+
+    def connect() -> http.client.HTTPConnection:
+        # TCP_NODELAY, as real clients set it: http.client sends the headers and the body in two
+        # writes, and Nagle + delayed ACK would add ~40 ms to every request
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def worker():
+        conn = connect()
+        while time.monotonic() < deadline:
+            with lock:
+                if nxt[0] >= len(requests):
+                    break
+                body = json.dumps(requests[nxt[0]])
+                nxt[0] += 1
+            t = time.perf_counter()
+            try:
+                conn.request("POST", "/recommend", body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                ok = r.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+                conn = connect()
+            dt = time.perf_counter() - t
+            with lock:
+                lat.append(dt)
+                errors[0] += not ok
+        conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"concurrency": concurrency, **percentiles(lat), "requests_per_s": len(lat) / wall, "errors": errors[0]}
+
+
+def full_request(args, tmp: Path) -> dict:
+    """Section 3."""
+    bundle, ds = catalog_bundle(args, tmp)
+    service = CascadeService(bundle)
+    reqs = bodies(ds, args.requests)
+    for r in reqs[:20]:
+        service.recommend(r)
+    stages: dict[str, list[float]] = {}
+    for r in reqs:
+        t = time.perf_counter()
+        got = service.recommend(r)
+        stages.setdefault("total (wall)", []).append(time.perf_counter() - t)
+        for k, ms in got["timings_ms"].items():
+            stages.setdefault(k, []).append(ms / 1000)
+    in_process = {k: percentiles(v) for k, v in stages.items()}
+    print("  in process: " + ", ".join(f"{k} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms" for k, v in in_process.items()), flush=True)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        http_runs = []
+        for c in (1, 8):
+            http_load(port, reqs[:50], c, 30)  # warm-up
+            http_runs.append(http_load(port, reqs, c, 120))
+            print(f"  HTTP concurrency {c}: p50 {http_runs[-1]['p50_ms']:.2f} p99 {http_runs[-1]['p99_ms']:.2f} ms, {http_runs[-1]['requests_per_s']:.0f} req/s, errors {http_runs[-1]['errors']}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {"catalog": args.catalog, "quotas": [1000, 200, 20], "in_process": in_process, "http": http_runs}
+
+
+def quantized(args, tmp: Path) -> dict | None:
+    """Section 4: a trained bundle against its int8 copy (re-exported from the same runs)."""
+    if args.quality_bundle is None:
+        return None
+    src = Path(args.quality_bundle)
+    manifest = json.loads((src / "manifest.json").read_text())
+    run_dir = manifest["source"].get("run_dir")
+    out = tmp / "int8"
+    subprocess.run([sys.executable, "-m", "cascade.cli", "export", run_dir, "--out", str(out), "--quantize"], check=True, stdout=subprocess.DEVNULL)
+    fp32, int8 = CascadeService(src), CascadeService(out)
+    ds, _ = from_run(run_dir)
+    lists = build_lists(ds, "test")
+    exposed = (lists.stage == 3) & lists.mask
+    res = {"bundle": str(src), "run_dir": run_dir}
+    teacher = fp32.cascade.stages[1].scorer(lists)
+    for label, svc in (("fp32", fp32), ("int8", int8)):
+        pre, rank = svc.cascade.stages[0].scorer(lists), svc.cascade.stages[1].scorer(lists)
+        res[label] = {
+            "prerank_auc": M.auc(lists.label[exposed], pre[exposed].astype(np.float64)),
+            "rank_auc": M.auc(lists.label[exposed], rank[exposed].astype(np.float64)),
+            "teacher_recall@10@50": M.teacher_recall_at_k_at_m(pre, teacher, 10, 50, lists.mask),
+        }
+        one = lists.take(slice(0, 1))
+        res[label]["prerank_user_ms"] = timed(lambda: svc.cascade.stages[0].scorer(one), args.requests)["p50_ms"]
+        res[label]["rank_200_ms"] = timed(lambda: svc.cascade.stages[1].scorer(one), args.requests)["p50_ms"]
+        print(f"  {label}: {res[label]}", flush=True)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--catalog", type=int, default=100_000)
+    parser.add_argument("--quality-bundle", help="a trained cascade's bundle, for the int8 quality check")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="serving-bench."))
+    threadpool_limits(1, user_api="blas")  # every figure at one thread (the server sets the same)
+    try:
+        ds, _ = generate(WorldConfig(users=2000, items=5000, requests=3000, seed=0))
+        print("[1/4] towers, torch eager vs onnxruntime", flush=True)
+        tower_rows = towers(ds, args, tmp)
+        print("[2/4] pre-rank scoring of one user", flush=True)
+        score_rows, peak = scoring(ds, args, tmp, threads=1)
+        print(f"  fp32 matmul peak (1 thread): {peak:.1f} GFLOP/s", flush=True)
+        print(f"[3/4] a full request over {args.catalog:,} items", flush=True)
+        full = full_request(args, tmp)
+        print("[4/4] int8 quantisation", flush=True)
+        quant = quantized(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(tower_rows, score_rows, peak, full, quant, args)
+
+
+def report(tower_rows, score_rows, peak, full, quant, args) -> None:
+    lines = ["# Serving speed", "", f"{os.cpu_count()} cores; onnxruntime sessions, torch and numpy's BLAS at 1 thread; p50 / p99 over up to {args.requests} calls (at least 100; fewer where a 20-30 s budget ran out: n).", ""]
+    lines += ["## Towers: torch eager vs onnxruntime", "", "| tower | batch | torch p50 / p99 ms | onnxruntime p50 / p99 ms | speed-up (p50) | n |", "|---|---:|---:|---:|---:|---:|"]
+    for r in tower_rows:
+        lines.append(f"| {r['tower']} | {r['batch']} | {r['torch']['p50_ms']:.3f} / {r['torch']['p99_ms']:.3f} | {r['onnxruntime']['p50_ms']:.3f} / {r['onnxruntime']['p99_ms']:.3f} | x{r['speedup']:.2f} | {r['onnxruntime']['n']} |")
+    lines += ["", f"## Pre-rank scoring of one user (fp32 matmul peak in this run, 1 thread: {peak:.1f} GFLOP/s)", "", "| score | heads (user x item x dim) | items | p50 ms | p99 ms | GFLOP/s | of peak |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in score_rows:
+        lines.append(f"| {r['score']} | {r['heads']} | {r['items']:,} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['gflops']:.1f} | {r['gflops'] / peak:.0%} |")
+    lines += ["", f"## A full request: {full['catalog']:,} items, recall 1000 -> pre-rank 200 -> rank 20", "", "| where | stage | p50 ms | p99 ms | n |", "|---|---|---:|---:|---:|"]
+    for k, v in full["in_process"].items():
+        lines.append(f"| in process | {k} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['n']} |")
+    lines += ["", "| over HTTP | p50 ms | p99 ms | requests/s | errors | n |", "|---|---:|---:|---:|---:|---:|"]
+    for h in full["http"]:
+        lines.append(f"| concurrency {h['concurrency']} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {h['requests_per_s']:.0f} | {h['errors']} | {h['n']} |")
+    if quant:
+        lines += ["", f"## int8 dynamic quantisation ({quant['bundle']}, test split)", "", "| graphs | pre-rank AUC (exposures) | rank AUC (exposures) | teacher Recall@10@50 (vs fp32 ranker) | pre-rank of 1 request ms | rank of 200 ms |", "|---|---:|---:|---:|---:|---:|"]
+        for label in ("fp32", "int8"):
+            q = quant[label]
+            lines.append(f"| {label} | {q['prerank_auc']:.4f} | {q['rank_auc']:.4f} | {q['teacher_recall@10@50']:.4f} | {q['prerank_user_ms']:.3f} | {q['rank_200_ms']:.3f} |")
+    write_results("serving", lines, {"towers": tower_rows, "scoring": score_rows, "matmul_peak_gflops": peak, "full_request": full, "int8": quant})
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
