@@ -51,11 +51,14 @@ class DIN(nn.Module):
         table = self.embeddings.tables["item_id"]
         k = table(history)  # (B, L, E)
         q = table(target)  # (B, N, E)
-        b, n, e = q.shape
-        length = k.shape[1]
-        qq = q.unsqueeze(2).expand(b, n, length, e)
-        kk = k.unsqueeze(1).expand(b, n, length, e)
-        w = self.attention(torch.cat([qq, kk, qq - kk, qq * kk], dim=-1)).squeeze(-1)  # (B, N, L)
+        # The first attention layer on [q, k, q - k, q * k] is W [q; k; q - k; q * k] + c
+        # = (W_q + W_d) q + (W_k - W_d) k + W_p (q * k) + c: the q part once per candidate, the k
+        # part once per history item, and only W_p per (candidate, history) pair, a quarter of
+        # the concatenated layer's work (and no (B, N, L, 4E) concatenation).
+        first = self.attention[0][0]
+        w_q, w_k, w_d, w_p = first.weight.split(q.shape[-1], dim=1)
+        pre = (q @ (w_q + w_d).T).unsqueeze(2) + (k @ (w_k - w_d).T).unsqueeze(1) + (q.unsqueeze(2) * k.unsqueeze(1)) @ w_p.T + first.bias
+        w = self.attention[1](self.attention[0][1:](pre)).squeeze(-1)  # (B, N, L)
         w = w * (history > 0).unsqueeze(1).to(w.dtype)  # padding never contributes
         return torch.einsum("bnl,ble->bne", w, k)
 

@@ -35,3 +35,18 @@ def test_the_target_and_history_interact():
 def test_din_round_trips_through_onnxruntime(small_world, tmp_path):
     ds, _ = small_world
     assert_ranker_round_trip(_din(ds.schema.features, ds.schema.history_max), ds, tmp_path)
+
+
+def test_split_first_attention_layer_equals_the_concatenated_one():
+    # W [q; k; q - k; q * k] + c computed on the concatenation, as the paper writes it
+    m = _din()
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    qq, kk = q.unsqueeze(2).expand(2, 3, 5, 8), k.unsqueeze(1).expand(2, 3, 5, 8)
+    want = m.attention(torch.cat([qq, kk, qq - kk, qq * kk], dim=-1)).squeeze(-1)
+    table = m.embeddings.tables["item_id"]
+    with torch.no_grad():
+        table.weight[1:4] = q[0]  # target ids 1..3 embed as q[0]
+        table.weight[4:9] = k[0]  # history ids 4..8 embed as k[0]
+    pooled = m.attend(torch.tensor([[4, 5, 6, 7, 8]]), torch.tensor([[1, 2, 3]]))
+    torch.testing.assert_close(pooled, torch.einsum("nl,le->ne", want[0], k[0]).unsqueeze(0))
