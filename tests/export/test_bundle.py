@@ -65,6 +65,10 @@ def test_export_errors_exit_2_and_leave_an_older_bundle_whole(trained, bundle, t
     assert "--prerank is required" in capsys.readouterr().err
     assert main(["export", "--recall", f"{config}:recall", "--prerank", f"{config}:exposure", "--rank", f"{config}:din", "--quotas", "10,40,4", "--out", str(tmp_path / "x")]) == 2
     assert "quotas must shrink" in capsys.readouterr().err
+    assert main(["export", "--recall", f"{config}:recall", "--prerank", f"{config}:din", "--rank", f"{config}:din", "--out", str(tmp_path / "x")]) == 2
+    assert "prerank: model 'din' is not a two-tower model" in capsys.readouterr().err
+    assert main(["export", "--recall", f"{config}:recall", "--prerank", f"{config}:exposure", "--rank", f"{config}:din", "--index", "annoy", "--out", str(tmp_path / "x")]) == 2
+    assert "index 'annoy' is not one of flat, ivf, hnsw, ivfpq" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
