@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
@@ -45,7 +46,7 @@ from cascade.data.synth import WorldConfig, generate
 from cascade.models import MODELS, build_model
 from cascade.towers.embedding import pack_items, pack_user
 from cascade.train import TrainConfig
-from export.bundle import StageModel, write_bundle
+from export.bundle import IndexSpec, StageModel, write_bundle
 from export.onnx import export_ranker, export_two_tower, flat_items, item_inputs, session, user_inputs
 from export.runtime import CascadeService, TwoTowerScorer
 from export.stages import from_run
@@ -176,13 +177,47 @@ def scoring(ds, args, tmp: Path, threads: int) -> tuple[list[dict], float]:
     return out, peak
 
 
-def catalog_bundle(args, tmp: Path) -> tuple[Path, object]:
-    """A synthetic world with ``--catalog`` items and an untrained cascade over it, exported."""
-    cfg = WorldConfig(users=2000, items=args.catalog, requests=4000, seed=0)
-    ds, world = generate(cfg)
-    recall, prerank, rank = model(ds, "dssm", {"hidden": [256, 128], "dropout": 0.0}), model(ds, "dssm"), model(ds, "din")
-    out = write_bundle(ds, StageModel("recall", "dssm", recall, 1000), StageModel("prerank", "dssm", prerank, 200), StageModel("rank", "din", rank, 20), tmp / "bundle")
-    return out, ds
+def catalog_bundles(args, tmp: Path) -> tuple[dict[str, Path], object, object]:
+    """A synthetic world with ``--catalog`` items and an untrained cascade over it, exported with
+    the exact index and with IVF (nlist 1024, nprobe 128)."""
+    ds, world = generate(WorldConfig(users=2000, items=args.catalog, requests=4000, seed=0))
+    stages = [StageModel("recall", "dssm", model(ds, "dssm", {"hidden": [256, 128], "dropout": 0.0}), 1000), StageModel("prerank", "dssm", model(ds, "dssm"), 200), StageModel("rank", "din", model(ds, "din"), 20)]
+    bundles = {}
+    for kind in ("flat", "ivf"):
+        bundles[kind] = write_bundle(ds, *stages, tmp / f"bundle_{kind}", IndexSpec(kind, nlist=1024, nprobe=128))
+    return bundles, ds, world
+
+
+def recall_indexes(world, args) -> list[dict]:
+    """Each faiss index kind over the same item vectors: build seconds, bytes per item, one-query
+    top-1000 latency and its overlap with the exact top-1000. The vectors are the synthetic
+    world's true item latents and styles (clustered by category, as trained embeddings are),
+    mapped to 128 dimensions by a fixed random projection; the queries its users' latents.
+    (An untrained tower's vectors have no clusters, the worst case for IVF and HNSW.)"""
+    rng = np.random.default_rng(0)
+    d_item, d_style = world.item_vec.shape[1], world.item_style.shape[1]
+    proj = (rng.normal(size=(d_item + d_style, 128)) / np.sqrt(d_item + d_style)).astype(np.float32)
+    vectors = np.ascontiguousarray(np.hstack([world.item_vec, world.item_style]).astype(np.float32) @ proj)
+    users = world.user_vec[:300].astype(np.float32)
+    queries = np.ascontiguousarray(np.hstack([users, np.zeros((len(users), d_style), np.float32)]) @ proj)
+    _, exact = faiss.knn(queries, vectors, 1000, faiss.METRIC_INNER_PRODUCT)
+    out = []
+    for spec in (IndexSpec("flat"), IndexSpec("ivf", nlist=1024, nprobe=32), IndexSpec("ivf", nlist=1024, nprobe=128), IndexSpec("hnsw", hnsw_m=32, ef_search=1000), IndexSpec("hnsw", hnsw_m=32, ef_search=2000), IndexSpec("ivfpq", nlist=1024, nprobe=128, pq_m=16)):
+        start = time.perf_counter()
+        index = faiss.index_factory(vectors.shape[1], spec.factory(len(vectors)), faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(vectors)
+        index.add(vectors)
+        build = time.perf_counter() - start
+        for name, value in spec.search_parameters().items():
+            faiss.ParameterSpace().set_index_parameter(index, name, value)
+        _, got = index.search(queries, 1000)
+        overlap = float(np.mean([len(set(a) & set(b)) / 1000 for a, b in zip(got, exact)]))
+        i = iter(range(10**9))
+        t = timed(lambda: index.search(queries[next(i) % len(queries)][None], 1000), args.requests)
+        out.append({"index": spec.factory(len(vectors)) + "".join(f" {k} {v}" for k, v in spec.search_parameters().items()), "build_s": build, "bytes_per_item": len(faiss.serialize_index(index)) / len(vectors), "overlap@1000": overlap, **t})
+        print(f"  {out[-1]['index']}: build {build:.1f} s, {out[-1]['bytes_per_item']:.0f} B/item, top-1000 p50 {t['p50_ms']:.2f} ms, overlap with exact {overlap:.3f}", flush=True)
+    return out
 
 
 def bodies(ds, n: int) -> list[dict]:
@@ -248,22 +283,8 @@ def http_load(port: int, requests: list[dict], concurrency: int, budget_s: float
     return {"concurrency": concurrency, **percentiles(lat), "requests_per_s": len(lat) / wall, "errors": errors[0]}
 
 
-def full_request(args, tmp: Path) -> dict:
-    """Section 3."""
-    bundle, ds = catalog_bundle(args, tmp)
-    service = CascadeService(bundle)
-    reqs = bodies(ds, args.requests)
-    for r in reqs[:20]:
-        service.recommend(r)
-    stages: dict[str, list[float]] = {}
-    for r in reqs:
-        t = time.perf_counter()
-        got = service.recommend(r)
-        stages.setdefault("total (wall)", []).append(time.perf_counter() - t)
-        for k, ms in got["timings_ms"].items():
-            stages.setdefault(k, []).append(ms / 1000)
-    in_process = {k: percentiles(v) for k, v in stages.items()}
-    print("  in process: " + ", ".join(f"{k} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms" for k, v in in_process.items()), flush=True)
+def serve_and_load(bundle: Path, reqs: list[dict]) -> list[dict]:
+    """`cascade serve BUNDLE` in a subprocess on a free port, loaded at concurrency 1 and 8."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -276,15 +297,38 @@ def full_request(args, tmp: Path) -> dict:
                     break
             except OSError:
                 time.sleep(0.2)
-        http_runs = []
+        runs = []
         for c in (1, 8):
             http_load(port, reqs[:50], c, 30)  # warm-up
-            http_runs.append(http_load(port, reqs, c, 120))
-            print(f"  HTTP concurrency {c}: p50 {http_runs[-1]['p50_ms']:.2f} p99 {http_runs[-1]['p99_ms']:.2f} ms, {http_runs[-1]['requests_per_s']:.0f} req/s, errors {http_runs[-1]['errors']}", flush=True)
+            runs.append(http_load(port, reqs, c, 120))
+            print(f"  {bundle.name} over HTTP, concurrency {c}: p50 {runs[-1]['p50_ms']:.2f} p99 {runs[-1]['p99_ms']:.2f} ms, {runs[-1]['requests_per_s']:.0f} req/s, errors {runs[-1]['errors']}", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return {"catalog": args.catalog, "quotas": [1000, 200, 20], "in_process": in_process, "http": http_runs}
+    return runs
+
+
+def full_request(args, tmp: Path) -> dict:
+    """Section 3."""
+    bundles, ds, world = catalog_bundles(args, tmp)
+    indexes = recall_indexes(world, args)
+    reqs = bodies(ds, args.requests)
+    out = {"catalog": args.catalog, "quotas": [1000, 200, 20], "indexes": indexes, "in_process": {}, "http": {}}
+    for kind, bundle in bundles.items():
+        service = CascadeService(bundle)
+        for r in reqs[:20]:
+            service.recommend(r)
+        stages: dict[str, list[float]] = {}
+        for r in reqs:
+            t = time.perf_counter()
+            got = service.recommend(r)
+            stages.setdefault("total (wall)", []).append(time.perf_counter() - t)
+            for k, ms in got["timings_ms"].items():
+                stages.setdefault(k, []).append(ms / 1000)
+        out["in_process"][kind] = {k: percentiles(v) for k, v in stages.items()}
+        print(f"  {kind} in process: " + ", ".join(f"{k} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms" for k, v in out["in_process"][kind].items()), flush=True)
+        out["http"][kind] = serve_and_load(bundle, reqs)
+    return out
 
 
 def quantized(args, tmp: Path) -> dict | None:
@@ -348,14 +392,19 @@ def report(tower_rows, score_rows, peak, full, quant, args) -> None:
     lines += ["", f"## Pre-rank scoring of one user (fp32 matmul peak in this run, 1 thread: {peak:.1f} GFLOP/s)", "", "| score | heads (user x item x dim) | items | p50 ms | p99 ms | GFLOP/s | of peak |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in score_rows:
         lines.append(f"| {r['score']} | {r['heads']} | {r['items']:,} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['gflops']:.1f} | {r['gflops'] / peak:.0%} |")
-    lines += ["", f"## A full request: {full['catalog']:,} items, recall 1000 -> pre-rank 200 -> rank 20", "", "| where | stage | p50 ms | p99 ms | n |", "|---|---|---:|---:|---:|"]
-    for k, v in full["in_process"].items():
-        lines.append(f"| in process | {k} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['n']} |")
-    lines += ["", "| over HTTP | p50 ms | p99 ms | requests/s | errors | n |", "|---|---:|---:|---:|---:|---:|"]
-    for h in full["http"]:
-        lines.append(f"| concurrency {h['concurrency']} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {h['requests_per_s']:.0f} | {h['errors']} | {h['n']} |")
+    lines += ["", f"## Recall index over {full['catalog']:,} item vectors (the synthetic world's item latents projected to 128 dims, inner product), top-1000 of one query", "", "| index | build s | bytes / item | p50 ms | p99 ms | overlap with exact top-1000 |", "|---|---:|---:|---:|---:|---:|"]
+    for r in full["indexes"]:
+        lines.append(f"| {r['index']} | {r['build_s']:.1f} | {r['bytes_per_item']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['overlap@1000']:.3f} |")
+    lines += ["", f"## A full request: {full['catalog']:,} items, recall 1000 -> pre-rank 200 -> rank 20", "", "| recall index | where | stage | p50 ms | p99 ms | n |", "|---|---|---|---:|---:|---:|"]
+    for kind, stages in full["in_process"].items():
+        for k, v in stages.items():
+            lines.append(f"| {kind} | in process | {k} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['n']} |")
+    lines += ["", "| recall index | over HTTP | p50 ms | p99 ms | requests/s | errors | n |", "|---|---|---:|---:|---:|---:|---:|"]
+    for kind, runs in full["http"].items():
+        for h in runs:
+            lines.append(f"| {kind} | concurrency {h['concurrency']} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {h['requests_per_s']:.0f} | {h['errors']} | {h['n']} |")
     if quant:
-        lines += ["", f"## int8 dynamic quantisation ({quant['bundle']}, test split)", "", "| graphs | pre-rank AUC (exposures) | rank AUC (exposures) | teacher Recall@10@50 (vs fp32 ranker) | pre-rank of 1 request ms | rank of 200 ms |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", f"## int8 dynamic quantisation ({quant['bundle']}, test split)", "", "| graphs | pre-rank AUC (exposures) | rank AUC (exposures) | teacher Recall@10@50 (vs fp32 ranker) | pre-rank of 1 request (200 candidates) ms | rank of 200 ms |", "|---|---:|---:|---:|---:|---:|"]
         for label in ("fp32", "int8"):
             q = quant[label]
             lines.append(f"| {label} | {q['prerank_auc']:.4f} | {q['rank_auc']:.4f} | {q['teacher_recall@10@50']:.4f} | {q['prerank_user_ms']:.3f} | {q['rank_200_ms']:.3f} |")

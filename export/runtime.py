@@ -33,6 +33,9 @@ from export.onnx import item_inputs, session, user_inputs
 from teachers.gbdt import GBDTConfig, GBDTTeacher
 
 
+CANDIDATES_PER_CALL = 4096
+
+
 def _slots(entries: list[dict[str, Any]]) -> tuple[Slot, ...]:
     return tuple(Slot(e["name"], 0, int(e["width"]), e["name"]) for e in entries)
 
@@ -96,7 +99,11 @@ class OnnxRankScorer:
         self.user_slots, self.item_slots = _slots(stage["user_inputs"]), _slots(stage["item_inputs"])
 
     def __call__(self, lists: ListBatch) -> np.ndarray:
-        return self.model.run(None, user_inputs(lists, self.user_slots) | item_inputs(lists, self.item_slots))[0]
+        # a few thousand candidates a call: DIN's attention holds (B, N, L, hidden) floats, 6 GB
+        # for a whole test split of 2,000 x 200 candidates
+        step = max(1, CANDIDATES_PER_CALL // max(lists.list_size, 1))
+        parts = [self.model.run(None, user_inputs(part, self.user_slots) | item_inputs(part, self.item_slots))[0] for part in lists.batches(step)]
+        return np.concatenate(parts) if parts else np.zeros(lists.mask.shape, np.float32)
 
 
 class BoosterScorer:

@@ -85,3 +85,15 @@ def test_dot_scores_from_the_cached_side_take_either_path_to_the_same_numbers(ca
     ids = rng.integers(1, catalog + 1, size=(3, 20))
     want = 2.0 * np.einsum("bhd,bnhd->bn", u, scorer.items[ids])
     np.testing.assert_allclose(scorer.score_vectors(u, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_ranker_scores_a_large_batch_in_chunks_to_the_same_numbers(service, trained, monkeypatch):
+    import export.runtime
+    from cascade.data.lists import build_lists
+
+    _, runs = trained
+    lists = build_lists(read_dataset(runs.parent / "data"), "test")  # 30 lists of 40
+    ranker = service.cascade.stages[1].scorer
+    whole = ranker(lists)
+    monkeypatch.setattr(export.runtime, "CANDIDATES_PER_CALL", 100)  # 2 lists a call
+    np.testing.assert_array_equal(ranker(lists), whole)
