@@ -52,7 +52,7 @@ from export.runtime import CascadeService, TwoTowerScorer
 from export.stages import from_run
 from teachers import TEACHERS
 
-from provenance import ROOT, write_results
+from provenance import write_results
 
 SIZES = {
     "dssm": {"hidden": [300, 300, 128], "dropout": 0.0},

@@ -49,6 +49,10 @@ class Catalog:
         names = [f.name for f in ds.schema.features.in_table("items")]
         return cls(ds.items["item_id"], {name: ds.items[name] for name in names})
 
+    def rows(self) -> dict[str, np.ndarray]:
+        """Every field with one row per catalog item, in ``item_ids`` order (what built it)."""
+        return {name: table[self.item_ids] for name, table in self.by_id.items()}
+
     def attach(self, requests: ListBatch, ids: np.ndarray) -> ListBatch:
         """``requests``' user side with candidate ``ids`` (B, N) as its lists (0 = padding; an id
         past the catalog is padding too)."""
@@ -149,10 +153,6 @@ class Cascade:
             raise ValueError(f"quotas must be >= 1 and shrink from stage to stage, got {quotas}")
         self.stages, self.retriever, self.recall_quota, self.catalog = list(stages), retriever, recall_quota, catalog
 
-    @property
-    def quotas(self) -> dict[str, int]:
-        return ({"recall": self.recall_quota} if self.retriever is not None else {}) | {s.name: s.quota for s in self.stages}
-
     def run(self, requests: ListBatch, candidates: ListBatch | None = None, full: bool = False) -> CascadeOutput:
         """Serve ``requests`` (B, ...). ``candidates``: lists to start from instead of retrieving
         (a frozen recall output). ``full``: every stage scores the whole first list (what
@@ -168,7 +168,7 @@ class Cascade:
             out.append(StageOutput("recall", lists, scores, lists.mask.copy(), time.perf_counter() - start))
         else:
             lists = candidates
-        current, scores, alive = lists, None, lists.mask
+        current, alive = lists, lists.mask
         for stage in self.stages:
             start = time.perf_counter()
             if full:

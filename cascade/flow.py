@@ -23,7 +23,6 @@ from cascade import metrics as M
 from cascade.config import ConfigError, DistillConfig
 from cascade.data.lists import ListBatch, build_lists
 from cascade.data.schema import EXPOSED
-from cascade.data.store import Dataset
 from cascade.losses.arf import UncertaintyWeights, global_loss, relax_bce
 from cascade.losses.distill import listwise_kd, logit_mse, soft_bce
 from cascade.losses.pointwise import bce

@@ -147,26 +147,26 @@ class ItemIndex:
         return self.search_scored(user_vectors, k, exclude)[0]
 
 
-@torch.no_grad()
 def build_index(model: TwoTower, ds: Dataset) -> ItemIndex:
     return ItemIndex(ds.items["item_id"], item_vectors(model, item_table(ds, model.item_slots)[torch.from_numpy(ds.items["item_id"])]))
 
 
 @torch.no_grad()
-def item_vectors(model: TwoTower, packed: torch.Tensor, batch: int = 8192) -> np.ndarray:
-    """The item tower's vector (R, D) of every packed item row (R, Wi)."""
+def _tower_vectors(model: TwoTower, tower: torch.nn.Module, packed: torch.Tensor, batch: int = 8192) -> np.ndarray:
+    """``tower``'s first head (R, D) for packed rows (R, W), in batches on the model's device."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model.item(packed[a : a + batch].to(device))[:, 0].cpu() for a in range(0, len(packed), batch)]).numpy()
+    return torch.cat([tower(packed[a : a + batch].to(device))[:, 0].cpu() for a in range(0, len(packed), batch)]).numpy()
 
 
-@torch.no_grad()
+def item_vectors(model: TwoTower, packed: torch.Tensor) -> np.ndarray:
+    """The item tower's vector (R, D) of every packed item row (R, Wi)."""
+    return _tower_vectors(model, model.item, packed)
+
+
 def user_vectors(model: TwoTower, lists: ListBatch) -> np.ndarray:
     """The user tower's vector of every request of ``lists``: (R, D)."""
-    model.eval()
-    user = torch.from_numpy(pack_user(lists, model.user_slots))
-    device = next(model.parameters()).device
-    return torch.cat([model.user(user[a : a + 8192].to(device))[:, 0].cpu() for a in range(0, len(user), 8192)]).numpy()
+    return _tower_vectors(model, model.user, torch.from_numpy(pack_user(lists, model.user_slots)))
 
 
 class TowerRetriever:
@@ -192,7 +192,7 @@ def evaluate_recall(model: TwoTower, ds: Dataset, split: str, ks: tuple[int, ...
     return {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], positives) for k in ks}
 
 
-def recall_output(ds: Dataset, model: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0) -> Dataset:
+def recall_output(ds: Dataset, model: TwoTower, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0) -> Dataset:
     """The logs with each request's candidates replaced by the frozen recall output: the recall
     tower's top-n of the catalog (faiss, history excluded). A retrieved item the request logged
     keeps its logged stage and label; any other is stage 0, label 0 (unexposed: a negative, as

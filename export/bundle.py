@@ -155,7 +155,7 @@ def write_bundle(ds: Dataset, recall: StageModel, prerank: StageModel, rank: Sta
     stages = []
     with replacing_directory(out) as tmp:
         (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
-        np.savez(tmp / CATALOG, **{k: v[catalog.item_ids] for k, v in catalog.by_id.items()})  # one row per item
+        np.savez(tmp / CATALOG, **catalog.rows())
         stages.append(_write_recall(recall, ds, example, tmp / "recall", index))
         stages.append(_write_prerank(prerank, catalog, example, tmp / "prerank", quantize))
         stages.append(_write_rank(rank, example, tmp / "rank", quantize))

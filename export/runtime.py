@@ -110,8 +110,7 @@ class BoosterScorer:
     """Rank: a LightGBM model file, scored by LightGBM's Booster over the ranker's features."""
 
     def __init__(self, root: Path, stage: dict, schema: Schema, catalog: Catalog):
-        items = {"item_id": catalog.item_ids} | {k: v[catalog.item_ids] for k, v in catalog.by_id.items() if k != "item_id"}
-        self.teacher = GBDTTeacher(schema.features, items, GBDTConfig(**stage.get("params", {})))
+        self.teacher = GBDTTeacher(schema.features, catalog.rows(), GBDTConfig(**stage.get("params", {})))
         self.teacher.booster = lgb.Booster(model_file=str(root / "rank" / "model.txt"))
 
     def __call__(self, lists: ListBatch) -> np.ndarray:
@@ -123,7 +122,7 @@ class RequestError(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
 
 
 def _is_id(x: Any) -> bool:
@@ -220,7 +219,7 @@ class CascadeService:
             try:
                 parsed.append(self.parse(r))
             except RequestError as e:
-                raise RequestError(f"requests[{i}].{e.field}", str(e).split(": ", 1)[1]) from None
+                raise RequestError(f"requests[{i}].{e.field}", e.message) from None
         start = time.perf_counter()
         user = {}
         for name, f in self.user_fields.items():
@@ -245,4 +244,4 @@ class CascadeService:
         try:
             return self.recommend_batch([request])[0]
         except RequestError as e:
-            raise RequestError(e.field.removeprefix("requests[0]."), str(e).split(": ", 1)[1]) from None
+            raise RequestError(e.field.removeprefix("requests[0]."), e.message) from None

@@ -104,7 +104,7 @@ def parity(service, reference: Cascade, ds: Dataset, n: int = 256) -> dict[str, 
         ws = [set(r[k].tolist()) for r, k in zip(w.lists.item["item_id"], w.kept)]
         gs = [set(r[k].tolist()) for r, k in zip(g.lists.item["item_id"], g.kept)]
         out[f"same_{name}_survivors"] = float(np.mean([a == b for a, b in zip(ws, gs)]))
-    out["same_final_order"] = float(np.mean((want.items == got.items).all(axis=1)))
     same = want.items == got.items
+    out["same_final_order"] = float(np.mean(same.all(axis=1)))
     out["max_final_score_gap"] = float(np.abs(np.where(same, want.scores - got.scores, 0)).max(initial=0.0))
     return out
