@@ -16,6 +16,7 @@ when no row qualifies.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal, Sequence
 
@@ -176,10 +177,18 @@ def topk_membership(scores: np.ndarray, k: int | np.ndarray, mask: np.ndarray | 
     An item with g valid items strictly above it and e items tied with it (itself included)
     takes one of the positions g+1 .. g+e uniformly, so P(in top-k) = clip((k - g) / e, 0, 1).
     """
+    _check_cut("k", k)
     s, m = _check_lists(scores, mask)
     g, e = _tie_groups(s, m)
     kk = np.asarray(k, dtype=np.float64).reshape(-1, 1) if np.ndim(k) else float(k)
     return np.where(m, np.clip((kk - g) / e, 0.0, 1.0), 0.0)
+
+
+def _check_cut(name: str, k) -> None:
+    """A cut is a positive whole number (or (R,) of them): k <= 0 keeps nothing and would give
+    values that differ between metrics, so it is refused."""
+    if np.any(np.asarray(k) < 1) or not np.all(np.asarray(k) == np.floor(np.asarray(k))):
+        raise ValueError(f"{name} must be a positive whole number, got {k!r}")
 
 
 def _row_mean(values: np.ndarray, defined: np.ndarray) -> float:
@@ -221,8 +230,11 @@ def hit_rate_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.nd
     cut; otherwise the tie group straddling the cut fills its ``k - g`` free places from its
     e members, of which p are positive, and misses with probability C(e - p, k - g) / C(e, k - g).
     """
+    _check_cut("k", k)
     s, m = _check_lists(scores, mask)
     pos = _relevance(relevance, m) > 0
+    if s.shape[1] == 0:
+        return float("nan")  # no candidates: no row has a positive
     g, e = _tie_groups(s, m)
     defined = pos.any(axis=1)
     sure = (pos & (g + e <= k)).any(axis=1)
@@ -267,6 +279,7 @@ def _ideal_dcg(gains: np.ndarray, k: int) -> np.ndarray:
 def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndarray | None = None) -> float:
     """NDCG@k with linear gains (gain = relevance), discount 1/log2(1 + position), normalised by
     the ideal DCG@k; mean over rows with a positive."""
+    _check_cut("k", k)
     s, m = _check_lists(scores, mask)
     rel = _relevance(relevance, m)
     idcg = _ideal_dcg(rel, k)
@@ -288,12 +301,19 @@ def teacher_recall_at_k_at_m(
     than k valid items divides by its valid count, so a perfect student scores 1.
     Mean over rows with at least one valid item.
     """
+    _check_cut("k", k)
+    _check_cut("m", m)
     s, msk = _check_lists(student, mask)
     t, _ = _check_lists(teacher, msk)
     inter = (topk_membership(s, m, msk) * topk_membership(t, k, msk)).sum(axis=1)
     n_valid = msk.sum(axis=1)
     defined = n_valid > 0
     return _row_mean(inter / np.maximum(np.minimum(n_valid, k), 1), defined)
+
+
+def _compare(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """sign(x - y) that also holds for equal infinities."""
+    return (x > y).astype(np.int8) - (x < y).astype(np.int8)
 
 
 def kendall_tau(student: np.ndarray, teacher: np.ndarray, mask: np.ndarray | None = None, chunk_cells: int = 2**24) -> float:
@@ -309,8 +329,9 @@ def kendall_tau(student: np.ndarray, teacher: np.ndarray, mask: np.ndarray | Non
     rows_per_chunk = max(1, chunk_cells // max(1, n * n))
     for a in range(0, r, rows_per_chunk):
         b = min(r, a + rows_per_chunk)
-        ds = np.sign(s[a:b, :, None] - s[a:b, None, :])
-        dt = np.sign(t[a:b, :, None] - t[a:b, None, :])
+        # compare rather than subtract: two scores tied at +-inf are a tie, and inf - inf is NaN
+        ds = _compare(s[a:b, :, None], s[a:b, None, :])
+        dt = _compare(t[a:b, :, None], t[a:b, None, :])
         both = msk[a:b, :, None] & msk[a:b, None, :]
         upper = np.triu(np.ones((n, n), dtype=bool), 1)
         pair = both & upper
@@ -329,6 +350,7 @@ def teacher_gains(teacher: np.ndarray, k: int, mask: np.ndarray | None = None) -
     """Graded relevance from a teacher's order: gain = max(0, k - rank), rank 0-based, so the
     teacher's best item earns k and its k-th earns 1; tied items share the mean over their
     positions. (R, N) -> (R, N)."""
+    _check_cut("k", k)
     t, msk = _check_lists(teacher, mask)
     g, e = _tie_groups(t, msk)
     # mean of max(0, k - q) for q = g .. g + e - 1: sum of the positive terms over e.
@@ -358,26 +380,18 @@ def joint_recall(
     """Share of a ground truth that survives every stage's quota, mean over rows with truth.
 
     stage_scores: one (R, N) matrix per stage, applied in order; quotas: each stage's top-q.
-    Stage j ranks only the items that can have survived stages before it; an item's survival is
-    the product of its stage memberships. truth (R, N): the real positives (end-to-end recall)
-    or a teacher's top-k membership (consistency); the caller says which it reports.
-    total (R,): the ground truth's size per row when part of it lies outside the lists (the
-    positives a catalog recall stage never retrieved); default: the truth inside the lists.
-    Exact without ties at an intermediate cut; a tie group straddling one passes whole into the
-    next stage's ranking, each member weighted by its share, which slightly overstates the
-    competition there.
+    Stage j ranks only the items that survived the stages before it. truth (R, N): the real
+    positives (end-to-end recall) or a teacher's top-k membership (consistency); the caller says
+    which it reports. total (R,): the ground truth's size per row when part of it lies outside
+    the lists (the positives a catalog recall stage never retrieved); default: the truth inside
+    the lists. Exact under an independent, uniformly random tie-break at every stage
+    (``survival``).
     """
     if len(stage_scores) != len(quotas) or not quotas:
         raise ValueError("need one quota per stage and at least one stage")
     first, msk = _check_lists(stage_scores[0], mask)
     rel = _relevance(truth, msk)
-    alive = msk.copy()
-    survive = np.where(msk, 1.0, 0.0)
-    for scores, q in zip(stage_scores, quotas):
-        s, _ = _check_lists(scores, msk)
-        member = topk_membership(s, q, alive)
-        survive = survive * member
-        alive = member > 0
+    survive = survival([_check_lists(s, msk)[0] for s in stage_scores], quotas, msk)
     if total is None:
         total = rel.sum(axis=1)
     elif np.any(total < rel.sum(axis=1) - 1e-9):
@@ -386,13 +400,101 @@ def joint_recall(
     return _row_mean((survive * rel).sum(axis=1) / np.where(defined, total, 1.0), defined)
 
 
+# Rows whose tie-breaks must be enumerated (a tie cut at two or more stages before the last)
+# are refused beyond this many outcomes, rather than estimated.
+MAX_TIE_OUTCOMES = 100_000
+
+
+def survival(stage_scores: Sequence[np.ndarray], quotas: Sequence[int], mask: np.ndarray) -> np.ndarray:
+    """P(each item survives every stage) under independent uniform tie-breaks: (R, N) float64.
+
+    Rows with no tie group cut by an intermediate quota are exact in one vectorised pass. In a
+    row where a tie group straddles a cut, a uniformly random subset of it (as many as the free
+    places) passes on, so the next stage's competition is random: when that next stage is the
+    last, each item's membership is averaged over the multivariate hypergeometric law of how
+    many of the drawn items score above it and tie with it (``_last_stage_given_draw``);
+    otherwise every outcome of the draw is enumerated.
+    """
+    for q in quotas:
+        _check_cut("quota", q)
+    alive = mask.copy()
+    survive = np.where(mask, 1.0, 0.0)
+    straddled = np.zeros(len(mask), dtype=bool)
+    for j, (scores, q) in enumerate(zip(stage_scores, quotas)):
+        member = topk_membership(scores, q, alive)
+        if j < len(quotas) - 1:
+            straddled |= ((member > 0) & (member < 1)).any(axis=1)
+        survive = survive * member
+        alive = member > 0
+    for r in np.flatnonzero(straddled):
+        none = np.zeros(mask.shape[1], dtype=bool)
+        survive[r] = _survive_from(0, [s[r] for s in stage_scores], list(quotas), mask[r], none, 0)
+    return survive
+
+
+def _survive_from(j: int, scores: list[np.ndarray], quotas: list[int], sure: np.ndarray, pool: np.ndarray, draws: int) -> np.ndarray:
+    """One row, (N,) each: P(survive stages j..) when the items alive before stage j are
+    ``sure`` plus a uniformly random ``draws``-subset of ``pool``."""
+    last = j == len(scores) - 1
+    if draws and draws < pool.sum():
+        if last:
+            return _last_stage_given_draw(scores[j], quotas[j], sure, pool, draws)
+        members = np.flatnonzero(pool)
+        outcomes = math.comb(len(members), draws)
+        if outcomes > MAX_TIE_OUTCOMES:
+            raise ValueError(f"a tie group of {len(members)} items cut to {draws} at stage {j} is followed by {len(scores) - j} stages: {outcomes:,} tie-break outcomes to enumerate (limit {MAX_TIE_OUTCOMES:,})")
+        acc = np.zeros(len(sure))
+        for drawn in itertools.combinations(members, draws):
+            alive = sure.copy()
+            alive[list(drawn)] = True
+            acc += _survive_from(j, scores, quotas, alive, np.zeros_like(pool), 0)
+        return acc / outcomes
+    alive = sure | pool
+    member = topk_membership(scores[j][None], quotas[j], alive[None])[0]
+    if last:
+        return member
+    straddle = (member > 0) & (member < 1)
+    free = int(round(member[straddle].sum()))  # each of the e tied holds (k - g) / e
+    return _survive_from(j + 1, scores, quotas, member == 1, straddle, free)
+
+
+def _last_stage_given_draw(scores: np.ndarray, q: int, sure: np.ndarray, pool: np.ndarray, draws: int) -> np.ndarray:
+    """(N,): P(alive and in the top-q) when the alive set is ``sure`` plus a uniform
+    ``draws``-subset of ``pool``. For item x, of the other drawn items h_a score above it and
+    h_b tie with it (multivariate hypergeometric over the pool's above / tied / below counts);
+    given those, x is in the top-q with probability clip((q - A - h_a) / (B + h_b + 1), 0, 1),
+    A and B its sure competitors above and tied."""
+    above = scores[None, :] > scores[:, None]  # [x, y]: y scores above x
+    tied = (scores[None, :] == scores[:, None]) & ~np.eye(len(scores), dtype=bool)
+    in_pool = pool.astype(np.int64)
+    sure_above, sure_tied = (above & sure).sum(1), (tied & sure).sum(1)
+    a, b = (above & pool).sum(1), (tied & pool).sum(1)  # x itself is neither above nor tied
+    others = pool.sum() - in_pool  # the pool without x
+    d = draws - in_pool  # x drawn uses one of the draws
+    rest = others - a - b
+    log_all = _lchoose(others, d)
+    expected = np.zeros(len(scores))
+    for h_a in range(0, min(int(a.max()), q) + 1):
+        for h_b in range(0, int(b.max()) + 1):
+            h_rest = d - h_a - h_b
+            ok = (h_a <= a) & (h_b <= b) & (h_rest >= 0) & (h_rest <= rest)
+            if not ok.any():
+                continue
+            logp = _lchoose(a, np.minimum(h_a, a)) + _lchoose(b, np.minimum(h_b, b)) + _lchoose(rest, np.clip(h_rest, 0, rest)) - log_all
+            share = np.clip((q - sure_above - h_a) / (sure_tied + h_b + 1.0), 0.0, 1.0)
+            expected += np.where(ok, np.exp(logp) * share, 0.0)
+    p_alive = np.where(pool, draws / max(int(pool.sum()), 1), np.where(sure, 1.0, 0.0))
+    return p_alive * expected
+
+
 def retrieval_recall(retrieved: np.ndarray, positives: np.ndarray) -> float:
     """Recall@k of a retrieval: |retrieved ∩ positives| / |positives|, mean over rows with a
     positive. retrieved (R, k) item ids (ordered or not; k = the cut), positives (R, P) item ids
-    with 0 as padding. Retrieval returns a set, so no tie rule is needed here."""
-    pos = np.asarray(positives)
+    with 0 as padding (an id listed twice is one positive). Retrieval returns a set, so no tie rule is needed here."""
+    pos = np.sort(np.asarray(positives), axis=1)
     got = np.asarray(retrieved)
     valid = pos > 0
+    valid[:, 1:] &= pos[:, 1:] != pos[:, :-1]  # a positive listed twice counts once
     hit = (pos[:, :, None] == got[:, None, :]).any(axis=2) & valid
     n = valid.sum(axis=1)
     defined = n > 0

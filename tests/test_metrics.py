@@ -259,3 +259,90 @@ def test_retrieval_recall_hand_worked():
     positives = np.array([[3, 4, 0], [0, 0, 0], [6, 7, 8]])
     # row 0: {3} of {3, 4} -> 1/2; row 1 has no positive; row 2: all 3 -> 1; mean 0.75
     assert M.retrieval_recall(retrieved, positives) == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------------------- exact at ties
+
+
+def test_joint_recall_tie_at_an_intermediate_cut_hand_worked():
+    # Stage 1 keeps item 0 and one of the tied items 1, 2 (a coin flip). Stage 2 then ranks
+    # item 0 against exactly one survivor scoring 1 > 0, so with quota 2 item 0 always passes:
+    # 1.0. Letting the whole tie group through would put two competitors above it: 0.0.
+    first, second, truth = np.array([[1.0, 0, 0]]), np.array([[0.0, 1, 1]]), np.array([[1, 0, 0]])
+    assert M.joint_recall([first, second], [2, 2], truth) == pytest.approx(1.0)
+    # Quota 1 at stage 2: the survivor (1 or 2) wins, item 0 never passes; each of items 1 and
+    # 2 passes exactly when it survived stage 1: 1/2 each.
+    np.testing.assert_allclose(M.survival([first, second], [2, 1], np.ones((1, 3), bool)), [[0.0, 0.5, 0.5]])
+
+
+def _hard_cascade(scores, quotas, valid, perms):
+    """Survivors of one realised cascade: stage j orders the alive items by score, then perms[j]."""
+    alive = set(np.flatnonzero(valid))
+    for s, q, perm in zip(scores, quotas, perms):
+        ranked = sorted(alive, key=lambda i: (-s[i], perm[i]))
+        alive = set(ranked[:q])
+    return alive
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 5), st.integers(2, 3))
+def test_joint_recall_is_the_mean_over_every_tie_break(seed, n, stages):
+    if stages == 3:
+        n = min(n, 4)  # 24^3 orders
+    rng = np.random.default_rng(seed)
+    scores = [rng.integers(0, 3, n).astype(float) for _ in range(stages)]  # three levels: many ties
+    quotas = sorted(rng.integers(1, n + 1, stages).tolist(), reverse=True)
+    valid = rng.random(n) < 0.9
+    truth = (rng.random(n) < 0.5) & valid
+    if not truth.any():
+        truth[np.flatnonzero(valid)[:1]] = True
+    if not truth.any():
+        return
+    perms = list(itertools.permutations(range(n)))
+    counts = np.zeros(n)
+    outcomes = 0
+    for combo in itertools.product(perms, repeat=stages):
+        for i in _hard_cascade(scores, quotas, valid, combo):
+            counts[i] += 1
+        outcomes += 1
+    want = counts[truth].sum() / outcomes / truth.sum()
+    got = M.joint_recall([s[None] for s in scores], quotas, truth[None].astype(float), valid[None])
+    assert got == pytest.approx(want, abs=1e-12)
+    np.testing.assert_allclose(M.survival([s[None] for s in scores], quotas, valid[None])[0], counts / outcomes, atol=1e-12)
+
+
+def test_kendall_tau_counts_equal_infinities_as_a_tie():
+    # student ranks items 0, 1 tied (both +inf) above item 2; teacher 2 > 1 > 0.
+    # pairs: (0,1) tied in student only; (0,2), (1,2) concordant. C = 2, D = 0, n0 = 3,
+    # T_s = 1, T_t = 0: tau_b = 2 / sqrt(2 * 3) = 0.8165 (scipy agrees).
+    s, t = np.array([[np.inf, np.inf, 0.0]]), np.array([[2.0, 1.0, 0.0]])
+    assert M.kendall_tau(s, t) == pytest.approx(2 / math.sqrt(6))
+    assert M.kendall_tau(s, t) == pytest.approx(kendalltau(s[0], t[0]).statistic)
+
+
+def test_empty_lists_give_nan_for_every_list_metric():
+    empty = np.zeros((3, 0))
+    for f in (M.recall_at_k, M.hit_rate_at_k, M.ndcg_at_k):
+        assert math.isnan(f(empty, empty, 2))
+
+
+def test_retrieval_recall_counts_a_repeated_positive_once():
+    # positives {3, 4} (3 listed twice); 3 retrieved -> 1 / 2, not 2 / 3
+    assert M.retrieval_recall(np.array([[3, 5]]), np.array([[3, 3, 4]])) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5])
+def test_a_cut_below_one_is_refused(k):
+    s, y = np.array([[1.0, 0.0]]), np.array([[1, 0]])
+    calls = [
+        lambda: M.recall_at_k(s, y, k),
+        lambda: M.hit_rate_at_k(s, y, k),
+        lambda: M.ndcg_at_k(s, y, k),
+        lambda: M.teacher_recall_at_k_at_m(s, s, k, 1),
+        lambda: M.teacher_recall_at_k_at_m(s, s, 1, k),
+        lambda: M.teacher_ndcg_at_k(s, s, k),
+        lambda: M.joint_recall([s, s], [2, k], y),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="positive whole number"):
+            call()
