@@ -133,6 +133,95 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_entry(path: Path, seed: int) -> dict:
+    """One evaluated run or bundle (``cascade.report``'s entry)."""
+    import json
+
+    from cascade.evaluate import evaluate, flops_per_candidate, latency, load_saved, run_flow
+    from cascade.data.lists import build_lists
+    from cascade.models import MODELS
+    from teachers import TEACHERS
+
+    models = {**MODELS, **TEACHERS}
+    bundle = path / "manifest.json"
+    if bundle.exists():
+        from export.runtime import CascadeService
+
+        service = CascadeService(path)
+        source = service.manifest.get("source", {}).get("run_dir")
+        if source is None:
+            raise ValueError(f"{path}: a bundle of named stages; evaluate their cascade run instead (it needs the logs)")
+        saved, served, kind = load_saved(source, models=models), service.cascade, "bundle"
+        label = f"{path.name} (bundle)"
+        latency_of = "onnxruntime bundle"
+    elif (path / "stages.json").exists():
+        saved = load_saved(path, models=models)
+        served, kind = saved.cascade(), "run"
+        label = json.loads((path / "results.json").read_text())["experiment"] if (path / "results.json").exists() else path.name
+        if (path / "bundle" / "manifest.json").exists():
+            from export.runtime import CascadeService
+
+            served_latency, latency_of = CascadeService(path / "bundle").cascade, "onnxruntime bundle"
+        else:
+            served_latency, latency_of = served, "torch"
+    else:
+        raise ValueError(f"{path}: neither a 'task: cascade' run (stages.json) nor a bundle (manifest.json)")
+    print(f"evaluating {label}: {path}", flush=True)
+    metrics = evaluate(served, saved.ds, saved.world, seed=seed)
+    lists = build_lists(saved.ds, "test")
+    catalog = len(saved.ds.items["item_id"])
+    cost = {
+        "flops_per_candidate": {role: flops_per_candidate(saved.models[role], lists, role, catalog) for role in ("recall", "prerank", "rank")},
+        "latency_ms": latency(served if kind == "bundle" else served_latency, saved.ds),
+        "latency_of": latency_of,
+    }
+    entry = {"label": label, "path": str(path), "kind": kind, "metrics": metrics, "cost": cost, "notes": []}
+    if kind == "run":
+        untrained = load_saved(path, untrained=True, models=models)
+        entry["untrained"] = run_flow(untrained.cascade(), untrained.ds, untrained.world).flow(untrained.world)
+        results = path / "results.json"
+        rounds = json.loads(results.read_text()).get("rounds", []) if results.exists() else []
+        if len(rounds) > 1:
+            start, end = rounds[0]["test"]["joint_recall"], rounds[-1]["test"]["joint_recall"]
+            if end < start:
+                entry["notes"].append(f"training made the cascade worse: joint recall {start:.4f} at the start, {end:.4f} after {rounds[-1]['after']}")
+    if saved.world is None:
+        entry["notes"].append("no oracle ratio or stage blame: these need the synthetic world's truth")
+    return entry
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cascade.config import ConfigError
+    from cascade.report import write_report
+    from export.bundle import BundleError
+
+    out = args.out
+    if out.exists() and any(out.iterdir()) and not (out / "metrics.json").exists():
+        print(f"error: --out {out} holds files that are not a cascade report; choose another directory", file=sys.stderr)
+        return BAD_INPUT
+    try:
+        entries = [_eval_entry(p, args.seed) for p in args.paths]
+    except (ValueError, ConfigError, BundleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    write_report(entries, out)
+    from cascade.report import tables
+
+    first = next(iter(tables(entries).values()))
+    print(_text_table(first))
+    for e in entries:
+        for note in e["notes"]:
+            print(f"note: {e['label']}: {note}")
+    print(f"report: {(out / 'report.html').resolve()}")
+    return 0
+
+
+def _text_table(t: dict) -> str:
+    widths = [max(len(r[i]) for r in [t["header"]] + t["rows"]) for i in range(len(t["header"]))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(t["header"])] + [line(r) for r in t["rows"]])
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -207,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per session")
     serve.set_defaults(run=_serve)
+
+    ev = verbs.add_parser("eval", help="evaluate cascades offline: per-stage quality, recall-vs-rank consistency, baselines, cost; writes metrics.json, report.md, report.html")
+    ev.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR", help="'task: cascade' runs or bundles; runs of one experiment over seeds become mean ± std")
+    ev.add_argument("--out", type=Path, default=Path("runs/report"), help="report directory (default: runs/report)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the random pre-ranker baseline")
+    ev.set_defaults(run=_eval)
 
     demo = verbs.add_parser("demo", help="the main job on the built-in synthetic world")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -1,0 +1,331 @@
+"""Offline evaluation of a cascade: does each stage keep what the next one would rank highest,
+how much of the real positives survives, and what each stage costs (`cascade eval`).
+
+Everything runs through one ``Cascade.run(requests, full=True)`` on the test requests (training's
+joint report and serving call the same object): recall retrieves its top-n of the catalog, the
+pre-ranker and the ranker each score that whole list (the cuts stay those of the cascade), so
+every earlier stage can be compared with the ranker's order. The retrieved lists take their
+labels from the logs: a retrieved item the request logged as a positive is a positive; a logged
+positive recall never retrieved counts as lost in every end-to-end figure.
+
+The baselines are computed on the same requests and lists: most-popular recall (train-split
+positives per item, history excluded), a random and a popularity pre-ranker between the same
+recall and ranker. Metric definitions live in ``cascade.metrics``; ``GLOSSARY`` says in one line
+what each reported name means.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cascade import metrics as M
+from cascade.cascade import Cascade, CascadeOutput, Catalog, Stage, TorchScorer, top_mask
+from cascade.config import ConfigError, ExperimentConfig, load_config
+from cascade.data.lists import ListBatch, build_lists
+from cascade.data.store import Dataset, read_dataset
+from cascade.data.synth import WORLD_FILE, World
+from cascade.joint import STAGES_FILE
+from cascade.models import MODELS, build_model, list_tensors
+from cascade.recall import TowerRetriever
+
+ROLES = ("recall", "prerank", "rank")
+
+EXPOSED = 3  # candidates.stage code of an item the live system showed
+K_GRID = (10, 20)
+M_GRID = (10, 20, 50, 100, 200)
+
+GLOSSARY = {
+    "joint_recall": "share of each request's logged positives that survive every quota (recall top-n -> pre-rank top-m -> rank top-k); positives recall never retrieved count as lost",
+    "positives_kept": "share of each request's logged positives still in a stage's output (recall: its top-n; pre-rank: its top-m; rank: its top-k)",
+    "exposed_kept": "share of the items the live system exposed that a stage's output contains",
+    "teacher_recall@k@m": "of the ranker's top-k over the recall list, the share inside a stage's top-m (Recall@k@m, RankFlow/ARF's consistency)",
+    "kendall_tau": "Kendall tau-b between a stage's and the ranker's scores over the recall list",
+    "teacher_ndcg@10": "NDCG@10 of a stage's order with gains from the ranker's top-10",
+    "recall@10 / hit_rate@10 / ndcg@10": "the stage's own order over the recall list against the logged positives inside it",
+    "auc / gauc / logloss": "on the logged exposures of the test requests; GAUC weights each request by its exposures; logloss of sigmoid(score)",
+    "oracle_ratio": "synthetic world only: true utility of the final top-k over the best top-k of the catalog (history excluded)",
+    "blame": "synthetic world only: the lost true utility each stage causes, as a share of the best achievable: recall = best of catalog - best within recall's output, pre-rank = that - best within its output, rank = that - what it shows",
+    "flops_per_candidate": "matmul FLOPs per scored candidate at serving (torch FlopCounterMode; embedding lookups not counted): two-towers count the user tower once per request plus the score, the item side cached; recall per catalog item",
+    "latency_ms": "median wall time of the stage per request, one request at a time",
+}
+
+
+@dataclass
+class Truth:
+    """The logs' view of the test requests, aligned with their lists: positive and exposed item ids
+    (R, P) / (R, E), 0-padded, and each request's positive count."""
+
+    positives: np.ndarray
+    exposed: np.ndarray
+    n_positives: np.ndarray
+
+    @classmethod
+    def of(cls, logged: ListBatch) -> "Truth":
+        ids = logged.item["item_id"]
+        pos = np.where(logged.mask & (logged.label > 0), ids, 0)
+        exp = np.where(logged.mask & (logged.stage == EXPOSED), ids, 0)
+        return cls(pos, exp, (pos > 0).sum(axis=1))
+
+    def contains(self, ids: np.ndarray, which: str) -> np.ndarray:
+        """(B, N) bool: candidate ``ids`` (B, N) that are logged positives / exposures of their row."""
+        logged = self.positives if which == "positives" else self.exposed
+        out = np.zeros(ids.shape, bool)
+        for a in range(0, len(ids), 256):  # (256, N, P) at a time
+            b = a + 256
+            out[a:b] = ((ids[a:b, :, None] == logged[a:b, None, :]) & (logged[a:b, None, :] > 0)).any(axis=2)
+        return out & (ids > 0)
+
+
+def _share_kept(ids: np.ndarray, kept: np.ndarray, logged: np.ndarray) -> float:
+    """Mean over rows with a logged item of |logged ∩ kept ids| / |logged|; ids, kept (B, N)."""
+    return M.retrieval_recall(np.where(kept, ids, 0), logged)
+
+
+def popularity(ds: Dataset) -> np.ndarray:
+    """Train-split positives per item id, (max id + 1,) float64."""
+    c, r = ds.candidates, ds.requests
+    train = np.isin(c["request_id"], r["request_id"][r["split"] == "train"])
+    return np.bincount(c["item_id"][train & (c["label"] > 0)], minlength=int(ds.items["item_id"].max()) + 1).astype(np.float64)
+
+
+def most_popular(requests: ListBatch, counts: np.ndarray, catalog: np.ndarray, n: int) -> np.ndarray:
+    """Most-popular recall: the n catalog items with the most train positives, the request's
+    history excluded. (B, ...) -> (B, n) ids."""
+    order = catalog[np.argsort(-counts[catalog], kind="stable")]
+    width = n + requests.history.shape[1]
+    top = np.broadcast_to(order[:width], (len(requests), width))
+    seen = (top[:, :, None] == requests.history[:, None, :]).any(axis=2)
+    pick = np.argsort(seen, axis=1, kind="stable")[:, :n]  # unseen first, popularity order kept
+    return np.take_along_axis(top, pick, 1)
+
+
+def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray) -> dict[str, float]:
+    """One stage's order over the recall lists (B, n): against the logged positives inside them
+    and against the ranker's scores (the consistency curve over ``M_GRID``)."""
+    mask, label = lists.mask, lists.label
+    out = {
+        "recall@10": M.recall_at_k(scores, label, 10, mask),
+        "hit_rate@10": M.hit_rate_at_k(scores, label, 10, mask),
+        "ndcg@10": M.ndcg_at_k(scores, label, 10, mask),
+        "kendall_tau": M.kendall_tau(scores, ranker, mask),
+        "teacher_ndcg@10": M.teacher_ndcg_at_k(scores, ranker, 10, mask),
+    }
+    for k in K_GRID:
+        for m in M_GRID:
+            if k <= m <= lists.list_size:
+                out[f"teacher_recall@{k}@{m}"] = M.teacher_recall_at_k_at_m(scores, ranker, k, m, mask)
+    return out
+
+
+def flow_quality(lists: ListBatch, prerank: np.ndarray, rank: np.ndarray, quotas: tuple[int, int], truth: Truth) -> dict[str, float]:
+    """End to end through the quotas (m, k) over the recall lists: exact over tie-breaks."""
+    m, k = quotas
+    positive = lists.mask & (lists.label > 0)
+    return {
+        "joint_recall": M.joint_recall([prerank, rank], [m, k], positive, lists.mask, truth.n_positives),
+        "positives_after_prerank": M.joint_recall([prerank], [m], positive, lists.mask, truth.n_positives),
+        f"teacher_recall@{k}@{m}": M.teacher_recall_at_k_at_m(prerank, rank, k, m, lists.mask),
+    }
+
+
+def blame(lists: ListBatch, kept: list[np.ndarray], k: int, world, best: np.ndarray) -> dict[str, float]:
+    """Stage blame on the synthetic world. ``kept``: each stage's survivors (B, n) over the recall
+    lists, recall first (its whole list). Utility of a set = the true click probabilities of its
+    best k items; the best of the catalog minus what is shown splits exactly into the parts each
+    stage drops (see ``GLOSSARY['blame']``). ``best`` (B,): the catalog's best top-k utility."""
+    ids = lists.item["item_id"]
+    utility = np.where(lists.mask, world.click_prob(lists.request_id, ids), 0.0)
+    catalog = best
+    within = [(-np.sort(-np.where(keep, utility, 0.0), axis=1)[:, :k]).sum(axis=1) for keep in kept]
+    total = catalog.sum()
+    names = ["recall", "prerank", "rank"]
+    out = {f"blame_{names[0]}": float((catalog - within[0]).sum() / total)}
+    for i in range(1, len(kept)):
+        out[f"blame_{names[i]}"] = float((within[i - 1] - within[i]).sum() / total)
+    out["oracle_ratio"] = float(within[-1].sum() / total)
+    return out
+
+
+@dataclass
+class FlowRun:
+    """One ``Cascade.run(full=True)`` over a split's requests, with the logs' truth attached."""
+
+    run: CascadeOutput
+    logged: ListBatch  # the split's logged lists (B, L)
+    truth: Truth
+    lists: ListBatch  # recall's lists (B, n), labelled from the logs
+    quotas: tuple[int, int]  # pre-rank, rank
+    best: np.ndarray | None  # (B,) the catalog's best top-k true utility (synthetic world)
+    seconds: float
+
+    def flow(self, world=None) -> dict[str, float]:
+        recall, prerank, rank = self.run.stages
+        out = flow_quality(self.lists, prerank.scores, rank.scores, self.quotas, self.truth)
+        out["positives_retrieved"] = _share_kept(self.lists.item["item_id"], recall.kept, self.truth.positives)
+        if world is not None:
+            out |= blame(self.lists, [recall.kept, prerank.kept, rank.kept], self.quotas[1], world, self.best)
+        return out
+
+
+def run_flow(cascade: Cascade, ds: Dataset, world=None, split: str = "test") -> FlowRun:
+    """Run ``cascade`` (recall -> pre-rank -> rank) on ``split`` with every stage scoring the whole
+    recall list."""
+    logged = build_lists(ds, split)
+    truth = Truth.of(logged)
+    requests = logged.take_columns(np.zeros((len(logged), 0), int))
+    start = time.perf_counter()
+    run = cascade.run(requests, full=True)
+    seconds = time.perf_counter() - start
+    lists = run.stages[0].lists
+    lists.label = truth.contains(lists.item["item_id"], "positives").astype(np.float32)
+    quotas = (cascade.stages[0].quota, cascade.stages[1].quota)
+    best = None if world is None else world.best_topk(lists.request_id, quotas[1], exclude=logged.history)[1].sum(axis=1)
+    return FlowRun(run, logged, truth, lists, quotas, best, seconds)
+
+
+def evaluate(cascade: Cascade, ds: Dataset, world=None, split: str = "test", seed: int = 0) -> dict:
+    """Every figure of the report for one cascade (recall -> pre-rank -> rank) on ``split``."""
+    fr = run_flow(cascade, ds, world, split)
+    lists, truth, rank = fr.lists, fr.truth, fr.run.stages[-1]
+    ids = lists.item["item_id"]
+    stages: dict[str, dict[str, float]] = {}
+    for out in fr.run.stages:
+        row = {"positives_kept": _share_kept(ids, out.kept, truth.positives), "exposed_kept": _share_kept(ids, out.kept, truth.exposed)}
+        quality = stage_quality(out.scores, lists, rank.scores)
+        if out is rank:  # against itself every agreement figure is 1
+            quality = {k: v for k, v in quality.items() if not k.startswith(("teacher", "kendall"))}
+        stages[out.name] = row | quality
+    for st in cascade.stages:  # the AUC family on the logged exposures
+        stages[st.name] |= exposure_metrics(st, fr.logged)
+    return {
+        "requests": len(fr.logged),
+        "quotas": {"recall": cascade.recall_quota, "prerank": fr.quotas[0], "rank": fr.quotas[1]},
+        "seconds": fr.seconds,
+        "stages": stages,
+        "flow": fr.flow(world),
+        "baselines": baselines(ds, fr, world, seed),
+    }
+
+
+def exposure_metrics(stage: Stage, logged: ListBatch) -> dict[str, float]:
+    """AUC, GAUC (by exposures) and logloss of sigmoid(score) on the logged exposures."""
+    exposed = logged.mask & (logged.stage == EXPOSED)
+    if not exposed.any():
+        return {}
+    cols = np.argsort(~exposed, axis=1, kind="stable")[:, : int(exposed.sum(1).max())]  # exposures first
+    logged, exposed = logged.take_columns(cols), np.take_along_axis(exposed, cols, 1)
+    scores = np.asarray(stage.scorer(logged), np.float64)
+    y, s = logged.label[exposed], scores[exposed]
+    groups = np.broadcast_to(logged.request_id[:, None], exposed.shape)[exposed]
+    return {"auc": M.auc(y, s), "gauc": M.gauc(y, s, groups)[0], "logloss": M.logloss(y, 1.0 / (1.0 + np.exp(-s)))}
+
+
+def baselines(ds: Dataset, fr: FlowRun, world, seed: int) -> dict[str, dict[str, float]]:
+    """Most-popular recall against the run's recall; a random and a popularity pre-ranker in place
+    of the run's, between the same recall lists and ranker."""
+    lists, truth, quotas, best, rank = fr.lists, fr.truth, fr.quotas, fr.best, fr.run.stages[-1]
+    ids = lists.item["item_id"]
+    counts = popularity(ds)
+    n = lists.list_size
+    top = most_popular(lists, counts, ds.items["item_id"], n)
+    out: dict[str, dict[str, float]] = {
+        "most_popular_recall": {f"positives_kept@{c}": M.retrieval_recall(top[:, :c], truth.positives) for c in (50, n) if c <= n}
+    }
+    out["recall"] = {f"positives_kept@{c}": M.retrieval_recall(ids[:, :c], truth.positives) for c in (50, n) if c <= n}
+    rng = np.random.default_rng(seed)
+    for name, scores in {"random_prerank": rng.random(ids.shape), "popularity_prerank": counts[ids]}.items():
+        row = flow_quality(lists, scores, rank.scores, quotas, truth)
+        row |= {k: v for k, v in stage_quality(scores, lists, rank.scores).items() if k.startswith("teacher_recall@10@")}
+        if world is not None:
+            m, k = quotas
+            pre_kept = top_mask(scores, lists.mask, m)
+            rank_kept = top_mask(rank.scores, pre_kept, k)
+            row |= blame(lists, [lists.mask, pre_kept, rank_kept], k, world, best)
+        out[name] = row
+    return out
+
+
+# ---------------------------------------------------------------------------------- cost
+
+
+def _matmul_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def flops_per_candidate(model: nn.Module, lists: ListBatch, role: str, catalog_size: int = 0) -> float:
+    """Serving FLOPs per scored candidate for one request's list (``GLOSSARY``)."""
+    model = model.eval()
+    one = lists.take(slice(0, 1))
+    t = list_tensors(one, model)
+    if role == "recall":
+        u = model.user(t.user)
+        return (_matmul_flops(lambda: model.user(t.user)) + 2 * u.numel() * catalog_size) / max(catalog_size, 1)
+    n = int(one.mask.sum())
+    if hasattr(model, "dot_scale"):  # a two-tower: the item side is cached
+        b, w = t.items.shape[0] * t.items.shape[1], t.items.shape[2]
+        v = model.item(t.items.reshape(b, w))
+        v = v.reshape(1, t.items.shape[1], *v.shape[1:])
+        u = model.user(t.user)
+        return (_matmul_flops(lambda: model.user(t.user)) + _matmul_flops(lambda: model.score(u, v))) / max(n, 1)
+    return _matmul_flops(lambda: model(t.user, t.items)) / max(n, 1)
+
+
+def latency(cascade: Cascade, ds: Dataset, requests: int = 200, split: str = "test") -> dict[str, float]:
+    """Median ms per stage, serving one request at a time (each stage scores what the one before
+    passed on), over the first ``requests`` of ``split``."""
+    logged = build_lists(ds, split)
+    one = logged.take_columns(np.zeros((len(logged), 0), int))
+    times: dict[str, list[float]] = {}
+    for i in range(min(requests, len(one)) + 5):
+        out = cascade.run(one.take(slice(i % len(one), i % len(one) + 1)))
+        if i >= 5:  # the first few warm caches up
+            for name, s in out.seconds.items():
+                times.setdefault(name, []).append(s * 1000)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+@dataclass
+class SavedCascade:
+    """A ``task: cascade`` run as saved (``stages.json``): its logs, world (synthetic only), the
+    three stages' experiments, models and quotas."""
+
+    ds: Dataset
+    world: object | None
+    exps: dict[str, ExperimentConfig]
+    models: dict[str, nn.Module]
+    quotas: dict[str, int]
+
+    def cascade(self) -> Cascade:
+        stages = [Stage(name, TorchScorer(self.models[name]), self.quotas[name]) for name in ("prerank", "rank")]
+        return Cascade(stages, TowerRetriever(self.models["recall"], self.ds), self.quotas["recall"], Catalog.from_dataset(self.ds))
+
+
+def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None = None) -> SavedCascade:
+    """The cascade a ``task: cascade`` run saved; ``untrained``: the same architectures with their
+    initial weights (seeded as in training), the baseline a trained cascade must beat."""
+    path = Path(run_dir) / STAGES_FILE
+    if not path.exists():
+        raise ConfigError(f"{path}: missing; not a finished 'task: cascade' run")
+    saved = json.loads(path.read_text())
+    exps = {role: load_config(saved[role]["config"], saved[role]["experiment"])[0] for role in ROLES}
+    ds = read_dataset(exps["recall"].data.dir)
+    world = World.load(exps["recall"].data.dir) if (Path(exps["recall"].data.dir) / WORLD_FILE).exists() else None
+    built = {}
+    for role in ROLES:
+        torch.manual_seed(exps[role].train.seed)
+        model = build_model(exps[role], ds, models or MODELS)
+        if not untrained:
+            model.load_state_dict(torch.load(Path(run_dir) / saved[role]["weights"], weights_only=True, map_location="cpu"))
+        built[role] = model.eval()
+    return SavedCascade(ds, world, exps, built, {role: int(saved[role]["quota"]) for role in ROLES})

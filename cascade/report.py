@@ -1,0 +1,254 @@
+"""The evaluation report: ``metrics.json``, ``report.md`` and ``report.html`` (one file, the plots
+embedded as PNG) from the entries ``cascade eval`` computed.
+
+An entry is one evaluated run or bundle: ``{"label", "path", "kind", "metrics" (``evaluate``'s
+dict), "cost" ({"flops_per_candidate": {stage: x}, "latency_ms": {stage: x}, "latency_of": str}),
+"untrained" (the flow figures of the same architectures untrained, optional), "notes" [str]}``.
+Entries with the same label (one experiment over several seeds) are shown as mean ± std.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from cascade.evaluate import GLOSSARY, K_GRID, M_GRID
+from cascade.data.store import replacing_directory
+
+STAGES = ("recall", "prerank", "rank")
+
+
+def _groups(entries: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for e in entries:
+        out.setdefault(e["label"], []).append(e)
+    return out
+
+
+def _get(entry: dict, path: str) -> float:
+    node = entry
+    for part in path.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return math.nan
+        node = node[part]
+    return float(node) if isinstance(node, (int, float)) else math.nan
+
+
+def _cell(values: list[float], digits: int = 4) -> str:
+    v = [x for x in values if not math.isnan(x)]
+    if not v:
+        return "—"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{np.mean(v):.{digits}f} ± {np.std(v, ddof=1):.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> dict:
+    return {"header": header, "rows": rows}
+
+
+SIDE_BY_SIDE = [
+    ("joint recall", "metrics/flow/joint_recall"),
+    ("kept after pre-rank", "metrics/flow/positives_after_prerank"),
+    ("kept by recall", "metrics/stages/recall/positives_kept"),
+    ("teacher R@10@50", "metrics/stages/prerank/teacher_recall@10@50"),
+    ("oracle ratio", "metrics/flow/oracle_ratio"),
+    ("pre-rank AUC", "metrics/stages/prerank/auc"),
+    ("rank AUC", "metrics/stages/rank/auc"),
+    ("rank NDCG@10", "metrics/stages/rank/ndcg@10"),
+]
+
+STAGE_COLUMNS = [
+    ("kept positives", "positives_kept"),
+    ("kept exposures", "exposed_kept"),
+    ("Recall@10", "recall@10"),
+    ("HitRate@10", "hit_rate@10"),
+    ("NDCG@10", "ndcg@10"),
+    ("AUC", "auc"),
+    ("GAUC", "gauc"),
+    ("LogLoss", "logloss"),
+    ("tau vs rank", "kendall_tau"),
+    ("T-NDCG@10", "teacher_ndcg@10"),
+    ("T-R@10@50", "teacher_recall@10@50"),
+]
+
+
+def tables(entries: list[dict]) -> dict[str, dict]:
+    """Every table of the report, by title."""
+    groups = _groups(entries)
+    out = {}
+    out["Cascades side by side (test)"] = _table(
+        ["run", "seeds"] + [name for name, _ in SIDE_BY_SIDE],
+        [[label, str(len(g))] + [_cell([_get(e, path) for e in g]) for _, path in SIDE_BY_SIDE] for label, g in groups.items()],
+    )
+    for label, g in groups.items():
+        rows = []
+        for stage in STAGES:
+            cells = [_cell([_get(e, f"metrics/stages/{stage}/{key}") for e in g]) for _, key in STAGE_COLUMNS]
+            flops = _cell([_get(e, f"cost/flops_per_candidate/{stage}") for e in g], 0)
+            lat = _cell([_get(e, f"cost/latency_ms/{stage}") for e in g], 2)
+            rows.append([stage] + cells + [flops, lat])
+        of = g[0].get("cost", {}).get("latency_of", "")
+        out[f"{label}: per stage"] = _table(["stage"] + [n for n, _ in STAGE_COLUMNS] + ["FLOPs / candidate", f"p50 ms ({of})" if of else "p50 ms"], rows)
+        base = [
+            ["recall (this run)", _cell([_get(e, "metrics/baselines/recall/positives_kept@50") for e in g]), _cell([_get(e, f"metrics/baselines/recall/positives_kept@{e['metrics']['quotas']['recall']}") for e in g]), "", "", "", ""],
+            ["most-popular recall", _cell([_get(e, "metrics/baselines/most_popular_recall/positives_kept@50") for e in g]), _cell([_get(e, f"metrics/baselines/most_popular_recall/positives_kept@{e['metrics']['quotas']['recall']}") for e in g]), "", "", "", ""],
+        ]
+        flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("untrained cascade", "untrained")]
+        for name, root in flow_rows:
+            cells = [_cell([_get(e, f"{root}/{key}") for e in g]) for key in ("joint_recall", "positives_after_prerank", "teacher_recall@10@50", "oracle_ratio")]
+            if all(c == "—" for c in cells):
+                continue
+            base.append([name, "", ""] + cells)
+        out[f"{label}: against baselines"] = _table(["reference", "recall kept@50", "recall kept@n", "joint recall", "kept after pre-rank", "teacher R@10@50", "oracle ratio"], base)
+    return out
+
+
+# ------------------------------------------------------------------------------- plots
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plots(entries: list[dict]) -> dict[str, str]:
+    """Base64 PNGs by title: the consistency curves, the quality-cost frontier, stage blame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(entries)
+    out = {}
+    k = K_GRID[0]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, g in groups.items():
+        ms = [m for m in M_GRID if not math.isnan(_get(g[0], f"metrics/stages/prerank/teacher_recall@{k}@{m}"))]
+        for stage, style in (("prerank", "-o"), ("recall", ":s")):
+            ys = [np.nanmean([_get(e, f"metrics/stages/{stage}/teacher_recall@{k}@{m}") for e in g]) for m in ms]
+            ax.plot(ms, ys, style, label=f"{label} {stage}")
+    first = next(iter(groups.values()))[0]
+    ms = [m for m in M_GRID if not math.isnan(_get(first, f"metrics/baselines/random_prerank/teacher_recall@{k}@{m}"))]
+    for name, style in (("random_prerank", "--"), ("popularity_prerank", "-.")):
+        ax.plot(ms, [_get(first, f"metrics/baselines/{name}/teacher_recall@{k}@{m}") for m in ms], style, color="grey", label=name.replace("_", " ") + f" ({first['label']})")
+    ax.set_xscale("log")
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set_xlabel("m: candidates the stage passes on")
+    ax.set_ylabel(f"teacher Recall@{k}@m")
+    ax.set_title(f"How many items each stage must pass on to keep the ranker's top-{k}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out["consistency"] = _png(fig)
+
+    has_latency = any(not math.isnan(_get(e, "cost/latency_ms/prerank")) for e in entries)
+    fig, axes = plt.subplots(1, 2 if has_latency else 1, figsize=(11 if has_latency else 6, 4.2), squeeze=False)
+    for label, g in groups.items():
+        y = np.nanmean([_get(e, "metrics/flow/joint_recall") for e in g])
+        x = np.nanmean([_get(e, "cost/flops_per_candidate/prerank") for e in g])
+        axes[0, 0].scatter([x], [y])
+        axes[0, 0].annotate(label, (x, y), fontsize=8)
+        if has_latency:
+            lat = np.nansum([np.nanmean([_get(e, f"cost/latency_ms/{s}") for e in g]) for s in STAGES])
+            axes[0, 1].scatter([lat], [y])
+            axes[0, 1].annotate(label, (lat, y), fontsize=8)
+    for name, style in (("random_prerank", "--"), ("popularity_prerank", "-.")):
+        y = _get(first, f"metrics/baselines/{name}/joint_recall")
+        for ax in axes[0]:
+            ax.axhline(y, ls=style, color="grey", label=name.replace("_", " ") + " (no model)")
+    axes[0, 0].set_xlabel("pre-ranker FLOPs per candidate")
+    axes[0, 0].set_ylabel("joint recall")
+    axes[0, 0].set_title("Quality against the pre-ranker's cost")
+    axes[0, 0].legend(fontsize=7)
+    if has_latency:
+        axes[0, 1].set_xlabel("p50 ms per request, all stages")
+        axes[0, 1].set_title("Quality against latency")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    out["frontier"] = _png(fig)
+
+    rows = [(label, "metrics/flow") for label in groups]
+    if any(not math.isnan(_get(first, "metrics/flow/oracle_ratio")) for _ in [0]):
+        rows += [(f"random pre-ranker ({first['label']})", "metrics/baselines/random_prerank"), (f"popularity pre-ranker ({first['label']})", "metrics/baselines/popularity_prerank")]
+        fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+        parts = [("oracle_ratio", "shown", "#4c9a2a"), ("blame_rank", "lost at rank", "#e0a030"), ("blame_prerank", "lost at pre-rank", "#d05030"), ("blame_recall", "lost at recall", "#7a3b8f")]
+        for i, (label, root) in enumerate(rows):
+            g = groups.get(label, [first])
+            left = 0.0
+            for key, name, color in parts:
+                w = np.nanmean([_get(e, f"{root}/{key}") for e in g])
+                ax.barh(i, w, left=left, color=color, label=name if i == 0 else None)
+                left += w
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of the best achievable true utility (top-k of the catalog)")
+        ax.set_title("Stage blame: which stage drops the best items")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        out["blame"] = _png(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+def _md_table(t: dict) -> str:
+    lines = ["| " + " | ".join(t["header"]) + " |", "|" + "---|" * len(t["header"])]
+    lines += ["| " + " | ".join(r) + " |" for r in t["rows"]]
+    return "\n".join(lines)
+
+
+def _html_table(t: dict) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t["header"])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t["rows"])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+PLOT_TITLES = {"consistency": "Recall-vs-rank: teacher Recall@10@m", "frontier": "Quality-cost frontier", "blame": "Stage blame (synthetic world)"}
+
+
+LEFT_OUT = "the logged system's own cascade is not a reference row: a logged positive exists only where it exposed the item, so it keeps every positive by construction"
+
+
+def notes(entries: list[dict]) -> list[str]:
+    out = [LEFT_OUT]
+    for e in entries:
+        out += [f"{e['label']}: {n}" for n in e.get("notes", [])]
+    return out
+
+
+def write_report(entries: list[dict], out: str | Path) -> Path:
+    """``metrics.json``, ``report.md`` and ``report.html`` in ``out`` (replaced whole)."""
+    tabs = tables(entries)
+    figs = plots(entries)
+    lines = notes(entries)
+    with replacing_directory(Path(out)) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps({"entries": entries, "glossary": GLOSSARY}, indent=2, default=float) + "\n")
+        md = ["# cascade evaluation report", ""]
+        md += [f"- {n}" for n in lines] + ([""] if lines else [])
+        for title, t in tabs.items():
+            md += [f"## {title}", "", _md_table(t), ""]
+        for name, data in figs.items():
+            (tmp / f"{name}.png").write_bytes(base64.b64decode(data))
+            md += [f"## {PLOT_TITLES[name]}", "", f"![{name}]({name}.png)", ""]
+        md += ["## What the names mean", ""] + [f"- **{k}**: {v}" for k, v in GLOSSARY.items()]
+        (tmp / "report.md").write_text("\n".join(md) + "\n")
+        style = "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+        body = ["<h1>cascade evaluation report</h1>"]
+        body += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in lines) + "</ul>"] if lines else []
+        for title, t in tabs.items():
+            body += [f"<h2>{html.escape(title)}</h2>", _html_table(t)]
+        for name, data in figs.items():
+            body += [f"<h2>{PLOT_TITLES[name]}</h2>", f'<img alt="{name}" src="data:image/png;base64,{data}">']
+        body += ["<h2>What the names mean</h2><dl>" + "".join(f"<dt><b>{html.escape(k)}</b></dt><dd>{html.escape(v)}</dd>" for k, v in GLOSSARY.items()) + "</dl>"]
+        (tmp / "report.html").write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>cascade report</title><style>{style}</style></head><body>{"".join(body)}</body></html>\n')
+    return Path(out)
