@@ -8,7 +8,8 @@
     cascade export RUN_DIR --out BUNDLE [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
     cascade export --recall CFG:EXP --prerank CFG:EXP --rank CFG:EXP [--quotas 200,50,10] --out BUNDLE
     cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1]
-    cascade demo [--out DIR]
+    cascade eval RUN_DIR [RUN_DIR ...] [--out runs/report]
+    cascade run CONFIG
 
 Exit status: 0 on success, 2 on bad input (each problem printed on stderr, nothing written).
 """
@@ -62,17 +63,16 @@ def _movielens(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from cascade.data.summary import summarize
-    from cascade.data.synth import WORLD_FILE, World, WorldConfig, generate
+def _run(args: argparse.Namespace) -> int:
+    from cascade.config import ConfigError
+    from cascade.job import run_job
+    from export.bundle import BundleError
 
-    start = time.perf_counter()
-    ds, world = generate(WorldConfig())
-    out = write_dataset(ds, args.out, {WORLD_FILE: world.to_bytes()})
-    print(f"[1/2] generated the built-in synthetic world into {out} ({time.perf_counter() - start:.1f}s)")
-    checked = read_dataset(out)
-    print(f"[2/2] checked {out}: ok")
-    print(summarize(checked, World.load(out)))
+    try:
+        run_job(args.config)
+    except (ConfigError, BundleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
     return 0
 
 
@@ -133,66 +133,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_entry(path: Path, seed: int) -> dict:
-    """One evaluated run or bundle (``cascade.report``'s entry)."""
-    import json
-
-    from cascade.evaluate import evaluate, flops_per_candidate, latency, load_saved, run_flow
-    from cascade.data.lists import build_lists
-    from cascade.models import MODELS
-    from teachers import TEACHERS
-
-    models = {**MODELS, **TEACHERS}
-    bundle = path / "manifest.json"
-    if bundle.exists():
-        from export.runtime import CascadeService
-
-        service = CascadeService(path)
-        source = service.manifest.get("source", {}).get("run_dir")
-        if source is None:
-            raise ValueError(f"{path}: a bundle of named stages; evaluate their cascade run instead (it needs the logs)")
-        saved, served, kind = load_saved(source, models=models), service.cascade, "bundle"
-        label = f"{path.name} (bundle)"
-        latency_of = "onnxruntime bundle"
-    elif (path / "stages.json").exists():
-        saved = load_saved(path, models=models)
-        served, kind = saved.cascade(), "run"
-        label = json.loads((path / "results.json").read_text())["experiment"] if (path / "results.json").exists() else path.name
-        if (path / "bundle" / "manifest.json").exists():
-            from export.runtime import CascadeService
-
-            served_latency, latency_of = CascadeService(path / "bundle").cascade, "onnxruntime bundle"
-        else:
-            served_latency, latency_of = served, "torch"
-    else:
-        raise ValueError(f"{path}: neither a 'task: cascade' run (stages.json) nor a bundle (manifest.json)")
-    print(f"evaluating {label}: {path}", flush=True)
-    metrics = evaluate(served, saved.ds, saved.world, seed=seed)
-    lists = build_lists(saved.ds, "test")
-    catalog = len(saved.ds.items["item_id"])
-    cost = {
-        "flops_per_candidate": {role: flops_per_candidate(saved.models[role], lists, role, catalog) for role in ("recall", "prerank", "rank")},
-        "latency_ms": latency(served if kind == "bundle" else served_latency, saved.ds),
-        "latency_of": latency_of,
-    }
-    entry = {"label": label, "path": str(path), "kind": kind, "metrics": metrics, "cost": cost, "notes": []}
-    if kind == "run":
-        untrained = load_saved(path, untrained=True, models=models)
-        entry["untrained"] = run_flow(untrained.cascade(), untrained.ds, untrained.world).flow(untrained.world)
-        results = path / "results.json"
-        rounds = json.loads(results.read_text()).get("rounds", []) if results.exists() else []
-        if len(rounds) > 1:
-            start, end = rounds[0]["test"]["joint_recall"], rounds[-1]["test"]["joint_recall"]
-            if end < start:
-                entry["notes"].append(f"training made the cascade worse: joint recall {start:.4f} at the start, {end:.4f} after {rounds[-1]['after']}")
-    if saved.world is None:
-        entry["notes"].append("no oracle ratio or stage blame: these need the synthetic world's truth")
-    return entry
-
-
 def _eval(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError
-    from cascade.report import write_report
+    from cascade.job import evaluate_path
+    from cascade.report import tables, write_report
     from export.bundle import BundleError
 
     out = args.out
@@ -200,13 +144,11 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: --out {out} holds files that are not a cascade report; choose another directory", file=sys.stderr)
         return BAD_INPUT
     try:
-        entries = [_eval_entry(p, args.seed) for p in args.paths]
+        entries = [evaluate_path(p, args.seed) for p in args.paths]
     except (ValueError, ConfigError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     write_report(entries, out)
-    from cascade.report import tables
-
     first = next(iter(tables(entries).values()))
     print(_text_table(first))
     for e in entries:
@@ -303,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the random pre-ranker baseline")
     ev.set_defaults(run=_eval)
 
-    demo = verbs.add_parser("demo", help="the main job on the built-in synthetic world")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.set_defaults(run=_demo)
+    job = verbs.add_parser("run", help="the whole job for a config: data, train, distill, the cascades, export, eval (finished steps are kept)", epilog="example: cascade run configs/quickstart.yaml  (what `make demo` runs)")
+    job.add_argument("config", type=Path)
+    job.set_defaults(run=_run)
     return parser
 
 

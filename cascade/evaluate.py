@@ -46,7 +46,7 @@ GLOSSARY = {
     "joint_recall": "share of each request's logged positives that survive every quota (recall top-n -> pre-rank top-m -> rank top-k); positives recall never retrieved count as lost",
     "positives_kept": "share of each request's logged positives still in a stage's output (recall: its top-n; pre-rank: its top-m; rank: its top-k)",
     "exposed_kept": "share of the items the live system exposed that a stage's output contains",
-    "teacher_recall@k@m": "of the ranker's top-k over the recall list, the share inside a stage's top-m (Recall@k@m, RankFlow/ARF's consistency)",
+    "teacher_recall@k@m": "of the ranker's top-k over the recall list, the share inside a stage's top-m (Recall@k@m, RankFlow/ARF's consistency); 'teacher R@k@m' in a table: k, m = the cascade's rank and pre-rank quotas",
     "kendall_tau": "Kendall tau-b between a stage's and the ranker's scores over the recall list",
     "teacher_ndcg@10": "NDCG@10 of a stage's order with gains from the ranker's top-10",
     "recall@10 / hit_rate@10 / ndcg@10": "the stage's own order over the recall list against the logged positives inside it",
@@ -100,16 +100,17 @@ def most_popular(requests: ListBatch, counts: np.ndarray, catalog: np.ndarray, n
     """Most-popular recall: the n catalog items with the most train positives, the request's
     history excluded. (B, ...) -> (B, n) ids."""
     order = catalog[np.argsort(-counts[catalog], kind="stable")]
-    width = n + requests.history.shape[1]
+    width = min(n + requests.history.shape[1], len(order))  # enough to skip every history item
     top = np.broadcast_to(order[:width], (len(requests), width))
     seen = (top[:, :, None] == requests.history[:, None, :]).any(axis=2)
     pick = np.argsort(seen, axis=1, kind="stable")[:, :n]  # unseen first, popularity order kept
-    return np.take_along_axis(top, pick, 1)
+    return np.where(np.take_along_axis(seen, pick, 1), 0, np.take_along_axis(top, pick, 1))  # 0: the catalog ran out
 
 
-def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray) -> dict[str, float]:
+def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray, quotas: tuple[int, int]) -> dict[str, float]:
     """One stage's order over the recall lists (B, n): against the logged positives inside them
-    and against the ranker's scores (the consistency curve over ``M_GRID``)."""
+    and against the ranker's scores: teacher Recall@k@m for k in the rank quota and ``K_GRID``,
+    m in ``M_GRID``, the pre-rank quota and n (the consistency curve)."""
     mask, label = lists.mask, lists.label
     out = {
         "recall@10": M.recall_at_k(scores, label, 10, mask),
@@ -118,9 +119,10 @@ def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray) -> d
         "kendall_tau": M.kendall_tau(scores, ranker, mask),
         "teacher_ndcg@10": M.teacher_ndcg_at_k(scores, ranker, 10, mask),
     }
-    for k in K_GRID:
-        for m in M_GRID:
-            if k <= m <= lists.list_size:
+    n = lists.list_size
+    for k in sorted({quotas[1], *K_GRID}):
+        for m in sorted({*M_GRID, quotas[0], n}):
+            if k <= m <= n:
                 out[f"teacher_recall@{k}@{m}"] = M.teacher_recall_at_k_at_m(scores, ranker, k, m, mask)
     return out
 
@@ -199,7 +201,7 @@ def evaluate(cascade: Cascade, ds: Dataset, world=None, split: str = "test", see
     stages: dict[str, dict[str, float]] = {}
     for out in fr.run.stages:
         row = {"positives_kept": _share_kept(ids, out.kept, truth.positives), "exposed_kept": _share_kept(ids, out.kept, truth.exposed)}
-        quality = stage_quality(out.scores, lists, rank.scores)
+        quality = stage_quality(out.scores, lists, rank.scores, fr.quotas)
         if out is rank:  # against itself every agreement figure is 1
             quality = {k: v for k, v in quality.items() if not k.startswith(("teacher", "kendall"))}
         stages[out.name] = row | quality
@@ -243,7 +245,7 @@ def baselines(ds: Dataset, fr: FlowRun, world, seed: int) -> dict[str, dict[str,
     rng = np.random.default_rng(seed)
     for name, scores in {"random_prerank": rng.random(ids.shape), "popularity_prerank": counts[ids]}.items():
         row = flow_quality(lists, scores, rank.scores, quotas, truth)
-        row |= {k: v for k, v in stage_quality(scores, lists, rank.scores).items() if k.startswith("teacher_recall@10@")}
+        row |= {k: v for k, v in stage_quality(scores, lists, rank.scores, quotas).items() if k.startswith(f"teacher_recall@{quotas[1]}@")}
         if world is not None:
             m, k = quotas
             pre_kept = top_mask(scores, lists.mask, m)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade.evaluate import GLOSSARY, K_GRID, M_GRID
+from cascade.evaluate import GLOSSARY
 from cascade.data.store import replacing_directory
 
 STAGES = ("recall", "prerank", "rank")
@@ -32,6 +32,9 @@ def _groups(entries: list[dict]) -> dict[str, list[dict]]:
 
 
 def _get(entry: dict, path: str) -> float:
+    """The number at ``path`` ('a/b/c'); TR stands for the cascade's own teacher_recall@k@m."""
+    q = entry.get("metrics", {}).get("quotas", {})
+    path = path.replace("TR", f"teacher_recall@{q.get('rank', 10)}@{q.get('prerank', 50)}")
     node = entry
     for part in path.split("/"):
         if not isinstance(node, dict) or part not in node:
@@ -57,7 +60,7 @@ SIDE_BY_SIDE = [
     ("joint recall", "metrics/flow/joint_recall"),
     ("kept after pre-rank", "metrics/flow/positives_after_prerank"),
     ("kept by recall", "metrics/stages/recall/positives_kept"),
-    ("teacher R@10@50", "metrics/stages/prerank/teacher_recall@10@50"),
+    ("teacher R@k@m", "metrics/stages/prerank/TR"),
     ("oracle ratio", "metrics/flow/oracle_ratio"),
     ("pre-rank AUC", "metrics/stages/prerank/auc"),
     ("rank AUC", "metrics/stages/rank/auc"),
@@ -75,7 +78,7 @@ STAGE_COLUMNS = [
     ("LogLoss", "logloss"),
     ("tau vs rank", "kendall_tau"),
     ("T-NDCG@10", "teacher_ndcg@10"),
-    ("T-R@10@50", "teacher_recall@10@50"),
+    ("T-R@k@m", "TR"),
 ]
 
 
@@ -102,7 +105,7 @@ def tables(entries: list[dict]) -> dict[str, dict]:
         ]
         flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("untrained cascade", "untrained")]
         for name, root in flow_rows:
-            cells = [_cell([_get(e, f"{root}/{key}") for e in g]) for key in ("joint_recall", "positives_after_prerank", "teacher_recall@10@50", "oracle_ratio")]
+            cells = [_cell([_get(e, f"{root}/{key}") for e in g]) for key in ("joint_recall", "positives_after_prerank", "TR", "oracle_ratio")]
             if all(c == "—" for c in cells):
                 continue
             base.append([name, "", ""] + cells)
@@ -122,6 +125,12 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _grid(entry: dict, k: int) -> list[int]:
+    """The m values of the entry's teacher_recall@k@m curve."""
+    keys = entry["metrics"]["stages"]["prerank"]
+    return sorted(int(key.split("@")[2]) for key in keys if key.startswith(f"teacher_recall@{k}@"))
+
+
 def plots(entries: list[dict]) -> dict[str, str]:
     """Base64 PNGs by title: the consistency curves, the quality-cost frontier, stage blame."""
     import matplotlib
@@ -131,15 +140,15 @@ def plots(entries: list[dict]) -> dict[str, str]:
 
     groups = _groups(entries)
     out = {}
-    k = K_GRID[0]
+    first = next(iter(groups.values()))[0]
+    k = first["metrics"]["quotas"]["rank"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, g in groups.items():
-        ms = [m for m in M_GRID if not math.isnan(_get(g[0], f"metrics/stages/prerank/teacher_recall@{k}@{m}"))]
+        ms = _grid(g[0], k)
         for stage, style in (("prerank", "-o"), ("recall", ":s")):
             ys = [np.nanmean([_get(e, f"metrics/stages/{stage}/teacher_recall@{k}@{m}") for e in g]) for m in ms]
             ax.plot(ms, ys, style, label=f"{label} {stage}")
-    first = next(iter(groups.values()))[0]
-    ms = [m for m in M_GRID if not math.isnan(_get(first, f"metrics/baselines/random_prerank/teacher_recall@{k}@{m}"))]
+    ms = _grid(first, k)
     for name, style in (("random_prerank", "--"), ("popularity_prerank", "-.")):
         ax.plot(ms, [_get(first, f"metrics/baselines/{name}/teacher_recall@{k}@{m}") for m in ms], style, color="grey", label=name.replace("_", " ") + f" ({first['label']})")
     ax.set_xscale("log")

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+PIPED_EVERY = 30.0  # seconds between progress lines when stdout is not a terminal
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -129,7 +131,8 @@ class Trainer:
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
             start, seen, total = time.perf_counter(), 0, 0.0
             bar = tqdm(train.batches(cfg.batch_size, gen), total=math.ceil(len(train) / cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
-            for batch in bar:
+            shown = time.perf_counter()  # piped output has no bar: a line every PIPED_EVERY seconds
+            for i, batch in enumerate(bar, 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                     loss = step_loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -138,6 +141,9 @@ class Trainer:
                 seen += len(batch)
                 total += float(loss.detach()) * len(batch)
                 bar.set_postfix(loss=f"{total / seen:.4f}")
+                if bar.disable and time.perf_counter() - shown > PIPED_EVERY:
+                    shown = time.perf_counter()
+                    print(f"  epoch {epoch + 1}/{cfg.epochs}: batch {i:,}/{bar.total:,} ({i / bar.total:.0%}), {seen / (shown - start):,.0f} samples/s, loss {total / seen:.4f}", flush=True)
             seconds = time.perf_counter() - start
             self.model.eval()
             with torch.no_grad():

@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from cascade.cli import main
+
 from cascade.data.store import write_dataset
 from cascade.data.synth import WORLD_FILE, WorldConfig, generate
 
@@ -27,3 +29,53 @@ def ml1m_dir():
     if not (ML1M / "ratings.dat").exists():
         pytest.skip(f"MovieLens-1M not found at {ML1M} (the shared copy sits beside the repo)")
     return ML1M
+
+
+# A tiny trained cascade (recall -> DSSM pre-ranker -> DIN ranker, and a LightGBM ranker), shared by
+# the export, serving, evaluation and job tests.
+CONFIG = """
+base:
+  data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
+  model: {embedding_dim: 8}
+  train: {epochs: 2, batch_size: 64, seed: 1, lr: 0.01, monitor: teacher_recall@4@10}
+  out: OUT
+  task: distill
+  distill: {teacher: din, prerank_quota: 10, rank_quota: 4, lists_per_batch: 16}
+  cascade: {recall: {config: CONFIG, experiment: recall}, recall_quota: 40, prerank_quota: 10, rank_quota: 4, lcron_recall_quota: 20}
+experiments:
+  recall:
+    task: recall
+    model: {name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+    train: {monitor: recall@50}
+  din:
+    model: {name: din, params: {attention_hidden: [8], hidden: [16], dropout: 0.0}}
+    train: {monitor: recall@4}
+    distill: {teacher: null, exposure_bce: 0, rankflow_bce: 1}
+  gbdt:
+    model: {name: gbdt, params: {n_estimators: 20, num_leaves: 7, min_data_in_leaf: 5}}
+    distill: {teacher: null, exposure_bce: 0, rankflow_bce: 1}
+  inttower:
+    model: {name: inttower, params: {hidden: [16, 8], heads: 2, head_dim: 4, dropout: 0.0}}
+  exposure:
+    model: {name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+  frozen: {task: cascade, cascade: {method: frozen, prerank: exposure}}
+"""
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(config path, runs folder) after training the 'frozen' cascade and its stages."""
+    root = tmp_path_factory.mktemp("cascade")
+    path = root / "c.yaml"
+    path.write_text(CONFIG.replace("DATA", str(root / "data")).replace("OUT", str(root / "runs")).replace("CONFIG", str(path)))
+    assert main(["train", str(path), "--experiment", "frozen"]) == 0
+    return path, root / "runs"
+
+
+@pytest.fixture(scope="session")
+def bundle(trained, tmp_path_factory):
+    """The frozen cascade exported with `cascade export RUN_DIR` (read-only: copy before tampering)."""
+    _, runs = trained
+    out = tmp_path_factory.mktemp("bundles") / "frozen"
+    assert main(["export", str(runs / "frozen"), "--out", str(out)]) == 0
+    return out

@@ -1,0 +1,168 @@
+"""`cascade run CONFIG`: the whole job for one config, step by step, resuming finished steps:
+the logs -> every stage trained (``pointwise`` and ``recall`` tasks) -> distillation (``distill``)
+-> the cascades (``cascade``) -> each cascade exported as a bundle (``RUN_DIR/bundle``) -> one
+evaluation report over every cascade (``OUT/report``), ending with the comparison table.
+
+Like the CLI, this sits above ``export`` and ``teachers`` in the import order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cascade.config import ConfigError, ExperimentConfig, load_config
+
+STEP_ORDER = ("pointwise", "recall", "distill", "cascade")
+
+
+@dataclass
+class Step:
+    name: str
+    done: Callable[[], bool]
+    do: Callable[[], object]
+
+
+def _finished(exp: ExperimentConfig) -> bool:
+    need = ["results.json"] + (["stages.json"] if exp.task == "cascade" else [])
+    return all((exp.run_dir / f).exists() for f in need)
+
+
+def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
+    """The steps of ``config``'s job, its cascades and the report directory."""
+    from cascade.joint import train_experiment
+    from cascade.models import MODELS
+    from cascade.pipeline import prepare_data
+    from teachers import BOOSTED, TEACHERS
+
+    exps = load_config(config)
+    if not exps:
+        raise ConfigError(f"{config}: no experiments")
+    cascades = [e for e in exps if e.task == "cascade"]
+    if not cascades:
+        raise ConfigError(f"{config}: no 'task: cascade' experiment, so nothing to export or evaluate; `cascade train` trains single stages")
+    models = {**MODELS, **TEACHERS}
+    steps = [Step(f"data {exps[0].data.dir}", lambda: Path(exps[0].data.dir).exists(), lambda: prepare_data(exps[0].data))]
+    for task in STEP_ORDER:
+        for exp in (e for e in exps if e.task == task):
+            verb = {"pointwise": "train", "recall": "train recall", "distill": "distill", "cascade": "cascade"}[task]
+            steps.append(Step(f"{verb} {exp.name}", lambda exp=exp: _finished(exp), lambda exp=exp: train_experiment(exp, config, models, BOOSTED)))
+    for exp in cascades:
+        steps.append(Step(f"export {exp.name}", lambda exp=exp: (exp.run_dir / "bundle" / "manifest.json").exists(), lambda exp=exp: export_run(exp.run_dir)))
+    report = cascades[0].run_dir.parent / "report"
+
+    def report_fresh() -> bool:
+        made = report / "metrics.json"
+        return made.exists() and all(made.stat().st_mtime > (e.run_dir / "results.json").stat().st_mtime for e in cascades if (e.run_dir / "results.json").exists())
+
+    steps.append(Step(f"eval -> {report}", report_fresh, lambda: evaluate_runs([e.run_dir for e in cascades], report)))
+    return steps, cascades, report
+
+
+def export_run(run_dir: Path) -> Path:
+    """``cascade export RUN_DIR --out RUN_DIR/bundle`` (exact faiss index), with the parity check."""
+    from export.bundle import IndexSpec, write_bundle
+    from export.runtime import CascadeService
+    from export.stages import from_run, parity, torch_cascade
+
+    ds, stages = from_run(run_dir)
+    out = write_bundle(ds, *stages, run_dir / "bundle", IndexSpec("flat"), False, {"run_dir": str(run_dir)})
+    report = parity(CascadeService(out), torch_cascade(ds, stages), ds)
+    print("  parity against torch: " + " ".join(f"{k} {v:.6g}" for k, v in report.items()), flush=True)
+    return out
+
+
+def evaluate_runs(paths: list[Path], out: Path, seed: int = 0) -> list[dict]:
+    from cascade.report import write_report
+
+    entries = [evaluate_path(p, seed) for p in paths]
+    write_report(entries, out)
+    return entries
+
+
+def evaluate_path(path: Path, seed: int = 0) -> dict:
+    """One evaluated run or bundle (``cascade.report``'s entry)."""
+    from cascade.evaluate import evaluate, flops_per_candidate, latency, load_saved, run_flow
+    from cascade.data.lists import build_lists
+    from cascade.models import MODELS
+    from teachers import TEACHERS
+
+    models = {**MODELS, **TEACHERS}
+    bundle = path / "manifest.json"
+    if bundle.exists():
+        from export.runtime import CascadeService
+
+        service = CascadeService(path)
+        source = service.manifest.get("source", {}).get("run_dir")
+        if source is None:
+            raise ValueError(f"{path}: a bundle of named stages; evaluate their cascade run instead (it needs the logs)")
+        saved, served, kind = load_saved(source, models=models), service.cascade, "bundle"
+        label = f"{path.name} (bundle)"
+        latency_of = "onnxruntime bundle"
+    elif (path / "stages.json").exists():
+        saved = load_saved(path, models=models)
+        served, kind = saved.cascade(), "run"
+        label = json.loads((path / "results.json").read_text())["experiment"] if (path / "results.json").exists() else path.name
+        if (path / "bundle" / "manifest.json").exists():
+            from export.runtime import CascadeService
+
+            served_latency, latency_of = CascadeService(path / "bundle").cascade, "onnxruntime bundle"
+        else:
+            served_latency, latency_of = served, "torch"
+    else:
+        raise ValueError(f"{path}: neither a 'task: cascade' run (stages.json) nor a bundle (manifest.json)")
+    print(f"evaluating {label}: {path}", flush=True)
+    metrics = evaluate(served, saved.ds, saved.world, seed=seed)
+    lists = build_lists(saved.ds, "test")
+    catalog = len(saved.ds.items["item_id"])
+    cost = {
+        "flops_per_candidate": {role: flops_per_candidate(saved.models[role], lists, role, catalog) for role in ("recall", "prerank", "rank")},
+        "latency_ms": latency(served if kind == "bundle" else served_latency, saved.ds),
+        "latency_of": latency_of,
+    }
+    entry = {"label": label, "path": str(path), "kind": kind, "metrics": metrics, "cost": cost, "notes": []}
+    if kind == "run":
+        untrained = load_saved(path, untrained=True, models=models)
+        entry["untrained"] = run_flow(untrained.cascade(), untrained.ds, untrained.world).flow(untrained.world)
+        results = path / "results.json"
+        rounds = json.loads(results.read_text()).get("rounds", []) if results.exists() else []
+        if len(rounds) > 1:
+            start, end = rounds[0]["test"]["joint_recall"], rounds[-1]["test"]["joint_recall"]
+            if end < start:
+                entry["notes"].append(f"training made the cascade worse: joint recall {start:.4f} at the start, {end:.4f} after {rounds[-1]['after']}")
+    if saved.world is None:
+        entry["notes"].append("no oracle ratio or stage blame: these need the synthetic world's truth")
+    return entry
+
+
+def run_job(config: Path) -> Path:
+    """Every step of ``config``'s job not yet done; returns the report directory."""
+    steps, cascades, report = plan(config)
+    for i, step in enumerate(steps, 1):
+        if step.done():
+            print(f"[{i}/{len(steps)}] {step.name}: done before, kept", flush=True)
+            continue
+        print(f"[{i}/{len(steps)}] {step.name} ...", flush=True)
+        start = time.perf_counter()
+        step.do()
+        print(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - start:.0f}s", flush=True)
+    print()
+    print(comparison(json.loads((report / "metrics.json").read_text())["entries"]))
+    print(f"\nreport: {(report / 'report.html').resolve()}")
+    return report
+
+
+def comparison(entries: list[dict]) -> str:
+    """The job's closing table: one row per cascade."""
+    header = ["cascade", "joint recall", "teacher R@10@50", "oracle ratio", "recall ms", "prerank ms", "rank ms"]
+    rows = []
+    for e in entries:
+        flow, lat = e["metrics"]["flow"], e["cost"]["latency_ms"]
+        rows.append([e["label"], f"{flow['joint_recall']:.4f}", f"{flow['teacher_recall@10@50'] if 'teacher_recall@10@50' in flow else float('nan'):.4f}", f"{flow.get('oracle_ratio', float('nan')):.4f}"] + [f"{lat.get(s, float('nan')):.2f}" for s in ("recall", "prerank", "rank")])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    of = entries[0]["cost"]["latency_of"] if entries else ""
+    return "\n".join([line(header)] + [line(r) for r in rows] + [f"(ms: p50 per request and stage, {of}; the terms are explained at the end of the report)"])

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from cascade import metrics as M
+from cascade.data.lists import build_lists
+from cascade.evaluate import Truth, evaluate, exposure_metrics, load_saved, most_popular, run_flow
+from cascade.cascade import requests_batch
+from cascade.models import MODELS
+from teachers import TEACHERS
+
+
+def test_most_popular_skips_the_history_and_keeps_popularity_order():
+    # counts by id 0..5: item 3 (9) > 1 (7) > 5 (4) > 2 (2) > 4 (1); the request saw 1 and 5.
+    counts = np.array([0, 7, 2, 9, 1, 4], float)
+    req = requests_batch({}, np.array([[1, 5, 0]]))
+    assert most_popular(req, counts, np.arange(1, 6), 3).tolist() == [[3, 2, 4]]
+
+
+def test_truth_marks_logged_positives_and_exposures_per_row():
+    truth = Truth(positives=np.array([[4, 0], [7, 9]]), exposed=np.array([[4, 5], [9, 0]]), n_positives=np.array([1, 2]))
+    ids = np.array([[4, 5, 7, 0], [9, 4, 7, 1]])
+    assert truth.contains(ids, "positives").tolist() == [[True, False, False, False], [True, False, True, False]]
+    assert truth.contains(ids, "exposures").tolist() == [[True, True, False, False], [True, False, False, False]]
+
+
+@pytest.fixture(scope="module")
+def saved(trained):
+    _, runs = trained
+    return load_saved(runs / "frozen", models={**MODELS, **TEACHERS})
+
+
+@pytest.fixture(scope="module")
+def report(saved):
+    return evaluate(saved.cascade(), saved.ds, saved.world)
+
+
+def test_report_figures_agree_with_the_metrics_module(saved, report):
+    """Recompute the headline figures from one plain run of the same cascade with cascade.metrics."""
+    fr = run_flow(saved.cascade(), saved.ds, saved.world)
+    recall, prerank, rank = fr.run.stages
+    lists = fr.lists
+    positive = lists.mask & (lists.label > 0)
+    n_pos = fr.truth.n_positives
+    assert report["flow"]["joint_recall"] == pytest.approx(M.joint_recall([prerank.scores, rank.scores], [10, 4], positive, lists.mask, n_pos))
+    assert report["stages"]["prerank"]["teacher_recall@4@10"] == pytest.approx(M.teacher_recall_at_k_at_m(prerank.scores, rank.scores, 4, 10, lists.mask))
+    assert report["stages"]["recall"]["kendall_tau"] == pytest.approx(M.kendall_tau(recall.scores, rank.scores, lists.mask))
+    # the rank stage's kept positives are the survivors of every cut: joint recall (no ties in float scores)
+    assert report["stages"]["rank"]["positives_kept"] == pytest.approx(report["flow"]["joint_recall"])
+    # AUC on the exposures, scored directly by the ranker
+    logged = build_lists(saved.ds, "test")
+    exposed = logged.mask & (logged.stage == 3)
+    scores = saved.cascade().stages[1].scorer(logged)
+    assert report["stages"]["rank"]["auc"] == pytest.approx(M.auc(logged.label[exposed], scores[exposed]))
+    assert exposure_metrics(saved.cascade().stages[1], logged)["auc"] == pytest.approx(report["stages"]["rank"]["auc"])
+
+
+def test_stage_blame_adds_up_to_the_whole_best_utility(report):
+    flow = report["flow"]
+    parts = flow["oracle_ratio"] + flow["blame_recall"] + flow["blame_prerank"] + flow["blame_rank"]
+    assert parts == pytest.approx(1.0)
+    assert min(flow["blame_recall"], flow["blame_prerank"], flow["blame_rank"]) >= -1e-12
+
+
+def test_baselines_are_computed_on_the_same_lists(report):
+    base = report["baselines"]
+    assert base["recall"]["positives_kept@40"] == pytest.approx(report["stages"]["recall"]["positives_kept"])
+    for name in ("random_prerank", "popularity_prerank"):
+        row = base[name]
+        # a pre-ranker only chooses among recall's list: it never keeps more than recall did
+        assert 0 <= row["joint_recall"] <= row["positives_after_prerank"] <= base["recall"]["positives_kept@40"] + 1e-12
+        assert row["teacher_recall@4@40"] == pytest.approx(1.0)  # m = the whole list keeps everything
