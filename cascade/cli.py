@@ -68,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     from cascade.job import run_job
     from export.bundle import BundleError
 
+    _overrides(args)
     try:
         run_job(args.config)
     except (ConfigError, BundleError) as e:
@@ -76,7 +77,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+LEGEND = {
+    "recall": "recall@k = share of a request's positives in the top-k",
+    "teacher_recall": "teacher_recall@k@m = share of the teacher's top-k inside the model's top-m",
+    "joint_recall": "share of the real positives surviving every quota of the cascade",
+    "oracle_ratio": "true utility shown / best achievable (synthetic world)",
+}
+
+
 def _train(args: argparse.Namespace) -> int:
+    _overrides(args)
     from cascade.config import ConfigError, load_config
     from cascade.joint import train_experiment
     from cascade.models import MODELS
@@ -88,10 +98,15 @@ def _train(args: argparse.Namespace) -> int:
             experiments = [e for e in experiments if e.task == "distill"]
             if not experiments:
                 raise ConfigError(f"{args.config}: no experiment with 'task: distill'")
+        explained: set[str] = set()
         for exp in experiments:
             result = train_experiment(exp, args.config, {**MODELS, **TEACHERS}, BOOSTED)
             shown = " ".join(f"{k} {v:.4f}" for k, v in result["test"].items() if k in ("auc", "logloss", "oracle_ratio", "joint_recall") or k.startswith(("recall@", "teacher_recall@")))
             print(f"{exp.name}: test {shown} -> {exp.run_dir}")
+            explained |= {k.split("@")[0] for k in result["test"]}
+        legend = {k: v for k, v in LEGEND.items() if k in explained}
+        if legend:
+            print("where " + "; ".join(f"{k}: {v}" for k, v in legend.items()))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
@@ -181,72 +196,118 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cascade", description="Multi-stage recommendation cascades.")
-    verbs = parser.add_subparsers(dest="verb", required=True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside every option that has one; descriptions and examples kept as written."""
 
-    data = verbs.add_parser("data", help="make, convert and check cascade log directories")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _overrides(args: argparse.Namespace) -> None:
+    """--epochs, --seed, --device, --out: into every experiment this command loads."""
+    from cascade.config import COMMAND_LINE
+
+    train = {k: getattr(args, k) for k in ("epochs", "seed", "device") if getattr(args, k, None) is not None}
+    COMMAND_LINE.clear()
+    COMMAND_LINE.update({"train": train} if train else {})
+    if getattr(args, "out_root", None) is not None:
+        COMMAND_LINE["out"] = str(args.out_root)
+
+
+def _knobs() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    knobs = common.add_argument_group("overrides (for every experiment the command loads, the stages a cascade names included)")
+    knobs.add_argument("--epochs", type=int, help="train.epochs")
+    knobs.add_argument("--seed", type=int, help="train.seed")
+    knobs.add_argument("--device", help="train.device (cpu, cuda, cuda:1, ...)")
+    knobs.add_argument("--out", dest="out_root", type=Path, help="the runs root (each experiment trains in OUT/NAME)")
+    return common
+
+
+MODEL_LIST = "pre-rankers and recall: dssm, senet, dat, inttower, hit; rankers: din, gbdt (LightGBM)"
+TASKS = """tasks (an experiment's 'task:'):
+  pointwise  BCE on the logged exposures (any model; gbdt trains LightGBM)
+  recall     a two-tower over the whole catalog, sampled softmax (the recall stage)
+  distill    a model on the recall lists with a loss mix, against a frozen teacher ('distill.teacher')
+  cascade    recall -> pre-rank -> rank reported (and with 'method: rankflow|lcron' trained) as one;
+             its run folder holds stages.json and stages/*.pt, what `cascade export` and `cascade eval` read
+`cascade train` runs every task; `cascade distill` only the 'task: distill' experiments."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cascade",
+        description="Multi-stage recommendation cascades: recall -> pre-rank -> rank, trained, distilled, exported and evaluated as one.",
+        epilog="start with: cascade run configs/quickstart.yaml   (the whole job on the built-in synthetic world)\n" + f"models: {MODEL_LIST}",
+        formatter_class=_Help,
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    knobs = _knobs()
+
+    data = verbs.add_parser("data", help="make, convert and check cascade log directories", formatter_class=_Help)
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
 
-    synth = data_verbs.add_parser("synth", help="generate a synthetic cascade world with its truth oracle")
-    synth.add_argument("--out", required=True, type=Path)
-    synth.add_argument("--users", type=int, default=2000)
-    synth.add_argument("--items", type=int, default=5000)
-    synth.add_argument("--requests", type=int, default=20000)
-    synth.add_argument("--seed", type=int, default=0)
+    synth = data_verbs.add_parser("synth", help="generate a synthetic cascade world with its truth oracle", formatter_class=_Help, epilog="example: cascade data synth --out runs/data/world --requests 5000")
+    synth.add_argument("--out", required=True, type=Path, help="the log directory to write")
+    synth.add_argument("--users", type=int, default=2000, help="users in the world")
+    synth.add_argument("--items", type=int, default=5000, help="items in the catalog")
+    synth.add_argument("--requests", type=int, default=20000, help="logged requests (train 80%%, valid 10%%, test 10%%, in time order)")
+    synth.add_argument("--seed", type=int, default=0, help="the world's seed")
     synth.set_defaults(run=_synth)
 
-    check = data_verbs.add_parser("check", help="validate a log directory; exit 2 listing every problem")
-    check.add_argument("dir", type=Path)
+    check = data_verbs.add_parser("check", help="validate a log directory; exit 2 listing every problem", formatter_class=_Help, epilog="example: cascade data check runs/data/quickstart_6k")
+    check.add_argument("dir", type=Path, help="a log directory (schema.json + parquet tables)")
     check.set_defaults(run=_check)
 
-    ml = data_verbs.add_parser("movielens", help="convert MovieLens-1M (users.dat, movies.dat, ratings.dat)")
-    ml.add_argument("--src", required=True, type=Path)
-    ml.add_argument("--out", required=True, type=Path)
-    ml.add_argument("--protocol", required=True, choices=["ctr", "cascade"])
-    ml.add_argument("--seed", type=int, default=2024)
+    ml = data_verbs.add_parser("movielens", help="convert MovieLens-1M (users.dat, movies.dat, ratings.dat)", formatter_class=_Help, epilog="protocols: ctr = label rating > 3 (3 dropped), random split, one request per user and split (IntTower/HIT);\n  cascade = temporal: a request is one user's ratings on one UTC day, label rating >= 4\nexample: cascade data movielens --src ../shared/data/ml-1m --out runs/data/ml1m --protocol cascade")
+    ml.add_argument("--src", required=True, type=Path, help="the folder with users.dat, movies.dat, ratings.dat")
+    ml.add_argument("--out", required=True, type=Path, help="the log directory to write")
+    ml.add_argument("--protocol", required=True, choices=["ctr", "cascade"], help="see below")
+    ml.add_argument("--seed", type=int, default=2024, help="seed of the random split and sampled candidates")
     ml.set_defaults(run=_movielens)
 
-    train = verbs.add_parser("train", help="train the experiments a YAML config names")
-    train.add_argument("config", type=Path)
+    train = verbs.add_parser("train", help="train the experiments of a YAML config (every task)", parents=[knobs], formatter_class=_Help, description="Train every experiment of CONFIG (or one), each in OUT/NAME: config.json, log.txt, metrics.jsonl, best.pt, last.pt, results.json. A stopped run resumes from last.pt.", epilog=f"{TASKS}\nmodels: {MODEL_LIST}\nexample: cascade train configs/quickstart.yaml --experiment din --epochs 1")
+    train.add_argument("config", type=Path, help="a YAML config (see configs/)")
     train.add_argument("--experiment", help="only this experiment of the config")
     train.set_defaults(run=_train)
 
-    distill = verbs.add_parser("distill", help="train the pre-rankers of a config's 'task: distill' experiments from their teacher")
-    distill.add_argument("config", type=Path)
+    distill = verbs.add_parser("distill", help="train only a config's 'task: distill' experiments (pre-rankers from their teacher)", parents=[knobs], formatter_class=_Help, description="As `cascade train`, restricted to 'task: distill' experiments; a missing teacher is trained first.", epilog=f"{TASKS}\nexample: cascade distill configs/distill_synth.yaml --experiment listwise_kd")
+    distill.add_argument("config", type=Path, help="a YAML config (see configs/)")
     distill.add_argument("--experiment", help="only this experiment of the config")
     distill.set_defaults(run=_train)
 
-    export = verbs.add_parser("export", help="export a trained cascade to a bundle: ONNX towers, cached item side, faiss index, manifest")
+    export = verbs.add_parser("export", help="export a trained cascade to a bundle: ONNX towers, cached item side, faiss index, manifest", formatter_class=_Help, epilog="example: cascade export runs/quickstart/cascade_distilled --out runs/bundles/quickstart --index ivf")
     export.add_argument("run_dir", nargs="?", type=Path, help="a finished 'task: cascade' run")
-    export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--out", required=True, type=Path, help="the bundle directory to write (replaced whole)")
     for role in ("recall", "prerank", "rank"):
         export.add_argument(f"--{role}", metavar="CONFIG:EXPERIMENT", help=f"the {role} stage's trained run (instead of RUN_DIR)")
     export.add_argument("--quotas", default="200,50,10", help="recall,prerank,rank quotas with named stages")
     export.add_argument("--index", default="flat", help="faiss index over the recall item vectors: flat (exact) | ivf | hnsw | ivfpq")
-    export.add_argument("--nlist", type=int, default=1024)
-    export.add_argument("--nprobe", type=int, default=128)
-    export.add_argument("--hnsw-m", type=int, default=32)
-    export.add_argument("--ef-search", type=int, default=2000)
-    export.add_argument("--pq-m", type=int, default=16)
+    export.add_argument("--nlist", type=int, default=1024, help="ivf/ivfpq: inverted lists")
+    export.add_argument("--nprobe", type=int, default=128, help="ivf/ivfpq: lists searched per query")
+    export.add_argument("--hnsw-m", type=int, default=32, help="hnsw: neighbours per node")
+    export.add_argument("--ef-search", type=int, default=2000, help="hnsw: search breadth")
+    export.add_argument("--pq-m", type=int, default=16, help="ivfpq: sub-quantisers")
     export.add_argument("--quantize", action="store_true", help="int8 dynamic quantisation of the pre-ranker and ranker graphs")
     export.set_defaults(run=_export)
 
-    serve = verbs.add_parser("serve", help="serve a bundle over HTTP JSON")
-    serve.add_argument("bundle", type=Path)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve = verbs.add_parser("serve", help="serve a bundle over HTTP JSON", formatter_class=_Help, epilog="example: cascade serve runs/quickstart/cascade_distilled/bundle --port 8000\n  curl -s localhost:8000/recommend -d '{\"user_id\": 7, \"history\": [12, 40]}'")
+    serve.add_argument("bundle", type=Path, help="a bundle written by `cascade export`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per session")
     serve.set_defaults(run=_serve)
 
-    ev = verbs.add_parser("eval", help="evaluate cascades offline: per-stage quality, recall-vs-rank consistency, baselines, cost; writes metrics.json, report.md, report.html")
+    ev = verbs.add_parser("eval", help="evaluate cascades offline: per-stage quality, recall-vs-rank consistency, baselines, cost; writes metrics.json, report.md, report.html", formatter_class=_Help, epilog="example: cascade eval runs/quickstart/cascade_independent runs/quickstart/cascade_distilled --out runs/report")
     ev.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR", help="'task: cascade' runs or bundles; runs of one experiment over seeds become mean ± std")
-    ev.add_argument("--out", type=Path, default=Path("runs/report"), help="report directory (default: runs/report)")
+    ev.add_argument("--out", type=Path, default=Path("runs/report"), help="report directory")
     ev.add_argument("--seed", type=int, default=0, help="seed of the random pre-ranker baseline")
     ev.set_defaults(run=_eval)
 
-    job = verbs.add_parser("run", help="the whole job for a config: data, train, distill, the cascades, export, eval (finished steps are kept)", epilog="example: cascade run configs/quickstart.yaml  (what `make demo` runs)")
-    job.add_argument("config", type=Path)
+    job = verbs.add_parser("run", help="the whole job for a config: data, train, distill, the cascades, export, eval (finished steps are kept)", parents=[knobs], formatter_class=_Help, description="Every step of CONFIG's job not yet done: the logs, each stage (pointwise, recall), distillation, the cascades, each cascade exported to RUN_DIR/bundle, and one report over every cascade in OUT/report.", epilog="example: cascade run configs/quickstart.yaml  (what `make demo` runs)\n         cascade run configs/ml1m.yaml  (MovieLens-1M; needs ../shared/data/ml-1m)")
+    job.add_argument("config", type=Path, help="a YAML config with at least one 'task: cascade' experiment")
     job.set_defaults(run=_run)
     return parser
 

@@ -202,8 +202,15 @@ def _task(value: str, where: str) -> str:
     return value
 
 
+# What the command line overrides (``--epochs``, ``--seed``, ``--device``, ``--out``), in config
+# form ({"train": {...}, "out": ...}): applied to every experiment loaded in this process, so the
+# stages a cascade loads by name get them too. Set only by ``cascade.cli``.
+COMMAND_LINE: dict[str, Any] = {}
+
+
 def load_config(path: str | Path, experiment: str | None = None) -> list[ExperimentConfig]:
-    """The experiments of a config file (one when ``experiment`` names it)."""
+    """The experiments of a config file (one when ``experiment`` names it), with the command
+    line's overrides (``COMMAND_LINE``)."""
     path = Path(path)
     try:
         body = yaml.safe_load(path.read_text())
@@ -221,7 +228,7 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
         names = [experiment]
     out = []
     for name in names:
-        raw = _merge(body.get("base") or {}, body["experiments"][name] or {})
+        raw = _merge(_merge(body.get("base") or {}, body["experiments"][name] or {}), COMMAND_LINE)
         where = f"{path}: experiments.{name}"
         extra = sorted(set(raw) - {"data", "model", "train", "out", "task", "recall", "distill", "cascade"})
         if extra:

@@ -167,7 +167,7 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
     model = build_model(exp, ds, models)
     loss = DistillLoss(cfg)
     train = list_tensors(lists["train"], model, teacher_scores["train"])
-    trainer = Trainer(model, replace(exp.train, batch_size=cfg.lists_per_batch), exp.run_dir, loss=loss)
+    trainer = Trainer(model, replace(exp.train, batch_size=cfg.lists_per_batch), exp.run_dir, loss=loss, unit="lists")
     teacher_name = "no teacher" if teacher_exp is None else teacher_exp.name
     trainer.log(f"{exp.name}: distill {exp.model.name} from {teacher_name} on {exp.data.dir}: {len(train):,} train lists of up to {lists['train'].list_size} candidates")
     world = World.load(exp.data.dir) if (Path(exp.data.dir) / WORLD_FILE).exists() else None

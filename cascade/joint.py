@@ -133,7 +133,7 @@ def _fit(model: nn.Module, lists: ListBatch, teacher: np.ndarray | None, loss_cf
     ``exp.train.lr``); returns its seconds."""
     start = time.perf_counter()
     loss = DistillLoss(loss_cfg)
-    trainer = Trainer(model, replace(exp.train, epochs=epochs, batch_size=exp.cascade.lists_per_batch, lr=lr or exp.train.lr), run_dir, loss=loss)
+    trainer = Trainer(model, replace(exp.train, epochs=epochs, batch_size=exp.cascade.lists_per_batch, lr=lr or exp.train.lr), run_dir, loss=loss, unit="lists")
     trainer.log(f"{run_dir.name}: {len(lists):,} lists of up to {lists.list_size} candidates, {epochs} epoch(s)")
     def step(b: Tensors) -> torch.Tensor:
         keep_norm_statistics(model)
@@ -279,7 +279,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         train = stage_lists(ds, recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",))["train"]
         stacked = StackedStages(recall, prerank)
         loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
-        trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss)
+        trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss, unit="lists")
         trainer.log(f"lcron: recall + pre-ranker on {len(train):,} lists of {train.list_size}, against {cfg.rank}'s top-{k}")
         def step(b: Tensors) -> torch.Tensor:
             keep_norm_statistics(stacked)
@@ -288,6 +288,9 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         trainer.fit(stacked.pack(train, score_lists(rank, train)), step, None, resolved_config=exp.to_dict())
         seconds["lcron"] = time.perf_counter() - start
         report("lcron")
+    start, end = rounds[0]["test"]["joint_recall"], rounds[-1]["test"]["joint_recall"]
+    if len(rounds) > 1 and end < start:
+        print(f"warning: {exp.name} made the cascade worse than it started: test joint recall {start:.4f} at the start, {end:.4f} after {rounds[-1]['after']}; its warm-up stages are better kept", flush=True)
     save_stages(exp, {"recall": (recall_config, recall_exp.name, recall), "prerank": (config, cfg.prerank, prerank), "rank": (config, cfg.rank, rank)})
     result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds}
     exp.run_dir.mkdir(parents=True, exist_ok=True)

@@ -134,7 +134,7 @@ def pointwise_metrics(logits: np.ndarray, flat: ListBatch) -> dict[str, float]:
     y = flat.label[:, 0]
     s = logits[:, 0].astype(np.float64)
     gauc, dropped = M.gauc(y, s, flat.request_id)
-    return {"auc": M.auc(y, s), "logloss": M.logloss(y, 1 / (1 + np.exp(-s))), "gauc": gauc, "gauc_dropped": float(dropped)}
+    return {"auc": M.auc(y, s), "logloss": M.logloss(y, 1 / (1 + np.exp(-s))), "gauc": gauc, "gauc_dropped": int(dropped)}
 
 
 def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Module]] = MODELS) -> dict:

@@ -82,10 +82,13 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: str | Path, loss: nn.Module | None = None):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: str | Path, loss: nn.Module | None = None, unit: str = "samples"):
         """``loss``: the module holding a loss's own parameters (uncertainty weights), trained with
-        the model and kept in ``last.pt`` so a resumed run has them; ``best.pt`` is the model's."""
+        the model and kept in ``last.pt`` so a resumed run has them; ``best.pt`` is the model's.
+        ``unit``: what one training row is, for the logged rate ('samples': a (user, item) pair or
+        a (request, positive) pair; 'lists': a request's whole candidate list)."""
         self.model = model
+        self.unit = unit
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,12 +146,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{total / seen:.4f}")
                 if bar.disable and time.perf_counter() - shown > PIPED_EVERY:
                     shown = time.perf_counter()
-                    print(f"  epoch {epoch + 1}/{cfg.epochs}: batch {i:,}/{bar.total:,} ({i / bar.total:.0%}), {seen / (shown - start):,.0f} samples/s, loss {total / seen:.4f}", flush=True)
+                    print(f"  epoch {epoch + 1}/{cfg.epochs}: batch {i:,}/{bar.total:,} ({i / bar.total:.0%}), {seen / (shown - start):,.0f} {self.unit}/s, loss {total / seen:.4f}", flush=True)
             seconds = time.perf_counter() - start
             self.model.eval()
             with torch.no_grad():
                 metrics = {} if evaluate is None else evaluate()
-            row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "seconds": seconds, "samples_per_s": seen / seconds, **metrics}
+            row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "seconds": seconds, f"{self.unit}_per_s": seen / seconds, **metrics}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
