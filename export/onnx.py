@@ -121,8 +121,10 @@ def export_module(module: nn.Module, examples: dict[str, np.ndarray], path: str 
     shapes = tuple({0: batch, 1: n} if name in candidates else {0: batch} for name in examples)
     if isinstance(module, FieldInputs):  # one *fields argument: torch.export wants its shapes as one entry
         shapes = {"fields": shapes}
-    # the exporter's own deprecation notes and "torchvision is not installed" say nothing to a user
+    # the exporter's own deprecation notes, "torchvision is not installed" and onnxscript's
+    # "Skipping constant folding for op Split" (DIN's q/k split stays a node) say nothing to a user
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    logging.getLogger("onnxscript.optimizer._constant_folding").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)

@@ -26,7 +26,7 @@ experiments:
     model: {name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
     train: {monitor: teacher_recall@4@10}
     distill: {teacher: din, exposure_bce: 0, listwise_kd: 1}
-  independent: {task: cascade, cascade: &c {recall: {config: CONFIG, experiment: recall}, recall_quota: 40, prerank_quota: 10, rank_quota: 4, prerank: exposure, rank: din}}
+  independent: {task: cascade, cascade: &c {recall: {config: CONFIG, experiment: recall}, recall_quota: 40, prerank_quota: 10, rank_quota: 4, lcron_recall_quota: 20, prerank: exposure, rank: din}}
   kd: {task: cascade, cascade: {<<: *c, prerank: distilled}}
 """
 
