@@ -47,7 +47,7 @@ GLOSSARY = {
     "positives_kept": "share of each request's logged positives still in a stage's output (recall: its top-n; pre-rank: its top-m; rank: its top-k)",
     "exposed_kept": "share of the items the live system exposed that a stage's output contains",
     "teacher_recall@k@m": "of the ranker's top-k over the recall list, the share inside a stage's top-m (Recall@k@m, RankFlow/ARF's consistency); 'teacher R@k@m' in a table: k, m = the cascade's rank and pre-rank quotas",
-    "kendall_tau": "Kendall tau-b between a stage's and the ranker's scores over the recall list",
+    "kendall_tau": "Kendall tau-b between a stage's and the ranker's scores over the recall list (_vs_next: against the next stage's, for recall the pre-ranker's)",
     "teacher_ndcg@10": "NDCG@10 of a stage's order with gains from the ranker's top-10",
     "recall@10 / hit_rate@10 / ndcg@10": "the stage's own order over the recall list against the logged positives inside it",
     "auc / gauc / logloss": "on the logged exposures of the test requests; GAUC weights each request by its exposures; logloss of sigmoid(score)",
@@ -205,6 +205,11 @@ def evaluate(cascade: Cascade, ds: Dataset, world=None, split: str = "test", see
         if out is rank:  # against itself every agreement figure is 1
             quality = {k: v for k, v in quality.items() if not k.startswith(("teacher", "kendall"))}
         stages[out.name] = row | quality
+    for out, nxt in zip(fr.run.stages[:-2], fr.run.stages[1:-1]):  # against the next stage, where that is not the ranker
+        stages[out.name] |= {
+            "kendall_tau_vs_next": M.kendall_tau(out.scores, nxt.scores, lists.mask),
+            "teacher_ndcg@10_vs_next": M.teacher_ndcg_at_k(out.scores, nxt.scores, 10, lists.mask),
+        }
     for st in cascade.stages:  # the AUC family on the logged exposures
         stages[st.name] |= exposure_metrics(st, fr.logged)
     return {

@@ -77,6 +77,7 @@ STAGE_COLUMNS = [
     ("GAUC", "gauc"),
     ("LogLoss", "logloss"),
     ("tau vs rank", "kendall_tau"),
+    ("tau vs next", "kendall_tau_vs_next"),
     ("T-NDCG@10", "teacher_ndcg@10"),
     ("T-R@k@m", "TR"),
 ]
