@@ -135,7 +135,7 @@ def _export(args: argparse.Namespace) -> int:
             raise BundleError(str(e)) from None
         start = time.perf_counter()
         ds, stages = from_run(args.run_dir) if args.run_dir is not None else from_named(named, quotas)
-        source = {"run_dir": str(args.run_dir)} if args.run_dir is not None else {"stages": named}
+        source = {"run_dir": str(args.run_dir.resolve())} if args.run_dir is not None else {"stages": named}
         out = write_bundle(ds, *stages, args.out, index, args.quantize, source)
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s: " + ", ".join(f"{s.name} {s.model_name} top-{s.quota}" for s in stages))
         service = CascadeService(out)
@@ -164,8 +164,9 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     write_report(entries, out)
-    first = next(iter(tables(entries).values()))
-    print(_text_table(first))
+    for title, table in tables(entries).items():
+        if title.startswith(("Cascades", "Single")):
+            print(f"{title}\n{_text_table(table)}")
     for e in entries:
         for note in e["notes"]:
             print(f"note: {e['label']}: {note}")

@@ -48,8 +48,7 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
     steps = [Step(f"data {exps[0].data.dir}", lambda: Path(exps[0].data.dir).exists(), lambda: prepare_data(exps[0].data))]
     for task in STEP_ORDER:
         for exp in (e for e in exps if e.task == task):
-            verb = {"pointwise": "train", "recall": "train recall", "distill": "distill", "cascade": "cascade"}[task]
-            steps.append(Step(f"{verb} {exp.name}", lambda exp=exp: _finished(exp), lambda exp=exp: train_experiment(exp, config, models, BOOSTED)))
+            steps.append(Step(f"train {exp.name} (task: {task})", lambda exp=exp: _finished(exp), lambda exp=exp: train_experiment(exp, config, models, BOOSTED)))
     for exp in cascades:
         steps.append(Step(f"export {exp.name}", lambda exp=exp: (exp.run_dir / "bundle" / "manifest.json").exists(), lambda exp=exp: export_run(exp.run_dir)))
     report = cascades[0].run_dir.parent / "report"
@@ -69,7 +68,7 @@ def export_run(run_dir: Path) -> Path:
     from export.stages import from_run, parity, torch_cascade
 
     ds, stages = from_run(run_dir)
-    out = write_bundle(ds, *stages, run_dir / "bundle", IndexSpec("flat"), False, {"run_dir": str(run_dir)})
+    out = write_bundle(ds, *stages, run_dir / "bundle", IndexSpec("flat"), False, {"run_dir": str(Path(run_dir).resolve())})
     report = parity(CascadeService(out), torch_cascade(ds, stages), ds)
     print("  parity against torch: " + " ".join(f"{k} {v:.6g}" for k, v in report.items()), flush=True)
     return out
@@ -100,7 +99,7 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
         if source is None:
             raise ValueError(f"{path}: a bundle of named stages; evaluate their cascade run instead (it needs the logs)")
         saved, served, kind = load_saved(source, models=models), service.cascade, "bundle"
-        label = f"{path.name} (bundle)"
+        label = f"{path.parent.name if path.name == 'bundle' else path.name} (bundle)"
         latency_of = "onnxruntime bundle"
     elif (path / "stages.json").exists():
         saved = load_saved(path, models=models)
@@ -112,8 +111,14 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
             served_latency, latency_of = CascadeService(path / "bundle").cascade, "onnxruntime bundle"
         else:
             served_latency, latency_of = served, "torch"
+    elif (path / "results.json").exists():  # one stage's run: its own test figures, as it reported them
+        results = json.loads((path / "results.json").read_text())
+        test = {k: v for k, v in results.get("test", {}).items() if isinstance(v, (int, float))}
+        if not test:
+            raise ValueError(f"{path}/results.json: no test figures (an unfinished run?)")
+        return {"label": results.get("experiment", path.name), "path": str(path), "kind": "stage", "task": results.get("task", "pointwise"), "metrics": {"test": test}, "notes": []}
     else:
-        raise ValueError(f"{path}: neither a 'task: cascade' run (stages.json) nor a bundle (manifest.json)")
+        raise ValueError(f"{path}: neither a 'task: cascade' run (stages.json), a bundle (manifest.json) nor a trained stage (results.json)")
     print(f"evaluating {label}: {path}", flush=True)
     metrics = evaluate(served, saved.ds, saved.world, seed=seed)
     lists = build_lists(saved.ds, "test")
@@ -157,6 +162,7 @@ def run_job(config: Path) -> Path:
 
 def comparison(entries: list[dict]) -> str:
     """The job's closing table: one row per cascade."""
+    entries = [e for e in entries if e["kind"] != "stage"]
     header = ["cascade", "joint recall", "teacher R@10@50", "oracle ratio", "recall ms", "prerank ms", "rank ms"]
     rows = []
     for e in entries:

@@ -85,8 +85,15 @@ STAGE_COLUMNS = [
 
 def tables(entries: list[dict]) -> dict[str, dict]:
     """Every table of the report, by title."""
-    groups = _groups(entries)
     out = {}
+    stages = [e for e in entries if e["kind"] == "stage"]
+    if stages:
+        keys = sorted({k for e in stages for k in e["metrics"]["test"]})
+        sg = _groups(stages)
+        out["Single-stage runs (test, as each run reported it)"] = _table(["run", "task", "seeds"] + keys, [[label, g[0]["task"], str(len(g))] + [_cell([_get(e, f"metrics/test/{k}") for e in g]) for k in keys] for label, g in sg.items()])
+    groups = _groups([e for e in entries if e["kind"] != "stage"])
+    if not groups:
+        return out
     out["Cascades side by side (test)"] = _table(
         ["run", "seeds"] + [name for name, _ in SIDE_BY_SIDE],
         [[label, str(len(g))] + [_cell([_get(e, path) for e in g]) for _, path in SIDE_BY_SIDE] for label, g in groups.items()],
@@ -139,8 +146,11 @@ def plots(entries: list[dict]) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    entries = [e for e in entries if e["kind"] != "stage"]
     groups = _groups(entries)
-    out = {}
+    out: dict[str, str] = {}
+    if not groups:
+        return out
     first = next(iter(groups.values()))[0]
     k = first["metrics"]["quotas"]["rank"]
     fig, ax = plt.subplots(figsize=(7, 4.2))

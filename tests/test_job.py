@@ -37,7 +37,7 @@ def test_run_does_the_whole_job_then_keeps_what_is_done(tmp_path, capsys):
     assert main(["run", str(path)]) == 0
     first = capsys.readouterr().out
     # data, recall, exposure, din, distilled, two cascades, two exports, eval
-    assert "[10/10] eval" in first and "[2/10] train exposure ..." in first
+    assert "[10/10] eval" in first and "[2/10] train exposure (task: pointwise) ..." in first
     table = first[first.index("cascade   "):].splitlines()
     assert [row.split()[0] for row in table[1:3]] == ["independent", "kd"]
     for name in ("independent", "kd"):

@@ -55,3 +55,13 @@ def test_eval_of_a_run_and_its_bundle_agree(trained, bundle, tmp_path, capsys):
     assert served["joint_recall"] == pytest.approx(run["joint_recall"], abs=1e-9)
     assert "untrained" in entries[0] and entries[0]["cost"]["flops_per_candidate"]["rank"] > entries[0]["cost"]["flops_per_candidate"]["prerank"]
     assert "report.html" in capsys.readouterr().out
+
+
+def test_eval_shows_a_single_stage_run_beside_a_cascade(trained, tmp_path, capsys):
+    _, runs = trained
+    assert main(["eval", str(runs / "frozen"), str(runs / "exposure"), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    want = json.loads((runs / "exposure" / "results.json").read_text())["test"]["teacher_recall@4@10"]
+    assert "Single-stage runs" in out and f"{want:.4f}" in out
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| frozen | 1 |" in md and "| exposure | distill | 1 |" in md
