@@ -103,6 +103,8 @@ def _train(args: argparse.Namespace) -> int:
             result = train_experiment(exp, args.config, {**MODELS, **TEACHERS}, BOOSTED)
             shown = " ".join(f"{k} {v:.4f}" for k, v in result["test"].items() if k in ("auc", "logloss", "oracle_ratio", "joint_recall") or k.startswith(("recall@", "teacher_recall@")))
             print(f"{exp.name}: test {shown} -> {exp.run_dir}")
+            if exp.task == "cascade":
+                print(f"  its final stages: {exp.run_dir / 'stages.json'} (read by `cascade export {exp.run_dir}` and `cascade eval {exp.run_dir}`)")
             explained |= {k.split("@")[0] for k in result["test"]}
         legend = {k: v for k, v in LEGEND.items() if k in explained}
         if legend:
@@ -151,7 +153,7 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError
     from cascade.job import evaluate_path
-    from cascade.report import tables, write_report
+    from cascade.report import tables, text_table, write_report
     from export.bundle import BundleError
 
     out = args.out
@@ -166,18 +168,12 @@ def _eval(args: argparse.Namespace) -> int:
     write_report(entries, out)
     for title, table in tables(entries).items():
         if title.startswith(("Cascades", "Single")):
-            print(f"{title}\n{_text_table(table)}")
+            print(f"{title}\n{text_table(table)}")
     for e in entries:
         for note in e["notes"]:
             print(f"note: {e['label']}: {note}")
     print(f"report: {(out / 'report.html').resolve()}")
     return 0
-
-
-def _text_table(t: dict) -> str:
-    widths = [max(len(r[i]) for r in [t["header"]] + t["rows"]) for i in range(len(t["header"]))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(t["header"])] + [line(r) for r in t["rows"]])
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from cascade.config import ConfigError, ExperimentConfig, load_config
+from cascade.report import text_table
 
 STEP_ORDER = ("pointwise", "recall", "distill", "cascade")
 
@@ -163,12 +164,15 @@ def run_job(config: Path) -> Path:
 def comparison(entries: list[dict]) -> str:
     """The job's closing table: one row per cascade."""
     entries = [e for e in entries if e["kind"] != "stage"]
-    header = ["cascade", "joint recall", "teacher R@10@50", "oracle ratio", "recall ms", "prerank ms", "rank ms"]
+    if not entries:
+        return "(no cascade evaluated)"
+    q = entries[0]["metrics"]["quotas"]
+    tr = f"teacher_recall@{q['rank']}@{q['prerank']}"
+    header = ["cascade", "joint recall", f"teacher R@{q['rank']}@{q['prerank']}", "oracle ratio", "recall ms", "prerank ms", "rank ms"]
     rows = []
     for e in entries:
         flow, lat = e["metrics"]["flow"], e["cost"]["latency_ms"]
-        rows.append([e["label"], f"{flow['joint_recall']:.4f}", f"{flow['teacher_recall@10@50'] if 'teacher_recall@10@50' in flow else float('nan'):.4f}", f"{flow.get('oracle_ratio', float('nan')):.4f}"] + [f"{lat.get(s, float('nan')):.2f}" for s in ("recall", "prerank", "rank")])
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    of = entries[0]["cost"]["latency_of"] if entries else ""
-    return "\n".join([line(header)] + [line(r) for r in rows] + [f"(ms: p50 per request and stage, {of}; the terms are explained at the end of the report)"])
+        figures = [flow["joint_recall"], flow.get(tr, float("nan")), flow.get("oracle_ratio", float("nan"))]
+        rows.append([e["label"]] + [f"{x:.4f}" for x in figures] + [f"{lat.get(s, float('nan')):.2f}" for s in ("recall", "prerank", "rank")])
+    of = entries[0]["cost"]["latency_of"]
+    return text_table({"header": header, "rows": rows}) + f"\n(ms: p50 per request and stage, {of}; the terms are explained at the end of the report)"

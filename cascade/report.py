@@ -221,6 +221,12 @@ def plots(entries: list[dict]) -> dict[str, str]:
 # ------------------------------------------------------------------------------- writing
 
 
+def text_table(t: dict) -> str:
+    """A table as aligned plain-text columns, for the terminal."""
+    widths = [max(len(r[i]) for r in [t["header"]] + t["rows"]) for i in range(len(t["header"]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [t["header"]] + t["rows"])
+
+
 def _md_table(t: dict) -> str:
     lines = ["| " + " | ".join(t["header"]) + " |", "|" + "---|" * len(t["header"])]
     lines += ["| " + " | ".join(r) + " |" for r in t["rows"]]
