@@ -223,15 +223,15 @@ def evaluate(cascade: Cascade, ds: Dataset, world=None, split: str = "test", see
 
 
 def exposure_metrics(stage: Stage, logged: ListBatch) -> dict[str, float]:
-    """AUC, GAUC (by exposures) and logloss of sigmoid(score) on the logged exposures."""
+    """AUC, GAUC (by exposures) and logloss of sigmoid(score) on the logged exposures, each scored
+    as a list of one (lists padded to the longest day of a MovieLens user would cost far more)."""
     exposed = logged.mask & (logged.stage == EXPOSED)
     if not exposed.any():
         return {}
-    cols = np.argsort(~exposed, axis=1, kind="stable")[:, : int(exposed.sum(1).max())]  # exposures first
-    logged, exposed = logged.take_columns(cols), np.take_along_axis(exposed, cols, 1)
-    scores = np.asarray(stage.scorer(logged), np.float64)
-    y, s = logged.label[exposed], scores[exposed]
-    groups = np.broadcast_to(logged.request_id[:, None], exposed.shape)[exposed]
+    rows, cols = np.nonzero(exposed)
+    one_each = logged.take(rows).take_columns(cols[:, None])  # (E, 1)
+    s = np.asarray(stage.scorer(one_each), np.float64)[:, 0]
+    y, groups = logged.label[rows, cols], logged.request_id[rows]
     return {"auc": M.auc(y, s), "gauc": M.gauc(y, s, groups)[0], "logloss": M.logloss(y, 1.0 / (1.0 + np.exp(-s)))}
 
 
@@ -270,22 +270,24 @@ def _matmul_flops(fn) -> int:
 
 
 @torch.no_grad()
-def flops_per_candidate(model: nn.Module, lists: ListBatch, role: str, catalog_size: int = 0) -> float:
-    """Serving FLOPs per scored candidate for one request's list (``GLOSSARY``)."""
+def flops_per_candidate(model: nn.Module, lists: ListBatch, role: str, candidates: int) -> float:
+    """Serving FLOPs per scored candidate (``GLOSSARY``) when the stage scores ``candidates`` items
+    for one request (recall: the catalog; pre-rank: recall's quota; rank: pre-rank's), measured on
+    the first request of ``lists`` with its valid items repeated to that many."""
     model = model.eval()
     one = lists.take(slice(0, 1))
+    valid = np.flatnonzero(one.mask[0])
+    one = one.take_columns(np.resize(valid if len(valid) else np.arange(one.list_size), candidates)[None, :])
     t = list_tensors(one, model)
-    if role == "recall":
+    if role == "recall":  # the user tower once, then one dot per catalog item (exact search)
         u = model.user(t.user)
-        return (_matmul_flops(lambda: model.user(t.user)) + 2 * u.numel() * catalog_size) / max(catalog_size, 1)
-    n = int(one.mask.sum())
+        return (_matmul_flops(lambda: model.user(t.user)) + 2 * u.numel() * candidates) / candidates
     if hasattr(model, "dot_scale"):  # a two-tower: the item side is cached
-        b, w = t.items.shape[0] * t.items.shape[1], t.items.shape[2]
-        v = model.item(t.items.reshape(b, w))
-        v = v.reshape(1, t.items.shape[1], *v.shape[1:])
+        v = model.item(t.items.reshape(candidates, -1))
+        v = v.reshape(1, candidates, *v.shape[1:])
         u = model.user(t.user)
-        return (_matmul_flops(lambda: model.user(t.user)) + _matmul_flops(lambda: model.score(u, v))) / max(n, 1)
-    return _matmul_flops(lambda: model(t.user, t.items)) / max(n, 1)
+        return (_matmul_flops(lambda: model.user(t.user)) + _matmul_flops(lambda: model.score(u, v))) / candidates
+    return _matmul_flops(lambda: model(t.user, t.items)) / candidates
 
 
 def latency(cascade: Cascade, ds: Dataset, requests: int = 200, split: str = "test") -> dict[str, float]:

@@ -125,7 +125,7 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     lists = build_lists(saved.ds, "test")
     catalog = len(saved.ds.items["item_id"])
     cost = {
-        "flops_per_candidate": {role: flops_per_candidate(saved.models[role], lists, role, catalog) for role in ("recall", "prerank", "rank")},
+        "flops_per_candidate": {role: flops_per_candidate(saved.models[role], lists, role, n) for role, n in (("recall", catalog), ("prerank", saved.quotas["recall"]), ("rank", saved.quotas["prerank"]))},
         "latency_ms": latency(served if kind == "bundle" else served_latency, saved.ds),
         "latency_of": latency_of,
     }

@@ -3,7 +3,7 @@ import pytest
 
 from cascade import metrics as M
 from cascade.data.lists import build_lists
-from cascade.evaluate import Truth, evaluate, exposure_metrics, load_saved, most_popular, run_flow
+from cascade.evaluate import Truth, evaluate, exposure_metrics, flops_per_candidate, load_saved, most_popular, run_flow
 from cascade.cascade import requests_batch
 from cascade.models import MODELS
 from teachers import TEACHERS
@@ -69,3 +69,15 @@ def test_baselines_are_computed_on_the_same_lists(report):
         # a pre-ranker only chooses among recall's list: it never keeps more than recall did
         assert 0 <= row["joint_recall"] <= row["positives_after_prerank"] <= base["recall"]["positives_kept@40"] + 1e-12
         assert row["teacher_recall@4@40"] == pytest.approx(1.0)  # m = the whole list keeps everything
+
+
+def test_two_tower_flops_are_the_user_tower_once_plus_a_dot_per_candidate(saved):
+    # DSSM pre-ranker: total(n) = U + 2 * D * n with D = 8 (the tower's last width), so the per-candidate
+    # figures at n = 10 and n = 20 satisfy f(10) * 10 - f(20) * 20 = -2 * 8 * 10 whatever U is.
+    lists = build_lists(saved.ds, "test")
+    f10, f20 = (flops_per_candidate(saved.models["prerank"], lists, "prerank", n) for n in (10, 20))
+    assert f10 * 10 - f20 * 20 == pytest.approx(-160)
+    assert f10 * 10 - 160 > 0  # the user tower costs something
+    # a ranker scores every candidate in full: its per-candidate figure does not depend on n
+    r10, r20 = (flops_per_candidate(saved.models["rank"], lists, "rank", n) for n in (10, 20))
+    assert r10 == pytest.approx(r20, rel=0.02)  # up to the history's key projection, shared per request
