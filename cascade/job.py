@@ -121,7 +121,10 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     else:
         raise ValueError(f"{path}: neither a 'task: cascade' run (stages.json), a bundle (manifest.json) nor a trained stage (results.json)")
     print(f"evaluating {label}: {path}", flush=True)
+    start = time.perf_counter()
+    done = lambda what: print(f"  {what} ({time.perf_counter() - start:.0f}s)", flush=True)  # noqa: E731
     metrics = evaluate(served, saved.ds, saved.world, seed=seed)
+    done(f"quality and baselines on {metrics['requests']:,} test requests")
     lists = build_lists(saved.ds, "test")
     catalog = len(saved.ds.items["item_id"])
     cost = {
@@ -129,10 +132,12 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
         "latency_ms": latency(served if kind == "bundle" else served_latency, saved.ds),
         "latency_of": latency_of,
     }
+    done(f"cost: FLOPs and latency ({latency_of})")
     entry = {"label": label, "path": str(path), "kind": kind, "metrics": metrics, "cost": cost, "notes": []}
     if kind == "run":
         untrained = load_saved(path, untrained=True, models=models)
         entry["untrained"] = run_flow(untrained.cascade(), untrained.ds, untrained.world).flow(untrained.world)
+        done("the untrained cascade")
         results = path / "results.json"
         rounds = json.loads(results.read_text()).get("rounds", []) if results.exists() else []
         if len(rounds) > 1:
