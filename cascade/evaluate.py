@@ -119,11 +119,16 @@ def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray, quot
         "kendall_tau": M.kendall_tau(scores, ranker, mask),
         "teacher_ndcg@10": M.teacher_ndcg_at_k(scores, ranker, 10, mask),
     }
-    n = lists.list_size
-    for k in sorted({quotas[1], *K_GRID}):
+    return out | consistency_curve(scores, lists, ranker, quotas, sorted({quotas[1], *K_GRID}))
+
+
+def consistency_curve(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray, quotas: tuple[int, int], ks: list[int]) -> dict[str, float]:
+    """teacher Recall@k@m for each k of ``ks`` and m in ``M_GRID``, the pre-rank quota and n."""
+    n, out = lists.list_size, {}
+    for k in ks:
         for m in sorted({*M_GRID, quotas[0], n}):
             if k <= m <= n:
-                out[f"teacher_recall@{k}@{m}"] = M.teacher_recall_at_k_at_m(scores, ranker, k, m, mask)
+                out[f"teacher_recall@{k}@{m}"] = M.teacher_recall_at_k_at_m(scores, ranker, k, m, lists.mask)
     return out
 
 
@@ -250,7 +255,7 @@ def baselines(ds: Dataset, fr: FlowRun, world, seed: int) -> dict[str, dict[str,
     rng = np.random.default_rng(seed)
     for name, scores in {"random_prerank": rng.random(ids.shape), "popularity_prerank": counts[ids]}.items():
         row = flow_quality(lists, scores, rank.scores, quotas, truth)
-        row |= {k: v for k, v in stage_quality(scores, lists, rank.scores, quotas).items() if k.startswith(f"teacher_recall@{quotas[1]}@")}
+        row |= consistency_curve(scores, lists, rank.scores, quotas, [quotas[1]])
         if world is not None:
             m, k = quotas
             pre_kept = top_mask(scores, lists.mask, m)
