@@ -213,11 +213,24 @@ def _overrides(args: argparse.Namespace) -> None:
         COMMAND_LINE["out"] = str(args.out_root)
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _knobs() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     knobs = common.add_argument_group("overrides (for every experiment the command loads, the stages a cascade names included)")
-    knobs.add_argument("--epochs", type=int, help="train.epochs")
-    knobs.add_argument("--seed", type=int, help="train.seed")
+    knobs.add_argument("--epochs", type=_at_least(1), help="train.epochs")
+    knobs.add_argument("--seed", type=_at_least(0), help="train.seed")
     knobs.add_argument("--device", help="train.device (cpu, cuda, cuda:1, ...)")
     knobs.add_argument("--out", dest="out_root", type=Path, help="the runs root (each experiment trains in OUT/NAME)")
     return common
@@ -303,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the random pre-ranker baseline")
     ev.set_defaults(run=_eval)
 
-    job = verbs.add_parser("run", help="the whole job for a config: data, train, distill, the cascades, export, eval (finished steps are kept)", parents=[knobs], formatter_class=_Help, description="Every step of CONFIG's job not yet done: the logs, each stage (pointwise, recall), distillation, the cascades, each cascade exported to RUN_DIR/bundle, and one report over every cascade in OUT/report.", epilog="example: cascade run configs/quickstart.yaml  (what `make demo` runs)\n         cascade run configs/ml1m.yaml  (MovieLens-1M; needs ../shared/data/ml-1m)")
+    job = verbs.add_parser("run", help="the whole job for a config: data, train, distill, the cascades, export, eval (finished steps are kept)", parents=[knobs], formatter_class=_Help, description="Every step of CONFIG's job not yet done: the logs, each stage (pointwise, recall), distillation, the cascades, each cascade exported to RUN_DIR/bundle, and one report over every cascade in OUT/report. Finished steps are kept whatever the options: to train again with others, give another --out.", epilog="example: cascade run configs/quickstart.yaml  (what `make demo` runs)\n         cascade run configs/ml1m.yaml  (MovieLens-1M; needs ../shared/data/ml-1m)")
     job.add_argument("config", type=Path, help="a YAML config with at least one 'task: cascade' experiment")
     job.set_defaults(run=_run)
     return parser

@@ -91,6 +91,8 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     from teachers import TEACHERS
 
     models = {**MODELS, **TEACHERS}
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such directory")
     bundle = path / "manifest.json"
     if bundle.exists():
         from export.runtime import CascadeService

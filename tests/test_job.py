@@ -59,6 +59,14 @@ def test_run_refuses_a_config_without_a_cascade(tmp_path, capsys):
     assert "no 'task: cascade' experiment" in capsys.readouterr().err
 
 
+def test_a_bad_override_is_refused_before_anything_runs(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(tmp_path / "c.yaml"), "--epochs", "0"])
+    assert stop.value.code == 2 and "--epochs: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_epochs_and_out_override_reach_every_experiment(tmp_path):
     from cascade.config import COMMAND_LINE, load_config
 

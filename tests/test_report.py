@@ -43,7 +43,11 @@ def test_eval_refuses_an_out_directory_of_other_files(tmp_path, capsys):
 
 def test_eval_names_a_path_that_is_no_run(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
-    assert "nope: neither a 'task: cascade' run" in capsys.readouterr().err
+    assert "nope: no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "empty: neither a 'task: cascade' run" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written
 
 
 def test_eval_of_a_run_and_its_bundle_agree(trained, bundle, tmp_path, capsys):
