@@ -66,12 +66,13 @@ def _movielens(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError
     from cascade.job import run_job
+    from cascade.train import CheckpointError
     from export.bundle import BundleError
 
     _overrides(args)
     try:
         run_job(args.config)
-    except (ConfigError, BundleError) as e:
+    except (ConfigError, BundleError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     return 0
@@ -90,6 +91,7 @@ def _train(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError, load_config
     from cascade.joint import train_experiment
     from cascade.models import MODELS
+    from cascade.train import CheckpointError
     from teachers import BOOSTED, TEACHERS
 
     try:
@@ -109,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
         legend = {k: v for k, v in LEGEND.items() if k in explained}
         if legend:
             print("where " + "; ".join(f"{k}: {v}" for k, v in legend.items()))
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     return 0

@@ -23,6 +23,7 @@ from cascade import metrics as M
 from cascade.config import ConfigError, DistillConfig
 from cascade.data.lists import ListBatch, build_lists
 from cascade.data.schema import EXPOSED
+from cascade.data.store import write_text_atomic
 from cascade.losses.arf import UncertaintyWeights, global_loss, relax_bce
 from cascade.losses.distill import listwise_kd, logit_mse, soft_bce
 from cascade.losses.pointwise import bce
@@ -186,6 +187,6 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
         "logged_preranker": cascade_report(lists["test"].stage.astype(np.float32) + np.random.default_rng(0).random(lists["test"].stage.shape, dtype=np.float32) * 0.5, teacher_scores["test"], lists["test"], cfg, world),
     }
     result = {"experiment": exp.name, "model": exp.model.name, "teacher": teacher_name, "task": "distill", "distill": asdict(cfg), "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith(("teacher_recall", "recall", "ndcg"))}, "test": test, "reference": reference, "seconds_per_epoch": best.get("seconds")}
-    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2, default=float) + "\n")  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(test)}")
     return result

@@ -51,7 +51,7 @@ from torch import nn
 
 from cascade import metrics as M
 from cascade.data.lists import ListBatch, build_lists
-from cascade.data.store import Dataset
+from cascade.data.store import Dataset, write_atomic, write_text_atomic
 from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_config
 from cascade.cascade import Cascade, Stage, TorchScorer
 from cascade.data.synth import WORLD_FILE, World
@@ -294,7 +294,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     save_stages(exp, {"recall": (recall_config, recall_exp.name, recall), "prerank": (config, cfg.prerank, prerank), "rank": (config, cfg.rank, rank)})
     result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds}
     exp.run_dir.mkdir(parents=True, exist_ok=True)
-    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2, default=float) + "\n")  # last: the mark of a complete run
     return result
 
 
@@ -309,6 +309,7 @@ def save_stages(exp, stages: dict[str, tuple[Path, str, nn.Module]]) -> None:
     quotas = {"recall": exp.cascade.recall_quota, "prerank": exp.cascade.prerank_quota, "rank": exp.cascade.rank_quota}
     manifest = {}
     for name, (config, experiment, model) in stages.items():
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / f"{name}.pt")
+        weights = {k: v.cpu() for k, v in model.state_dict().items()}
+        write_atomic(out / f"{name}.pt", lambda f: torch.save(weights, f))
         manifest[name] = {"config": str(Path(config).resolve()), "experiment": experiment, "quota": quotas[name], "weights": f"stages/{name}.pt"}
-    (exp.run_dir / STAGES_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(exp.run_dir / STAGES_FILE, json.dumps(manifest, indent=2) + "\n")

@@ -19,7 +19,7 @@ from cascade import metrics as M
 from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
-from cascade.data.store import Dataset, read_dataset, write_dataset
+from cascade.data.store import Dataset, read_dataset, write_dataset, write_text_atomic
 from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
 from cascade.losses.inttower import contrastive_interaction
@@ -154,7 +154,7 @@ def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Mo
         resolved_config=exp.to_dict(),
     )
     result = {"experiment": exp.name, "model": exp.model.name, "parameters": sum(p.numel() for p in model.parameters()), "best_epoch": best.get("epoch"), "valid": {k: best[k] for k in ("auc", "logloss", "gauc")}, "test": pointwise_metrics(predict(model, test), test_flat), "seconds_per_epoch": best.get("seconds"), "train_samples_per_s": best.get("samples_per_s")}
-    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result
 
@@ -175,7 +175,7 @@ def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Modul
     trainer.log(f"{exp.name}: recall with {exp.model.name} on {exp.data.dir}: {len(train):,} training pairs, {len(ds.items['item_id']):,} items")
     best = trainer.fit(train, step_loss=lambda b: step(model, b), evaluate=lambda: evaluate_recall(model, ds, "valid"), resolved_config=exp.to_dict())
     result = {"experiment": exp.name, "model": exp.model.name, "task": "recall", "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith("recall@")}, "test": evaluate_recall(model, ds, "test"), "seconds_per_epoch": best.get("seconds")}
-    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result
 

@@ -4,7 +4,9 @@ The Trainer knows nothing of models or losses: it is given a ``step_loss(batch) 
 ``evaluate() -> metrics`` closure and the name of the metric to maximise. A run folder holds
 ``config.json`` (resolved), ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``last.pt``
 (everything needed to resume) and ``best.pt`` (the best model's ``state_dict``). Checkpoints hold
-tensors and plain values only and are loaded with ``weights_only=True``.
+tensors and plain values only and are loaded with ``weights_only=True``. Every file is written
+whole or not at all (``store.write_atomic``), so a kill never leaves a half checkpoint; one that
+cannot be read anyway stops the run with a ``CheckpointError`` naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from cascade.data.store import write_atomic, write_text_atomic
 
 PIPED_EVERY = 30.0  # seconds between progress lines when stdout is not a terminal
 
@@ -42,6 +46,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got '{self.precision}'")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
 
 
 @dataclass
@@ -114,11 +122,14 @@ class Trainer:
         ``evaluate`` it trains a fixed schedule: every epoch runs and the last one is kept."""
         cfg = self.cfg
         seed_everything(cfg.seed)
-        (self.run_dir / "config.json").write_text(json.dumps(resolved_config or {"train": asdict(cfg)}, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(self.run_dir / "config.json", json.dumps(resolved_config or {"train": asdict(cfg)}, indent=2, sort_keys=True) + "\n")
         state = {"epoch": -1, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}}
         last = self.run_dir / "last.pt"
         if last.exists():
-            ckpt = torch.load(last, weights_only=True, map_location=self.device)
+            try:
+                ckpt = torch.load(last, weights_only=True, map_location=self.device)
+            except Exception as e:  # truncated, corrupt or not a checkpoint: never resume from it
+                raise CheckpointError(f"{last}: cannot be read to resume this run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); delete it to train this run from the start") from None
             self.model.load_state_dict(ckpt["model"])
             if "loss" in ckpt:  # runs saved before losses had parameters have none
                 self.loss.load_state_dict(ckpt["loss"])
@@ -158,12 +169,14 @@ class Trainer:
             value = epoch if evaluate is None else metrics[cfg.monitor]
             if value > state["best"]:
                 state.update(best=value, best_epoch=epoch + 1, bad_epochs=0, best_metrics=row)
-                torch.save(self.model.state_dict(), self.run_dir / "best.pt")
+                write_atomic(self.run_dir / "best.pt", lambda f: torch.save(self.model.state_dict(), f))
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch
-            torch.save({"model": self.model.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "state": state}, last)
+            ckpt = {"model": self.model.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "state": state}
+            write_atomic(last, lambda f: torch.save(ckpt, f))
         if (self.run_dir / "best.pt").exists():
             self.model.load_state_dict(torch.load(self.run_dir / "best.pt", weights_only=True, map_location=self.device))
-        (self.run_dir / "results.json").write_text(json.dumps(state["best_metrics"], indent=2) + "\n")
+        # no results.json here: the task writes it last, with its test figures, as the mark that
+        # the run is complete (what `cascade run` and load_trained look for)
         return state["best_metrics"]

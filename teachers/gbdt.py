@@ -21,6 +21,7 @@ import lightgbm as lgb
 import numpy as np
 
 from cascade.data.lists import ListBatch
+from cascade.data.store import write_text_atomic
 from cascade.features import FeatureSpec
 
 MULTI_HOT_MAX = 64
@@ -190,8 +191,8 @@ def train_gbdt(exp) -> dict:
         "train_seconds": seconds,
     }
     exp.run_dir.mkdir(parents=True, exist_ok=True)
-    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     teacher.booster.save_model(str(exp.run_dir / "model.txt"))
+    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
     return result
 
 
@@ -229,5 +230,5 @@ def train_gbdt_lists(exp) -> dict:
     teacher.booster.save_model(str(exp.run_dir / "model.txt"))
     test = cascade_report(scores["test"], scores["test"], lists["test"], exp.distill)
     result = {"experiment": exp.name, "model": "gbdt", "task": "distill", "objective": cfg.objective, "trees": teacher.booster.best_iteration, "valid": best, "test": test, "train_seconds": seconds}
-    (exp.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
     return result

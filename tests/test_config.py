@@ -52,6 +52,18 @@ def test_train_from_config_writes_a_run(tmp_path, capsys):
     assert "small: test auc" in capsys.readouterr().out  # "small: test auc 0.xxxx logloss ..."
 
 
+def test_a_run_with_a_broken_checkpoint_exits_2_naming_it(tmp_path, capsys):
+    path = _write(tmp_path)
+    run = tmp_path / "runs" / "small"
+    assert main(["train", str(path), "--experiment", "small", "--epochs", "1"]) == 0
+    (run / "results.json").unlink()  # as if killed before the run finished
+    (run / "last.pt").write_bytes(b"")  # and its checkpoint lost
+    capsys.readouterr()
+    assert main(["train", str(path), "--experiment", "small", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'last.pt'}: cannot be read to resume this run" in err and "delete it" in err
+
+
 def test_unknown_model_and_bad_params_exit_2(tmp_path, capsys):
     assert main(["train", str(_write(tmp_path, CONFIG.replace("name: dssm", "name: dsm")))]) == 2
     assert "unknown model 'dsm' (have: dssm, senet, dat, inttower, hit, din)" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cascade.train import Tensors, TrainConfig, Trainer
+from cascade.train import CheckpointError, Tensors, TrainConfig, Trainer
 
 
 def _data(n=256, seed=0):
@@ -76,11 +76,37 @@ def test_without_evaluate_every_epoch_runs_and_the_last_is_kept(tmp_path):
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
-    _fit(tmp_path, epochs=5, patience=2, evaluate=lambda: {"neg_loss": next(scores)})
+    model, data = _model(), _data()
+    trainer = Trainer(model, TrainConfig(epochs=5, batch_size=32, lr=0.01, patience=2, monitor="neg_loss"), tmp_path)
+    best = trainer.fit(data, lambda b: nn.functional.binary_cross_entropy_with_logits(model(b.user), b.label), lambda: {"neg_loss": next(scores)})
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # best 0.7 at epoch 2, then two epochs without improvement -> stop before epoch 5
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
-    assert json.loads((tmp_path / "results.json").read_text())["epoch"] == 2
+    assert best["epoch"] == 2
+    assert not (tmp_path / "results.json").exists()  # the task writes it, last, with its test figures
+
+
+def test_an_unreadable_checkpoint_stops_the_run_naming_it(tmp_path):
+    _fit(tmp_path, epochs=1)
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])  # what a kill mid-write used to leave
+    with pytest.raises(CheckpointError, match=r"last\.pt: cannot be read to resume.*delete it"):
+        _fit(tmp_path, epochs=2)
+
+
+def test_checkpoints_are_replaced_whole(tmp_path, monkeypatch):
+    _fit(tmp_path, epochs=1)
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def killed(obj, f, *args, **kwargs):  # the save dies after writing part of the file
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, epochs=2)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_training_lowers_the_loss(tmp_path):

@@ -21,7 +21,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -322,6 +322,30 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
         for file, data in (extra_files or {}).items():
             (tmp / file).write_bytes(data)
     return out
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file whole or not at all: ``write(f)`` fills a temporary sibling, which is flushed,
+    fsynced and renamed over ``path``; on any error (or a kill) ``path`` keeps its old content and
+    the temporary file is removed (or, after a kill, left as a dot-file beside it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``write_atomic`` of a UTF-8 text."""
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 @contextmanager
