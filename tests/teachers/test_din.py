@@ -1,7 +1,6 @@
 import torch
 
-from cascade.data.lists import build_lists
-from cascade.towers.embedding import Embeddings, pack_items, pack_user
+from cascade.towers.embedding import Embeddings
 from teachers.din import DIN
 from tests.export.roundtrip import assert_ranker_round_trip
 from tests.towers.test_embedding import SPEC
