@@ -154,11 +154,16 @@ def plots(entries: list[dict]) -> dict[str, str]:
     first = next(iter(groups.values()))[0]
     k = first["metrics"]["quotas"]["rank"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    recall_curves: dict[tuple, list[str]] = {}  # cascades sharing one recall tower draw it once
     for label, g in groups.items():
         ms = _grid(g[0], k)
-        for stage, style in (("prerank", "-o"), ("recall", ":s")):
-            ys = [np.nanmean([_get(e, f"metrics/stages/{stage}/teacher_recall@{k}@{m}") for e in g]) for m in ms]
-            ax.plot(ms, ys, style, label=f"{label} {stage}")
+        ys = [np.nanmean([_get(e, f"metrics/stages/prerank/teacher_recall@{k}@{m}") for e in g]) for m in ms]
+        ax.plot(ms, ys, "-o", label=f"{label} prerank")
+        curve = tuple(ms) + tuple(round(float(np.nanmean([_get(e, f"metrics/stages/recall/teacher_recall@{k}@{m}") for e in g])), 12) for m in ms)
+        recall_curves.setdefault(curve, []).append(label)
+    for curve, labels in recall_curves.items():
+        half = len(curve) // 2
+        ax.plot(curve[:half], curve[half:], ":s", label=f"recall of {', '.join(labels)}")
     ms = _grid(first, k)
     for name, style in (("random_prerank", "--"), ("popularity_prerank", "-.")):
         ax.plot(ms, [_get(first, f"metrics/baselines/{name}/teacher_recall@{k}@{m}") for m in ms], style, color="grey", label=name.replace("_", " ") + f" ({first['label']})")
