@@ -107,18 +107,20 @@ def most_popular(requests: ListBatch, counts: np.ndarray, catalog: np.ndarray, n
     return np.where(np.take_along_axis(seen, pick, 1), 0, np.take_along_axis(top, pick, 1))  # 0: the catalog ran out
 
 
-def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray, quotas: tuple[int, int]) -> dict[str, float]:
+def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray | None, quotas: tuple[int, int]) -> dict[str, float]:
     """One stage's order over the recall lists (B, n): against the logged positives inside them
-    and against the ranker's scores: teacher Recall@k@m for k in the rank quota and ``K_GRID``,
-    m in ``M_GRID``, the pre-rank quota and n (the consistency curve)."""
+    and, unless the stage is the ranker itself (``ranker`` None), against the ranker's scores:
+    teacher Recall@k@m for k in the rank quota and ``K_GRID``, m in ``M_GRID``, the pre-rank quota
+    and n (the consistency curve)."""
     mask, label = lists.mask, lists.label
     out = {
         "recall@10": M.recall_at_k(scores, label, 10, mask),
         "hit_rate@10": M.hit_rate_at_k(scores, label, 10, mask),
         "ndcg@10": M.ndcg_at_k(scores, label, 10, mask),
-        "kendall_tau": M.kendall_tau(scores, ranker, mask),
-        "teacher_ndcg@10": M.teacher_ndcg_at_k(scores, ranker, 10, mask),
     }
+    if ranker is None:
+        return out
+    out |= {"kendall_tau": M.kendall_tau(scores, ranker, mask), "teacher_ndcg@10": M.teacher_ndcg_at_k(scores, ranker, 10, mask)}
     return out | consistency_curve(scores, lists, ranker, quotas, sorted({quotas[1], *K_GRID}))
 
 
@@ -150,11 +152,10 @@ def blame(lists: ListBatch, kept: list[np.ndarray], k: int, world, best: np.ndar
     stage drops (see ``GLOSSARY['blame']``). ``best`` (B,): the catalog's best top-k utility."""
     ids = lists.item["item_id"]
     utility = np.where(lists.mask, world.click_prob(lists.request_id, ids), 0.0)
-    catalog = best
     within = [(-np.sort(-np.where(keep, utility, 0.0), axis=1)[:, :k]).sum(axis=1) for keep in kept]
-    total = catalog.sum()
+    total = best.sum()
     names = ["recall", "prerank", "rank"]
-    out = {f"blame_{names[0]}": float((catalog - within[0]).sum() / total)}
+    out = {f"blame_{names[0]}": float((best - within[0]).sum() / total)}
     for i in range(1, len(kept)):
         out[f"blame_{names[i]}"] = float((within[i - 1] - within[i]).sum() / total)
     out["oracle_ratio"] = float(within[-1].sum() / total)
@@ -206,10 +207,8 @@ def evaluate(cascade: Cascade, ds: Dataset, world=None, split: str = "test", see
     stages: dict[str, dict[str, float]] = {}
     for out in fr.run.stages:
         row = {"positives_kept": _share_kept(ids, out.kept, truth.positives), "exposed_kept": _share_kept(ids, out.kept, truth.exposed)}
-        quality = stage_quality(out.scores, lists, rank.scores, fr.quotas)
-        if out is rank:  # against itself every agreement figure is 1
-            quality = {k: v for k, v in quality.items() if not k.startswith(("teacher", "kendall"))}
-        stages[out.name] = row | quality
+        # the ranker against itself would agree perfectly: no agreement figures for it
+        stages[out.name] = row | stage_quality(out.scores, lists, None if out is rank else rank.scores, fr.quotas)
     for out, nxt in zip(fr.run.stages[:-2], fr.run.stages[1:-1]):  # against the next stage, where that is not the ranker
         stages[out.name] |= {
             "kendall_tau_vs_next": M.kendall_tau(out.scores, nxt.scores, lists.mask),
@@ -321,8 +320,14 @@ class SavedCascade:
     quotas: dict[str, int]
 
     def cascade(self) -> Cascade:
-        stages = [Stage(name, TorchScorer(self.models[name]), self.quotas[name]) for name in ("prerank", "rank")]
-        return Cascade(stages, TowerRetriever(self.models["recall"], self.ds), self.quotas["recall"], Catalog.from_dataset(self.ds))
+        return torch_cascade(self.ds, self.models, self.quotas)
+
+
+def torch_cascade(ds: Dataset, models: dict[str, nn.Module], quotas: dict[str, int]) -> Cascade:
+    """recall (torch user tower + faiss over the catalog) -> pre-rank -> rank as torch scorers;
+    ``models`` and ``quotas`` by role."""
+    stages = [Stage(name, TorchScorer(models[name]), quotas[name]) for name in ("prerank", "rank")]
+    return Cascade(stages, TowerRetriever(models["recall"], ds), quotas["recall"], Catalog.from_dataset(ds))
 
 
 def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None = None) -> SavedCascade:

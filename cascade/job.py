@@ -86,6 +86,7 @@ def evaluate_runs(paths: list[Path], out: Path, seed: int = 0) -> list[dict]:
 def evaluate_path(path: Path, seed: int = 0) -> dict:
     """One evaluated run or bundle (``cascade.report``'s entry)."""
     from cascade.evaluate import evaluate, flops_per_candidate, latency, load_saved, run_flow
+    from cascade.joint import got_worse
     from cascade.data.lists import build_lists
     from cascade.models import MODELS
     from teachers import TEACHERS
@@ -141,11 +142,9 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
         entry["untrained"] = run_flow(untrained.cascade(), untrained.ds, untrained.world).flow(untrained.world)
         done("the untrained cascade")
         results = path / "results.json"
-        rounds = json.loads(results.read_text()).get("rounds", []) if results.exists() else []
-        if len(rounds) > 1:
-            start, end = rounds[0]["test"]["joint_recall"], rounds[-1]["test"]["joint_recall"]
-            if end < start:
-                entry["notes"].append(f"training made the cascade worse: joint recall {start:.4f} at the start, {end:.4f} after {rounds[-1]['after']}")
+        worse = got_worse(json.loads(results.read_text()).get("rounds", [])) if results.exists() else None
+        if worse:
+            entry["notes"].append(f"training {worse}")
     if saved.world is None:
         entry["notes"].append("no oracle ratio or stage blame: these need the synthetic world's truth")
     return entry

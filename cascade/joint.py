@@ -288,14 +288,25 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         trainer.fit(stacked.pack(train, score_lists(rank, train)), step, None, resolved_config=exp.to_dict())
         seconds["lcron"] = time.perf_counter() - start
         report("lcron")
-    start, end = rounds[0]["test"]["joint_recall"], rounds[-1]["test"]["joint_recall"]
-    if len(rounds) > 1 and end < start:
-        print(f"warning: {exp.name} made the cascade worse than it started: test joint recall {start:.4f} at the start, {end:.4f} after {rounds[-1]['after']}; its warm-up stages are better kept", flush=True)
+    worse = got_worse(rounds)
+    if worse:
+        print(f"warning: {exp.name} {worse}; its warm-up stages are better kept", flush=True)
     save_stages(exp, {"recall": (recall_config, recall_exp.name, recall), "prerank": (config, cfg.prerank, prerank), "rank": (config, cfg.rank, rank)})
     result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds}
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2, default=float) + "\n")  # last: the mark of a complete run
     return result
+
+
+def got_worse(rounds: list[dict]) -> str | None:
+    """What to say when a trained cascade ends below its start on test joint recall (``rounds``:
+    its ``results.json`` rows, the start first), or None."""
+    if len(rounds) < 2:
+        return None
+    start, end = rounds[0]["test"]["joint_recall"], rounds[-1]["test"]["joint_recall"]
+    if end >= start:
+        return None
+    return f"made the cascade worse than it started: test joint recall {start:.4f} at the start, {end:.4f} after {rounds[-1]['after']}"
 
 
 STAGES_FILE = "stages.json"

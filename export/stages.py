@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cascade.cascade import Cascade, Catalog, Stage, TorchScorer
+from cascade import evaluate
+from cascade.cascade import Cascade
 from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.data.lists import build_lists
 from cascade.data.store import Dataset, read_dataset
 from cascade.joint import STAGES_FILE
 from cascade.models import MODELS, build_model
-from cascade.recall import TowerRetriever
 from export.bundle import BundleError, StageModel
 from teachers import TEACHERS
 
@@ -84,10 +84,9 @@ def from_named(specs: dict[str, str], quotas: tuple[int, int, int]) -> tuple[Dat
 
 def torch_cascade(ds: Dataset, stages: list[StageModel]) -> Cascade:
     """The same cascade with its torch models (the reference the bundle is checked against)."""
-    recall, prerank, rank = stages
-    if isinstance(rank.model, Path):
+    if isinstance(stages[2].model, Path):
         raise BundleError("a LightGBM rank stage has no torch reference")
-    return Cascade([Stage("prerank", TorchScorer(prerank.model), prerank.quota), Stage("rank", TorchScorer(rank.model), rank.quota)], TowerRetriever(recall.model, ds), recall.quota, Catalog.from_dataset(ds))
+    return evaluate.torch_cascade(ds, {s.name: s.model for s in stages}, {s.name: s.quota for s in stages})
 
 
 def parity(service, reference: Cascade, ds: Dataset, n: int = 256) -> dict[str, float]:
