@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cascade.data.store import DataError, read_dataset, write_dataset
+from cascade.data.store import DataError, check_output_dir, read_dataset, warnings, write_dataset
 
 BAD_INPUT = 2
 
@@ -36,6 +36,7 @@ def _synth(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
+    check_output_dir(args.out)
     start = time.perf_counter()
     ds, world = generate(cfg)
     out = write_dataset(ds, args.out, {WORLD_FILE: world.to_bytes()})
@@ -49,6 +50,8 @@ def _check(args: argparse.Namespace) -> int:
 
     ds = read_dataset(args.dir)
     print(f"{args.dir}: ok")
+    for warning in warnings(ds):
+        print(f"warning: {warning}")
     print(summarize(ds))
     return 0
 
@@ -56,6 +59,7 @@ def _check(args: argparse.Namespace) -> int:
 def _movielens(args: argparse.Namespace) -> int:
     from cascade.data.movielens import convert
 
+    check_output_dir(args.out)
     ds, report = convert(args.src, args.protocol, seed=args.seed)
     out = write_dataset(ds, args.out)
     print(f"wrote {out}")

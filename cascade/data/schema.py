@@ -57,28 +57,46 @@ class Schema:
 
     @staticmethod
     def from_json(text: str) -> "Schema":
-        """Parse schema.json text; raises ValueError naming the offending key."""
-        body = json.loads(text)
+        """Parse schema.json text; raises ValueError naming the offending key and value.
+
+        Types are strict: ``temporal: "false"`` is an error, not true; unknown keys are errors."""
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON: {e}") from None
         if not isinstance(body, dict):
             raise ValueError("top level must be an object")
+        unknown = sorted(set(body) - TOP_KEYS)
+        if unknown:
+            raise ValueError(f"unknown key '{unknown[0]}' (known: {', '.join(sorted(TOP_KEYS))})")
         for key in ("name", "temporal", "history_max", "fields"):
             if key not in body:
                 raise ValueError(f"missing key '{key}'")
         if body.get("format", FORMAT) != FORMAT:
             raise ValueError(f"key 'format': {body['format']!r} is not format {FORMAT}")
+        _expect(body["name"], str, "name")
+        _expect(body["temporal"], bool, "temporal")
+        history_max = _positive(body["history_max"], "history_max")
+        _expect(body["fields"], list, "fields")
         fields = []
         for i, raw in enumerate(body["fields"]):
-            try:
-                f = Field(**raw)
-            except TypeError as e:
-                raise ValueError(f"fields[{i}]: {e}") from None
-            if f.side not in ("user", "item"):
-                raise ValueError(f"fields[{i}] '{f.name}': side {f.side!r} is not 'user' or 'item'")
-            if not isinstance(f.vocab, int) or f.vocab < 1:
-                raise ValueError(f"fields[{i}] '{f.name}': vocab {f.vocab!r} is not a positive integer")
-            if f.table not in (None, "users", "items", "candidates"):
-                raise ValueError(f"fields[{i}] '{f.name}': table {f.table!r} is unknown")
-            fields.append(f)
+            _expect(raw, dict, f"fields[{i}]")
+            unknown = sorted(set(raw) - FIELD_KEYS)
+            if unknown:
+                raise ValueError(f"fields[{i}]: unknown key '{unknown[0]}' (known: {', '.join(sorted(FIELD_KEYS))})")
+            for key in ("name", "side", "vocab"):
+                if key not in raw:
+                    raise ValueError(f"fields[{i}]: missing key '{key}'")
+            where = f"fields[{i}] '{raw['name']}'"
+            _expect(raw["name"], str, f"fields[{i}].name")
+            if raw["side"] not in ("user", "item"):
+                raise ValueError(f"{where}: side {raw['side']!r} is not 'user' or 'item'")
+            if raw.get("table") not in (None, "users", "items", "candidates"):
+                raise ValueError(f"{where}: table {raw['table']!r} is unknown")
+            _positive(raw["vocab"], f"fields[{i}].vocab")
+            _expect(raw.get("multi", False), bool, f"fields[{i}].multi")
+            _positive(raw.get("max_len", 1), f"fields[{i}].max_len")
+            fields.append(Field(**raw))
         names = [f.name for f in fields]
         for key in ("user_id", "item_id"):
             if key not in names:
@@ -86,17 +104,47 @@ class Schema:
         if len(set(names)) != len(names):
             raise ValueError("fields: a field name is repeated")
         quotas = body.get("quotas")
-        if quotas is not None and (set(quotas) - set(QUOTA_NAMES)):
-            raise ValueError(f"quotas: unknown stages {sorted(set(quotas) - set(QUOTA_NAMES))}")
+        if quotas is not None:
+            _expect(quotas, dict, "quotas")
+            if set(quotas) - set(QUOTA_NAMES):
+                raise ValueError(f"quotas: unknown stages {sorted(set(quotas) - set(QUOTA_NAMES))}")
+            for k, v in quotas.items():
+                _positive(v, f"quotas.{k}")
+        protocol = body.get("protocol", {})
+        _expect(protocol, dict, "protocol")
         return Schema(
-            name=str(body["name"]),
+            name=body["name"],
             features=FeatureSpec(tuple(fields)),
-            temporal=bool(body["temporal"]),
-            history_max=int(body["history_max"]),
-            quotas=None if quotas is None else {k: int(quotas[k]) for k in QUOTA_NAMES if k in quotas},
-            protocol=body.get("protocol", {}),
+            temporal=body["temporal"],
+            history_max=history_max,
+            quotas=None if quotas is None else {k: quotas[k] for k in QUOTA_NAMES if k in quotas},
+            protocol=protocol,
         )
 
     @staticmethod
     def read(directory: Path) -> "Schema":
-        return Schema.from_json((Path(directory) / SCHEMA_FILE).read_text())
+        path = Path(directory) / SCHEMA_FILE
+        if path.is_dir():
+            raise ValueError("is a directory, not a file")
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 text: {e}") from None
+        return Schema.from_json(text)
+
+
+TOP_KEYS = {"format", "name", "temporal", "history_max", "quotas", "fields", "protocol"}
+FIELD_KEYS = {"name", "side", "vocab", "multi", "max_len", "table"}
+TYPE_NAMES = {str: "a string", bool: "true or false", list: "a list", dict: "an object", int: "a whole number"}
+
+
+def _expect(value: Any, typ: type, key: str) -> None:
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"key '{key}': {value!r} is not {TYPE_NAMES[typ]}")
+
+
+def _positive(value: Any, key: str) -> int:
+    _expect(value, int, key)
+    if value < 1:
+        raise ValueError(f"key '{key}': {value!r} is not a positive whole number")
+    return value

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cascade.data.schema import SCHEMA_FILE, SPLITS, STAGES, TABLE_FILES, Schema
+from cascade.data.schema import EXPOSED, SCHEMA_FILE, SPLITS, STAGES, TABLE_FILES, Schema
 
 Table = dict[str, np.ndarray]
 
@@ -93,6 +93,8 @@ def _columns(schema: Schema) -> dict[str, dict[str, str]]:
 
 
 def _kind_ok(kind: str, typ: pa.DataType) -> bool:
+    if pa.types.is_dictionary(typ):  # pandas writes categorical columns so
+        typ = typ.value_type
     if kind == "int":
         return pa.types.is_integer(typ)
     if kind == "float":
@@ -121,6 +123,44 @@ def _rows_with_null_elements(arr: pa.ListArray) -> np.ndarray:
     return np.unique(np.repeat(np.arange(len(lengths)), lengths)[null])
 
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def size_problems(schema: Schema, root: Path) -> list[Problem]:
+    """Sizes in schema.json whose tables could not fit in this machine's memory: the padded
+    history (two int64 per slot and request), a multi-valued field's padded rows, and a
+    vocabulary's embedding table at one float per id (the least any model allocates)."""
+    limit = memory_bytes()
+    problems = []
+
+    def rows(table: str) -> int:
+        try:
+            return pq.read_metadata(root / TABLE_FILES[table]).num_rows
+        except (OSError, pa.ArrowInvalid):
+            return 0  # reported as unreadable later
+
+    need = rows("requests") * schema.history_max * 16
+    if need > limit:
+        problems.append(Problem(SCHEMA_FILE, "history_max", None, schema.history_max, f"history_max {schema.history_max:,} needs {_gib(need)} for the padded histories of {rows('requests'):,} requests; this machine has {_gib(limit)}"))
+    for f in schema.features.fields:
+        need = (f.vocab + 1) * 4
+        if need > limit:
+            problems.append(Problem(SCHEMA_FILE, f.name, None, f.vocab, f"vocab {f.vocab:,} needs at least {_gib(need)} for one embedding table (4 bytes per id and dimension); this machine has {_gib(limit)}"))
+        need = rows(f.source) * f.max_len * 8
+        if f.multi and need > limit:
+            problems.append(Problem(SCHEMA_FILE, f.name, None, f.max_len, f"max_len {f.max_len:,} needs {_gib(need)} for {rows(f.source):,} padded rows; this machine has {_gib(limit)}"))
+    return problems
+
+
 # --------------------------------------------------------------------------------------------
 # reading
 
@@ -137,7 +177,9 @@ def read_dataset(directory: str | os.PathLike) -> Dataset:
     except ValueError as e:
         raise DataError([Problem(SCHEMA_FILE, None, None, None, f"invalid: {e}")]) from None
 
-    problems: list[Problem] = []
+    problems = size_problems(schema, root)
+    if problems:
+        raise DataError(problems)
     tables: dict[str, Table] = {}
     for name, kinds in _columns(schema).items():
         file = TABLE_FILES[name]
@@ -156,6 +198,8 @@ def read_dataset(directory: str | os.PathLike) -> Dataset:
                 problems.append(Problem(file, col, None, None, "column is missing"))
                 continue
             data = raw.column(col)
+            if pa.types.is_dictionary(data.type):
+                data = data.cast(data.type.value_type)
             if not _kind_ok(kind, data.type):
                 problems.append(Problem(file, col, None, None, f"has type {data.type}, expected {kind}{'<int>' if kind == 'list' else ''}"))
                 continue
@@ -175,7 +219,12 @@ def read_dataset(directory: str | os.PathLike) -> Dataset:
             elif kind == "float":
                 table[col] = data.to_numpy().astype(np.float32)
             else:
-                table[col] = data.to_numpy().astype(np.int64)  # stage narrows to int8 once validated
+                values = data.to_numpy()
+                if values.dtype == np.uint64 and len(values) and values.max() > INT64_MAX:
+                    row = int(np.argmax(values > INT64_MAX))
+                    problems.append(Problem(file, col, row, int(values[row]), f"id beyond the largest 64-bit signed integer ({INT64_MAX})", int((values > INT64_MAX).sum())))
+                    continue
+                table[col] = values.astype(np.int64)  # stage narrows to int8 once validated
         tables[name] = table
     if problems:
         raise DataError(problems)
@@ -263,19 +312,63 @@ def validate(ds: Dataset) -> list[Problem]:
     c.flag(R, "history_ts", hts_len != hlen, hts_len, "history_ts length differs from history length")
     c.flag(R, "history", valid_pos & (hist <= 0), hist, "history item id is not positive")
     c.flag(R, "history", valid_pos & (hist > 0) & ~_present(hist, ds.items["item_id"]), hist, "history item not in items.parquet")
+    w = min(hist.shape[1], hts.shape[1])
+    same_len = (hts_len == hlen)[:, None]
+    backwards = valid_pos[:, 1:w] & same_len & (hts[:, 1:w] < hts[:, : w - 1])
+    c.flag(R, "history_ts", np.pad(backwards, ((0, 0), (1, 0))), hts, "history is not oldest-first (history_ts falls)")
     if ds.schema.temporal:
-        w = min(hist.shape[1], hts.shape[1])
-        leak = valid_pos[:, :w] & (hts_len == hlen)[:, None] & (hts[:, :w] >= req["ts"][:, None])
+        leak = valid_pos[:, :w] & same_len & (hts[:, :w] >= req["ts"][:, None])
         c.flag(R, "history_ts", leak, hts, "history event at or after the request's ts (leakage)")
+        for earlier, later in zip(SPLITS, SPLITS[1:]):
+            before = req["ts"][req["split"] == earlier]
+            if len(before):
+                c.flag(R, "ts", (req["split"] == later) & (req["ts"] < before.max()), req["ts"], f"a '{later}' request before the last '{earlier}' one (ts {before.max()}): temporal splits follow time")
+    unit = _unit_gap(req["ts"], hts[:, :w][valid_pos[:, :w] & same_len])
+    if unit:
+        c.problems.append(Problem(R, "history_ts", None, None, unit))
+    for split in SPLITS:
+        if not np.any(req["split"] == split):
+            c.problems.append(Problem(R, "split", None, None, f"no '{split}' requests: training needs train and valid, evaluation test"))
 
     c.flag(C, "request_id", ~_present(cand["request_id"], req["request_id"]), cand["request_id"], "request not in requests.parquet")
+    c.flag(C, "item_id", cand["item_id"] <= 0, cand["item_id"], "item id is not positive (0 is padding)")
     c.flag(C, "item_id", (cand["item_id"] > 0) & ~_present(cand["item_id"], ds.items["item_id"]), cand["item_id"], "item not in items.parquet")
     pair = np.stack([cand["request_id"], cand["item_id"]], axis=1)
     c.flag(C, "item_id", duplicate_rows(pair), cand["item_id"], "item listed twice for the same request")
     c.flag(C, "stage", ~np.isin(cand["stage"], list(STAGES)), cand["stage"], f"stage is not one of {sorted(STAGES)}")
     c.flag(C, "label", ~np.isfinite(cand["label"]), cand["label"], "label is not finite")
+    c.flag(C, "label", np.isfinite(cand["label"]) & (cand["label"] != 0) & (cand["label"] != 1), cand["label"], "label is not 0 or 1")
     c.flag(R, "request_id", ~_present(req["request_id"], cand["request_id"]), req["request_id"], "request has no candidates")
     return c.problems
+
+
+def _unit_gap(ts: np.ndarray, history_ts: np.ndarray) -> str | None:
+    """A message when request times and history times look like different units (seconds
+    against milliseconds: typical magnitudes 100x or more apart)."""
+    ts, history_ts = ts[ts > 0], history_ts[history_ts > 0]
+    if not len(ts) or not len(history_ts):
+        return None
+    a, b = float(np.median(ts)), float(np.median(history_ts))
+    if max(a, b) / min(a, b) < 100:
+        return None
+    return f"history_ts (median {b:.0f}) and requests' ts (median {a:.0f}) differ {max(a, b) / min(a, b):,.0f}x: one time unit for both (e.g. seconds)"
+
+
+def warnings(ds: Dataset) -> list[str]:
+    """What is valid but worth knowing before training on it."""
+    out = []
+    cand = ds.candidates
+    order = np.argsort(cand["request_id"], kind="stable")
+    rid, label = cand["request_id"][order], cand["label"][order]
+    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
+    positives = np.add.reduceat(label, starts) if len(starts) else np.zeros(0)
+    sizes = np.diff(np.r_[starts, len(rid)])
+    single = int(((positives == 0) | (positives == sizes)).sum())
+    if single:
+        out.append(f"{single:,} of {len(starts):,} requests have one class only (all positive or all negative): they add nothing to GAUC or to a list's ranking loss")
+    if len(cand["stage"]) and np.all(cand["stage"] == EXPOSED):
+        out.append("every candidate is exposed (stage 3): the logs hold no unexposed items, so the recall-space losses only see what recall retrieves")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +398,15 @@ def _to_arrow(ds: Dataset, name: str) -> pa.Table:
     return pa.table(out)
 
 
+def check_output_dir(directory: str | os.PathLike) -> Path:
+    """``directory`` if a log directory may be written there: new, empty, or an older log
+    directory (replaced whole); anything else is refused before any work is done."""
+    out = Path(directory)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SCHEMA_FILE).is_file())):
+        raise DataError([Problem(str(out), None, None, None, "exists and is not a cascade log directory (no schema.json): choose an empty or new directory; nothing there was touched")])
+    return out
+
+
 def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
     """Validate, then write the schema, the four tables and ``extra_files`` (name -> bytes).
 
@@ -314,7 +416,7 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
     problems = validate(ds)
     if problems:
         raise DataError(problems)
-    out = Path(directory)
+    out = check_output_dir(directory)
     with replacing_directory(out) as tmp:
         (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
         for name, file in TABLE_FILES.items():

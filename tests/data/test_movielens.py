@@ -135,11 +135,19 @@ def test_missing_file_is_named(tmp_path):
         convert(src, "ctr")
 
 
+# Users 1 and 2 rate on days 1 and 2, user 3 on days 3, 4, 5, 5: sorted times v0..v11, the 80th
+# percentile is v8 + 0.8 (v9 - v8) and the 90th v9 + 0.9 (v10 - v9), so the day-3 request (ts v8)
+# is train, day 4 (v9) valid, day 5 (v10) test.
+DAYS = {(3, 1): 3, (3, 2): 4, (3, 3): 5, (3, 4): 5}
+SPREAD = [(u, m, r, 978_300_000 + 86_400 * DAYS.get((u, m), u) + 10 * m) for u, m, r, _ in RATINGS]
+
+
 def test_round_trip_of_a_converted_directory(tmp_path):
-    src = _write_ml(tmp_path / "ml", RATINGS)
+    src = _write_ml(tmp_path / "ml", SPREAD)
     assert main(["data", "movielens", "--src", str(src), "--out", str(tmp_path / "out"), "--protocol", "cascade"]) == 0
     ds = read_dataset(tmp_path / "out")
     assert ds.schema.temporal and len(ds.candidates["item_id"]) == 12
+    assert sorted(ds.requests["split"].tolist()) == ["test", "train", "train", "train", "valid"]
 
 
 def test_temporal_windows_before_the_fully_timed_period_are_refused(tmp_path):

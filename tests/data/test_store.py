@@ -79,7 +79,43 @@ BAD_INPUTS = {
     "infinite label": ("candidates.parquet", lambda t: _set(t, "label", 8, float("inf")), "candidates.parquet: column 'label', row 8: label is not finite (value inf)"),
     "null inside a list": ("items.parquet", lambda t: _set(t, "tags", 6, [1, None, 0]), "items.parquet: column 'tags', row 6: list holds a null"),
     "null value": ("requests.parquet", lambda t: _set(t, "ts", 2, None), "requests.parquet: column 'ts', row 2: is null"),
+    "candidate item 0": ("candidates.parquet", lambda t: _set(t, "item_id", 4, 0), "candidates.parquet: column 'item_id', row 4: item id is not positive (0 is padding) (value 0)"),
+    "negative candidate item": ("candidates.parquet", lambda t: _set(t, "item_id", 4, -3), "candidates.parquet: column 'item_id', row 4: item id is not positive (0 is padding) (value -3)"),
+    "label 5": ("candidates.parquet", lambda t: _set(t, "label", 8, 5.0), "candidates.parquet: column 'label', row 8: label is not 0 or 1 (value 5.0)"),
+    "label -1": ("candidates.parquet", lambda t: _set(t, "label", 8, -1.0), "candidates.parquet: column 'label', row 8: label is not 0 or 1 (value -1.0)"),
+    "no valid requests": (
+        "requests.parquet",
+        lambda t: t.set_column(t.column_names.index("split"), "split", pa.compute.replace_substring(t.column("split"), "valid", "train")),
+        "requests.parquet: column 'split': no 'valid' requests",
+    ),
+    "history newest-first": ("requests.parquet", None, "requests.parquet: column 'history_ts', row 0: history is not oldest-first"),
+    "splits out of time order": ("requests.parquet", None, "requests.parquet: column 'ts', row 0: a 'valid' request before the last 'train' one"),
+    "ts in milliseconds": (
+        "requests.parquet",
+        lambda t: t.set_column(t.column_names.index("ts"), "ts", pa.compute.multiply(t.column("ts"), 1000)),
+        "requests.parquet: column 'history_ts': history_ts (median",
+    ),
+    "uint64 id past int64": (
+        "users.parquet",
+        lambda t: t.set_column(0, "user_id", pa.array([2**63 + 5, *t.column("user_id").to_pylist()[1:]], pa.uint64())),
+        "users.parquet: column 'user_id', row 0: id beyond the largest 64-bit signed integer (9223372036854775807) (value 9223372036854775813)",
+    ),
 }
+
+
+def _newest_first(table):
+    # the first request's history (20 events at most, oldest first) reversed, times with it
+    hist, hist_ts = table.column("history").to_pylist(), table.column("history_ts").to_pylist()
+    hist[0], hist_ts[0] = hist[0][::-1], hist_ts[0][::-1]
+    table = table.set_column(table.column_names.index("history"), "history", pa.array(hist, table.column("history").type))
+    return table.set_column(table.column_names.index("history_ts"), "history_ts", pa.array(hist_ts, table.column("history_ts").type))
+
+
+def _valid_first(table):
+    # row 0 is a train request; marked valid, it precedes the later train requests
+    split = table.column("split").to_pylist()
+    assert split[0] == "train"
+    return _set(table, "split", 0, "valid")
 
 
 def _leak(table):
@@ -102,6 +138,10 @@ def test_check_names_each_bad_input(case, small_dir, tmp_path, capsys):
         used = pq.read_table(logs / "candidates.parquet").column("item_id")[0].as_py()
         _edit(logs, file, lambda t: t.filter(pa.compute.not_equal(t.column("item_id"), used)))
         expected += f", row 0: item not in items.parquet (value {used})"
+    elif case == "history newest-first":
+        _edit(logs, file, _newest_first)
+    elif case == "splits out of time order":
+        _edit(logs, file, _valid_first)
     elif case == "request without candidates":
         _edit(logs, file, lambda t: t.filter(pa.compute.not_equal(t.column("request_id"), 1)))
     else:
@@ -137,6 +177,75 @@ def test_bad_schema_is_named(small_dir, tmp_path, capsys):
     code, err = _check(logs, capsys)
     assert code == 2
     assert "schema.json: invalid: fields[0] 'user_id': side 'context'" in err
+
+
+# schema.json edits: (change, text the message must contain)
+BAD_SCHEMAS = {
+    "history_max a list": (lambda s: s.update(history_max=[50]), "key 'history_max': [50] is not a whole number"),
+    "history_max true": (lambda s: s.update(history_max=True), "key 'history_max': True is not a whole number"),
+    "quotas an int": (lambda s: s.update(quotas=200), "key 'quotas': 200 is not an object"),
+    "quota zero": (lambda s: s.update(quotas={"recall": 0}), "key 'quotas.recall': 0 is not a positive whole number"),
+    "max_len a string": (lambda s: s["fields"][-1].update(max_len="3"), ".max_len': '3' is not a whole number"),
+    "temporal a string": (lambda s: s.update(temporal="false"), "key 'temporal': 'false' is not true or false"),
+    "unknown key": (lambda s: s.update(temproal=True), "unknown key 'temproal'"),
+    "unknown field key": (lambda s: s["fields"][0].update(vocabulary=3), "fields[0]: unknown key 'vocabulary'"),
+    "fields an object": (lambda s: s.update(fields={"user_id": 1}), "key 'fields': {'user_id': 1} is not a list"),
+    "vocab 2**40": (lambda s: s["fields"][0].update(vocab=2**40), "schema.json: column 'user_id': vocab 1,099,511,627,776 needs at least 4,096.0 GiB for one embedding table"),
+    "history_max 1e7": (lambda s: s.update(history_max=10**7), "schema.json: column 'history_max': history_max 10,000,000 needs 59.6 GiB for the padded histories of 400 requests"),
+    "not JSON": (None, "schema.json: invalid: not JSON"),
+    "a directory": (None, "schema.json: invalid: is a directory, not a file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCHEMAS))
+def test_bad_schema_values_are_named(case, small_dir, tmp_path, capsys):
+    change, expected = BAD_SCHEMAS[case]
+    logs = _copy(small_dir, tmp_path)
+    path = logs / "schema.json"
+    if case == "not JSON":
+        path.write_text('{"name": "x",')
+    elif case == "a directory":
+        path.unlink()
+        path.mkdir()
+    else:
+        schema = json.loads(path.read_text())
+        change(schema)
+        path.write_text(json.dumps(schema))
+    code, err = _check(logs, capsys)
+    assert code == 2
+    assert expected in err, err
+    assert "Traceback" not in err
+
+
+def test_a_pandas_dictionary_split_column_is_valid(small_dir, tmp_path, capsys):
+    logs = _copy(small_dir, tmp_path)
+    _edit(logs, "requests.parquet", lambda t: t.set_column(t.column_names.index("split"), "split", t.column("split").dictionary_encode()))
+    assert pa.types.is_dictionary(pq.read_schema(logs / "requests.parquet").field("split").type)
+    code, _ = _check(logs, capsys)
+    assert code == 0
+    np.testing.assert_array_equal(read_dataset(logs).requests["split"], read_dataset(small_dir).requests["split"])
+
+
+def test_check_warns_of_single_class_requests(small_dir, capsys):
+    assert main(["data", "check", str(small_dir)]) == 0
+    # the small world: 241 of its 400 requests hold only negatives or only positives
+    assert "warning: 241 of 400 requests have one class only" in capsys.readouterr().out
+
+
+def test_writing_over_a_foreign_directory_is_refused(small_world, tmp_path, capsys):
+    ds, _ = small_world
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    with pytest.raises(DataError, match="exists and is not a cascade log directory"):
+        write_dataset(ds, home)
+    assert main(["data", "synth", "--out", str(home)]) == 2  # refused before the world is made
+    assert "not a cascade log directory" in capsys.readouterr().err
+    assert [p.name for p in home.iterdir()] == ["thesis.tex"]
+    # an earlier log directory is replaced, as before
+    write_dataset(ds, tmp_path / "logs")
+    write_dataset(ds, tmp_path / "logs")
+    assert read_dataset(tmp_path / "logs").schema == ds.schema
 
 
 def test_bad_dataset_writes_nothing(small_world, tmp_path):
