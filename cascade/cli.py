@@ -3,6 +3,7 @@
     cascade data synth --out DIR [--users N --items N --requests N --seed S]
     cascade data check DIR
     cascade data movielens --src DIR --out DIR --protocol ctr|cascade [--seed S]
+    cascade data import [--mapping YAML] [--events F --user C --item C --time C --label RULE ...] --out DIR
     cascade train CONFIG [--experiment NAME]
     cascade distill CONFIG [--experiment NAME]
     cascade export RUN_DIR --out BUNDLE [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
@@ -67,16 +68,43 @@ def _movielens(args: argparse.Namespace) -> int:
     return 0
 
 
+IMPORT_OPTIONS = ("events", "users", "items", "user", "item", "time", "label", "request", "stage", "name", "time_unit", "request_window", "history_max", "split", "valid", "test", "seed")
+
+
+def _import(args: argparse.Namespace) -> int:
+    from cascade.config import ConfigError
+    from cascade.data.importer import ImportSpec, import_to
+    from cascade.data.summary import summarize
+
+    given = {k: getattr(args, k) for k in IMPORT_OPTIONS if getattr(args, k) is not None}
+    for key in ("events", "users", "items"):  # command-line paths are relative to where it runs
+        if key in given:
+            given[key] = str(Path(given[key]).resolve())
+    try:
+        spec = ImportSpec.read(args.mapping, given) if args.mapping else ImportSpec.from_dict(given, "command line")
+    except (ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    start = time.perf_counter()
+    ds, record = import_to(spec, args.out)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
+    print("\n".join(f"  {k}: {v}" for k, v in record["counts"].items()))
+    print(summarize(ds))
+    for warning in warnings(ds):
+        print(f"warning: {warning}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError
     from cascade.job import run_job
-    from cascade.train import CheckpointError
+    from cascade.train import RunError
     from export.bundle import BundleError
 
     _overrides(args)
     try:
         run_job(args.config)
-    except (ConfigError, BundleError, CheckpointError) as e:
+    except (ConfigError, BundleError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     return 0
@@ -95,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError, load_config
     from cascade.joint import train_experiment
     from cascade.models import MODELS
-    from cascade.train import CheckpointError
+    from cascade.train import RunError
     from teachers import BOOSTED, TEACHERS
 
     try:
@@ -115,7 +143,7 @@ def _train(args: argparse.Namespace) -> int:
         legend = {k: v for k, v in LEGEND.items() if k in explained}
         if legend:
             print("where " + "; ".join(f"{k}: {v}" for k, v in legend.items()))
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     return 0
@@ -283,6 +311,37 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--protocol", required=True, choices=["ctr", "cascade"], help="see below")
     ml.add_argument("--seed", type=int, default=2024, help="seed of the random split and sampled candidates")
     ml.set_defaults(run=_movielens)
+
+    imp = data_verbs.add_parser(
+        "import",
+        help="turn your own logs (CSV or parquet: one row per user-item event) into a checked log directory",
+        formatter_class=_Help,
+        description="Events (and optional users and items tables) -> a cascade log directory: ids mapped to 1..V (vocabularies saved in OUT/vocab), requests, labels, history, splits, features. Give a mapping YAML (see the README), options, or both (options win).",
+        epilog="example: cascade data import --events ratings.csv --user userId --item movieId --time timestamp --label 'rating >= 4' --out runs/data/mine\n"
+        "         cascade data import --mapping my_logs.yaml --out runs/data/mine",
+    )
+    imp.add_argument("--mapping", type=Path, help="a YAML naming the files and columns (paths in it are relative to it)")
+    imp.add_argument("--out", required=True, type=Path, help="the log directory to write (new, empty, or an older log directory)")
+    files = imp.add_argument_group("files and columns (override the mapping)")
+    files.add_argument("--events", help="the events file: CSV, or parquet (.parquet)")
+    files.add_argument("--users", help="a users table (features keyed by the user column)")
+    files.add_argument("--items", help="an items table (features keyed by the item column)")
+    files.add_argument("--user", help="user id column")
+    files.add_argument("--item", help="item id column")
+    files.add_argument("--time", help="event time column")
+    files.add_argument("--label", help="a 0/1 column, or a rule such as 'rating >= 4'")
+    files.add_argument("--request", help="request id column (default: one user's events in one --request-window)")
+    files.add_argument("--stage", help="logged stage column, codes 0 recalled .. 3 exposed (default: all exposed)")
+    shape = imp.add_argument_group("requests and splits (override the mapping; defaults in brackets)")
+    shape.add_argument("--name", help="the data set's name [imported]")
+    shape.add_argument("--time-unit", choices=["s", "ms", "us", "iso"], help="unit of the time column [s]")
+    shape.add_argument("--request-window", type=_at_least(1), help="seconds of one request without a request column [86400]")
+    shape.add_argument("--history-max", type=_at_least(1), help="history length kept [50]")
+    shape.add_argument("--split", choices=["time", "random"], help="time: by request time; random: seeded [time]")
+    shape.add_argument("--valid", type=float, help="fraction of requests for validation [0.1]")
+    shape.add_argument("--test", type=float, help="fraction of requests for test [0.1]")
+    shape.add_argument("--seed", type=_at_least(0), help="seed of a random split [0]")
+    imp.set_defaults(run=_import)
 
     train = verbs.add_parser("train", help="train the experiments of a YAML config (every task)", parents=[knobs], formatter_class=_Help, description="Train every experiment of CONFIG (or one), each in OUT/NAME: config.json, log.txt, metrics.jsonl, best.pt, last.pt, results.json. A stopped run resumes from last.pt.", epilog=f"{TASKS}\nmodels: {MODEL_LIST}\nexample: cascade train configs/quickstart.yaml --experiment din --epochs 1")
     train.add_argument("config", type=Path, help="a YAML config (see configs/)")

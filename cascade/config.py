@@ -8,14 +8,17 @@ in modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+import re
+import types
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
-import yaml
 
-from cascade.train import TrainConfig
+from cascade.train import TrainConfig, above, at_least
+from cascade.yamlfile import YamlError, read_yaml
 
 
 METHODS = ("frozen", "rankflow", "lcron")  # task: cascade
@@ -28,6 +31,10 @@ class RecallConfig:
     popularity_power: float = 0.75
     hard_negatives: int = 0  # K per pair, from the request's logged items cut before rank
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        above(self, temperature=0)
+        at_least(self, popularity_negatives=0, popularity_power=0, hard_negatives=0, seed=0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,10 @@ class DistillConfig:
     lists_per_batch: int = 32
 
     def __post_init__(self) -> None:
+        above(self, arf_tau=0, kd_temperature=0)
+        at_least(self, lists_per_batch=1, arf_global_rows=1, tutor_alpha=0)
+        if self.tutor_alpha > 1:
+            raise ValueError(f"tutor_alpha: {self.tutor_alpha} is above 1")
         if not 0 < self.rank_quota < self.prerank_quota:
             raise ValueError(f"need 0 < rank_quota < prerank_quota, got {self.rank_quota} and {self.prerank_quota}")
         weights = [self.exposure_bce, self.rankflow_bce, self.tutor, self.arf, self.listwise_kd, self.logit_mse, self.soft_bce]
@@ -97,6 +108,11 @@ class CascadeConfig:
     lists_per_batch: int = 32
 
     def __post_init__(self) -> None:
+        above(self, tau=0, recall_lr=0)
+        at_least(self, rounds=1, self_epochs=0, tutor_epochs=0, lcron_epochs=1, catalog_negatives=0, lists_per_batch=1, tutor_alpha=0, recall_tutor_alpha=0)
+        for key in ("tutor_alpha", "recall_tutor_alpha"):
+            if getattr(self, key) > 1:
+                raise ValueError(f"{key}: {getattr(self, key)} is above 1")
         if self.method not in METHODS:
             raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
         if not 0 < self.rank_quota < self.prerank_quota < self.recall_quota:
@@ -127,6 +143,17 @@ class DataConfig:
     # top-n per request, labelled from its data's logs, becomes this directory's candidates
     recall: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"kind: '{self.kind}' is not one of {', '.join(DATA_KINDS)}")
+        if self.protocol not in ("ctr", "cascade"):
+            raise ValueError(f"protocol: '{self.protocol}' is not 'ctr' or 'cascade'")
+        if not self.dir:
+            raise ValueError("dir: empty")
+
+
+DATA_KINDS = ("synth", "movielens", "recall_output", "logs")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -134,6 +161,9 @@ class ModelConfig:
     embedding_dim: int = 32
     drop_fields: tuple[str, ...] = ()  # fields the model leaves out ("history" for the history)
     params: dict[str, Any] = field(default_factory=dict)  # the model constructor's own keywords
+
+    def __post_init__(self) -> None:
+        at_least(self, embedding_dim=1)
 
 
 @dataclass(frozen=True)
@@ -149,10 +179,16 @@ class ExperimentConfig:
     recall: RecallConfig = field(default_factory=RecallConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    source: str = ""  # the config file it was read from
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out) / self.name
+
+    @property
+    def where(self) -> str:
+        """How errors name it: 'FILE: experiments.NAME'."""
+        return f"{self.source}: experiments.{self.name}"
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -167,6 +203,43 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false", dict: "a mapping", type(None): "empty (null)"}
+
+
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    if origin is tuple:
+        return f"a list of {_type_name(get_args(hint)[0])}"
+    return TYPE_NAMES.get(origin or hint, str(hint))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a dataclass field's annotation (a bool is no number; an int is a
+    float; a list is a tuple; NaN and infinities are no numbers)."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_matches(v, get_args(hint)[0]) for v in value)
+    return True
+
+
 def _build(cls, raw: Any, where: str):
     if raw is None:
         raw = {}
@@ -176,6 +249,10 @@ def _build(cls, raw: Any, where: str):
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    hints = get_type_hints(cls)
+    for key, value in raw.items():
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"{where}.{key}: {value!r} is not {_type_name(hints[key])}")
     try:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
     except (TypeError, ValueError) as e:
@@ -208,45 +285,102 @@ def _task(value: str, where: str) -> str:
 COMMAND_LINE: dict[str, Any] = {}
 
 
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SECTIONS = {"data", "model", "train", "out", "task", "recall", "distill", "cascade"}
+
+
+def monitors(exp: ExperimentConfig) -> tuple[str, ...] | None:
+    """The validation metrics ``train.monitor`` may name for this experiment's task (None: the
+    task trains a fixed schedule or its own way, and ignores it)."""
+    if exp.task == "recall":
+        return ("recall@50", "recall@200")
+    if exp.task == "distill":
+        k, m = exp.distill.rank_quota, exp.distill.prerank_quota
+        return (f"teacher_recall@{k}@20", f"teacher_recall@{k}@{m}", f"recall@{k}", f"ndcg@{k}", "oracle_ratio")
+    if exp.task == "pointwise" and exp.model.name != "gbdt":
+        return ("auc", "gauc", "logloss")
+    return None
+
+
+def _output_path(value: Any, where: str) -> str:
+    """``out`` from a config file: a folder of its own. Relative to the directory the command runs
+    in and never climbing out of it ('..'); an absolute path is an explicit choice and allowed."""
+    if not isinstance(value, str) or Path(value.strip()) == Path("."):
+        raise ConfigError(f"{where}.out: {value!r} is not a folder of its own (e.g. runs/my_job)")
+    if ".." in Path(value).parts:
+        raise ConfigError(f"{where}.out: '{value}' climbs out of the directory the command runs in; give a path without '..' (or --out on the command line)")
+    return value
+
+
+def _inputs_relative_to(exp: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """Paths the config reads (data.src, a 'kind: logs' dir, other config files) resolved against
+    the config file's folder."""
+    rel = lambda p: str(base / p) if p is not None and not Path(p).is_absolute() else p  # noqa: E731
+    data = replace(exp.data, src=rel(exp.data.src), dir=rel(exp.data.dir) if exp.data.kind == "logs" else exp.data.dir)
+    if "config" in data.recall:
+        data = replace(data, recall={**data.recall, "config": rel(data.recall["config"])})
+    cascade = exp.cascade
+    if "config" in cascade.recall:
+        cascade = replace(cascade, recall={**cascade.recall, "config": rel(cascade.recall["config"])})
+    return replace(exp, data=data, cascade=cascade)
+
+
 def load_config(path: str | Path, experiment: str | None = None) -> list[ExperimentConfig]:
     """The experiments of a config file (one when ``experiment`` names it), with the command
-    line's overrides (``COMMAND_LINE``)."""
+    line's overrides (``COMMAND_LINE``). Every key is type- and range-checked here, before any
+    work: errors name the file and the key."""
     path = Path(path)
     try:
-        body = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
-    if not isinstance(body, dict) or "experiments" not in body:
+        body = read_yaml(path)
+    except YamlError as e:
+        raise ConfigError(str(e)) from None
+    if "experiments" not in body:
         raise ConfigError(f"{path}: needs an 'experiments' mapping (and optionally 'base')")
-    extra = sorted(set(body) - {"base", "experiments"})
+    extra = sorted(set(body) - {"base", "experiments"}, key=str)
     if extra:
         raise ConfigError(f"{path}: unknown top-level key '{extra[0]}'")
+    for key in ("base", "experiments"):
+        if not isinstance(body.get(key) or {}, dict):
+            raise ConfigError(f"{path}: '{key}' must be a mapping")
     names = list(body["experiments"] or {})
+    for name in names:
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ConfigError(f"{path}: experiments: '{name}' is not a plain name (letters, digits, '_', '.', '-'; it names the run folder)")
+        if not isinstance(body["experiments"][name] or {}, dict):
+            raise ConfigError(f"{path}: experiments.{name}: expected a mapping")
     if experiment is not None:
         if experiment not in names:
             raise ConfigError(f"{path}: no experiment '{experiment}' (have: {', '.join(names)})")
         names = [experiment]
     out = []
     for name in names:
-        raw = _merge(_merge(body.get("base") or {}, body["experiments"][name] or {}), COMMAND_LINE)
+        from_file = _merge(body.get("base") or {}, body["experiments"][name] or {})
         where = f"{path}: experiments.{name}"
-        extra = sorted(set(raw) - {"data", "model", "train", "out", "task", "recall", "distill", "cascade"})
+        extra = sorted(set(from_file) - SECTIONS)
         if extra:
-            raise ConfigError(f"{where}: unknown key '{extra[0]}'")
-        out.append(
-            ExperimentConfig(
-                name=name,
-                data=_build(DataConfig, raw.get("data"), f"{where}.data"),
-                model=_build(ModelConfig, raw.get("model"), f"{where}.model"),
-                train=_train(raw.get("train"), f"{where}.train"),
-                out=raw.get("out", "runs"),
-                task=_task(raw.get("task", "pointwise"), where),
-                recall=_build(RecallConfig, raw.get("recall"), f"{where}.recall"),
-                distill=_build(DistillConfig, raw.get("distill"), f"{where}.distill"),
-                cascade=_build(CascadeConfig, raw.get("cascade"), f"{where}.cascade"),
-            )
+            raise ConfigError(f"{where}: unknown key '{extra[0]}' (known: {', '.join(sorted(SECTIONS))})")
+        _output_path(from_file.get("out", "runs"), where)
+        raw = _merge(from_file, COMMAND_LINE)
+        exp = ExperimentConfig(
+            name=name,
+            data=_build(DataConfig, raw.get("data"), f"{where}.data"),
+            model=_build(ModelConfig, raw.get("model"), f"{where}.model"),
+            train=_train(raw.get("train"), f"{where}.train"),
+            out=raw.get("out", "runs"),
+            task=_task(raw.get("task", "pointwise"), where),
+            recall=_build(RecallConfig, raw.get("recall"), f"{where}.recall"),
+            distill=_build(DistillConfig, raw.get("distill"), f"{where}.distill"),
+            cascade=_build(CascadeConfig, raw.get("cascade"), f"{where}.cascade"),
+            source=str(path),
         )
-        missing = sorted({"config", "experiment"} - set(out[-1].cascade.recall))
-        if out[-1].task == "cascade" and missing:
+        exp = _inputs_relative_to(exp, path.parent)
+        missing = sorted({"config", "experiment"} - set(exp.cascade.recall))
+        if exp.task == "cascade" and missing:
             raise ConfigError(f"{where}.cascade.recall: '{missing[0]}' is required (the recall experiment: {{config, experiment}})")
+        allowed = monitors(exp)
+        if allowed is not None and exp.train.monitor not in allowed:
+            raise ConfigError(f"{where}.train.monitor: '{exp.train.monitor}' is not a validation metric of a '{exp.task}' task (it has: {', '.join(allowed)})")
+        if exp.data.kind == "logs" and not (Path(exp.data.dir) / "schema.json").is_file():
+            raise ConfigError(f"{where}.data.dir: '{exp.data.dir}' is not a cascade log directory (no schema.json; make one with `cascade data import`)")
+        out.append(exp)
     return out

@@ -221,7 +221,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     recall_config = Path(cfg.recall["config"])
     (recall_exp,) = load_config(recall_config, cfg.recall["experiment"])
     if recall_exp.task != "recall":
-        raise ConfigError(f"cascade.recall: experiment '{recall_exp.name}' of {recall_config} is not a recall task")
+        raise ConfigError(f"{exp.where}.cascade.recall: experiment '{recall_exp.name}' of {recall_config} is not a recall task")
     ds = prepare_data(recall_exp.data)
     world = World.load(recall_exp.data.dir) if (Path(recall_exp.data.dir) / WORLD_FILE).exists() else None
     # the warm-up stages, each trained with its own config on this experiment's device if missing

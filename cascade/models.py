@@ -16,7 +16,7 @@ from torch import nn
 
 from cascade.config import ConfigError, ExperimentConfig
 from cascade.data.lists import ListBatch
-from cascade.data.store import Dataset
+from cascade.data.store import Dataset, memory_bytes
 from cascade.towers.dat import DAT
 from cascade.towers.dssm import DSSM
 from cascade.towers.embedding import HISTORY, Embeddings, pack_items, pack_user
@@ -30,20 +30,34 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTo
 
 def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]] = MODELS) -> nn.Module:
     if exp.model.name not in models:
-        raise ConfigError(f"model.name: unknown model '{exp.model.name}' (have: {', '.join(models)})")
+        raise ConfigError(f"{exp.where}.model.name: unknown model '{exp.model.name}' (have: {', '.join(models)})")
     spec = ds.schema.features
     drop = set(exp.model.drop_fields)
     unknown = sorted(drop - set(spec.names) - {HISTORY})
     if unknown:
-        raise ConfigError(f"model.drop_fields: unknown field '{unknown[0]}' (have: {', '.join(spec.names)}, {HISTORY})")
+        raise ConfigError(f"{exp.where}.model.drop_fields: unknown field '{unknown[0]}' (have: {', '.join(spec.names)}, {HISTORY})")
     user = tuple(f for f in spec.side("user") if f.name not in drop)
     item = tuple(f for f in spec.side("item") if f.name not in drop)
     history_len = 0 if HISTORY in drop else ds.schema.history_max
+    _check_embedding_memory(spec.fields, exp.model.embedding_dim, exp.where)
     embeddings = Embeddings(spec, exp.model.embedding_dim)
     try:
         return models[exp.model.name](user, item, embeddings, history_len=history_len, **exp.model.params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model: {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{exp.where}.model: {exp.model.name} with params {exp.model.params}: {e}") from None
+
+
+TRAINING_COPIES = 4  # weights, gradients and Adam's two moments
+
+
+def _check_embedding_memory(spec_fields, dim: int, where: str) -> None:
+    """Refuse embedding tables that cannot be trained in this machine's memory, naming the
+    largest field and the bytes, before anything is allocated."""
+    sizes = {f.name: (f.vocab + 1) * dim * 4 * TRAINING_COPIES for f in spec_fields}
+    limit = memory_bytes()
+    if sum(sizes.values()) > limit:
+        name = max(sizes, key=sizes.get)
+        raise ConfigError(f"{where}.model.embedding_dim: {dim} x the vocabularies needs {sum(sizes.values()) / 2**30:,.1f} GiB to train (weights, gradients, Adam; '{name}' alone {sizes[name] / 2**30:,.1f} GiB for {sizes[name] // (dim * 4 * TRAINING_COPIES) - 1:,} ids); this machine has {limit / 2**30:,.1f} GiB")
 
 
 def load_trained(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]], train: Callable) -> nn.Module:

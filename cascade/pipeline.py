@@ -168,7 +168,7 @@ def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Modul
     try:
         table = item_table(ds, model.item_slots)
     except ValueError as e:
-        raise ConfigError(f"model.drop_fields: {e}") from None
+        raise ConfigError(f"{exp.where}.model.drop_fields: {e}") from None
     train = training_pairs(ds, model, "train", table, exp.recall.hard_negatives, exp.recall.seed)
     step = RecallStep(exp.recall, model, table, ds.items["item_id"], train)
     trainer = Trainer(model, exp.train, exp.run_dir)

@@ -46,9 +46,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got '{self.precision}'")
+        at_least(self, epochs=1, batch_size=1, patience=1, seed=0, weight_decay=0)
+        above(self, lr=0)
 
 
-class CheckpointError(RuntimeError):
+def at_least(cfg: object, **lows: float) -> None:
+    """ValueError naming the first of ``cfg``'s fields below its lower bound (None passes)."""
+    for key, low in lows.items():
+        value = getattr(cfg, key)
+        if value is not None and value < low:
+            raise ValueError(f"{key}: {value!r} is below {low}")
+
+
+def above(cfg: object, **lows: float) -> None:
+    """ValueError naming the first of ``cfg``'s fields not strictly above its bound (None passes)."""
+    for key, low in lows.items():
+        value = getattr(cfg, key)
+        if value is not None and value <= low:
+            raise ValueError(f"{key}: {value!r} must be above {low}")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on; the message names the file or key and what to do."""
+
+
+class CheckpointError(RunError):
     """A checkpoint that cannot be resumed from; the message names the file and what to do."""
 
 
@@ -166,6 +188,8 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            if evaluate is not None and cfg.monitor not in metrics:
+                raise RunError(f"train.monitor: '{cfg.monitor}' is not among this run's validation metrics ({', '.join(metrics)})")
             value = epoch if evaluate is None else metrics[cfg.monitor]
             if value > state["best"]:
                 state.update(best=value, best_epoch=epoch + 1, bad_epochs=0, best_metrics=row)

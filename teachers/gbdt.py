@@ -168,12 +168,12 @@ def train_gbdt(exp) -> dict:
     if exp.task == "distill":
         return train_gbdt_lists(exp)
     if exp.task != "pointwise":
-        raise ConfigError(f"task: model 'gbdt' trains as 'pointwise' or 'distill', not '{exp.task}'")
+        raise ConfigError(f"{exp.where}.task: model 'gbdt' trains as 'pointwise' or 'distill', not '{exp.task}'")
     ds = prepare_data(exp.data)
     try:
         cfg = GBDTConfig(**{"objective": "binary", "seed": exp.train.seed, **exp.model.params})
     except TypeError as e:
-        raise ConfigError(f"model: {e}") from None
+        raise ConfigError(f"{exp.where}.model.params: {e}") from None
     flat = {}
     for split in ("train", "valid", "test"):
         f = pointwise_lists(ds, split)
@@ -211,12 +211,12 @@ def train_gbdt_lists(exp) -> dict:
     from cascade.pipeline import prepare_data
 
     if exp.distill.teacher is not None:
-        raise ConfigError(f"distill.teacher: a 'gbdt' ranker trains on labels only, so it takes no teacher (got '{exp.distill.teacher}')")
+        raise ConfigError(f"{exp.where}.distill.teacher: a 'gbdt' ranker trains on labels only, so it takes no teacher (got '{exp.distill.teacher}')")
     ds = prepare_data(exp.data)
     try:
         cfg = GBDTConfig(**{"seed": exp.train.seed, **exp.model.params})
     except TypeError as e:
-        raise ConfigError(f"model: {e}") from None
+        raise ConfigError(f"{exp.where}.model.params: {e}") from None
     lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
     teacher = GBDTTeacher(ds.schema.features, ds.items, cfg)
     start = time.perf_counter()

@@ -69,7 +69,7 @@ def test_unknown_model_and_bad_params_exit_2(tmp_path, capsys):
     assert "unknown model 'dsm' (have: dssm, senet, dat, inttower, hit, din)" in capsys.readouterr().err
     assert main(["train", str(_write(tmp_path, CONFIG.replace("dropout: 0.0", "dropuot: 0.0")))]) == 2
     err = capsys.readouterr().err
-    assert "error: model:" in err and "dropuot" in err
+    assert "c.yaml: experiments.small.model: dssm with params" in err and "dropuot" in err
 
 
 def test_gbdt_trains_from_config(tmp_path, capsys):
@@ -84,3 +84,70 @@ def test_gbdt_trains_from_config(tmp_path, capsys):
 def test_cuda_device_without_cuda_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="experiments.small.train.device: 'cuda' asked for, but this torch .* sees no CUDA device"):
         load_config(_write(tmp_path, CONFIG.replace("seed: 1", "seed: 1, device: cuda")))
+
+
+# The hostile-config corpus: (old, new) edits of CONFIG, or a whole text, and what the error
+# must say. Each goes through `cascade train`: exit 2, the file and key named, no traceback, and
+# nothing trained.
+BAD_CONFIGS = {
+    "epochs as text": (("epochs: 2", 'epochs: "5"'), "experiments.small.train.epochs: '5' is not a whole number"),
+    "negative lr": (("seed: 1", "seed: 1, lr: -0.001"), "experiments.small.train: lr: -0.001 must be above 0"),
+    "batch_size 0": (("batch_size: 64", "batch_size: 0"), "experiments.small.train: batch_size: 0 is below 1"),
+    "batch_size -5": (("batch_size: 64", "batch_size: -5"), "experiments.small.train: batch_size: -5 is below 1"),
+    "embedding_dim -4": (("embedding_dim: 8", "embedding_dim: -4"), "experiments.small.model: embedding_dim: -4 is below 1"),
+    "epochs true": (("epochs: 2", "epochs: true"), "train.epochs: True is not a whole number"),
+    "lr nan": (("seed: 1", "seed: 1, lr: .nan"), "train.lr: nan is not a number"),
+    "monitor typo": (("seed: 1", "seed: 1, monitor: acu"), "experiments.small.train.monitor: 'acu' is not a validation metric of a 'pointwise' task (it has: auc, gauc, logloss)"),
+    "data kind typo": (("kind: synth", "kind: synht"), "experiments.small.data: kind: 'synht' is not one of synth, movielens, recall_output, logs"),
+    "params not a mapping": (("params: {hidden: [16, 8], dropout: 0.0}", "params: [16, 8]"), "experiments.small.model.params: [16, 8] is not a mapping"),
+    "hidden layer of -3": (("hidden: [16, 8]", "hidden: [-3]"), "experiments.small.model: dssm with params {'hidden': [-3], 'dropout': 0.0}: Trying to create tensor with negative dimension -3"),
+    "duplicate key": (("  train: {epochs: 2", "  train: {epochs: 1}\n  train: {epochs: 2"), "line 6: not valid YAML: key 'train' given twice (lines 5 and 6)"),
+    "top level a list": ("- base\n- experiments\n", "the top level must be a mapping (key: value lines), got list"),
+    "empty file": ("", "the top level must be a mapping (key: value lines), got NoneType"),
+    "experiments a list": ("experiments: [small]\n", "'experiments' must be a mapping"),
+    "alias bomb": (
+        "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+        "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+        "g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]\nh: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]\ni: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]\n",
+        "its anchors and aliases expand to more than 100,000 values; refused",
+    ),
+    "out climbs": (("out: OUT", "out: ../elsewhere"), "experiments.small.out: '../elsewhere' climbs out of the directory the command runs in"),
+    "out empty": (("out: OUT", "out: ''"), "experiments.small.out: '' is not a folder of its own"),
+    "experiment name climbs": (("  small: {}", "  ../../escape: {}"), "experiments: '../../escape' is not a plain name"),
+    "experiment name absolute": (("  small: {}", "  /tmp/escape: {}"), "experiments: '/tmp/escape' is not a plain name"),
+    "experiment name empty": (("  small: {}", "  '': {}"), "experiments: '' is not a plain name"),
+    "logs dir missing": (("kind: synth, dir: DATA", "kind: logs, dir: no_such_logs"), "data.dir: '"),
+    "quota order": (("  small: {}", "  small: {task: distill, distill: {prerank_quota: 5, rank_quota: 10}}"), "need 0 < rank_quota < prerank_quota, got 10 and 5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_hostile_configs_exit_2_naming_file_and_key(case, tmp_path, capsys):
+    edit, message = BAD_CONFIGS[case]
+    text = CONFIG.replace(*edit) if isinstance(edit, tuple) else edit
+    path = _write(tmp_path, text)
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err, err
+    assert str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    if case != "hidden layer of -3":  # a model's own parameters are checked as it is built, after the data
+        assert not (tmp_path / "data").exists()
+
+
+def test_input_paths_resolve_against_the_config_file(tmp_path, small_dir):
+    """data.dir of 'kind: logs' and other configs' paths are read relative to the config file,
+    wherever the command runs."""
+    import shutil
+
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    shutil.copytree(small_dir, tmp_path / "project" / "logs")
+    text = CONFIG.replace("kind: synth, dir: DATA", "kind: logs, dir: ../logs")
+    text += "  cas: {task: cascade, cascade: {recall: {config: c.yaml, experiment: small}}}\n"
+    (folder / "c.yaml").write_text(text.replace("OUT", str(tmp_path / "runs")))
+    small, *_, cas = load_config(folder / "c.yaml")
+    assert small.data.dir == str(folder / "../logs")
+    assert cas.cascade.recall["config"] == str(folder / "c.yaml")
+    assert (tmp_path / "project" / "logs" / "schema.json").samefile(small.data.dir + "/schema.json")

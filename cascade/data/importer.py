@@ -38,13 +38,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import yaml
 from tqdm import tqdm
 
 from cascade.data.history import last_before
 from cascade.data.schema import EXPOSED, STAGES, Schema
 from cascade.data.store import DataError, Dataset, Problem, check_output_dir, write_dataset
 from cascade.features import Field, FeatureSpec
+from cascade.yamlfile import read_yaml
 
 RULE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?)\s*$")
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
@@ -145,11 +145,13 @@ class ImportSpec:
 
     @staticmethod
     def read(path: str | Path, overrides: dict[str, Any] | None = None) -> "ImportSpec":
-        from cascade.config import read_yaml
-
         path = Path(path)
         body = read_yaml(path)
-        return ImportSpec.from_dict({**body, **(overrides or {})}, str(path), path.parent)
+        columns = body.pop("columns", None) or {}
+        if not isinstance(columns, dict):
+            raise ValueError(f"{path}: columns: expected a mapping")
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        return ImportSpec.from_dict({**body, "columns": {k: v for k, v in columns.items() if k not in given}, **given}, str(path), path.parent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +170,8 @@ def read_table(path: str | Path, what: str) -> pa.Table:
             parts = [f.read_row_group(i) for i in tqdm(range(f.num_row_groups), desc=f"read {path.name}", unit="group", leave=False, disable=None)]
             return pa.concat_tables(parts) if parts else f.schema_arrow.empty_table()
         size = path.stat().st_size
-        with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=16 << 20)) as reader:
+        convert = pacsv.ConvertOptions(strings_can_be_null=True)  # an empty field is missing
+        with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=16 << 20), convert_options=convert) as reader:
             batches = []
             with tqdm(total=size, desc=f"read {path.name}", unit="B", unit_scale=True, leave=False, disable=None) as bar:
                 for batch in reader:
@@ -197,10 +200,9 @@ def _first_row(mask: np.ndarray) -> int:
 def vocabulary(values: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
     """Sorted distinct non-null values and each value's id 1..V (0 for null)."""
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    distinct = pc.sort_indices(pc.unique(values.drop_null()) if values.null_count else pc.unique(values))
-    vocab = pc.take(pc.unique(values.drop_null()), distinct)
-    ids = pc.index_in(values, value_set=vocab).to_numpy(zero_copy_only=False)
-    return vocab, np.where(np.isnan(ids.astype(np.float64)), 0, ids + 1).astype(np.int64) if values.null_count else ids.astype(np.int64) + 1
+    distinct = pc.unique(values.drop_null())
+    vocab = pc.take(distinct, pc.sort_indices(distinct))
+    return vocab, _keys(values, vocab)
 
 
 def buckets(values: pa.ChunkedArray, n: int, file: str, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +268,7 @@ def seconds(col: pa.ChunkedArray, unit: str, file: str, name: str) -> np.ndarray
 # the import
 
 
-def _side(spec_fields: Fields, table: pa.Table | None, file: str, key_name: str, key_ids: np.ndarray, n: int, side: str) -> tuple[dict[str, np.ndarray], list[Field], dict[str, Any], dict[str, pa.Array]]:
+def _side(spec_fields: Fields, table: pa.Table | None, file: str, key_ids: np.ndarray, n: int, side: str) -> tuple[dict[str, np.ndarray], list[Field], dict[str, Any], dict[str, pa.Array]]:
     """Feature columns of one side, aligned to its ids 1..n: (columns, fields, import notes,
     vocabularies). ``key_ids``: the table's rows' ids (0 for a row whose key is empty)."""
     columns: dict[str, np.ndarray] = {}
@@ -310,14 +312,13 @@ def _side(spec_fields: Fields, table: pa.Table | None, file: str, key_name: str,
         columns[name] = place(ids)
         out_fields.append(Field(name, side, len(edges) - 1))
         notes[name] = {"buckets": len(edges) - 1, "boundaries": edges.tolist()}
-    del key_name
     return columns, out_fields, notes, vocabs
 
 
-def _keys(values: pa.ChunkedArray, vocab: pa.Array) -> np.ndarray:
-    """Ids 1..V of ``values`` in ``vocab``; 0 where empty."""
-    ids = pc.index_in(values.combine_chunks(), value_set=vocab).to_numpy(zero_copy_only=False)
-    return np.nan_to_num(ids.astype(np.float64), nan=-1).astype(np.int64) + 1
+def _keys(values: pa.ChunkedArray | pa.Array, vocab: pa.Array) -> np.ndarray:
+    """Ids 1..V of ``values`` in ``vocab``; 0 where empty or absent."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    return pc.index_in(values, value_set=vocab).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
 
 
 def _key_type(col: pa.ChunkedArray, file: str, name: str) -> pa.ChunkedArray:
@@ -365,7 +366,14 @@ def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, by
             side_keys[side] = _key_type(_column(table, key, Path(file).name, f"{side} key"), Path(file).name, key)
     vocabs: dict[str, pa.Array] = {}
     for side, col in (("user", user_col), ("item", item_col)):
-        both = col if side not in side_keys else pa.chunked_array([*col.chunks, *pc.cast(side_keys[side], col.type).chunks])
+        both = col
+        if side in side_keys:
+            file = Path(spec.users if side == "user" else spec.items).name
+            try:
+                side_keys[side] = pc.cast(side_keys[side], col.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise DataError([Problem(file, spec.user if side == "user" else spec.item, None, None, f"has type {side_keys[side].type} but the events' {side} ids are {col.type}")]) from None
+            both = pa.chunked_array([*col.chunks, *side_keys[side].chunks], col.type)
         vocabs[f"{side}_id"] = vocabulary(both)[0]
     user = _keys(user_col, vocabs["user_id"])
     item = _keys(item_col, vocabs["item_id"])
@@ -391,8 +399,7 @@ def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, by
 
     # requests
     if request_key is not None:
-        req_vocab, group = vocabulary(request_key.take(pa.array(keep)))
-        del req_vocab
+        group = vocabulary(request_key.take(pa.array(keep)))[1]
     else:
         group = user * (int(ts.max()) // spec.request_window + 1) + ts // spec.request_window
     order = np.lexsort((-label, ts, group))  # within a request: time order, positives first on ties
@@ -447,7 +454,7 @@ def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, by
                 dup_id = int(np.flatnonzero(repeated)[0])
                 rows = np.flatnonzero(key_ids == dup_id)
                 raise DataError([Problem(name, spec.user if side == "user" else spec.item, int(rows[1]), vocabs[f"{side}_id"][dup_id - 1].as_py(), f"{side} listed twice", int(repeated.sum()))])
-        cols, side_fields, side_notes, side_vocabs = _side(spec_fields, table, name, f"{side}_id", key_ids, len(target[f"{side}_id"]), side)
+        cols, side_fields, side_notes, side_vocabs = _side(spec_fields, table, name, key_ids, len(target[f"{side}_id"]), side)
         target.update(cols)
         feature_fields += side_fields
         notes.update(side_notes)

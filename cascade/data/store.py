@@ -49,7 +49,7 @@ class Problem:
             where += f", row {self.row}"
         text = f"{where}: {self.message}"
         if self.row is not None:
-            text += f" (value {self.value!r})"
+            text += f" (value {_plain(self.value)!r})"
         if self.count > 1:
             text += f"; {self.count:,} rows in all"
         return text
@@ -422,6 +422,7 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
         for name, file in TABLE_FILES.items():
             pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd")
         for file, data in (extra_files or {}).items():
+            (tmp / file).parent.mkdir(parents=True, exist_ok=True)
             (tmp / file).write_bytes(data)
     return out
 
