@@ -103,6 +103,10 @@ def _run(args: argparse.Namespace) -> int:
 
     _overrides(args)
     try:
+        if args.restart:
+            from cascade.config import load_config
+
+            _restart(load_config(args.config))
         run_job(args.config)
     except (ConfigError, BundleError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -132,6 +136,8 @@ def _train(args: argparse.Namespace) -> int:
             experiments = [e for e in experiments if e.task == "distill"]
             if not experiments:
                 raise ConfigError(f"{args.config}: no experiment with 'task: distill'")
+        if args.restart:
+            _restart(experiments)
         explained: set[str] = set()
         for exp in experiments:
             result = train_experiment(exp, args.config, {**MODELS, **TEACHERS}, BOOSTED)
@@ -267,7 +273,16 @@ def _knobs() -> argparse.ArgumentParser:
     knobs.add_argument("--seed", type=_at_least(0), help="train.seed")
     knobs.add_argument("--device", help="train.device (cpu, cuda, cuda:1, ...)")
     knobs.add_argument("--out", dest="out_root", type=Path, help="the runs root (each experiment trains in OUT/NAME)")
+    common.add_argument("--restart", action="store_true", help="remove the named experiments' run folders and train them from the start (the stages they load are kept)")
     return common
+
+
+def _restart(experiments) -> None:
+    from cascade.train import clear_run
+
+    for exp in experiments:
+        if clear_run(exp.run_dir):
+            print(f"--restart: removed {exp.run_dir}")
 
 
 MODEL_LIST = "pre-rankers and recall: dssm, senet, dat, inttower, hit; rankers: din, gbdt (LightGBM)"
@@ -343,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--seed", type=_at_least(0), help="seed of a random split [0]")
     imp.set_defaults(run=_import)
 
-    train = verbs.add_parser("train", help="train the experiments of a YAML config (every task)", parents=[knobs], formatter_class=_Help, description="Train every experiment of CONFIG (or one), each in OUT/NAME: config.json, log.txt, metrics.jsonl, best.pt, last.pt, results.json. A stopped run resumes from last.pt.", epilog=f"{TASKS}\nmodels: {MODEL_LIST}\nexample: cascade train configs/quickstart.yaml --experiment din --epochs 1")
+    train = verbs.add_parser("train", help="train the experiments of a YAML config (every task)", parents=[knobs], formatter_class=_Help, description="Train every experiment of CONFIG (or one), each in OUT/NAME: config.json, log.txt, metrics.jsonl, best.pt, last.pt, prev.pt, results.json. A stopped run resumes from last.pt (prev.pt if last.pt is damaged); with another config it is refused, naming the keys: --restart trains it from the start.", epilog=f"{TASKS}\nmodels: {MODEL_LIST}\nexample: cascade train configs/quickstart.yaml --experiment din --epochs 1")
     train.add_argument("config", type=Path, help="a YAML config (see configs/)")
     train.add_argument("--experiment", help="only this experiment of the config")
     train.set_defaults(run=_train)

@@ -3,17 +3,23 @@
 The Trainer knows nothing of models or losses: it is given a ``step_loss(batch) -> loss`` and an
 ``evaluate() -> metrics`` closure and the name of the metric to maximise. A run folder holds
 ``config.json`` (resolved), ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``last.pt``
-(everything needed to resume) and ``best.pt`` (the best model's ``state_dict``). Checkpoints hold
-tensors and plain values only and are loaded with ``weights_only=True``. Every file is written
-whole or not at all (``store.write_atomic``), so a kill never leaves a half checkpoint; one that
-cannot be read anyway stops the run with a ``CheckpointError`` naming it.
+(everything needed to resume, the best weights and the config included), ``prev.pt`` (the
+checkpoint before) and ``best.pt`` (the best model's ``state_dict``). Checkpoints hold tensors and
+plain values only, are loaded with ``weights_only=True`` and carry a sha256 of their content.
+Every file is written whole or not at all (``store.write_atomic``). Resuming reads last.pt, or
+prev.pt when last.pt is damaged (said in the log), and refuses a changed config naming the keys;
+a run with no readable checkpoint stops with a ``CheckpointError`` (``--restart`` starts over).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -144,21 +150,26 @@ class Trainer:
         ``evaluate`` it trains a fixed schedule: every epoch runs and the last one is kept."""
         cfg = self.cfg
         seed_everything(cfg.seed)
-        write_text_atomic(self.run_dir / "config.json", json.dumps(resolved_config or {"train": asdict(cfg)}, indent=2, sort_keys=True) + "\n")
+        resolved = json.loads(json.dumps(resolved_config or {"train": asdict(cfg)}, sort_keys=True))
         state = {"epoch": -1, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}}
-        last = self.run_dir / "last.pt"
-        if last.exists():
-            try:
-                ckpt = torch.load(last, weights_only=True, map_location=self.device)
-            except Exception as e:  # truncated, corrupt or not a checkpoint: never resume from it
-                raise CheckpointError(f"{last}: cannot be read to resume this run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); delete it to train this run from the start") from None
+        best_weights = None
+        ckpt = self._resume()
+        if ckpt is not None:
+            changed = config_changes(json.loads(ckpt["config"]), resolved) if "config" in ckpt else []
+            if changed:
+                raise RunError(f"{self.run_dir}: its checkpoint was trained with another config ({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); run with --restart to train it from the start, or restore the config")
             self.model.load_state_dict(ckpt["model"])
             if "loss" in ckpt:  # runs saved before losses had parameters have none
                 self.loss.load_state_dict(ckpt["loss"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"].cpu())
             state = ckpt["state"]
-            self.log(f"resumed from {last} after epoch {state['epoch'] + 1}")
+            best_weights = ckpt.get("best_model")
+            if best_weights is not None:  # best.pt may be from an epoch whose checkpoint was lost
+                write_atomic(self.run_dir / "best.pt", lambda f: torch.save(best_weights, f))
+            self.log(f"resumed from {self.resumed_from} after epoch {state['epoch'] + 1}")
+        write_text_atomic(self.run_dir / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+        self._keep_metrics_through(state["epoch"] + 1)
         train = train.to(self.device)
         for epoch in range(state["epoch"] + 1, cfg.epochs):
             if state["bad_epochs"] >= cfg.patience:
@@ -184,23 +195,130 @@ class Trainer:
             self.model.eval()
             with torch.no_grad():
                 metrics = {} if evaluate is None else evaluate()
+            if evaluate is not None and cfg.monitor not in metrics:
+                raise RunError(f"train.monitor: '{cfg.monitor}' is not among this run's validation metrics ({', '.join(metrics)})")
             row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "seconds": seconds, f"{self.unit}_per_s": seen / seconds, **metrics}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-            if evaluate is not None and cfg.monitor not in metrics:
-                raise RunError(f"train.monitor: '{cfg.monitor}' is not among this run's validation metrics ({', '.join(metrics)})")
             value = epoch if evaluate is None else metrics[cfg.monitor]
             if value > state["best"]:
                 state.update(best=value, best_epoch=epoch + 1, bad_epochs=0, best_metrics=row)
-                write_atomic(self.run_dir / "best.pt", lambda f: torch.save(self.model.state_dict(), f))
+                best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                write_atomic(self.run_dir / "best.pt", lambda f: torch.save(best_weights, f))
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch
-            ckpt = {"model": self.model.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "state": state}
-            write_atomic(last, lambda f: torch.save(ckpt, f))
+            self._checkpoint({"model": self.model.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "state": state, "best_model": best_weights, "config": json.dumps(resolved, sort_keys=True)})
         if (self.run_dir / "best.pt").exists():
             self.model.load_state_dict(torch.load(self.run_dir / "best.pt", weights_only=True, map_location=self.device))
         # no results.json here: the task writes it last, with its test figures, as the mark that
         # the run is complete (what `cascade run` and load_trained look for)
         return state["best_metrics"]
+
+    # ----------------------------------------------------------------------------------------
+    # checkpoints: last.pt (the newest) and prev.pt (the one before), each with a checksum
+
+    def _checkpoint(self, ckpt: dict) -> None:
+        """Save ``ckpt`` as last.pt, the older last.pt kept as prev.pt (a kill between the two
+        leaves prev.pt alone, which resuming falls back to)."""
+        last, prev = self.run_dir / LAST, self.run_dir / PREVIOUS
+        body = io.BytesIO()
+        torch.save(ckpt, body)
+        data = body.getvalue()
+        sealed = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "body": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+        if last.exists():  # prev.pt becomes a second name of the current last.pt, then last.pt is
+            # replaced whole: a kill at any point leaves last.pt old or new, prev.pt older or old
+            link = self.run_dir / f".{PREVIOUS}.link"
+            link.unlink(missing_ok=True)
+            try:
+                os.link(last, link)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(last, link)
+            os.replace(link, prev)
+        write_atomic(last, lambda f: torch.save(sealed, f))
+
+    def _resume(self) -> dict | None:
+        """The newest readable checkpoint (last.pt, else prev.pt, saying so), or None for a new
+        run; CheckpointError when checkpoints exist and none can be read."""
+        self.resumed_from = None
+        found = [p for p in (self.run_dir / LAST, self.run_dir / PREVIOUS) if p.exists()]
+        problems = []
+        for path in found:
+            try:
+                ckpt = read_checkpoint(path, self.device)
+            except CheckpointError as e:
+                problems.append(str(e))
+                self.log(f"warning: {e}")
+                continue
+            if problems:
+                self.log(f"warning: falling back to {path}, the checkpoint before")
+            self.resumed_from = path
+            return ckpt
+        if problems:
+            raise CheckpointError("; ".join(problems) + "; run again with --restart to train this run from the start")
+        return None
+
+    def _keep_metrics_through(self, epochs: int) -> None:
+        """metrics.jsonl keeps the rows of the epochs the resumed state has (a run killed after
+        writing a row but before its checkpoint would otherwise hold that epoch twice)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epochs:
+                rows.append(line)
+        write_text_atomic(path, "".join(r + "\n" for r in rows))
+
+
+LAST, PREVIOUS = "last.pt", "prev.pt"
+CHECKPOINT_FORMAT = 2
+# keys a resumed run may change: how long it trains, where, and from which file it was read
+RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.device", "source", "out"}
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint's content, its checksum verified; CheckpointError naming the file and what is
+    wrong (truncated, corrupt, altered, not a checkpoint)."""
+    try:
+        sealed = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated, corrupt or not a checkpoint: never resume from it
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    if not isinstance(sealed, dict):
+        raise CheckpointError(f"{path}: not a checkpoint")
+    if "sha256" not in sealed:  # written before checkpoints carried a checksum
+        return sealed
+    data = sealed["body"].numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != sealed["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch (the file was altered or damaged)")
+    return torch.load(io.BytesIO(data), weights_only=True, map_location=device)
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs, outside RESUMABLE_CHANGES."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if name in RESUMABLE_CHANGES:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def clear_run(run_dir: Path) -> bool:
+    """Remove a run folder to train it from the start (``--restart``); only a folder that holds
+    a run (config.json or results.json), never anything else."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and ((run_dir / "config.json").exists() or (run_dir / "results.json").exists()):
+        shutil.rmtree(run_dir)
+        return True
+    return False

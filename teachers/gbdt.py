@@ -21,7 +21,7 @@ import lightgbm as lgb
 import numpy as np
 
 from cascade.data.lists import ListBatch
-from cascade.data.store import write_text_atomic
+from cascade.data.store import write_atomic, write_text_atomic
 from cascade.features import FeatureSpec
 
 MULTI_HOT_MAX = 64
@@ -191,7 +191,7 @@ def train_gbdt(exp) -> dict:
         "train_seconds": seconds,
     }
     exp.run_dir.mkdir(parents=True, exist_ok=True)
-    teacher.booster.save_model(str(exp.run_dir / "model.txt"))
+    write_text_atomic(exp.run_dir / "model.txt", teacher.booster.model_to_string())
     write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
     return result
 
@@ -226,8 +226,8 @@ def train_gbdt_lists(exp) -> dict:
     scores = {}
     for split, lst in lists.items():
         scores[split] = teacher.score(lst)
-        np.save(exp.run_dir / "scores" / f"{split}.npy", scores[split])
-    teacher.booster.save_model(str(exp.run_dir / "model.txt"))
+        write_atomic(exp.run_dir / "scores" / f"{split}.npy", lambda f: np.save(f, scores[split]))
+    write_text_atomic(exp.run_dir / "model.txt", teacher.booster.model_to_string())
     test = cascade_report(scores["test"], scores["test"], lists["test"], exp.distill)
     result = {"experiment": exp.name, "model": "gbdt", "task": "distill", "objective": cfg.objective, "trees": teacher.booster.best_iteration, "valid": best, "test": test, "train_seconds": seconds}
     write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from cascade.cli import main
@@ -61,7 +63,20 @@ def test_a_run_with_a_broken_checkpoint_exits_2_naming_it(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", str(path), "--experiment", "small", "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert f"{run / 'last.pt'}: cannot be read to resume this run" in err and "delete it" in err
+    assert f"{run / 'last.pt'}: cannot be read" in err and "run again with --restart" in err
+    assert main(["train", str(path), "--experiment", "small", "--epochs", "2", "--restart"]) == 0
+    assert f"--restart: removed {run}" in capsys.readouterr().out
+    assert "resumed" not in (run / "log.txt").read_text()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resuming_with_a_changed_config_exits_2_naming_the_key(tmp_path, capsys):
+    path = _write(tmp_path)
+    assert main(["train", str(path), "--experiment", "small", "--epochs", "1"]) == 0
+    (tmp_path / "runs" / "small" / "results.json").unlink()  # unfinished
+    capsys.readouterr()
+    assert main(["train", str(path), "--experiment", "small", "--seed", "5"]) == 2
+    assert "trained with another config (train.seed: 1 -> 5); run with --restart" in capsys.readouterr().err
 
 
 def test_unknown_model_and_bad_params_exit_2(tmp_path, capsys):
@@ -151,3 +166,80 @@ def test_input_paths_resolve_against_the_config_file(tmp_path, small_dir):
     assert small.data.dir == str(folder / "../logs")
     assert cas.cascade.recall["config"] == str(folder / "c.yaml")
     assert (tmp_path / "project" / "logs" / "schema.json").samefile(small.data.dir + "/schema.json")
+
+
+KILLABLE = """
+import io, sys, time
+from pathlib import Path
+import cascade.data.store as store
+import cascade.train as train
+from cascade.cli import main
+
+whole = store.write_atomic
+
+
+def slow(path, write):
+    # every file cascade writes atomically is written half, announced, and finished 0.1 s later:
+    # the test kills the process at a chosen announcement, in the middle of that write
+    def halves(f):
+        buf = io.BytesIO()
+        write(buf)
+        data = buf.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        print("WRITING", Path(path).name, flush=True)
+        time.sleep(0.1)
+        f.write(data[len(data) // 2 :])
+    return whole(path, halves)
+
+
+store.write_atomic = train.write_atomic = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_result(tmp_path, capsys):
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, CONFIG.replace("epochs: 2", "epochs: 4"))
+    assert main(["train", str(path), "--experiment", "small", "--out", str(tmp_path / "straight")]) == 0
+    capsys.readouterr()
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE)
+    command = [sys.executable, str(script), "train", str(path), "--experiment", "small", "--out", str(tmp_path / "killed")]
+    rng = random.Random(11)
+    kills = []
+    for attempt in range(8):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if attempt < 4:  # at the k-th write: inside checkpoint, best.pt, config.json, results.json writes
+            k, seen = rng.randint(1, 3), 0  # a rerun writes config.json, a checkpoint or two, results.json
+            for line in proc.stdout:
+                if line.startswith("WRITING"):
+                    seen += 1
+                    if seen == k:
+                        proc.send_signal(signal.SIGKILL)
+                        kills.append(line.split()[1])
+                        break
+        elif attempt < 6:  # at a random time
+            try:
+                proc.wait(timeout=rng.uniform(1.5, 4.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                kills.append("timed")
+        out, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err  # never a traceback, only our kills
+    assert proc.returncode == 0, err
+    print("killed during:", kills)
+    assert any(name in ("last.pt", "prev.pt", "best.pt") for name in kills), kills  # a checkpoint write was cut
+    straight, killed = (tmp_path / d / "small" for d in ("straight", "killed"))
+    a, b = (json.loads((d / "results.json").read_text()) for d in (straight, killed))
+    assert b["test"] == pytest.approx(a["test"], abs=1e-6)
+    rows = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "samples_per_s")} for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["epoch"] for r in rows(killed)] == [r["epoch"] for r in rows(straight)]  # each epoch once
+    for x, y in zip(rows(straight), rows(killed)):
+        assert y == pytest.approx(x, abs=1e-6)

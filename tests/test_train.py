@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cascade.train import CheckpointError, Tensors, TrainConfig, Trainer
+from cascade.train import CheckpointError, RunError, Tensors, TrainConfig, Trainer, read_checkpoint
 
 
 def _data(n=256, seed=0):
@@ -69,7 +69,7 @@ def test_without_evaluate_every_epoch_runs_and_the_last_is_kept(tmp_path):
     model, _ = _fit_with_loss(tmp_path, epochs=3)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    last = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    last = read_checkpoint(tmp_path / "last.pt")["model"]
     for k, v in torch.load(tmp_path / "best.pt", weights_only=True).items():
         torch.testing.assert_close(v, last[k], msg=k)
 
@@ -90,7 +90,7 @@ def test_an_unreadable_checkpoint_stops_the_run_naming_it(tmp_path):
     _fit(tmp_path, epochs=1)
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[:100])  # what a kill mid-write used to leave
-    with pytest.raises(CheckpointError, match=r"last\.pt: cannot be read to resume.*delete it"):
+    with pytest.raises(CheckpointError, match=r"last\.pt: cannot be read .*run again with --restart"):
         _fit(tmp_path, epochs=2)
 
 
@@ -109,6 +109,63 @@ def test_checkpoints_are_replaced_whole(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def _flip_a_body_byte(path):
+    data = bytearray(path.read_bytes())
+    sealed = torch.load(path, weights_only=True)
+    body = sealed["body"].numpy().tobytes()
+    at = data.find(body[1000:1032])  # the stored bytes of the checkpoint's body
+    assert at > 0
+    data[at + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
+    straight = _fit(tmp_path / "a", epochs=4)
+    _fit(tmp_path / "b", epochs=3)  # last.pt after epoch 3, prev.pt after epoch 2
+    _flip_a_body_byte(tmp_path / "b" / "last.pt")
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        read_checkpoint(tmp_path / "b" / "last.pt")
+    resumed = _fit(tmp_path / "b", epochs=4)  # epoch 3 again, then 4
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+    log = (tmp_path / "b" / "log.txt").read_text()
+    assert "checksum mismatch" in log and "falling back to" in log and "prev.pt" in log
+    rows = [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4]  # epoch 3's first row went with its checkpoint
+
+
+def test_no_readable_checkpoint_names_both_and_the_way_out(tmp_path):
+    _fit(tmp_path, epochs=2)
+    (tmp_path / "last.pt").write_bytes(b"")
+    (tmp_path / "prev.pt").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(CheckpointError, match=r"last\.pt: cannot be read.*prev\.pt: cannot be read.*--restart"):
+        _fit(tmp_path, epochs=3)
+
+
+def _fit_config(run_dir, lr, epochs):
+    model, data = _model(), _data()
+    trainer = Trainer(model, TrainConfig(epochs=epochs, batch_size=32, lr=lr), run_dir)
+    resolved = {"train": {"lr": lr, "epochs": epochs}, "model": {"hidden": [8]}}
+    trainer.fit(data, lambda b: nn.functional.binary_cross_entropy_with_logits(model(b.user), b.label), None, resolved_config=resolved)
+
+
+def test_resuming_with_another_config_is_refused_naming_the_key(tmp_path):
+    _fit_config(tmp_path, lr=0.01, epochs=1)
+    _fit_config(tmp_path, lr=0.01, epochs=2)  # more epochs: a resume, allowed
+    with pytest.raises(RunError, match=r"trained with another config \(train\.lr: 0\.01 -> 0\.02\); run with --restart"):
+        _fit_config(tmp_path, lr=0.02, epochs=3)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 0.01  # left as trained
+
+
+def test_an_epoch_logged_but_not_checkpointed_is_not_logged_twice(tmp_path):
+    _fit(tmp_path, epochs=2)
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    # killed after epoch 3's row was written, before its checkpoint; and a line cut short
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows + [rows[-1].replace('"epoch": 2', '"epoch": 3'), '{"epoch": 4, "tra']) + "\n")
+    _fit(tmp_path, epochs=3)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_training_lowers_the_loss(tmp_path):
     data = _data()
     model = _fit(tmp_path, epochs=5)
@@ -119,8 +176,9 @@ def test_training_lowers_the_loss(tmp_path):
 
 def test_checkpoints_load_with_weights_only(tmp_path):
     _fit(tmp_path, epochs=1)
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert set(ckpt) == {"model", "loss", "optimizer", "rng", "state"}
+    sealed = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert set(sealed) == {"format", "sha256", "body"}
+    assert set(read_checkpoint(tmp_path / "last.pt")) == {"model", "loss", "optimizer", "rng", "state", "best_model", "config"}
     with pytest.raises(Exception):
         torch.save({"bad": object()}, tmp_path / "x.pt")
         torch.load(tmp_path / "x.pt", weights_only=True)
