@@ -278,8 +278,9 @@ class Trainer:
 
 LAST, PREVIOUS = "last.pt", "prev.pt"
 CHECKPOINT_FORMAT = 2
-# keys a resumed run may change: how long it trains, where, and from which file it was read
-RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.device", "source", "out"}
+# keys a resumed run may change: how long it trains, where, from which file it was read, and how
+# the path of a source it was made from is spelled
+RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.device", "source", "out", "data.src"}
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:

@@ -186,3 +186,22 @@ def test_bad_label_row_is_named(tmp_path):
     pq.write_table(bad, tmp_path / "events.parquet")
     with pytest.raises(DataError, match=r"events.parquet: column 'clicked', row 3: label is not 0 or 1 .* \(value 5.0\)"):
         import_logs(_spec(tmp_path / "events.parquet"))
+
+
+@pytest.mark.parametrize(
+    "unit, times",
+    [
+        # 2024-01-01T00:00:00Z is 1,704,067,200 s since the epoch; the second event a day and 5 s later
+        ("iso", ["2024-01-01T00:00:00", "2024-01-02T00:00:05", "2024-01-03T00:00:00", "2024-01-04T00:00:00"]),
+        ("ms", [1_704_067_200_000, 1_704_153_605_999, 1_704_240_000_000, 1_704_326_400_000]),
+        ("s", [1_704_067_200, 1_704_153_605, 1_704_240_000, 1_704_326_400]),
+    ],
+)
+def test_time_units_are_stored_in_seconds(unit, times, tmp_path):
+    events = pa.table({"user": ["a", "a", "a", "a"], "item": ["x", "y", "z", "x"], "t": times, "c": [1, 1, 0, 1]})
+    pq.write_table(events, tmp_path / "e.parquet")
+    spec = ImportSpec(events=str(tmp_path / "e.parquet"), user="user", item="item", time="t", label="c", time_unit=unit, valid=0.25, test=0.25)
+    ds, _, _ = import_logs(spec)
+    np.testing.assert_array_equal(ds.requests["ts"], [1_704_067_200, 1_704_153_605, 1_704_240_000, 1_704_326_400])
+    # one request a day; the third day's sees the first two positives x (id 1), y (id 2), oldest first
+    np.testing.assert_array_equal(ds.requests["history"][2, :2], [1, 2])
