@@ -256,7 +256,8 @@ def _build(cls, raw: Any, where: str):
     try:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        key = str(e).split(":")[0]  # "lr: -0.001 must be above 0" -> where.lr: ...
+        raise ConfigError(f"{where}.{e}" if key in known else f"{where}: {e}") from None
 
 
 TASKS = ("pointwise", "recall", "distill", "cascade")
