@@ -1,0 +1,126 @@
+"""Is the ranker worth copying on MovieLens-1M? Every trained ranker and pre-ranker of
+configs/ml1m.yaml ranks the same recall top-200 test lists; Recall@10 and NDCG@10 of the real
+positives (rating >= 4) alone and as pre-rank top-50 -> rank top-10 flows (issue 12, target 1).
+
+    python benchmarks/ranker_ml1m.py [--config configs/ml1m.yaml] [--extra NAME ...]
+
+Rankers: each experiment named (trained first if missing), most-popular (training positives), and
+blends ``z(a) + w z(b)`` of two scorers (each list's scores standardised), ``w`` chosen on the
+validation lists, reported on test. Writes benchmarks/results/ranker_ml1m.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cascade import metrics as M
+from cascade.config import load_config
+from cascade.data.lists import build_lists
+from cascade.data.schema import EXPOSED
+from cascade.joint import train_experiment
+from cascade.models import MODELS, load_trained, score_lists
+from cascade.pipeline import prepare_data
+from teachers import BOOSTED, TEACHERS
+
+from provenance import write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def standardised(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each list's valid scores to mean 0, std 1 (padding 0)."""
+    s = np.where(mask, scores, np.nan).astype(np.float64)
+    mean = np.nanmean(s, axis=1, keepdims=True)
+    std = np.nanstd(s, axis=1, keepdims=True) + 1e-9
+    return np.where(mask, (s - mean) / std, 0.0)
+
+
+def quality(scores: np.ndarray, lists, k: int = 10) -> dict[str, float]:
+    return {"recall@10": M.recall_at_k(scores, lists.label, k, lists.mask), "ndcg@10": M.ndcg_at_k(scores, lists.label, k, lists.mask)}
+
+
+def flow(pre: np.ndarray, rank: np.ndarray, lists, m: int = 50, k: int = 10) -> dict[str, float]:
+    """Pre-ranker top-m, then the ranker orders those: quality of the final top-k."""
+    passed = M.topk_membership(pre, m, lists.mask) > 0.5
+    final = np.where(passed, rank, rank.min() - 1e6)
+    return quality(final, lists, k)
+
+
+def exposure_auc(scores: np.ndarray, lists) -> float:
+    """AUC on the logged exposures (the rated items) of the lists: liked against not liked."""
+    rated = lists.mask & (lists.stage == EXPOSED)
+    return M.auc(lists.label[rated], scores[rated])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/ml1m.yaml")
+    parser.add_argument("--names", nargs="+", default=["din", "exposure_bce", "listwise_kd"])
+    args = parser.parse_args()
+    models = {**MODELS, **TEACHERS}
+    exps = {e.name: e for e in load_config(ROOT / args.config) if e.name in args.names}
+    first = exps[args.names[0]]
+    ds = prepare_data(first.data)
+    lists = {split: build_lists(ds, split) for split in ("valid", "test")}
+    print(f"lists: valid {lists['valid'].mask.shape}, test {lists['test'].mask.shape}", flush=True)
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for name, exp in exps.items():
+        start = time.perf_counter()
+        if exp.model.name in BOOSTED:
+            train_experiment(exp, ROOT / args.config, models, BOOSTED) if not (exp.run_dir / "results.json").exists() else None
+            scores[name] = {s: np.load(exp.run_dir / "scores" / f"{s}.npy") for s in lists}
+        else:
+            model = load_trained(exp, ds, models, lambda e: train_experiment(e, ROOT / args.config, models, BOOSTED))
+            scores[name] = {s: score_lists(model, lst) for s, lst in lists.items()}
+        print(f"scored {name} in {time.perf_counter() - start:.0f}s", flush=True)
+    # most popular: positives per item in the training requests of the same logs
+    train_pos = ds.candidates["item_id"][(ds.candidates["label"] > 0) & np.isin(ds.candidates["request_id"], ds.requests["request_id"][ds.requests["split"] == "train"])]
+    counts = np.bincount(train_pos, minlength=int(ds.items["item_id"].max()) + 1).astype(np.float32)
+    scores["most_popular"] = {s: np.where(lst.mask, counts[lst.item["item_id"]], 0.0) for s, lst in lists.items()}
+    singles = list(scores)
+    # blends of two scorers, weight chosen on valid Recall@10
+    blends = {}
+    for a, b in itertools.combinations(singles, 2):
+        z = {s: (standardised(scores[a][s], lists[s].mask), standardised(scores[b][s], lists[s].mask)) for s in lists}
+        best_w = max(WEIGHTS, key=lambda w: quality(z["valid"][0] + w * z["valid"][1], lists["valid"])["recall@10"])
+        name = f"z({a}) + {best_w:g} z({b})"
+        blends[name] = {s: z[s][0] + best_w * z[s][1] for s in lists}
+    scores.update(blends)
+
+    test = lists["test"]
+    rows = []
+    for name, by_split in scores.items():
+        q, v = quality(by_split["test"], test), quality(by_split["valid"], lists["valid"])
+        rows.append({"ranker": name, "valid_recall@10": v["recall@10"], "test_recall@10": q["recall@10"], "test_ndcg@10": q["ndcg@10"], "auc_on_rated": exposure_auc(by_split["test"], test)})
+        print(rows[-1], flush=True)
+    flows = []
+    for pre, rank in itertools.product(["exposure_bce", "listwise_kd"], list(scores)):
+        if pre in scores and pre != rank:
+            f = flow(scores[pre]["test"], scores[rank]["test"], test)
+            flows.append({"pre-ranker": pre, "ranker": rank, "test_recall@10": f["recall@10"], "test_ndcg@10": f["ndcg@10"]})
+    lines = [
+        "# ranker_ml1m: rankers on MovieLens-1M's recall top-200 test lists",
+        "",
+        f"{len(test):,} test lists of up to {test.list_size} (configs/ml1m.yaml's frozen recall output); positives = rating >= 4. "
+        "Blends standardise each list's scores; their weight is chosen on validation Recall@10. AUC on rated: liked vs not among the logged (rated) items.",
+        "",
+        "| ranker (alone, top-10 of 200) | valid Recall@10 | test Recall@10 | test NDCG@10 | AUC on rated |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {r['ranker']} | {r['valid_recall@10']:.4f} | {r['test_recall@10']:.4f} | {r['test_ndcg@10']:.4f} | {r['auc_on_rated']:.4f} |" for r in rows],
+        "",
+        "| pre-ranker top-50 -> ranker top-10 | test Recall@10 | test NDCG@10 |",
+        "|---|---:|---:|",
+        *[f"| {f['pre-ranker']} -> {f['ranker']} | {f['test_recall@10']:.4f} | {f['test_ndcg@10']:.4f} |" for f in flows],
+    ]
+    write_results("ranker_ml1m", lines, {"rows": rows, "flows": flows})
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
