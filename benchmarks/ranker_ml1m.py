@@ -2,7 +2,7 @@
 configs/ml1m.yaml ranks the same recall top-200 test lists; Recall@10 and NDCG@10 of the real
 positives (rating >= 4) alone and as pre-rank top-50 -> rank top-10 flows (issue 12, target 1).
 
-    python benchmarks/ranker_ml1m.py [--config configs/ml1m.yaml] [--extra NAME ...]
+    python benchmarks/ranker_ml1m.py [--config configs/ml1m.yaml] [--names din ...] [--extra CONFIG:NAME ...]
 
 Rankers: each experiment named (trained first if missing), most-popular (training positives), and
 blends ``z(a) + w z(b)`` of two scorers (each list's scores standardised), ``w`` chosen on the
@@ -61,10 +61,16 @@ def exposure_auc(scores: np.ndarray, lists) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/ml1m.yaml")
-    parser.add_argument("--names", nargs="+", default=["din", "exposure_bce", "listwise_kd"])
+    parser.add_argument("--names", nargs="+", default=["din", "exposure_bce", "listwise_kd"], help="experiments of --config")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="CONFIG:NAME", help="experiments of other configs whose models score the same lists (shown as CONFIG_STEM/NAME)")
+    parser.add_argument("--out", default="ranker_ml1m", help="results name")
     args = parser.parse_args()
     models = {**MODELS, **TEACHERS}
     exps = {e.name: e for e in load_config(ROOT / args.config) if e.name in args.names}
+    for spec in args.extra:
+        config, name = spec.split(":")
+        (e,) = load_config(ROOT / config, name)
+        exps[f"{Path(config).stem}/{name}"] = e
     first = exps[args.names[0]]
     ds = prepare_data(first.data)
     lists = {split: build_lists(ds, split) for split in ("valid", "test")}
@@ -100,12 +106,12 @@ def main() -> None:
         rows.append({"ranker": name, "valid_recall@10": v["recall@10"], "test_recall@10": q["recall@10"], "test_ndcg@10": q["ndcg@10"], "auc_on_rated": exposure_auc(by_split["test"], test)})
         print(rows[-1], flush=True)
     flows = []
-    for pre, rank in itertools.product(["exposure_bce", "listwise_kd"], list(scores)):
+    for pre, rank in itertools.product([n for n in scores if n.endswith(("exposure_bce", "listwise_kd"))], list(scores)):
         if pre in scores and pre != rank:
             f = flow(scores[pre]["test"], scores[rank]["test"], test)
             flows.append({"pre-ranker": pre, "ranker": rank, "test_recall@10": f["recall@10"], "test_ndcg@10": f["ndcg@10"]})
     lines = [
-        "# ranker_ml1m: rankers on MovieLens-1M's recall top-200 test lists",
+        f"# {args.out}: rankers on MovieLens-1M's recall top-200 test lists ({args.config})",
         "",
         f"{len(test):,} test lists of up to {test.list_size} (configs/ml1m.yaml's frozen recall output); positives = rating >= 4. "
         "Blends standardise each list's scores; their weight is chosen on validation Recall@10. AUC on rated: liked vs not among the logged (rated) items.",
@@ -118,7 +124,7 @@ def main() -> None:
         "|---|---:|---:|",
         *[f"| {f['pre-ranker']} -> {f['ranker']} | {f['test_recall@10']:.4f} | {f['test_ndcg@10']:.4f} |" for f in flows],
     ]
-    write_results("ranker_ml1m", lines, {"rows": rows, "flows": flows})
+    write_results(args.out, lines, {"rows": rows, "flows": flows})
     print("\n".join(lines))
 
 

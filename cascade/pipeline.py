@@ -8,6 +8,7 @@ core never imports ``teachers/``). A model is any module with ``user_slots``, ``
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -104,8 +105,15 @@ def prepare_data(cfg: DataConfig) -> Dataset:
 
 
 def frozen_recall_output(spec: dict) -> Dataset:
-    """``flow.recall_output`` of the recall experiment ``spec`` names ({config, experiment, n}),
-    trained first unless its run folder holds ``best.pt`` and ``results.json``."""
+    """``flow.recall_output`` of the recall experiment ``spec`` names ({config, experiment, n,
+    folds}), trained first unless its run folder holds ``best.pt`` and ``results.json``.
+
+    ``folds`` > 1 cross-fits the training lists: the training requests are split into that many
+    seeded folds and each fold's lists come from a copy of the recall experiment trained without
+    it (its fold as validation), so the lists a ranker trains on look like the ones it serves: a
+    recall tower retrieves the positives it was trained on far more often (on MovieLens-1M 26.5
+    rated items per training list against 2.1 per test list). Valid and test lists come from the
+    recall trained on every training request, as before."""
 
     missing = sorted({"config", "experiment"} - set(spec))
     if missing:
@@ -114,7 +122,33 @@ def frozen_recall_output(spec: dict) -> Dataset:
     if exp.task != "recall":
         raise ConfigError(f"data.recall: experiment '{exp.name}' of {spec['config']} is not a recall task")
     ds = prepare_data(exp.data)
-    return recall_output(ds, load_trained(exp, ds, MODELS, train_recall), int(spec.get("n", 200)))
+    n, folds = int(spec.get("n", 200)), int(spec.get("folds", 1))
+    out = recall_output(ds, load_trained(exp, ds, MODELS, train_recall), n)
+    if folds < 2:
+        return out
+    req = ds.requests
+    train_ids = req["request_id"][req["split"] == "train"]
+    fold_of = dict(zip(np.random.default_rng(exp.train.seed).permutation(train_ids).tolist(), np.arange(len(train_ids)) % folds))
+    fold = np.array([fold_of.get(int(r), -1) for r in req["request_id"]])
+    parts = [np.flatnonzero(~np.isin(out.candidates["request_id"], train_ids))]
+    cand = out.candidates
+    pieces = []
+    for f in range(folds):
+        # the fold's requests become the copy's validation; valid and test its (unused) test
+        split = np.where(fold == f, "valid", np.where(req["split"] == "train", "train", "test"))
+        fold_dir = Path(exp.data.dir).parent / f"{Path(exp.data.dir).name}_fold{f + 1}of{folds}"
+        if not (fold_dir / "schema.json").exists():
+            schema = replace(ds.schema, temporal=False)  # a random fold split does not follow time
+            write_dataset(replace(ds, schema=schema, requests={**req, "split": split}), fold_dir)
+        fold_exp = replace(exp, name=f"{exp.name}_fold{f + 1}of{folds}", data=replace(exp.data, kind="logs", dir=str(fold_dir)))
+        fold_ds = read_dataset(fold_dir)
+        fold_out = recall_output(fold_ds, load_trained(fold_exp, fold_ds, MODELS, train_recall), n).candidates
+        rows = np.isin(fold_out["request_id"], req["request_id"][fold == f])
+        pieces.append({k: v[rows] for k, v in fold_out.items()})
+    kept = {k: v[parts[0]] for k, v in cand.items()}
+    merged = {k: np.concatenate([kept[k], *(p[k] for p in pieces)]) for k in cand}
+    order = np.argsort(merged["request_id"], kind="stable")  # each list keeps its retrieval order
+    return replace(out, candidates={k: v[order] for k, v in merged.items()})
 
 
 def exposures(ds: Dataset, split: str, model: nn.Module) -> tuple[ListBatch, Tensors]:
