@@ -58,10 +58,13 @@ class DistillConfig:
     logit_mse: float = 0.0
     soft_bce: float = 0.0  # BCE against sigmoid(teacher)
     lists_per_batch: int = 32
+    # train only on requests whose history holds at least this many events (returning users'
+    # sessions, which a temporal test split is made of); 0: every training request
+    min_history: int = 0
 
     def __post_init__(self) -> None:
         above(self, arf_tau=0, kd_temperature=0)
-        at_least(self, lists_per_batch=1, arf_global_rows=1, tutor_alpha=0)
+        at_least(self, lists_per_batch=1, arf_global_rows=1, tutor_alpha=0, min_history=0)
         if self.tutor_alpha > 1:
             raise ValueError(f"tutor_alpha: {self.tutor_alpha} is above 1")
         if not 0 < self.rank_quota < self.prerank_quota:

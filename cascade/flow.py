@@ -164,6 +164,9 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
         default = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
         teacher = load_trained(teacher_exp, ds, models, train_teacher or default).to(exp.train.device)
         teacher_scores = {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}
+    if cfg.min_history:  # after the teacher's scores, so its cache stays that of every list
+        keep = np.flatnonzero((lists["train"].history > 0).sum(axis=1) >= cfg.min_history)
+        lists["train"], teacher_scores["train"] = lists["train"].take(keep), teacher_scores["train"][keep]
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
     loss = DistillLoss(cfg)

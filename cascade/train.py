@@ -301,9 +301,10 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'key: old -> new' for every leaf that differs, outside RESUMABLE_CHANGES."""
+    """'key: old -> new' for every leaf that differs, outside RESUMABLE_CHANGES. A key on one side
+    only is a field a newer cascade added (with its default) or dropped: not a change of run."""
     out = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(set(old) & set(new)):
         name = f"{prefix}{key}"
         a, b = old.get(key), new.get(key)
         if name in RESUMABLE_CHANGES:

@@ -170,3 +170,20 @@ def test_a_lightgbm_lambdarank_teacher_feeds_only_the_order_based_terms(tmp_path
     assert "teacher 'gbdt_rank' is order-only (LightGBM lambdarank): it feeds only tutor at tutor_alpha 1 and arf, not listwise_kd" in capsys.readouterr().err
     assert main(["distill", str(path), "--experiment", "mse_from_gbdt"]) == 2
     assert "not tutor with tutor_alpha 0.5 (its MSE term)" in capsys.readouterr().err
+
+
+def test_min_history_trains_on_returning_users_lists_only(tmp_path):
+    text = CONFIG + "  returning: {distill: {min_history: 8}}\n"
+    path = _write(tmp_path, text)
+    assert main(["distill", str(path), "--experiment", "exposure"]) == 0
+    assert main(["distill", str(path), "--experiment", "returning"]) == 0
+    (exp,) = load_config(path, "exposure")
+    from cascade.pipeline import prepare_data
+
+    lists = build_lists(prepare_data(exp.data), "train")
+    n_all, n_returning = len(lists), int(((lists.history > 0).sum(axis=1) >= 8).sum())
+    assert 0 < n_returning < n_all
+    log = lambda name: (tmp_path / "runs" / name / "log.txt").read_text()  # noqa: E731
+    assert f"{n_all:,} train lists" in log("exposure") and f"{n_returning:,} train lists" in log("returning")
+    # the teacher's cached train scores still cover every list
+    assert np.load(tmp_path / "runs" / "din" / "scores" / "train.npy").shape[0] == n_all
