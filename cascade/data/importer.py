@@ -310,7 +310,7 @@ def _side(spec_fields: Fields, table: pa.Table | None, file: str, key_ids: np.nd
     for name, n_buckets in spec_fields.numeric.items():
         ids, edges = buckets(_column(table, name, file, f"{side} feature"), n_buckets, file, name)
         columns[name] = place(ids)
-        out_fields.append(Field(name, side, len(edges) - 1))
+        out_fields.append(Field(name, side, max(len(edges) - 1, 1)))  # one distinct value: one bucket
         notes[name] = {"buckets": len(edges) - 1, "boundaries": edges.tolist()}
     return columns, out_fields, notes, vocabs
 
@@ -327,6 +327,7 @@ def _key_type(col: pa.ChunkedArray, file: str, name: str) -> pa.ChunkedArray:
         bad = np.isfinite(v) & (v != np.floor(v))
         if bad.any():
             raise DataError([Problem(file, name, _first_row(bad), float(v[_first_row(bad)]), "id is not a whole number", int(bad.sum()))])
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)  # pandas writes a missing id as NaN
         return pc.cast(col, pa.int64(), safe=False)
     if pa.types.is_integer(col.type) or pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         return col

@@ -205,3 +205,15 @@ def test_time_units_are_stored_in_seconds(unit, times, tmp_path):
     np.testing.assert_array_equal(ds.requests["ts"], [1_704_067_200, 1_704_153_605, 1_704_240_000, 1_704_326_400])
     # one request a day; the third day's sees the first two positives x (id 1), y (id 2), oldest first
     np.testing.assert_array_equal(ds.requests["history"][2, :2], [1, 2])
+
+
+def test_a_nan_float_id_is_set_aside_and_a_constant_numeric_field_is_one_bucket(tmp_path):
+    # pandas writes an integer id column with a missing value as float64 with NaN
+    events = pa.table({"u": [1.0, 2.0, np.nan, 1.0, 2.0, 1.0], "i": [10, 11, 12, 11, 10, 12], "t": [1, 2, 3, 100_000, 200_000, 300_000], "c": [1, 0, 1, 1, 1, 0]})
+    pq.write_table(events, tmp_path / "e.parquet")
+    pq.write_table(pa.table({"i": [10, 11, 12], "price": [5.0, 5.0, 5.0]}), tmp_path / "items.parquet")
+    spec = ImportSpec.from_dict({"events": "e.parquet", "items": "items.parquet", "columns": {"user": "u", "item": "i", "time": "t", "label": "c"}, "valid": 0.25, "test": 0.25, "item_fields": {"numeric": {"price": 4}}}, "test", tmp_path)
+    ds, record, _ = import_logs(spec)
+    assert record["counts"]["set_aside_no_user"] == 1 and record["counts"]["events_used"] == 5
+    assert ds.schema.features["user_id"].vocab == 2  # 1.0 and 2.0; the NaN is no user
+    assert ds.schema.features["price"].vocab == 1 and (ds.items["price"] == 1).all()
