@@ -23,7 +23,8 @@ from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.data.schema import EXPOSED
 from cascade.joint import train_experiment
-from cascade.models import MODELS, load_trained, score_lists
+from cascade.flow import cached_scores
+from cascade.models import MODELS, load_trained
 from cascade.pipeline import prepare_data
 from teachers import BOOSTED, TEACHERS
 
@@ -83,7 +84,8 @@ def main() -> None:
             scores[name] = {s: np.load(exp.run_dir / "scores" / f"{s}.npy") for s in lists}
         else:
             model = load_trained(exp, ds, models, lambda e: train_experiment(e, ROOT / args.config, models, BOOSTED))
-            scores[name] = {s: score_lists(model, lst) for s, lst in lists.items()}
+            # cached beside best.pt as a teacher's are (recomputed when best.pt is newer)
+            scores[name] = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
         print(f"scored {name} in {time.perf_counter() - start:.0f}s", flush=True)
     # most popular: positives per item in the training requests of the same logs
     train_pos = ds.candidates["item_id"][(ds.candidates["label"] > 0) & np.isin(ds.candidates["request_id"], ds.requests["request_id"][ds.requests["split"] == "train"])]
