@@ -16,7 +16,7 @@ from torch import nn
 
 from cascade.features import Field
 from cascade.towers.base import mlp
-from cascade.towers.embedding import HISTORY, Embeddings, Slot, layout
+from cascade.towers.embedding import HISTORY, Embeddings, layout
 
 
 class DIN(nn.Module):

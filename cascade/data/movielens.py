@@ -175,7 +175,7 @@ def convert(src: str | Path, protocol: str, seed: int = 2024) -> tuple[Dataset, 
     """Convert MovieLens-1M under ``protocol`` ('ctr' or 'cascade'); returns (dataset, report)."""
     raw = read_movielens(src)
     users, items, fields = _side_tables(raw)
-    user, movie, rating, ts = raw["user"], raw["movie"], raw["rating"], raw["ts"]
+    movie, rating, ts = raw["movie"], raw["rating"], raw["ts"]
     timed = ts >= 0
     counts: dict[str, object] = {
         "ratings_read": len(rating),
