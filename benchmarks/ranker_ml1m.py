@@ -80,7 +80,8 @@ def main() -> None:
     for name, exp in exps.items():
         start = time.perf_counter()
         if exp.model.name in BOOSTED:
-            train_experiment(exp, ROOT / args.config, models, BOOSTED) if not (exp.run_dir / "results.json").exists() else None
+            if not (exp.run_dir / "results.json").exists():
+                train_experiment(exp, ROOT / args.config, models, BOOSTED)
             scores[name] = {s: np.load(exp.run_dir / "scores" / f"{s}.npy") for s in lists}
         else:
             model = load_trained(exp, ds, models, lambda e: train_experiment(e, ROOT / args.config, models, BOOSTED))

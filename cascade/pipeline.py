@@ -126,13 +126,11 @@ def frozen_recall_output(spec: dict) -> Dataset:
     out = recall_output(ds, load_trained(exp, ds, MODELS, train_recall), n)
     if folds < 2:
         return out
-    req = ds.requests
-    train_ids = req["request_id"][req["split"] == "train"]
-    fold_of = dict(zip(np.random.default_rng(exp.train.seed).permutation(train_ids).tolist(), np.arange(len(train_ids)) % folds))
-    fold = np.array([fold_of.get(int(r), -1) for r in req["request_id"]])
-    parts = [np.flatnonzero(~np.isin(out.candidates["request_id"], train_ids))]
-    cand = out.candidates
-    pieces = []
+    req, cand = ds.requests, out.candidates
+    train_rows = np.flatnonzero(req["split"] == "train")
+    fold = np.full(len(req["request_id"]), -1)  # a training request's fold; -1 for valid and test
+    fold[np.random.default_rng(exp.train.seed).permutation(train_rows)] = np.arange(len(train_rows)) % folds
+    pieces = [{k: v[~np.isin(cand["request_id"], req["request_id"][train_rows])] for k, v in cand.items()}]
     for f in range(folds):
         # the fold's requests become the copy's validation; valid and test its (unused) test
         split = np.where(fold == f, "valid", np.where(req["split"] == "train", "train", "test"))
@@ -145,8 +143,7 @@ def frozen_recall_output(spec: dict) -> Dataset:
         fold_out = recall_output(fold_ds, load_trained(fold_exp, fold_ds, MODELS, train_recall), n).candidates
         rows = np.isin(fold_out["request_id"], req["request_id"][fold == f])
         pieces.append({k: v[rows] for k, v in fold_out.items()})
-    kept = {k: v[parts[0]] for k, v in cand.items()}
-    merged = {k: np.concatenate([kept[k], *(p[k] for p in pieces)]) for k in cand}
+    merged = {k: np.concatenate([p[k] for p in pieces]) for k in cand}
     order = np.argsort(merged["request_id"], kind="stable")  # each list keeps its retrieval order
     return replace(out, candidates={k: v[order] for k, v in merged.items()})
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from cascade.data.history import last_before
 from cascade.data.schema import EXPOSED, STAGES, Schema
-from cascade.data.store import DataError, Dataset, Problem, check_output_dir, write_dataset
+from cascade.data.store import DataError, Dataset, Problem, ProblemLog, check_output_dir, duplicate_rows, write_dataset
 from cascade.features import Field, FeatureSpec
 from cascade.yamlfile import read_yaml
 
@@ -189,8 +189,13 @@ def _column(table: pa.Table, name: str, file: str, role: str) -> pa.ChunkedArray
     return col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
 
 
-def _first_row(mask: np.ndarray) -> int:
-    return int(np.flatnonzero(mask)[0])
+def _refuse_rows(file: str, column: str, bad: np.ndarray, values: np.ndarray, message: str) -> None:
+    """DataError naming the first row where ``bad`` holds, its value and the count, if any does
+    (``store.ProblemLog.flag``, as validation reports them)."""
+    log = ProblemLog()
+    log.flag(file, column, bad, values, message)
+    if log.problems:
+        raise DataError(log.problems)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,36 +236,25 @@ def label_values(events: pa.Table, rule: str, file: str) -> np.ndarray:
     if match:
         out = OPS[match.group(2)](v, float(match.group(3))).astype(np.float64)
         return np.where(np.isnan(v), np.nan, out)
-    bad = np.isfinite(v) & (v != 0) & (v != 1)
-    if bad.any():
-        row = _first_row(bad)
-        raise DataError([Problem(file, name, row, v[row], "label is not 0 or 1 (give a rule such as 'rating >= 4' instead)", int(bad.sum()))])
+    _refuse_rows(file, name, np.isfinite(v) & (v != 0) & (v != 1), v, "label is not 0 or 1 (give a rule such as 'rating >= 4' instead)")
     return v
 
 
 def seconds(col: pa.ChunkedArray, unit: str, file: str, name: str) -> np.ndarray:
     """Event times in whole seconds since the epoch (int64); -1 where empty."""
-    if unit == "iso":
-        if pa.types.is_timestamp(col.type):
-            stamps = col
-        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            try:
-                stamps = pc.cast(col, pa.timestamp("s"))
-            except pa.ArrowInvalid as e:
-                raise DataError([Problem(file, name, None, None, f"is not ISO-8601 time: {e}")]) from None
-        else:
+    if unit == "iso" and not pa.types.is_timestamp(col.type):
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
             raise DataError([Problem(file, name, None, None, f"has type {col.type}; time_unit 'iso' needs text or timestamps")])
-        values = pc.cast(pc.cast(stamps, pa.timestamp("s")), pa.int64())
-        return values.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        try:
+            col = pc.cast(col, pa.timestamp("s"))
+        except pa.ArrowInvalid as e:
+            raise DataError([Problem(file, name, None, None, f"is not ISO-8601 time: {e}")]) from None
     if pa.types.is_timestamp(col.type):
-        return pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
+        return pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         raise DataError([Problem(file, name, None, None, f"has type {col.type}; time_unit '{unit}' needs numbers (or time_unit: iso)")])
     v = col.to_numpy(zero_copy_only=False).astype(np.float64)
-    bad = np.isfinite(v) & (v < 0)
-    if bad.any():
-        row = _first_row(bad)
-        raise DataError([Problem(file, name, row, v[row], "time before 1970 (negative)", int(bad.sum()))])
+    _refuse_rows(file, name, np.isfinite(v) & (v < 0), v, "time before 1970 (negative)")
     return np.where(np.isfinite(v), np.floor(v / TIME_UNITS[unit]), -1).astype(np.int64)
 
 
@@ -324,9 +318,7 @@ def _keys(values: pa.ChunkedArray | pa.Array, vocab: pa.Array) -> np.ndarray:
 def _key_type(col: pa.ChunkedArray, file: str, name: str) -> pa.ChunkedArray:
     if pa.types.is_floating(col.type):
         v = col.to_numpy(zero_copy_only=False)
-        bad = np.isfinite(v) & (v != np.floor(v))
-        if bad.any():
-            raise DataError([Problem(file, name, _first_row(bad), float(v[_first_row(bad)]), "id is not a whole number", int(bad.sum()))])
+        _refuse_rows(file, name, np.isfinite(v) & (v != np.floor(v)), v, "id is not a whole number")
         col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)  # pandas writes a missing id as NaN
         return pc.cast(col, pa.int64(), safe=False)
     if pa.types.is_integer(col.type) or pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
@@ -353,9 +345,7 @@ def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, by
         if not pa.types.is_integer(col.type):
             raise DataError([Problem(ev_file, spec.stage, None, None, f"has type {col.type}; stage codes are whole numbers {sorted(STAGES)}")])
         stage = col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        bad = ~np.isin(stage, list(STAGES)) & (stage != -1)
-        if bad.any():
-            raise DataError([Problem(ev_file, spec.stage, _first_row(bad), int(stage[_first_row(bad)]), f"stage is not one of {sorted(STAGES)}", int(bad.sum()))])
+        _refuse_rows(ev_file, spec.stage, ~np.isin(stage, list(STAGES)) & (stage != -1), stage, f"stage is not one of {sorted(STAGES)}")
     request_key = None
     if spec.request:
         request_key = _key_type(_column(events, spec.request, ev_file, "request"), ev_file, spec.request)
@@ -450,11 +440,8 @@ def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, by
         name = Path(file).name if file else f"{side}s"
         key_ids = _keys(side_keys[side], vocabs[f"{side}_id"]) if table is not None else np.zeros(0, np.int64)
         if table is not None:
-            repeated = np.bincount(key_ids[key_ids > 0], minlength=len(target[f"{side}_id"]) + 1) > 1
-            if repeated.any():
-                dup_id = int(np.flatnonzero(repeated)[0])
-                rows = np.flatnonzero(key_ids == dup_id)
-                raise DataError([Problem(name, spec.user if side == "user" else spec.item, int(rows[1]), vocabs[f"{side}_id"][dup_id - 1].as_py(), f"{side} listed twice", int(repeated.sum()))])
+            original = side_keys[side].to_numpy(zero_copy_only=False)
+            _refuse_rows(name, spec.user if side == "user" else spec.item, duplicate_rows(key_ids) & (key_ids > 0), original, f"{side} listed twice")
         cols, side_fields, side_notes, side_vocabs = _side(spec_fields, table, name, key_ids, len(target[f"{side}_id"]), side)
         target.update(cols)
         feature_fields += side_fields
