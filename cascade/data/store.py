@@ -142,22 +142,23 @@ def size_problems(schema: Schema, root: Path) -> list[Problem]:
     limit = memory_bytes()
     problems = []
 
-    def rows(table: str) -> int:
+    def num_rows(table: str) -> int:
         try:
             return pq.read_metadata(root / TABLE_FILES[table]).num_rows
         except (OSError, pa.ArrowInvalid):
             return 0  # reported as unreadable later
 
-    need = rows("requests") * schema.history_max * 16
+    rows = {table: num_rows(table) for table in TABLE_FILES}  # one footer read per file
+    need = rows["requests"] * schema.history_max * 16
     if need > limit:
-        problems.append(Problem(SCHEMA_FILE, "history_max", None, schema.history_max, f"history_max {schema.history_max:,} needs {_gib(need)} for the padded histories of {rows('requests'):,} requests; this machine has {_gib(limit)}"))
+        problems.append(Problem(SCHEMA_FILE, "history_max", None, schema.history_max, f"history_max {schema.history_max:,} needs {_gib(need)} for the padded histories of {rows['requests']:,} requests; this machine has {_gib(limit)}"))
     for f in schema.features.fields:
         need = (f.vocab + 1) * 4
         if need > limit:
             problems.append(Problem(SCHEMA_FILE, f.name, None, f.vocab, f"vocab {f.vocab:,} needs at least {_gib(need)} for one embedding table (4 bytes per id and dimension); this machine has {_gib(limit)}"))
-        need = rows(f.source) * f.max_len * 8
+        need = rows[f.source] * f.max_len * 8
         if f.multi and need > limit:
-            problems.append(Problem(SCHEMA_FILE, f.name, None, f.max_len, f"max_len {f.max_len:,} needs {_gib(need)} for {rows(f.source):,} padded rows; this machine has {_gib(limit)}"))
+            problems.append(Problem(SCHEMA_FILE, f.name, None, f.max_len, f"max_len {f.max_len:,} needs {_gib(need)} for {rows[f.source]:,} padded rows; this machine has {_gib(limit)}"))
     return problems
 
 
