@@ -21,6 +21,7 @@ from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_confi
 from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset, write_text_atomic
+from cascade.data.trend import ItemTrend, with_trend
 from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
 from cascade.losses.inttower import contrastive_interaction
@@ -113,19 +114,31 @@ def frozen_recall_output(spec: dict) -> Dataset:
     it (its fold as validation), so the lists a ranker trains on look like the ones it serves: a
     recall tower retrieves the positives it was trained on far more often (on MovieLens-1M 26.5
     rated items per training list against 2.1 per test list). Valid and test lists come from the
-    recall trained on every training request, as before."""
+    recall trained on every training request, as before.
+
+    ``trend_days`` (a list of windows in days) adds each candidate's item trend (``cascade.data.trend``:
+    the item's exposures in the logs in that window before the request) as item fields."""
 
     missing = sorted({"config", "experiment"} - set(spec))
     if missing:
         raise ConfigError(f"data.recall: '{missing[0]}' is required for kind 'recall_output'")
+    days = spec.get("trend_days", [])
+    if not isinstance(days, list) or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0 for d in days):
+        raise ConfigError(f"data.recall.trend_days: expected a list of positive numbers of days, got {days!r}")
     (exp,) = load_config(spec["config"], spec["experiment"])
     if exp.task != "recall":
         raise ConfigError(f"data.recall: experiment '{exp.name}' of {spec['config']} is not a recall task")
     ds = prepare_data(exp.data)
     n, folds = int(spec.get("n", 200)), int(spec.get("folds", 1))
     out = recall_output(ds, load_trained(exp, ds, MODELS, train_recall), n)
-    if folds < 2:
-        return out
+    if folds > 1:
+        out = cross_fitted(exp, ds, out, n, folds)
+    return with_trend(out, ItemTrend.from_dataset(ds), tuple(days)) if days else out
+
+
+def cross_fitted(exp: ExperimentConfig, ds: Dataset, out: Dataset, n: int, folds: int) -> Dataset:
+    """``out`` with each training request's list retrieved by a copy of recall experiment ``exp``
+    trained without its fold (``frozen_recall_output``)."""
     req, cand = ds.requests, out.candidates
     train_rows = np.flatnonzero(req["split"] == "train")
     fold = np.full(len(req["request_id"]), -1)  # a training request's fold; -1 for valid and test

@@ -1,0 +1,84 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cascade.config import ConfigError
+from cascade.data.lists import build_lists
+from cascade.data.schema import EXPOSED
+from cascade.data.store import validate
+from cascade.data.trend import DAY, TREND_BUCKETS, ItemTrend, bucket, trend_field_name, with_trend
+from cascade.pipeline import frozen_recall_output
+
+
+def test_counts_take_the_window_before_the_request_and_never_the_request_itself():
+    # item 5 exposed at 100, 200, 300 and DAY + 150; item 2 at 150.
+    trend = ItemTrend.from_events(np.array([5, 5, 5, 2, 5]), np.array([100, 200, DAY + 150, 150, 300]))
+    t = DAY + 200  # one day back is [200, DAY + 200): item 5 at 200, 300, DAY + 150 -> 3; item 2 at 150 -> 0
+    np.testing.assert_array_equal(trend.counts(np.array([[5, 2, 7]]), np.array([t]), 1), [[3, 0, 0]])
+    # at t = DAY + 150 the event at DAY + 150 is the request's own time: not counted; the window
+    # [150, DAY + 150) holds 200 and 300 of item 5 and 150 of item 2
+    np.testing.assert_array_equal(trend.counts(np.array([[5, 2]]), np.array([DAY + 150]), 1), [[2, 1]])
+    # two days back from DAY + 200 reaches 0: all four of item 5's events
+    np.testing.assert_array_equal(trend.counts(np.array([[5]]), np.array([t]), 2), [[4]])
+    with pytest.raises(ValueError, match="positive days"):
+        trend.counts(np.array([[5]]), np.array([t]), 0)
+
+
+def test_buckets_are_log2_of_one_plus_the_count():
+    # 1 + floor(log2(1 + c)): c = 0 -> 1, 1 -> 2, 2 -> 2 (log2 3 = 1.58), 3 -> 3, 7 -> 4, 8 -> 4, a million -> capped
+    np.testing.assert_array_equal(bucket(np.array([0, 1, 2, 3, 7, 8, 10**6])), [1, 2, 2, 3, 4, 4, TREND_BUCKETS])
+
+
+events = st.lists(st.tuples(st.integers(1, 6), st.integers(0, 10 * DAY)), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events, st.lists(st.tuples(st.integers(1, 7), st.integers(0, 11 * DAY)), min_size=1, max_size=8), st.sampled_from([0.5, 1, 3, 30]))
+def test_counts_match_brute_force_and_ignore_anything_at_or_after_the_request(events, queries, days):
+    item = np.array([e[0] for e in events], np.int64)
+    ts = np.array([e[1] for e in events], np.int64)
+    q_item = np.array([[q[0]] for q in queries])
+    q_ts = np.array([q[1] for q in queries])
+    got = ItemTrend.from_events(item, ts).counts(q_item, q_ts, days)
+    want = [[int(((item == i) & (ts < t) & (ts >= t - int(days * DAY))).sum())] for (i,), t in zip(q_item, q_ts)]
+    np.testing.assert_array_equal(got, want)
+    # events at or after every request's time change nothing (causal)
+    late = ItemTrend.from_events(np.concatenate([item, q_item[:, 0]]), np.concatenate([ts, q_ts.max() + np.arange(len(q_ts)) % 2]))
+    np.testing.assert_array_equal(late.counts(q_item, q_ts, days), got)
+
+
+def test_with_trend_adds_valid_per_candidate_item_fields_the_lists_carry(small_world):
+    ds, _ = small_world
+    out = with_trend(ds, ItemTrend.from_dataset(ds), (1, 7.5))
+    names = [trend_field_name(1), trend_field_name(7.5)]
+    assert names == ["item_trend_1d", "item_trend_7.5d"]
+    assert [out.schema.features[n].table for n in names] == ["candidates", "candidates"]
+    assert out.schema.protocol["item_trend_days"] == [1, 7.5]
+    assert validate(out) == []
+    lists = build_lists(out, "test")
+    b = int(np.argmax(lists.mask.sum(1)))
+    # the first candidate of a test list, recounted by hand from the exposures before its request
+    req = {k: v[ds.requests["request_id"] == lists.request_id[b]][0] for k, v in ds.requests.items()}
+    item = lists.item["item_id"][b, 0]
+    exposed = ds.candidates["stage"] == EXPOSED
+    when = ds.requests["ts"][np.searchsorted(ds.requests["request_id"], ds.candidates["request_id"][exposed])]
+    mine = ds.candidates["item_id"][exposed] == item
+    count = int((mine & (when < req["ts"]) & (when >= req["ts"] - int(7.5 * DAY))).sum())
+    assert lists.item["item_trend_7.5d"][b, 0] == bucket(np.array([count]))[0]
+    with pytest.raises(ValueError, match="already in the schema"):
+        with_trend(out, ItemTrend.from_dataset(ds), (1,))
+
+
+def test_trend_needs_temporal_logs(small_world):
+    ds, _ = small_world
+    with pytest.raises(ValueError, match="not temporal"):
+        ItemTrend.from_dataset(replace(ds, schema=replace(ds.schema, temporal=False)))
+
+
+@pytest.mark.parametrize("days", [7, [0], ["7"], [True], [-1.5]])
+def test_trend_days_must_be_a_list_of_positive_days(days):
+    with pytest.raises(ConfigError, match=r"data.recall.trend_days: expected a list of positive numbers of days"):
+        frozen_recall_output({"config": "unused.yaml", "experiment": "x", "trend_days": days})
