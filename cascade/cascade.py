@@ -24,6 +24,7 @@ from torch import nn
 
 from cascade.data.lists import ListBatch
 from cascade.data.store import Dataset
+from cascade.data.trend import ItemTrend, bucket, trend_field_name
 from cascade.models import score_lists
 
 Scorer = Callable[[ListBatch], np.ndarray]
@@ -32,10 +33,14 @@ Retriever = Callable[[ListBatch, int], tuple[np.ndarray, np.ndarray]]
 
 class Catalog:
     """Every item's fields by id (row 0 = padding): turns candidate ids into the item side of a
-    ``ListBatch``. Only items-table fields: a per-candidate field has no value for an item a
-    stage picked from the catalog."""
+    ``ListBatch``. Items-table fields, and with ``trend`` each item's trend over ``trend_days``
+    at the request's time (``cascade.data.trend``, as a recall output with ``trend_days`` stores
+    them); no other per-candidate field: it has no value for an item a stage picked from the
+    catalog."""
 
-    def __init__(self, item_ids: np.ndarray, fields: dict[str, np.ndarray]):
+    def __init__(self, item_ids: np.ndarray, fields: dict[str, np.ndarray], trend: ItemTrend | None = None, trend_days: tuple[float, ...] = ()):
+        if trend_days and trend is None:
+            raise ValueError("trend_days needs the trend")
         n = int(item_ids.max(initial=0)) + 1
         self.item_ids = item_ids
         self.by_id = {}
@@ -43,11 +48,13 @@ class Catalog:
             table = np.zeros((n,) + values.shape[1:], dtype=np.int64)
             table[item_ids] = values
             self.by_id[name] = table
+        self.trend, self.trend_days = trend, tuple(trend_days)
 
     @classmethod
-    def from_dataset(cls, ds: Dataset) -> "Catalog":
+    def from_dataset(cls, ds: Dataset, trend_days: tuple[float, ...] = ()) -> "Catalog":
         names = [f.name for f in ds.schema.features.in_table("items")]
-        return cls(ds.items["item_id"], {name: ds.items[name] for name in names})
+        trend = ItemTrend.from_dataset(ds) if trend_days else None
+        return cls(ds.items["item_id"], {name: ds.items[name] for name in names}, trend, trend_days)
 
     def rows(self) -> dict[str, np.ndarray]:
         """Every field with one row per catalog item, in ``item_ids`` order (what built it)."""
@@ -58,7 +65,7 @@ class Catalog:
         past the catalog is padding too)."""
         ids = np.where((ids > 0) & (ids < len(self.by_id["item_id"])), ids, 0)
         shape = ids.shape
-        return replace(
+        lists = replace(
             requests,
             item={name: table[ids] for name, table in self.by_id.items()},
             label=np.zeros(shape, np.float32),
@@ -66,6 +73,18 @@ class Catalog:
             mask=ids > 0,
             teacher={},
         )
+        return self.add_trend(lists)
+
+    def add_trend(self, lists: ListBatch) -> ListBatch:
+        """``lists`` with each candidate's item trend at its request's time (as is without
+        ``trend_days``); padding gets 0."""
+        if not self.trend_days:
+            return lists
+        if lists.ts is None:
+            raise ValueError("the item trend needs each request's time (ts)")
+        ids = lists.item["item_id"]
+        trend = {trend_field_name(d): np.where(ids > 0, bucket(self.trend.counts(ids, lists.ts, d)), 0) for d in self.trend_days}
+        return replace(lists, item={**lists.item, **trend})
 
 
 def requests_batch(user: dict[str, np.ndarray], history: np.ndarray, request_id: np.ndarray | None = None) -> ListBatch:

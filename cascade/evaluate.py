@@ -34,6 +34,7 @@ from cascade.data.store import Dataset, read_dataset
 from cascade.data.synth import WORLD_FILE, World
 from cascade.joint import STAGES_FILE
 from cascade.models import MODELS, build_model, list_tensors
+from cascade.pipeline import trend_days, with_trend_fields
 from cascade.recall import TowerRetriever
 
 ROLES = ("recall", "prerank", "rank")
@@ -187,6 +188,8 @@ def run_flow(cascade: Cascade, ds: Dataset, world=None, split: str = "test") -> 
     """Run ``cascade`` (recall -> pre-rank -> rank) on ``split`` with every stage scoring the whole
     recall list."""
     logged = build_lists(ds, split)
+    if cascade.catalog is not None:  # the logged exposures get what the catalog gives a candidate
+        logged = cascade.catalog.add_trend(logged)
     truth = Truth.of(logged)
     requests = logged.take_columns(np.zeros((len(logged), 0), int))
     start = time.perf_counter()
@@ -318,16 +321,17 @@ class SavedCascade:
     exps: dict[str, ExperimentConfig]
     models: dict[str, nn.Module]
     quotas: dict[str, int]
+    trend_days: tuple[float, ...] = ()  # the item trend the stages were trained with
 
     def cascade(self) -> Cascade:
-        return torch_cascade(self.ds, self.models, self.quotas)
+        return torch_cascade(self.ds, self.models, self.quotas, self.trend_days)
 
 
-def torch_cascade(ds: Dataset, models: dict[str, nn.Module], quotas: dict[str, int]) -> Cascade:
+def torch_cascade(ds: Dataset, models: dict[str, nn.Module], quotas: dict[str, int], trend_days: tuple[float, ...] = ()) -> Cascade:
     """recall (torch user tower + faiss over the catalog) -> pre-rank -> rank as torch scorers;
-    ``models`` and ``quotas`` by role."""
+    ``models`` and ``quotas`` by role; the catalog computes the item trend over ``trend_days``."""
     stages = [Stage(name, TorchScorer(models[name]), quotas[name]) for name in ("prerank", "rank")]
-    return Cascade(stages, TowerRetriever(models["recall"], ds), quotas["recall"], Catalog.from_dataset(ds))
+    return Cascade(stages, TowerRetriever(models["recall"], ds), quotas["recall"], Catalog.from_dataset(ds, trend_days))
 
 
 def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None = None) -> SavedCascade:
@@ -340,11 +344,13 @@ def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None
     exps = {role: load_config(saved[role]["config"], saved[role]["experiment"])[0] for role in ROLES}
     ds = read_dataset(exps["recall"].data.dir)
     world = World.load(exps["recall"].data.dir) if (Path(exps["recall"].data.dir) / WORLD_FILE).exists() else None
+    days = trend_days(exps["prerank"], exps["rank"])
+    stage_ds = with_trend_fields(ds, days)
     built = {}
     for role in ROLES:
         torch.manual_seed(exps[role].train.seed)
-        model = build_model(exps[role], ds, models or MODELS)
+        model = build_model(exps[role], ds if role == "recall" else stage_ds, models or MODELS)
         if not untrained:
             model.load_state_dict(torch.load(Path(run_dir) / saved[role]["weights"], weights_only=True, map_location="cpu"))
         built[role] = model.eval()
-    return SavedCascade(ds, world, exps, built, {role: int(saved[role]["quota"]) for role in ROLES})
+    return SavedCascade(ds, world, exps, built, {role: int(saved[role]["quota"]) for role in ROLES}, days)

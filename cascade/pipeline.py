@@ -136,6 +136,18 @@ def frozen_recall_output(spec: dict) -> Dataset:
     return with_trend(out, ItemTrend.from_dataset(ds), tuple(days)) if days else out
 
 
+def trend_days(*exps: ExperimentConfig) -> tuple[float, ...]:
+    """The item-trend windows (days) the experiments' stage data carry (``data.recall.trend_days``),
+    each once: what a catalog must compute for their models at request time."""
+    return tuple(sorted({d for e in exps for d in e.data.recall.get("trend_days", [])}))
+
+
+def with_trend_fields(ds: Dataset, days: tuple[float, ...]) -> Dataset:
+    """``ds`` with the trend fields of ``days`` (its logged candidates' values): the schema a
+    model trained on a recall output with those ``trend_days`` is built from."""
+    return with_trend(ds, ItemTrend.from_dataset(ds), days) if days else ds
+
+
 def cross_fitted(exp: ExperimentConfig, ds: Dataset, out: Dataset, n: int, folds: int) -> Dataset:
     """``out`` with each training request's list retrieved by a copy of recall experiment ``exp``
     trained without its fold (``frozen_recall_output``)."""

@@ -36,6 +36,10 @@ def _experiment(spec: str, where: str) -> ExperimentConfig:
 
 def _stage(role: str, exp: ExperimentConfig, ds: Dataset, quota: int, weights: Path | None = None) -> StageModel:
     source = {"config": str(exp.run_dir), "experiment": exp.name}
+    days = exp.data.recall.get("trend_days")
+    if days:
+        # a served catalog has no exposure log to count from: the bundle has nowhere to get it
+        raise BundleError(f"{role}: '{exp.name}' was trained with the item trend (data.recall.trend_days {days}), which a bundle cannot serve yet; `cascade eval` takes the run itself")
     if exp.model.name == "gbdt":
         if role != "rank":
             raise BundleError(f"--{role}: a LightGBM model can only be the rank stage")

@@ -81,3 +81,45 @@ def test_two_tower_flops_are_the_user_tower_once_plus_a_dot_per_candidate(saved)
     # a ranker scores every candidate in full: its per-candidate figure does not depend on n
     r10, r20 = (flops_per_candidate(saved.models["rank"], lists, "rank", n) for n in (10, 20))
     assert r10 == pytest.approx(r20, rel=0.02)  # up to the history's key projection, shared per request
+
+
+TREND_DATA = "{kind: recall_output, dir: TRENDDATA, recall: {config: CONFIG, experiment: recall, n: 40, trend_days: [1, 7]}}"
+TREND_STAGES = """
+  din_trend:
+    data: TREND_DATA
+    model: {name: din, params: {attention_hidden: [8], hidden: [16], dropout: 0.0}}
+    train: {monitor: recall@4}
+    distill: {teacher: null, exposure_bce: 0, rankflow_bce: 1}
+  exposure_trend:
+    data: TREND_DATA
+    model: {name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+    distill: {teacher: din_trend}
+  frozen_trend: {task: cascade, cascade: {method: frozen, prerank: exposure_trend, rank: din_trend}}
+"""
+
+
+def test_a_cascade_with_the_item_trend_evaluates_as_it_trained_and_refuses_to_export(tmp_path, capsys):
+    # The stages train on recall-output lists that store each candidate's trend; `cascade eval`
+    # retrieves from the catalog, which computes it at each request's time. Both paths must give
+    # the cascade the same inputs, so eval's joint recall equals the training report's.
+    import json
+
+    from cascade.cli import main
+    from cascade.job import evaluate_path
+    from tests.conftest import CONFIG
+
+    path = tmp_path / "c.yaml"
+    text = CONFIG.replace("experiments:", "experiments:" + TREND_STAGES.replace("TREND_DATA", TREND_DATA), 1)
+    path.write_text(text.replace("TRENDDATA", str(tmp_path / "trend_data")).replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")).replace("CONFIG", str(path)))
+    assert main(["train", str(path), "--experiment", "frozen_trend"]) == 0, capsys.readouterr().err
+    trained = json.loads((tmp_path / "runs" / "frozen_trend" / "results.json").read_text())["test"]
+    saved = load_saved(tmp_path / "runs" / "frozen_trend", models={**MODELS, **TEACHERS})
+    assert saved.trend_days == (1, 7)
+    assert {"item_trend_1d", "item_trend_7d"} <= {s.name for s in saved.models["prerank"].item_slots}
+    flow = evaluate_path(tmp_path / "runs" / "frozen_trend")["metrics"]["flow"]
+    for key in ("positives_retrieved", "positives_after_prerank", "joint_recall", "teacher_recall@4@10"):
+        assert flow[key] == pytest.approx(trained[key], abs=1e-9), key
+    assert 0 < trained["teacher_recall@4@10"] < 1  # the pre-ranker's top-10 holds some of the ranker's top-4, not all
+    assert main(["export", str(tmp_path / "runs" / "frozen_trend"), "--out", str(tmp_path / "bundle")]) == 2
+    assert "item trend" in capsys.readouterr().err
+    assert not (tmp_path / "bundle").exists()

@@ -8,7 +8,8 @@ A ``ListBatch`` holds B lists of up to N candidates:
 * ``teacher``: one ``(B, N) float32`` column of logits per teacher (filled by the flow);
 * ``user``: user-side fields ``(B,)`` or ``(B, max_len)``; a user-side field stored per candidate
   (an out-of-fold statistic) is ``(B, N)``, which only pointwise models may use;
-* ``history (B, L)`` item ids, most recent first-to-last, 0-padded after; ``request_id (B,)``.
+* ``history (B, L)`` item ids, most recent first-to-last, 0-padded after; ``request_id (B,)``;
+* ``ts (B,)`` each request's time (None where unknown), for features computed at request time.
 
 Pointwise training is the N = 1 case (``pointwise_lists``). Within a list, candidates are ordered
 by logged stage, deepest first, then as stored; no metric depends on that order.
@@ -34,6 +35,7 @@ class ListBatch:
     stage: np.ndarray
     mask: np.ndarray
     teacher: dict[str, np.ndarray] = field(default_factory=dict)
+    ts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -45,7 +47,8 @@ class ListBatch:
     def take(self, rows: np.ndarray) -> "ListBatch":
         """The lists at ``rows`` (a slice or an index array)."""
         pick = lambda d: {k: v[rows] for k, v in d.items()}  # noqa: E731
-        return ListBatch(self.request_id[rows], pick(self.user), self.history[rows], pick(self.item), self.label[rows], self.stage[rows], self.mask[rows], pick(self.teacher))
+        ts = None if self.ts is None else self.ts[rows]
+        return ListBatch(self.request_id[rows], pick(self.user), self.history[rows], pick(self.item), self.label[rows], self.stage[rows], self.mask[rows], pick(self.teacher), ts)
 
     def take_columns(self, cols: np.ndarray) -> "ListBatch":
         """Each list cut to its candidates at ``cols`` (B, M), in that order: a stage's top-m."""
@@ -133,6 +136,7 @@ def build_lists(ds: Dataset, split: str | None = None, max_items: int | None = N
         label=scatter(cand["label"][idx], np.float32),
         stage=scatter(cand["stage"][idx], np.int8),
         mask=mask,
+        ts=req["ts"][req_rows],
     )
 
 
@@ -170,6 +174,7 @@ def pointwise_lists(ds: Dataset, split: str | None = None, seed: int = 0) -> Lis
         label=lists.label[rows, cols][:, None],
         stage=lists.stage[rows, cols][:, None],
         mask=np.ones((len(rows), 1), dtype=bool),
+        ts=lists.ts[rows],
     )
     if ds.schema.protocol.get("history_drops_target"):
         length = ds.requests["history_len"][_split_rows(ds, split)][rows]
