@@ -10,7 +10,9 @@ positive recall never retrieved counts as lost in every end-to-end figure.
 
 The baselines are computed on the same requests and lists: most-popular recall (train-split
 positives per item, history excluded), a random and a popularity pre-ranker between the same
-recall and ranker. Metric definitions live in ``cascade.metrics``; ``GLOSSARY`` says in one line
+recall and ranker; on temporal logs also trending recall and a trending pre-ranker (each item's
+exposures in the window before the request, ``cascade.data.trend``; the window of
+``TRENDING_DAYS`` that keeps the most validation positives). Metric definitions live in ``cascade.metrics``; ``GLOSSARY`` says in one line
 what each reported name means.
 """
 
@@ -31,6 +33,7 @@ from cascade.cascade import Cascade, CascadeOutput, Catalog, Stage, TorchScorer,
 from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch, build_lists
 from cascade.data.store import Dataset, read_dataset
+from cascade.data.trend import ItemTrend
 from cascade.data.synth import WORLD_FILE, World
 from cascade.joint import STAGES_FILE
 from cascade.models import MODELS, build_model, list_tensors
@@ -106,6 +109,24 @@ def most_popular(requests: ListBatch, counts: np.ndarray, catalog: np.ndarray, n
     seen = (top[:, :, None] == requests.history[:, None, :]).any(axis=2)
     pick = np.argsort(seen, axis=1, kind="stable")[:, :n]  # unseen first, popularity order kept
     return np.where(np.take_along_axis(seen, pick, 1), 0, np.take_along_axis(top, pick, 1))  # 0: the catalog ran out
+
+
+TRENDING_DAYS = (1, 7, 30)  # windows the trending baselines choose from on the validation split
+
+
+def trending(requests: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int, days: float, chunk: int = 1024) -> np.ndarray:
+    """Trending recall: each request's n catalog items most exposed in the ``days`` before its
+    ``ts``, the history excluded (ties to the lower id). (B, ...) -> (B, n) ids."""
+    out = []
+    for a in range(0, len(requests), chunk):
+        part = requests.take(slice(a, a + chunk))
+        counts = trend.counts(np.broadcast_to(catalog, (len(part), len(catalog))), part.ts, days).astype(np.float64)
+        seen = np.zeros((len(part), int(catalog.max()) + 1), bool)
+        np.put_along_axis(seen, part.history, True, axis=1)
+        counts[seen[:, catalog]] = -1.0  # the history is never retrieved
+        order = np.argsort(-counts, axis=1, kind="stable")[:, :n]
+        out.append(np.where(np.take_along_axis(counts, order, 1) >= 0, catalog[order], 0))
+    return np.concatenate(out) if out else np.zeros((0, n), np.int64)
 
 
 def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray | None, quotas: tuple[int, int]) -> dict[str, float]:
@@ -254,8 +275,16 @@ def baselines(ds: Dataset, fr: FlowRun, world, seed: int) -> dict[str, dict[str,
         "most_popular_recall": {f"positives_kept@{c}": M.retrieval_recall(top[:, :c], truth.positives) for c in (50, n) if c <= n}
     }
     out["recall"] = {f"positives_kept@{c}": M.retrieval_recall(ids[:, :c], truth.positives) for c in (50, n) if c <= n}
-    rng = np.random.default_rng(seed)
-    for name, scores in {"random_prerank": rng.random(ids.shape), "popularity_prerank": counts[ids]}.items():
+    pre_rankers = {"random_prerank": np.random.default_rng(seed).random(ids.shape), "popularity_prerank": counts[ids]}
+    if ds.schema.temporal and lists.ts is not None:
+        trend = ItemTrend.from_dataset(ds)
+        valid = build_lists(ds, "valid")
+        valid_truth = np.where(valid.mask & (valid.label > 0), valid.item["item_id"], 0)
+        days = max(TRENDING_DAYS, key=lambda d: M.retrieval_recall(trending(valid, trend, ds.items["item_id"], n, d), valid_truth))
+        top = trending(lists, trend, ds.items["item_id"], n, days)
+        out["trending_recall"] = {"days": days} | {f"positives_kept@{c}": M.retrieval_recall(top[:, :c], truth.positives) for c in (50, n) if c <= n}
+        pre_rankers["trending_prerank"] = np.where(lists.mask, trend.counts(ids, lists.ts, days), 0).astype(np.float64)
+    for name, scores in pre_rankers.items():
         row = flow_quality(lists, scores, rank.scores, quotas, truth)
         row |= consistency_curve(scores, lists, rank.scores, quotas, [quotas[1]])
         if world is not None:

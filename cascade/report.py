@@ -111,7 +111,10 @@ def tables(entries: list[dict]) -> dict[str, dict]:
             ["recall (this run)", _cell([_get(e, "metrics/baselines/recall/positives_kept@50") for e in g]), _cell([_get(e, f"metrics/baselines/recall/positives_kept@{e['metrics']['quotas']['recall']}") for e in g]), "", "", "", ""],
             ["most-popular recall", _cell([_get(e, "metrics/baselines/most_popular_recall/positives_kept@50") for e in g]), _cell([_get(e, f"metrics/baselines/most_popular_recall/positives_kept@{e['metrics']['quotas']['recall']}") for e in g]), "", "", "", ""],
         ]
-        flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("untrained cascade", "untrained")]
+        days = _get(g[0], "metrics/baselines/trending_recall/days")
+        if not math.isnan(days):
+            base.append([f"trending recall ({days:g}-day window)", _cell([_get(e, "metrics/baselines/trending_recall/positives_kept@50") for e in g]), _cell([_get(e, f"metrics/baselines/trending_recall/positives_kept@{e['metrics']['quotas']['recall']}") for e in g]), "", "", "", ""])
+        flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("trending pre-ranker", "metrics/baselines/trending_prerank"), ("untrained cascade", "untrained")]
         for name, root in flow_rows:
             cells = [_cell([_get(e, f"{root}/{key}") for e in g]) for key in ("joint_recall", "positives_after_prerank", "TR", "oracle_ratio")]
             if all(c == "—" for c in cells):

@@ -3,7 +3,10 @@ import pytest
 
 from cascade import metrics as M
 from cascade.data.lists import build_lists
-from cascade.evaluate import Truth, evaluate, exposure_metrics, flops_per_candidate, load_saved, most_popular, run_flow
+from dataclasses import replace
+
+from cascade.data.trend import ItemTrend
+from cascade.evaluate import Truth, evaluate, exposure_metrics, flops_per_candidate, load_saved, most_popular, run_flow, trending
 from cascade.cascade import requests_batch
 from cascade.models import MODELS
 from teachers import TEACHERS
@@ -14,6 +17,16 @@ def test_most_popular_skips_the_history_and_keeps_popularity_order():
     counts = np.array([0, 7, 2, 9, 1, 4], float)
     req = requests_batch({}, np.array([[1, 5, 0]]))
     assert most_popular(req, counts, np.arange(1, 6), 3).tolist() == [[3, 2, 4]]
+
+
+def test_trending_takes_the_items_most_exposed_before_each_request_history_excluded():
+    # exposures (item at ts): 3 at 10, 20, 30; 1 at 25; 4 at 5 and 35; 2 at 40 (after the request)
+    trend = ItemTrend.from_events(np.array([3, 3, 3, 1, 4, 4, 2]), np.array([10, 20, 30, 25, 5, 35, 40]))
+    req = replace(requests_batch({}, np.array([[3, 0]])), ts=np.array([36]))
+    # counts before 36: item 3 -> 3 (history: never retrieved), 4 -> 2, 1 -> 1, 2 and 5 -> 0 (tie:
+    # the lower id first)
+    assert trending(req, trend, np.arange(1, 6), 3, 1).tolist() == [[4, 1, 2]]
+    assert trending(req, trend, np.arange(1, 6), 5, 1).tolist() == [[4, 1, 2, 5, 0]]  # 0: the catalog ran out
 
 
 def test_truth_marks_logged_positives_and_exposures_per_row():
@@ -64,7 +77,8 @@ def test_stage_blame_adds_up_to_the_whole_best_utility(report):
 def test_baselines_are_computed_on_the_same_lists(report):
     base = report["baselines"]
     assert base["recall"]["positives_kept@40"] == pytest.approx(report["stages"]["recall"]["positives_kept"])
-    for name in ("random_prerank", "popularity_prerank"):
+    assert base["trending_recall"]["days"] in (1, 7, 30)  # the synthetic world is temporal
+    for name in ("random_prerank", "popularity_prerank", "trending_prerank"):
         row = base[name]
         # a pre-ranker only chooses among recall's list: it never keeps more than recall did
         assert 0 <= row["joint_recall"] <= row["positives_after_prerank"] <= base["recall"]["positives_kept@40"] + 1e-12
