@@ -52,18 +52,19 @@ def seeded(exp, seed: int):
     return replace(exp, name=f"{exp.name}_s{seed}", out=str(RUNS / Path(exp.out).name), train=replace(exp.train, seed=seed))
 
 
-def train_and_score(config: Path, seed: int, lists: dict, ds) -> dict[str, dict[str, np.ndarray]]:
-    """Scores (B, N) per split of each of NAMES at ``seed``, trained first where missing."""
+def train_and_score(config: Path, names: tuple[str, str, str], seed: int, lists: dict, ds) -> dict[str, dict[str, np.ndarray]]:
+    """Scores (B, N) per split of the ranker, the independent and the distilled pre-ranker
+    (``names``, in that order, keyed by NAMES) at ``seed``, trained first where missing."""
     models = {**MODELS, **TEACHERS}
-    exps = {e.name: e for e in load_config(config) if e.name in NAMES}
-    ranker = seeded(exps["din"], seed)
+    exps = {e.name: e for e in load_config(config) if e.name in names}
+    ranker = seeded(exps[names[0]], seed)
     out = {}
-    for name in NAMES:
+    for key, name in zip(NAMES, names):
         exp = seeded(exps[name], seed)
-        teacher = None if name == "din" else ranker
+        teacher = None if key == "din" else ranker
         start = time.perf_counter()
         model = load_trained(exp, ds, models, lambda e: train_distill(e, teacher, models))
-        out[name] = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
+        out[key] = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
         print(f"{config.stem} seed {seed}: {name} ready in {time.perf_counter() - start:.0f}s", flush=True)
     return out
 
@@ -96,13 +97,16 @@ def mean_std(xs: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=["configs/ml1m_trend.yaml", "configs/ml1m.yaml"])
+    parser.add_argument("--configs", nargs="+", default=["configs/ml1m_trend.yaml:din_oof,exposure_bce_oof,listwise_kd_oof", "configs/ml1m.yaml"], help="CONFIG[:RANKER,INDEPENDENT,DISTILLED] (default names: din,exposure_bce,listwise_kd)")
     args = parser.parse_args()
     alone: dict[str, list[dict]] = {}
     cascades: dict[str, list[dict]] = {}
     fixed: dict[str, dict] = {}
-    for config in map(Path, args.configs):
-        first = next(e for e in load_config(ROOT / config) if e.name == "din")
+    for spec in args.configs:
+        config, _, picked = spec.partition(":")
+        config = Path(config)
+        names = tuple(picked.split(",")) if picked else NAMES
+        first = next(e for e in load_config(ROOT / config) if e.name == names[0])
         ds = prepare_data(first.data)
         lists = {s: build_lists(ds, s) for s in ("valid", "test")}
         (recall_exp,) = load_config(ROOT / config.parent / first.data.recall["config"], first.data.recall["experiment"])
@@ -119,16 +123,19 @@ def main() -> None:
             valid = {d: quality(by_window[d]["valid"], lists["valid"])["recall@10"] for d in TREND_DAYS}
             best = max(TREND_DAYS, key=valid.get)
             print("trending, valid Recall@10 by window (days):", {d: round(v, 4) for d, v in valid.items()}, flush=True)
-            fixed[f"trending ({best}-day window, chosen on valid)"] = by_window[best]
+            fixed[f"trending ({best}-day window, chosen on valid)"] = trending_scores = by_window[best]
             for name, s in fixed.items():
                 alone[name] = [{**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"]}]
         for seed in args.seeds:
-            scores = train_and_score(ROOT / config, seed, lists, ds)
-            for name, s in scores.items():
-                alone.setdefault(f"{config.stem}/{name}", []).append({**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"]})
-            for pre in ("exposure_bce", "listwise_kd"):
-                row = cascade_quality(scores[pre]["test"], scores["din"]["test"], lists["test"], n_pos)
-                cascades.setdefault(f"{config.stem}: {pre} -> din", []).append(row)
+            scores = train_and_score(ROOT / config, names, seed, lists, ds)
+            for key, s in scores.items():
+                alone.setdefault(f"{config.stem}/{dict(zip(NAMES, names))[key]}", []).append({**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"]})
+            for key in ("exposure_bce", "listwise_kd"):
+                row = cascade_quality(scores[key]["test"], scores["din"]["test"], lists["test"], n_pos)
+                cascades.setdefault(f"{config.stem}: {dict(zip(NAMES, names))[key]} -> {names[0]}", []).append(row)
+            for key in ("exposure_bce", "listwise_kd"):  # the same pre-ranker with the no-training trending ranker
+                row = cascade_quality(scores[key]["test"], trending_scores["test"], lists["test"], n_pos)
+                cascades.setdefault(f"{config.stem}: {dict(zip(NAMES, names))[key]} -> trending", []).append(row)
             write(alone, cascades, args)
 
 

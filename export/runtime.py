@@ -110,7 +110,9 @@ class BoosterScorer:
     """Rank: a LightGBM model file, scored by LightGBM's Booster over the ranker's features."""
 
     def __init__(self, root: Path, stage: dict, schema: Schema, catalog: Catalog):
-        self.teacher = GBDTTeacher(schema.features, catalog.rows(), GBDTConfig(**stage.get("params", {})))
+        params = dict(stage.get("params", {}))
+        drop = tuple(params.pop("drop_fields", ()))
+        self.teacher = GBDTTeacher(schema.features, catalog.rows(), GBDTConfig(**params), drop)
         self.teacher.booster = lgb.Booster(model_file=str(root / "rank" / "model.txt"))
 
     def __call__(self, lists: ListBatch) -> np.ndarray:

@@ -46,7 +46,7 @@ def _stage(role: str, exp: ExperimentConfig, ds: Dataset, quota: int, weights: P
         path = exp.run_dir / "model.txt"
         if not path.exists():
             raise BundleError(f"--rank: {path} is missing (train '{exp.name}' first)")
-        return StageModel(role, "gbdt", path, quota, source | {"run": str(exp.run_dir)}, {k: v for k, v in exp.model.params.items() if k in ("objective",)})
+        return StageModel(role, "gbdt", path, quota, source | {"run": str(exp.run_dir)}, {k: v for k, v in exp.model.params.items() if k in ("objective",)} | {"drop_fields": list(exp.model.drop_fields)})
     weights = weights or exp.run_dir / "best.pt"
     if not weights.exists():
         raise BundleError(f"{role}: {weights} is missing (train '{exp.name}' first)")

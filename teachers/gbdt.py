@@ -41,10 +41,16 @@ class GBDTConfig:
 
 
 class GBDTTeacher:
-    def __init__(self, spec: FeatureSpec, items: dict[str, np.ndarray], cfg: GBDTConfig = GBDTConfig()):
+    """``drop``: fields it does not use (``model.drop_fields``, as for the torch models)."""
+
+    def __init__(self, spec: FeatureSpec, items: dict[str, np.ndarray], cfg: GBDTConfig = GBDTConfig(), drop: tuple[str, ...] = ()):
         if cfg.objective not in ("lambdarank", "binary"):
             raise ValueError(f"objective {cfg.objective!r} is not 'lambdarank' or 'binary'")
-        self.spec, self.cfg = spec, cfg
+        unknown = sorted(set(drop) - set(spec.names) - {"history"})
+        if unknown:
+            raise ValueError(f"drop_fields: unknown field '{unknown[0]}' (have: {', '.join(spec.names)}, history)")
+        spec = FeatureSpec(tuple(f for f in spec.fields if f.name not in drop))
+        self.spec, self.cfg, self.use_history = spec, cfg, "history" not in drop
         # item field values by item id (row 0: padding), for the history crosses
         n = int(items["item_id"].max()) + 1
         self._by_id = {}
@@ -99,13 +105,14 @@ class GBDTTeacher:
                     columns.append(v.reshape(-1, 1).astype(np.float32))
                     names.append(f.name)
                     categorical.append(f.name)
-        length = (lists.history > 0).sum(axis=1)
-        for name, count in self.history_crosses(lists).items():
-            c = count[rows, cols]
-            columns += [c[:, None], (c / np.maximum(length[rows], 1))[:, None]]
-            names += [f"history_shares_{name}", f"history_share_rate_{name}"]
-        columns.append(length[rows][:, None].astype(np.float32))
-        names.append("history_len")
+        if self.use_history:
+            length = (lists.history > 0).sum(axis=1)
+            for name, count in self.history_crosses(lists).items():
+                c = count[rows, cols]
+                columns += [c[:, None], (c / np.maximum(length[rows], 1))[:, None]]
+                names += [f"history_shares_{name}", f"history_share_rate_{name}"]
+            columns.append(length[rows][:, None].astype(np.float32))
+            names.append("history_len")
         return np.concatenate(columns, axis=1).astype(np.float32), names, categorical
 
     # ---------------------------------------------------------------- training and scoring
@@ -117,6 +124,13 @@ class GBDTTeacher:
         group = lists.mask.sum(axis=1) if self.cfg.objective == "lambdarank" else None
         if self.cfg.objective == "lambdarank":
             label = np.rint(label).astype(np.int64)
+            # A list holds its logged items first (deepest stage first), and LightGBM's NDCG breaks
+            # score ties by position: unshuffled, a model of few distinct scores (one tree) would
+            # inherit the logged order and look best, and early stopping would keep it. A seeded
+            # shuffle within each list makes a tie carry no label.
+            list_of_row = np.repeat(np.arange(len(group)), group)
+            order = np.lexsort((np.random.default_rng(self.cfg.seed).random(len(label)), list_of_row))
+            x, label = x[order], label[order]
         return lgb.Dataset(x, label=label, group=group, feature_name=names, categorical_feature=categorical, reference=reference, free_raw_data=False)
 
     def fit(self, train: ListBatch, valid: ListBatch) -> dict[str, float]:
@@ -152,6 +166,15 @@ class GBDTTeacher:
         return out
 
 
+def _teacher(exp, ds, cfg: GBDTConfig) -> GBDTTeacher:
+    from cascade.config import ConfigError
+
+    try:
+        return GBDTTeacher(ds.schema.features, ds.items, cfg, tuple(exp.model.drop_fields))
+    except ValueError as e:
+        raise ConfigError(f"{exp.where}.model.{e}") from None
+
+
 def train_gbdt(exp) -> dict:
     """`cascade train` for ``model.name: gbdt``. ``task: pointwise``: a binary LightGBM on logged
     exposures, early stopping on validation AUC, scored on test like the neural models.
@@ -178,7 +201,7 @@ def train_gbdt(exp) -> dict:
     for split in ("train", "valid", "test"):
         f = pointwise_lists(ds, split)
         flat[split] = f.take(np.flatnonzero(f.stage[:, 0] == EXPOSED))
-    teacher = GBDTTeacher(ds.schema.features, ds.items, cfg)
+    teacher = _teacher(exp, ds, cfg)
     start = time.perf_counter()
     teacher.fit(flat["train"], flat["valid"])
     seconds = time.perf_counter() - start
@@ -218,7 +241,7 @@ def train_gbdt_lists(exp) -> dict:
     except TypeError as e:
         raise ConfigError(f"{exp.where}.model.params: {e}") from None
     lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
-    teacher = GBDTTeacher(ds.schema.features, ds.items, cfg)
+    teacher = _teacher(exp, ds, cfg)
     start = time.perf_counter()
     best = teacher.fit(lists["train"], lists["valid"])
     seconds = time.perf_counter() - start

@@ -27,6 +27,18 @@ def test_history_crosses_hand_worked():
     np.testing.assert_allclose(x[:, names.index("history_share_rate_genres")], [2 / 3, 0, 2 / 3], rtol=1e-6)
 
 
+def test_dropped_fields_and_history_leave_the_features():
+    spec = FeatureSpec((Field("user_id", "user", 3), Field("item_id", "item", 5), Field("genres", "item", 4, multi=True, max_len=2)))
+    items = {"item_id": np.arange(1, 6), "genres": np.array([[1, 2], [2, 0], [3, 0], [1, 3], [4, 0]])}
+    lists = ListBatch(np.array([1]), {"user_id": np.array([1])}, np.array([[1, 2, 0]]), {"item_id": np.array([[4, 5]]), "genres": np.array([[[1, 3], [4, 0]]])}, np.zeros((1, 2), np.float32), np.zeros((1, 2), np.int8), np.ones((1, 2), bool))
+    _, names, categorical = GBDTTeacher(spec, items, drop=("user_id", "item_id")).features(lists)
+    assert categorical == [] and names == [f"genres={i}" for i in range(1, 5)] + ["history_shares_genres", "history_share_rate_genres", "history_len"]
+    _, names, _ = GBDTTeacher(spec, items, drop=("history",)).features(lists)
+    assert names == ["user_id", "item_id"] + [f"genres={i}" for i in range(1, 5)]
+    with pytest.raises(ValueError, match="drop_fields: unknown field 'user'"):
+        GBDTTeacher(spec, items, drop=("user",))
+
+
 def test_binary_teacher_beats_random_on_exposures(small_world):
     ds, _ = small_world
     flat = {s: pointwise_lists(ds, s) for s in ("train", "valid", "test")}
@@ -83,3 +95,19 @@ def test_binary_scores_are_logits(small_world):
     raw = teacher.score(flat["valid"])[:, 0]
     prob = teacher.booster.predict(teacher.features(flat["valid"])[0], num_iteration=teacher.booster.best_iteration)
     np.testing.assert_allclose(1 / (1 + np.exp(-raw)), prob, rtol=1e-5)
+
+
+def test_a_model_that_cannot_tell_candidates_apart_does_not_inherit_the_list_order():
+    # 300 lists of 10 whose positive always comes first (as the logged item of a real list does)
+    # and whose only feature is the same for every candidate: every score ties. LightGBM breaks
+    # NDCG ties by position, so unshuffled lists would score validation NDCG@10 = 1 here; shuffled,
+    # the expected NDCG@10 of one positive at a uniform rank r in 1..10 is
+    # mean(1 / log2(1 + r)) = 0.4544 (the 300 validation lists give about +-0.02).
+    b, n = 300, 10
+    spec = FeatureSpec((Field("user_id", "user", 1), Field("item_id", "item", 1)))
+    label = np.zeros((b, n), np.float32)
+    label[:, 0] = 1.0
+    lists = ListBatch(np.arange(b), {"user_id": np.ones(b, np.int64)}, np.zeros((b, 1), np.int64), {"item_id": np.ones((b, n), np.int64)}, label, np.zeros((b, n), np.int8), np.ones((b, n), bool))
+    teacher = GBDTTeacher(spec, {"item_id": np.array([1])}, GBDTConfig(n_estimators=5, min_data_in_leaf=5), drop=("history",))
+    best = teacher.fit(lists, lists)
+    assert best["ndcg@10"] == pytest.approx(np.mean(1 / np.log2(2 + np.arange(n))), abs=0.06)
