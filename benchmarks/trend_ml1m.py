@@ -32,11 +32,13 @@ from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.data.trend import ItemTrend
 from cascade.flow import cached_scores, train_distill
+from cascade.joint import positive_counts
 from cascade.models import MODELS, load_trained
 from cascade.pipeline import prepare_data
 from teachers import TEACHERS
 
 from provenance import write_results
+from ranker_ml1m import flow, quality
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench_trend_ml1m"
@@ -69,25 +71,10 @@ def train_and_score(config: Path, names: tuple[str, str, str], seed: int, lists:
     return out
 
 
-def quality(scores: np.ndarray, lists) -> dict[str, float]:
-    return {"recall@10": M.recall_at_k(scores, lists.label, RANK, lists.mask), "ndcg@10": M.ndcg_at_k(scores, lists.label, RANK, lists.mask)}
-
-
 def cascade_quality(pre: np.ndarray, rank: np.ndarray, lists, n_positives: np.ndarray) -> dict[str, float]:
     """pre-rank top-50 -> rank top-10 over the lists: their Recall@10 / NDCG@10 and joint recall."""
-    passed = M.topk_membership(pre, PRERANK, lists.mask) > 0.5
-    final = np.where(passed, rank, rank.min() - 1e6)
     positive = lists.mask & (lists.label > 0)
-    return {**quality(final, lists), "joint_recall": M.joint_recall([pre, rank], [PRERANK, RANK], positive, lists.mask, n_positives)}
-
-
-def positives_per_request(base, request_id: np.ndarray) -> np.ndarray:
-    """Every logged positive of each request in the recall's own logs (retrieved or not)."""
-    c = base.candidates
-    pos = c["request_id"][c["label"] > 0]
-    ids, counts = np.unique(pos, return_counts=True)
-    at = np.clip(np.searchsorted(ids, request_id), 0, max(len(ids) - 1, 0))
-    return np.where((len(ids) > 0) & (ids[at] == request_id), counts[at], 0).astype(np.float64)
+    return {**flow(pre, rank, lists, PRERANK, RANK), "joint_recall": M.joint_recall([pre, rank], [PRERANK, RANK], positive, lists.mask, n_positives)}
 
 
 def mean_std(xs: list[float]) -> str:
@@ -111,15 +98,14 @@ def main() -> None:
         lists = {s: build_lists(ds, s) for s in ("valid", "test")}
         (recall_exp,) = load_config(ROOT / config.parent / first.data.recall["config"], first.data.recall["experiment"])
         base = prepare_data(recall_exp.data)
-        n_pos = positives_per_request(base, lists["test"].request_id)
+        n_pos = positive_counts(base, lists["test"].request_id)  # every logged positive, retrieved or not
         if not fixed:  # the scorers with no training, once (both configs hold the same lists)
             tr = base.candidates
             train_pos = tr["item_id"][(tr["label"] > 0) & np.isin(tr["request_id"], base.requests["request_id"][base.requests["split"] == "train"])]
             counts = np.bincount(train_pos, minlength=int(base.items["item_id"].max()) + 1).astype(np.float64)
             fixed["most_popular"] = {s: np.where(lst.mask, counts[lst.item["item_id"]], 0.0) for s, lst in lists.items()}
             trend = ItemTrend.from_dataset(base)
-            ts = dict(zip(base.requests["request_id"], base.requests["ts"]))
-            by_window = {d: {s: trend.counts(lst.item["item_id"], np.array([ts[r] for r in lst.request_id]), d).astype(np.float64) for s, lst in lists.items()} for d in TREND_DAYS}
+            by_window = {d: {s: trend.counts(lst.item["item_id"], lst.ts, d).astype(np.float64) for s, lst in lists.items()} for d in TREND_DAYS}
             valid = {d: quality(by_window[d]["valid"], lists["valid"])["recall@10"] for d in TREND_DAYS}
             best = max(TREND_DAYS, key=valid.get)
             print("trending, valid Recall@10 by window (days):", {d: round(v, 4) for d, v in valid.items()}, flush=True)

@@ -132,7 +132,7 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     done = lambda what: print(f"  {what} ({time.perf_counter() - start:.0f}s)", flush=True)  # noqa: E731
     metrics = evaluate(served, saved.ds, saved.world, seed=seed)
     done(f"quality and baselines on {metrics['requests']:,} test requests")
-    lists = saved.cascade().catalog.add_trend(build_lists(saved.ds, "test"))
+    lists = served.catalog.add_trend(build_lists(saved.ds, "test"))  # the torch cascade's catalog, or the bundle's (no trend)
     catalog = len(saved.ds.items["item_id"])
     cost = {
         "flops_per_candidate": {role: flops_per_candidate(saved.models[role], lists, role, n) for role, n in (("recall", catalog), ("prerank", saved.quotas["recall"]), ("rank", saved.quotas["prerank"]))},

@@ -21,7 +21,7 @@ from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_confi
 from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset, write_text_atomic
-from cascade.data.trend import ItemTrend, with_trend
+from cascade.data.trend import ItemTrend, trend_schema, with_trend
 from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
 from cascade.losses.inttower import contrastive_interaction
@@ -143,9 +143,9 @@ def trend_days(*exps: ExperimentConfig) -> tuple[float, ...]:
 
 
 def with_trend_fields(ds: Dataset, days: tuple[float, ...]) -> Dataset:
-    """``ds`` with the trend fields of ``days`` (its logged candidates' values): the schema a
-    model trained on a recall output with those ``trend_days`` is built from."""
-    return with_trend(ds, ItemTrend.from_dataset(ds), days) if days else ds
+    """``ds`` whose schema has the trend fields of ``days``: what a model trained on a recall
+    output with those ``trend_days`` is built from (only the schema; no values are computed)."""
+    return replace(ds, schema=trend_schema(ds.schema, days)) if days else ds
 
 
 def cross_fitted(exp: ExperimentConfig, ds: Dataset, out: Dataset, n: int, folds: int) -> Dataset:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cascade.data.schema import EXPOSED
+from cascade.data.schema import EXPOSED, Schema
 from cascade.features import FeatureSpec, Field
 from cascade.data.store import Dataset
 
@@ -47,11 +47,9 @@ class ItemTrend:
         """Every exposed candidate of every split, at its request's ``ts``."""
         if not ds.schema.temporal:
             raise ValueError(f"item trend needs temporal logs; '{ds.schema.name}' is not temporal (its ts does not order events)")
-        cand, req = ds.candidates, ds.requests
+        cand = ds.candidates
         exposed = cand["stage"] == EXPOSED
-        order = np.argsort(req["request_id"])
-        rows = order[np.searchsorted(req["request_id"][order], cand["request_id"][exposed])]
-        return cls.from_events(cand["item_id"][exposed], req["ts"][rows])
+        return cls.from_events(cand["item_id"][exposed], request_ts(ds, cand["request_id"][exposed]))
 
     @classmethod
     def from_events(cls, item: np.ndarray, ts: np.ndarray) -> "ItemTrend":
@@ -77,21 +75,28 @@ class ItemTrend:
         return (hi - lo).astype(np.int64)
 
 
-def with_trend(ds: Dataset, trend: ItemTrend, days: tuple[float, ...]) -> Dataset:
-    """``ds`` with one per-candidate item field per window (``trend_field_name(d)``): the trend
-    bucket of each candidate at its request's ``ts``."""
-    cand, req = ds.candidates, ds.requests
+def request_ts(ds: Dataset, request_id: np.ndarray) -> np.ndarray:
+    """The ``ts`` of each request id (all known to ``ds``)."""
+    req = ds.requests
     order = np.argsort(req["request_id"])
-    ts = req["ts"][order[np.searchsorted(req["request_id"][order], cand["request_id"])]]
+    return req["ts"][order[np.searchsorted(req["request_id"][order], request_id)]]
+
+
+def trend_schema(schema: Schema, days: tuple[float, ...]) -> Schema:
+    """``schema`` with one per-candidate item field per window (``trend_field_name(d)``)."""
     names = [trend_field_name(d) for d in days]
-    taken = sorted(set(names) & set(ds.schema.features.names))
+    taken = sorted(set(names) & set(schema.features.names))
     if taken:
         raise ValueError(f"field '{taken[0]}' is already in the schema")
-    columns = {name: bucket(trend.counts(cand["item_id"], ts, d)) for name, d in zip(names, days)}
     fields = tuple(Field(name, "item", TREND_BUCKETS, table="candidates") for name in names)
-    schema = replace(
-        ds.schema,
-        features=FeatureSpec(ds.schema.features.fields + fields),
-        protocol={**ds.schema.protocol, "item_trend_days": list(days)},
-    )
+    return replace(schema, features=FeatureSpec(schema.features.fields + fields), protocol={**schema.protocol, "item_trend_days": list(days)})
+
+
+def with_trend(ds: Dataset, trend: ItemTrend, days: tuple[float, ...]) -> Dataset:
+    """``ds`` with ``trend_schema``'s fields, valued per candidate: the trend bucket of each
+    candidate at its request's ``ts``."""
+    schema = trend_schema(ds.schema, days)
+    cand = ds.candidates
+    ts = request_ts(ds, cand["request_id"])
+    columns = {trend_field_name(d): bucket(trend.counts(cand["item_id"], ts, d)) for d in days}
     return replace(ds, schema=schema, candidates={**cand, **columns})
