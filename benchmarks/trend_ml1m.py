@@ -1,6 +1,9 @@
 """Issue 12 on MovieLens-1M: the ranker and the cascade with and without the items' trend.
 
-    python benchmarks/trend_ml1m.py [--seeds 0 1 2] [--configs configs/ml1m_trend.yaml configs/ml1m.yaml]
+    python benchmarks/trend_ml1m.py [--seeds 0 1 2] [--configs CONFIG[:RANKER,INDEPENDENT,DISTILLED][@SEEDS] ...]
+
+(``@0,1`` gives that config its own seeds, e.g. ``configs/ml1m.yaml@0`` to show a config's seed-0
+runs beside another's three seeds.)
 
 For each config and seed, the ranker (``din``), the independent pre-ranker (``exposure_bce``) and
 the pre-ranker distilled from that seed's ranker (``listwise_kd``) are trained (seed 0 is the
@@ -84,12 +87,14 @@ def mean_std(xs: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=["configs/ml1m_trend.yaml:din_oof,exposure_bce_oof,listwise_kd_oof", "configs/ml1m.yaml"], help="CONFIG[:RANKER,INDEPENDENT,DISTILLED] (default names: din,exposure_bce,listwise_kd)")
+    parser.add_argument("--configs", nargs="+", default=["configs/ml1m_trend.yaml:din_oof,exposure_bce_oof,listwise_kd_oof", "configs/ml1m.yaml"], help="CONFIG[:RANKER,INDEPENDENT,DISTILLED][@SEED,SEED] (default names: din,exposure_bce,listwise_kd; default seeds: --seeds)")
     args = parser.parse_args()
     alone: dict[str, list[dict]] = {}
     cascades: dict[str, list[dict]] = {}
     fixed: dict[str, dict] = {}
     for spec in args.configs:
+        spec, _, own_seeds = spec.partition("@")
+        seeds = [int(x) for x in own_seeds.split(",")] if own_seeds else args.seeds
         config, _, picked = spec.partition(":")
         config = Path(config)
         names = tuple(picked.split(",")) if picked else NAMES
@@ -112,7 +117,7 @@ def main() -> None:
             fixed[f"trending ({best}-day window, chosen on valid)"] = trending_scores = by_window[best]
             for name, s in fixed.items():
                 alone[name] = [{**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"]}]
-        for seed in args.seeds:
+        for seed in seeds:
             scores = train_and_score(ROOT / config, names, seed, lists, ds)
             for key, s in scores.items():
                 alone.setdefault(f"{config.stem}/{dict(zip(NAMES, names))[key]}", []).append({**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"]})

@@ -5,6 +5,7 @@
     cascade data movielens --src DIR --out DIR --protocol ctr|cascade [--seed S]
     cascade data import [--mapping YAML] [--events F --user C --item C --time C --label RULE ...] --out DIR
     cascade train CONFIG [--experiment NAME]
+    torchrun --nproc-per-node 2 -m cascade.cli train CONFIG [--experiment NAME]   (data-parallel)
     cascade distill CONFIG [--experiment NAME]
     cascade export RUN_DIR --out BUNDLE [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
     cascade export --recall CFG:EXP --prerank CFG:EXP --rank CFG:EXP [--quotas 200,50,10] --out BUNDLE
@@ -18,6 +19,7 @@ Exit status: 0 on success, 2 on bad input (each problem printed on stderr, nothi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -123,6 +125,11 @@ LEGEND = {
 
 def _train(args: argparse.Namespace) -> int:
     _overrides(args)
+    from cascade.distributed import init_from_env, is_writer
+
+    init_from_env()  # under torchrun: join the group (every trainer then runs data-parallel)
+    if not is_writer():  # one copy of the summary, rank 0's
+        sys.stdout = open(os.devnull, "w")
     from cascade.config import ConfigError, load_config
     from cascade.joint import train_experiment
     from cascade.models import MODELS

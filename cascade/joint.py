@@ -58,6 +58,7 @@ from cascade.data.synth import WORLD_FILE, World
 from cascade.flow import DistillLoss, cascade_report, train_distill
 from cascade.models import list_tensors, load_trained, score_lists
 from cascade.data.trend import ItemTrend, with_trend
+from cascade.distributed import barrier
 from cascade.pipeline import prepare_data, train_pointwise, train_recall, trend_days, with_trend_fields
 from cascade.recall import RecallStep, item_table, recall_output, training_pairs
 from cascade.losses.arf import UncertaintyWeights, e2e_loss, relax_bce
@@ -204,17 +205,21 @@ class LcronLoss(nn.Module):
 
 def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Module]], boosted: dict[str, Callable] | None = None) -> dict:
     """Train one experiment of the config file ``config`` by its task (what `cascade train`
-    runs); ``boosted``: models with their own training function (LightGBM), for any task."""
+    runs); ``boosted``: models with their own training function (LightGBM), for any task. In a
+    data-parallel run every rank returns once rank 0 has written the results."""
     if exp.task == "cascade":
-        return train_cascade(exp, config, models)
-    if exp.task == "distill" and not (boosted and exp.model.name in boosted):
+        result = train_cascade(exp, config, models)
+    elif exp.task == "distill" and not (boosted and exp.model.name in boosted):
         teacher = None if exp.distill.teacher is None else load_config(config, exp.distill.teacher)[0]
-        return train_distill(exp, teacher, models, lambda e: train_experiment(e, config, models, boosted))
-    if exp.task == "recall":
-        return train_recall(exp, models)
-    if boosted and exp.model.name in boosted:
-        return boosted[exp.model.name](exp)
-    return train_pointwise(exp, models)
+        result = train_distill(exp, teacher, models, lambda e: train_experiment(e, config, models, boosted))
+    elif exp.task == "recall":
+        result = train_recall(exp, models)
+    elif boosted and exp.model.name in boosted:
+        result = boosted[exp.model.name](exp)
+    else:
+        result = train_pointwise(exp, models)
+    barrier()  # no rank looks for this run's results.json before rank 0 has written it
+    return result
 
 
 def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]) -> dict:

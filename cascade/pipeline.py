@@ -22,6 +22,7 @@ from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset, write_text_atomic
 from cascade.data.trend import ItemTrend, trend_schema, with_trend
+from cascade.distributed import rank_zero_first
 from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
 from cascade.losses.inttower import contrastive_interaction
@@ -83,7 +84,13 @@ STEPS: dict[str, Callable[[nn.Module, Tensors], torch.Tensor]] = {"dat": dat_ste
 
 
 def prepare_data(cfg: DataConfig) -> Dataset:
-    """Read ``cfg.dir``; when it is missing, make it from the configured source first."""
+    """Read ``cfg.dir``; when it is missing, make it from the configured source first (in a
+    data-parallel run, rank 0 makes it while the others wait)."""
+    with rank_zero_first():
+        return _prepare_data(cfg)
+
+
+def _prepare_data(cfg: DataConfig) -> Dataset:
     out = Path(cfg.dir)
     if not out.exists():
         if cfg.kind == "synth":
@@ -209,7 +216,7 @@ def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Mo
         evaluate=lambda: pointwise_metrics(predict(model, valid), valid_flat),
         resolved_config=exp.to_dict(),
     )
-    result = {"experiment": exp.name, "model": exp.model.name, "parameters": sum(p.numel() for p in model.parameters()), "best_epoch": best.get("epoch"), "valid": {k: best[k] for k in ("auc", "logloss", "gauc")}, "test": pointwise_metrics(predict(model, test), test_flat), "seconds_per_epoch": best.get("seconds"), "train_samples_per_s": best.get("samples_per_s")}
+    result = {"experiment": exp.name, "model": exp.model.name, "parameters": sum(p.numel() for p in model.parameters()), "best_epoch": best.get("epoch"), "valid": {k: best[k] for k in ("auc", "logloss", "gauc")}, "test": pointwise_metrics(predict(model, test), test_flat), "seconds_per_epoch": best.get("seconds"), "train_samples_per_s": best.get("samples_per_s"), **trainer.parallel}
     write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result
@@ -230,7 +237,7 @@ def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Modul
     trainer = Trainer(model, exp.train, exp.run_dir)
     trainer.log(f"{exp.name}: recall with {exp.model.name} on {exp.data.dir}: {len(train):,} training pairs, {len(ds.items['item_id']):,} items")
     best = trainer.fit(train, step_loss=lambda b: step(model, b), evaluate=lambda: evaluate_recall(model, ds, "valid"), resolved_config=exp.to_dict())
-    result = {"experiment": exp.name, "model": exp.model.name, "task": "recall", "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith("recall@")}, "test": evaluate_recall(model, ds, "test"), "seconds_per_epoch": best.get("seconds")}
+    result = {"experiment": exp.name, "model": exp.model.name, "task": "recall", "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith("recall@")}, "test": evaluate_recall(model, ds, "test"), "seconds_per_epoch": best.get("seconds"), **trainer.parallel}
     write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result

@@ -6,7 +6,9 @@ The Trainer knows nothing of models or losses: it is given a ``step_loss(batch) 
 (everything needed to resume, the best weights and the config included), ``prev.pt`` (the
 checkpoint before) and ``best.pt`` (the best model's ``state_dict``). Checkpoints hold tensors and
 plain values only, are loaded with ``weights_only=True`` and carry a sha256 of their content.
-Every file is written whole or not at all (``store.write_atomic``). Resuming reads last.pt, or
+Every file is written whole or not at all (``store.write_atomic``). Under torchrun the step runs
+in DistributedDataParallel, each rank on its share of every global batch (``cascade.distributed``);
+rank 0 alone writes and validates. Resuming reads last.pt, or
 prev.pt when last.pt is damaged (said in the log), and refuses a changed config naming the keys;
 a run with no readable checkpoint stops with a ``CheckpointError`` (``--restart`` starts over).
 """
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cascade import distributed
 from cascade.data.store import write_atomic, write_text_atomic
 
 PIPED_EVERY = 30.0  # seconds between progress lines when stdout is not a terminal
@@ -128,12 +131,17 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device(cfg.device)
+        device = torch.device(cfg.device)
+        if distributed.data_parallel() and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+        self.device = device
         self.loss = (loss or nn.Module()).to(self.device)
         model.to(self.device)
         self.optimizer = torch.optim.Adam([*model.parameters(), *self.loss.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def log(self, text: str) -> None:
+        if not distributed.is_writer():
+            return
         with open(self.run_dir / "log.txt", "a") as f:
             f.write(text + "\n")
         tqdm.write(text)
@@ -147,11 +155,14 @@ class Trainer:
     ) -> dict:
         """Train with early stopping on ``cfg.monitor``; resume from ``last.pt`` if present.
         Returns the best epoch's metrics (and loads the best weights into the model). Without
-        ``evaluate`` it trains a fixed schedule: every epoch runs and the last one is kept."""
+        ``evaluate`` it trains a fixed schedule: every epoch runs and the last one is kept.
+        Afterwards ``self.parallel`` holds ``world_size`` and the rows each rank trained on."""
         cfg = self.cfg
         seed_everything(cfg.seed)
         resolved = json.loads(json.dumps(resolved_config or {"train": asdict(cfg)}, sort_keys=True))
-        state = {"epoch": -1, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}}
+        parallel = distributed.data_parallel()
+        world, rank = (distributed.world_size(), distributed.rank()) if parallel else (1, 0)
+        state = {"epoch": -1, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}, "rows_per_rank": [0] * world}
         best_weights = None
         ckpt = self._resume()
         if ckpt is not None:
@@ -170,36 +181,58 @@ class Trainer:
             self.log(f"resumed from {self.resumed_from} after epoch {state['epoch'] + 1}")
         write_text_atomic(self.run_dir / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
         self._keep_metrics_through(state["epoch"] + 1)
+        if len(state.get("rows_per_rank", ())) != world:  # a run resumed on another world size
+            state["rows_per_rank"] = [0] * world
         train = train.to(self.device)
+        step: Callable[[Tensors], torch.Tensor] = step_loss
+        if parallel:  # DDP averages the ranks' gradients during backward, as one process would
+            norms = global_batch_norm(self.model)
+            step = nn.parallel.DistributedDataParallel(_Step(self.model, self.loss, step_loss), find_unused_parameters=True)
+        show = None if distributed.is_writer() else True  # tqdm: None = a bar on terminals only
         for epoch in range(state["epoch"] + 1, cfg.epochs):
             if state["bad_epochs"] >= cfg.patience:
                 break
             self.model.train()
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
             start, seen, total = time.perf_counter(), 0, 0.0
-            bar = tqdm(train.batches(cfg.batch_size, gen), total=math.ceil(len(train) / cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+            bar = tqdm(train.batches(cfg.batch_size, gen), total=math.ceil(len(train) / cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=show)
             shown = time.perf_counter()  # piped output has no bar: a line every PIPED_EVERY seconds
             for i, batch in enumerate(bar, 1):
+                weight = 1.0
+                if parallel:
+                    if len(batch) < world:  # a last global batch too small to share: every rank skips it
+                        continue
+                    # this rank's share of the global batch; weighted so that DDP's mean over ranks
+                    # is the mean over the global batch's rows
+                    rows = torch.tensor_split(torch.arange(len(batch), device=batch.user.device), world)[rank]
+                    weight = len(rows) * world / len(batch)
+                    batch = batch._map(lambda t: t[rows])
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    loss = step_loss(batch)
+                    loss = step(batch)
+                    if weight != 1.0:
+                        loss = loss * weight
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 seen += len(batch)
-                total += float(loss.detach()) * len(batch)
+                total += float(loss.detach()) / weight * len(batch)
                 bar.set_postfix(loss=f"{total / seen:.4f}")
-                if bar.disable and time.perf_counter() - shown > PIPED_EVERY:
+                if bar.disable and show is None and time.perf_counter() - shown > PIPED_EVERY:
                     shown = time.perf_counter()
                     print(f"  epoch {epoch + 1}/{cfg.epochs}: batch {i:,}/{bar.total:,} ({i / bar.total:.0%}), {seen / (shown - start):,.0f} {self.unit}/s, loss {total / seen:.4f}", flush=True)
             seconds = time.perf_counter() - start
+            per_rank = distributed.gather((seen, total)) if parallel else [(seen, total)]
+            state["rows_per_rank"] = [n + s for n, (s, _) in zip(state["rows_per_rank"], per_rank)]
+            seen, total = sum(s for s, _ in per_rank), sum(t for _, t in per_rank)
             self.model.eval()
-            with torch.no_grad():
-                metrics = {} if evaluate is None else evaluate()
+            with torch.no_grad():  # rank 0 validates; every rank takes its figures, so all stop together
+                metrics = {} if evaluate is None else distributed.broadcast(evaluate() if rank == 0 else None)
             if evaluate is not None and cfg.monitor not in metrics:
                 raise RunError(f"train.monitor: '{cfg.monitor}' is not among this run's validation metrics ({', '.join(metrics)})")
             row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "seconds": seconds, f"{self.unit}_per_s": seen / seconds, **metrics}
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if distributed.is_writer():
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
             self.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             value = epoch if evaluate is None else metrics[cfg.monitor]
             if value > state["best"]:
@@ -210,6 +243,11 @@ class Trainer:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch
             self._checkpoint({"model": self.model.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "state": state, "best_model": best_weights, "config": json.dumps(resolved, sort_keys=True)})
+        distributed.barrier()  # rank 0 has written best.pt
+        if parallel:
+            for m in norms:
+                m.__class__ = nn.BatchNorm1d
+        self.parallel = {"world_size": world, f"{self.unit}_per_rank": state["rows_per_rank"]}
         if (self.run_dir / "best.pt").exists():
             self.model.load_state_dict(torch.load(self.run_dir / "best.pt", weights_only=True, map_location=self.device))
         # no results.json here: the task writes it last, with its test figures, as the mark that
@@ -221,7 +259,9 @@ class Trainer:
 
     def _checkpoint(self, ckpt: dict) -> None:
         """Save ``ckpt`` as last.pt, the older last.pt kept as prev.pt (a kill between the two
-        leaves prev.pt alone, which resuming falls back to)."""
+        leaves prev.pt alone, which resuming falls back to). Rank 0's alone in a group."""
+        if not distributed.is_writer():
+            return
         last, prev = self.run_dir / LAST, self.run_dir / PREVIOUS
         body = io.BytesIO()
         torch.save(ckpt, body)
@@ -274,6 +314,51 @@ class Trainer:
             if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epochs:
                 rows.append(line)
         write_text_atomic(path, "".join(r + "\n" for r in rows))
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch: the ranks' sums are
+    all-reduced (differentiably), so a data-parallel step normalises as one process would on the
+    same rows. torch's SyncBatchNorm does this on GPUs only. input (R, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and distributed.data_parallel()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        stats = all_reduce(torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(x.shape[0]))]))
+        n = stats[2 * c]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp(min=0.0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp(min=1))
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
+def global_batch_norm(model: nn.Module) -> list[nn.Module]:
+    """Turn ``model``'s BatchNorm1d layers into GlobalBatchNorm1d in place (same parameters and
+    buffers, so the state dict is unchanged); returns them, to be turned back after training."""
+    norms = [m for m in model.modules() if type(m) is nn.BatchNorm1d]
+    for m in norms:
+        m.__class__ = GlobalBatchNorm1d
+    return norms
+
+
+class _Step(nn.Module):
+    """A training step as a module, so DistributedDataParallel sees the model's (and the loss's)
+    parameters and hooks their gradients, whatever methods of the model the step calls."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, step_loss: Callable[[Tensors], torch.Tensor]):
+        super().__init__()
+        self.model, self.loss, self.step_loss = model, loss, step_loss
+
+    def forward(self, batch: Tensors) -> torch.Tensor:
+        return self.step_loss(batch)
 
 
 LAST, PREVIOUS = "last.pt", "prev.pt"

@@ -121,13 +121,21 @@ def _check_catalog_fields(stage: StageModel, names: set[str]) -> None:
         raise BundleError(f"stage '{stage.name}': item field '{missing[0]}' is stored per candidate, so a served item picked from the catalog has no value for it")
 
 
-def _write_index(vectors: np.ndarray, spec: IndexSpec, path: Path) -> None:
+def build_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    """vectors (I, D) -> the faiss index ``spec`` describes, trained (on a sample faiss draws:
+    at most 256 points a centroid) and filled, its search parameters set."""
     index = faiss.index_factory(vectors.shape[1], spec.factory(len(vectors)), faiss.METRIC_INNER_PRODUCT)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if not index.is_trained:
         index.train(x)
     index.add(x)
-    faiss.write_index(index, str(path))
+    for name, value in spec.search_parameters().items():
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+    return index
+
+
+def _write_index(vectors: np.ndarray, spec: IndexSpec, path: Path) -> None:
+    faiss.write_index(build_index(vectors, spec), str(path))
 
 
 def _quantize(path: Path) -> None:

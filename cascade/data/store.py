@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cascade.data.schema import EXPOSED, SCHEMA_FILE, SPLITS, STAGES, TABLE_FILES, Schema
+from cascade.distributed import is_writer
 
 Table = dict[str, np.ndarray]
 
@@ -431,8 +432,11 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """Write a file whole or not at all: ``write(f)`` fills a temporary sibling, which is flushed,
     fsynced and renamed over ``path``; on any error (or a kill) ``path`` keeps its old content and
-    the temporary file is removed (or, after a kill, left as a dot-file beside it)."""
+    the temporary file is removed (or, after a kill, left as a dot-file beside it). In a
+    data-parallel run only rank 0 writes (``cascade.distributed``): elsewhere this does nothing."""
     path = Path(path)
+    if not is_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -39,6 +39,10 @@ def mlp(in_dim: int, hidden: Sequence[int], dropout: float, batch_norm: bool = T
     for width in hidden:
         layers.append(nn.Linear(in_dim, width))
         if batch_norm:
+            # BatchNorm subtracts the batch mean, so this bias gets no gradient, only rounding
+            # noise, which Adam scales into steps of size lr: it drifted, and the running mean
+            # (used at eval) lagged behind it. Frozen at its init (kept in the state dict).
+            layers[-1].bias.requires_grad_(False)
             layers.append(nn.BatchNorm1d(width))
         layers.append(nn.ReLU())
         if dropout > 0:
