@@ -58,7 +58,7 @@ from cascade.data.synth import WORLD_FILE, World
 from cascade.flow import DistillLoss, cascade_report, train_distill
 from cascade.models import list_tensors, load_trained, score_lists
 from cascade.data.trend import ItemTrend, with_trend
-from cascade.distributed import barrier
+from cascade.distributed import barrier, data_parallel, world_size
 from cascade.pipeline import prepare_data, train_pointwise, train_recall, trend_days, with_trend_fields
 from cascade.recall import RecallStep, item_table, recall_output, training_pairs
 from cascade.losses.arf import UncertaintyWeights, e2e_loss, relax_bce
@@ -304,7 +304,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     if worse:
         print(f"warning: {exp.name} {worse}; its warm-up stages are better kept", flush=True)
     save_stages(exp, {"recall": (recall_config, recall_exp.name, recall), "prerank": (config, cfg.prerank, prerank), "rank": (config, cfg.rank, rank)})
-    result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds}
+    result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds, "world_size": world_size() if data_parallel() else 1}
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2, default=float) + "\n")  # last: the mark of a complete run
     return result
