@@ -123,14 +123,20 @@ def _check_catalog_fields(stage: StageModel, names: set[str]) -> None:
 
 def build_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
     """vectors (I, D) -> the faiss index ``spec`` describes, trained (on a sample faiss draws:
-    at most 256 points a centroid) and filled, its search parameters set."""
+    at most 256 points a centroid) and filled; its search parameters are ``set_search``'s."""
     index = faiss.index_factory(vectors.shape[1], spec.factory(len(vectors)), faiss.METRIC_INNER_PRODUCT)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if not index.is_trained:
         index.train(x)
     index.add(x)
-    for name, value in spec.search_parameters().items():
-        faiss.ParameterSpace().set_index_parameter(index, name, value)
+    return index
+
+
+def set_search(index: faiss.Index, params: dict[str, int]) -> faiss.Index:
+    """``index`` searching with ``params`` (``IndexSpec.search_parameters``: nprobe, efSearch)."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
     return index
 
 

@@ -28,7 +28,7 @@ from cascade.data.lists import ListBatch
 from cascade.data.schema import SCHEMA_FILE, Schema
 from cascade.recall import ItemIndex
 from cascade.towers.embedding import Slot
-from export.bundle import CATALOG, verify_bundle
+from export.bundle import CATALOG, set_search, verify_bundle
 from export.onnx import item_inputs, session, user_inputs
 from teachers.gbdt import GBDTConfig, GBDTTeacher
 
@@ -46,10 +46,7 @@ class OnnxRetriever:
     def __init__(self, root: Path, stage: dict, threads: int = 1):
         self.user = session(root / "recall" / "user.onnx", threads)
         self.slots = _slots(stage["user_inputs"])
-        index = faiss.read_index(str(root / "recall" / "index.faiss"))
-        params = faiss.ParameterSpace()
-        for name, value in stage["index"]["search"].items():
-            params.set_index_parameter(index, name, value)
+        index = set_search(faiss.read_index(str(root / "recall" / "index.faiss")), stage["index"]["search"])
         self.index = ItemIndex(np.load(root / "recall" / "item_ids.npy"), index=index)
 
     def __call__(self, requests: ListBatch, n: int) -> tuple[np.ndarray, np.ndarray]:
