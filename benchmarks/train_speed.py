@@ -34,7 +34,7 @@ import cascade.towers.hit
 import cascade.towers.inttower
 from cascade.config import load_config
 from cascade.models import build_model
-from cascade.pipeline import STEPS, bce_step, exposures, prepare_data
+from cascade.pipeline import exposures, pointwise_step, prepare_data
 from cascade.towers import base
 
 from provenance import provenance
@@ -79,7 +79,7 @@ class Variant:
             to_stock(self.model)
         self.model.train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.step_loss = STEPS.get(model_name, bce_step)
+        self.step_loss = pointwise_step(model_name)
         self.batches = train_batches
         self.rounds: list[float] = []
 

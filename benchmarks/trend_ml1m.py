@@ -1,12 +1,13 @@
 """Issue 12 on MovieLens-1M: the ranker and the cascade with and without the items' trend.
 
-    python benchmarks/trend_ml1m.py [--seeds 0 1 2] [--configs CONFIG[:RANKER,INDEPENDENT,DISTILLED][@SEEDS] ...]
+    python benchmarks/trend_ml1m.py [--seeds 0 1 2] [--configs CONFIG[:RANKER,INDEPENDENT,DISTILLED[,DISTILLED...]][@SEEDS] ...]
 
 (``@0,1`` gives that config its own seeds, e.g. ``configs/ml1m.yaml@0`` to show a config's seed-0
 runs beside another's three seeds.)
 
 For each config and seed, the ranker (``din``), the independent pre-ranker (``exposure_bce``) and
-the pre-ranker distilled from that seed's ranker (``listwise_kd``) are trained (seed 0 is the
+the pre-rankers distilled from that seed's ranker (``listwise_kd``, or several students, e.g. the
+enhanced towers) are trained (seed 0 is the
 config's own run folder; other seeds run in runs/bench_trend_ml1m/; finished runs are read), then
 score the config's frozen recall top-200 lists (the recall tower of configs/ml1m_recall.yaml, the
 same lists in both configs). Reported on test, mean ± std over seeds:
@@ -57,19 +58,19 @@ def seeded(exp, seed: int):
     return replace(exp, name=f"{exp.name}_s{seed}", out=str(RUNS / Path(exp.out).name), train=replace(exp.train, seed=seed))
 
 
-def train_and_score(config: Path, names: tuple[str, str, str], seed: int, lists: dict, ds) -> dict[str, dict[str, np.ndarray]]:
-    """Scores (B, N) per split of the ranker, the independent and the distilled pre-ranker
-    (``names``, in that order, keyed by NAMES) at ``seed``, trained first where missing."""
+def train_and_score(config: Path, names: tuple[str, ...], seed: int, lists: dict, ds) -> dict[str, dict[str, np.ndarray]]:
+    """Scores (B, N) per split of the ranker, the independent and the distilled pre-rankers
+    (``names``, in that order, keyed by name) at ``seed``, trained first where missing."""
     models = {**MODELS, **TEACHERS}
     exps = {e.name: e for e in load_config(config) if e.name in names}
     ranker = seeded(exps[names[0]], seed)
     out = {}
-    for key, name in zip(NAMES, names):
+    for name in names:
         exp = seeded(exps[name], seed)
-        teacher = None if key == "din" else ranker
+        teacher = None if name == names[0] else ranker
         start = time.perf_counter()
         model = load_trained(exp, ds, models, lambda e: train_distill(e, teacher, models))
-        out[key] = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
+        out[name] = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
         print(f"{config.stem} seed {seed}: {name} ready in {time.perf_counter() - start:.0f}s", flush=True)
     return out
 
@@ -87,7 +88,7 @@ def mean_std(xs: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=["configs/ml1m_trend.yaml:din_oof,exposure_bce_oof,listwise_kd_oof", "configs/ml1m.yaml"], help="CONFIG[:RANKER,INDEPENDENT,DISTILLED][@SEED,SEED] (default names: din,exposure_bce,listwise_kd; default seeds: --seeds)")
+    parser.add_argument("--configs", nargs="+", default=["configs/ml1m_trend.yaml:din_oof,exposure_bce_oof,listwise_kd_oof", "configs/ml1m.yaml"], help="CONFIG[:RANKER,INDEPENDENT,DISTILLED[,DISTILLED...]][@SEED,SEED] (default names: din,exposure_bce,listwise_kd; default seeds: --seeds)")
     args = parser.parse_args()
     alone: dict[str, list[dict]] = {}
     cascades: dict[str, list[dict]] = {}
@@ -119,14 +120,14 @@ def main() -> None:
                 alone[name] = [{**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"]}]
         for seed in seeds:
             scores = train_and_score(ROOT / config, names, seed, lists, ds)
-            for key, s in scores.items():
-                alone.setdefault(f"{config.stem}/{dict(zip(NAMES, names))[key]}", []).append({**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"]})
-            for key in ("exposure_bce", "listwise_kd"):
-                row = cascade_quality(scores[key]["test"], scores["din"]["test"], lists["test"], n_pos)
-                cascades.setdefault(f"{config.stem}: {dict(zip(NAMES, names))[key]} -> {names[0]}", []).append(row)
-            for key in ("exposure_bce", "listwise_kd"):  # the same pre-ranker with the no-training trending ranker
-                row = cascade_quality(scores[key]["test"], trending_scores["test"], lists["test"], n_pos)
-                cascades.setdefault(f"{config.stem}: {dict(zip(NAMES, names))[key]} -> trending", []).append(row)
+            for name, s in scores.items():
+                alone.setdefault(f"{config.stem}/{name}", []).append({**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"], "teacher_recall@10@50": M.teacher_recall_at_k_at_m(s["test"], scores[names[0]]["test"], RANK, PRERANK, lists["test"].mask)})
+            for name in names[1:]:
+                row = cascade_quality(scores[name]["test"], scores[names[0]]["test"], lists["test"], n_pos)
+                cascades.setdefault(f"{config.stem}: {name} -> {names[0]}", []).append(row)
+            for name in names[1:]:  # the same pre-ranker with the no-training trending ranker
+                row = cascade_quality(scores[name]["test"], trending_scores["test"], lists["test"], n_pos)
+                cascades.setdefault(f"{config.stem}: {name} -> trending", []).append(row)
             write(alone, cascades, args)
 
 
@@ -138,11 +139,12 @@ def write(alone: dict, cascades: dict, args) -> None:
         "`ml1m_trend` models see each candidate's item trend (ratings of the item in the 1, 7, 30 and 365 days",
         "before the request, only ratings strictly before it; cascade/data/trend.py); `ml1m` models do not.",
         "Test split, mean ± population std over seeds (each seed trains the ranker and both pre-rankers;",
-        "`listwise_kd` is distilled from the same seed's `din`).",
+        "`listwise_kd` and the other students are distilled from the same seed's `din`; teacher Recall@10@50:",
+        "the share of that ranker's top-10 in the scorer's top-50).",
         "",
-        "| scorer alone (top-10 of 200) | seeds | valid Recall@10 | test Recall@10 | test NDCG@10 |",
-        "|---|---:|---|---|---|",
-        *[f"| {n} | {len(rs)} | {mean_std([r['valid_recall@10'] for r in rs])} | {mean_std([r['recall@10'] for r in rs])} | {mean_std([r['ndcg@10'] for r in rs])} |" for n, rs in alone.items()],
+        "| scorer alone (top-10 of 200) | seeds | valid Recall@10 | test Recall@10 | test NDCG@10 | test teacher Recall@10@50 |",
+        "|---|---:|---|---|---|---|",
+        *[f"| {n} | {len(rs)} | {mean_std([r['valid_recall@10'] for r in rs])} | {mean_std([r['recall@10'] for r in rs])} | {mean_std([r['ndcg@10'] for r in rs])} | {mean_std([r['teacher_recall@10@50'] for r in rs]) if 'teacher_recall@10@50' in rs[0] else '-'} |" for n, rs in alone.items()],
         "",
         f"| cascade: recall top-200 -> pre-rank top-{PRERANK} -> rank top-{RANK} | seeds | Recall@10 (in the lists) | NDCG@10 | joint recall |",
         "|---|---:|---|---|---|",

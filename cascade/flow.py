@@ -32,7 +32,7 @@ from cascade.losses.sorting import hard_sort, neural_sort, top_k_indicator
 from cascade.data.synth import WORLD_FILE, World
 from cascade.distributed import rank_zero_first
 from cascade.models import build_model, list_tensors, load_trained, score_lists
-from cascade.pipeline import prepare_data, train_pointwise
+from cascade.pipeline import prepare_data, tower_forward, train_pointwise
 from cascade.train import Tensors, Trainer
 
 
@@ -183,7 +183,13 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
         # without a teacher the model is its own ranker: the report is its own Recall@k
         return cascade_report(student, student if teacher_exp is None else teacher_scores[split], lists[split], cfg, world)
 
-    best = trainer.fit(train, step_loss=lambda b: loss(model(b.user, b.items), b), evaluate=lambda: report("valid"), resolved_config=exp.to_dict())
+    forward = tower_forward(exp.model.name)
+
+    def step_loss(batch: Tensors) -> torch.Tensor:
+        logits, regulariser = forward(model, batch)  # the tower's own: DAT's mimic, HIT's generation, IntTower's CIR
+        return loss(logits, batch) + regulariser
+
+    best = trainer.fit(train, step_loss=step_loss, evaluate=lambda: report("valid"), resolved_config=exp.to_dict())
     test = report("test", world=world)
     reference = {
         # the same flow with the teacher as its own pre-ranker (the ceiling of consistency) and

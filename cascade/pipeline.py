@@ -35,12 +35,13 @@ from cascade.towers.hit import HIT
 from cascade.towers.inttower import IntTower
 from cascade.train import Tensors, Trainer
 
-def bce_step(model: nn.Module, batch: Tensors) -> torch.Tensor:
-    return bce(model(batch.user, batch.items), batch.label, batch.mask)
+def plain_forward(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, N) of ``batch`` and the tower's own regulariser () (none: 0)."""
+    return model(batch.user, batch.items), batch.label.new_zeros(())
 
 
-def dat_step(model: DAT, batch: Tensors) -> torch.Tensor:
-    """BCE plus the adaptive-mimic loss on the same forward pass."""
+def dat_forward(model: DAT, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, N) and the weighted adaptive-mimic loss on the positives, one forward pass."""
     b, n, w = batch.items.shape
     p_u = model.user(batch.user)  # (B, 1, D)
     flat_items = batch.items.reshape(b * n, w)
@@ -48,12 +49,11 @@ def dat_step(model: DAT, batch: Tensors) -> torch.Tensor:
     logits = model.score(p_u, p_v)
     a_u = model.user.augmented(batch.user)
     a_v = model.item.augmented(flat_items).reshape(b, n, -1)
-    mimic = adaptive_mimic(a_u, a_v, p_u[:, 0], p_v[:, :, 0], batch.label, batch.mask)
-    return bce(logits, batch.label, batch.mask) + model.mimic_weight * mimic
+    return logits, model.mimic_weight * adaptive_mimic(a_u, a_v, p_u[:, 0], p_v[:, :, 0], batch.label, batch.mask)
 
 
-def hit_step(model: HIT, batch: Tensors) -> torch.Tensor:
-    """BCE plus the four generation terms (user and item tower, target and non-target)."""
+def hit_forward(model: HIT, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, N) and the weighted four generation terms (user and item tower, target and non-target)."""
     b, n, w = batch.items.shape
     u, p_u, gt_u, gn_u = model.user.parts(batch.user)
     v, p_v, gt_v, gn_v = model.item.parts(batch.items.reshape(b * n, w))
@@ -62,13 +62,13 @@ def hit_step(model: HIT, batch: Tensors) -> torch.Tensor:
     per_item = lambda x: x.reshape(b, n, -1)  # noqa: E731
     gen = generation(expand(gt_u), expand(gn_u), per_item(p_v), batch.label, batch.mask)
     gen = gen + generation(per_item(gt_v), per_item(gn_v), expand(p_u), batch.label, batch.mask)
-    return bce(logits, batch.label, batch.mask) + model.generation_weight * gen
+    return logits, model.generation_weight * gen
 
 
-def inttower_step(model: IntTower, batch: Tensors) -> torch.Tensor:
-    """BCE, plus the CIR regulariser on the positive pairs when ``model.cir_weight > 0``."""
+def inttower_forward(model: IntTower, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, N) and, when ``model.cir_weight > 0``, the weighted CIR regulariser on the positive pairs."""
     if model.cir_weight == 0:
-        return bce_step(model, batch)
+        return plain_forward(model, batch)
     b, n, w = batch.items.shape
     u, u_last = model.user.encode(batch.user)
     v, v_last = model.item.encode(batch.items.reshape(b * n, w))
@@ -76,11 +76,27 @@ def inttower_step(model: IntTower, batch: Tensors) -> torch.Tensor:
     user_rows = u_last.repeat_interleave(n, dim=0)  # (B * N, D): one row per (user, item) pair
     valid = batch.mask.reshape(-1)
     cir = contrastive_interaction(user_rows[valid], v_last[valid], batch.label.reshape(-1)[valid], model.cir_temperature)
-    return bce(logits, batch.label, batch.mask) + model.cir_weight * cir
+    return logits, model.cir_weight * cir
 
 
-# The training step of each model that needs more than BCE on its logits.
-STEPS: dict[str, Callable[[nn.Module, Tensors], torch.Tensor]] = {"dat": dat_step, "hit": hit_step, "inttower": inttower_step}
+# The forward pass of each tower that trains with a regulariser of its own (added to whatever the
+# task's loss is: BCE on exposures, or a distillation mix; the label is the real positives).
+TOWER_FORWARDS: dict[str, Callable[[nn.Module, Tensors], tuple[torch.Tensor, torch.Tensor]]] = {"dat": dat_forward, "hit": hit_forward, "inttower": inttower_forward}
+
+
+def tower_forward(model_name: str) -> Callable[[nn.Module, Tensors], tuple[torch.Tensor, torch.Tensor]]:
+    return TOWER_FORWARDS.get(model_name, plain_forward)
+
+
+def pointwise_step(model_name: str) -> Callable[[nn.Module, Tensors], torch.Tensor]:
+    """The pointwise training loss of ``model_name``: BCE on its logits plus its regulariser."""
+    forward = tower_forward(model_name)
+
+    def step(model: nn.Module, batch: Tensors) -> torch.Tensor:
+        logits, regulariser = forward(model, batch)
+        return bce(logits, batch.label, batch.mask) + regulariser
+
+    return step
 
 
 def prepare_data(cfg: DataConfig) -> Dataset:
@@ -208,11 +224,11 @@ def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Mo
     _, train = exposures(ds, "train", model)
     valid_flat, valid = exposures(ds, "valid", model)
     test_flat, test = exposures(ds, "test", model)
-    trainer = Trainer(model, exp.train, exp.run_dir)
+    trainer, step = Trainer(model, exp.train, exp.run_dir), pointwise_step(exp.model.name)
     trainer.log(f"{exp.name}: {exp.model.name} on {exp.data.dir}: train {len(train):,} valid {len(valid):,} test {len(test):,} samples; {sum(p.numel() for p in model.parameters()):,} parameters")
     best = trainer.fit(
         train,
-        step_loss=lambda b: STEPS.get(exp.model.name, bce_step)(model, b),
+        step_loss=lambda b: step(model, b),
         evaluate=lambda: pointwise_metrics(predict(model, valid), valid_flat),
         resolved_config=exp.to_dict(),
     )

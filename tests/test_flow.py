@@ -187,3 +187,16 @@ def test_min_history_trains_on_returning_users_lists_only(tmp_path):
     assert f"{n_all:,} train lists" in log("exposure") and f"{n_returning:,} train lists" in log("returning")
     # the teacher's cached train scores still cover every list
     assert np.load(tmp_path / "runs" / "din" / "scores" / "train.npy").shape[0] == n_all
+
+
+def test_a_dat_student_distils_with_its_own_mimic_loss(tmp_path):
+    # two DAT students, same seed and data, mimic weight 0 and 1: the mimic term reaches only the
+    # augmented vectors (tests/towers/test_dat.py), so if train_distill adds it they end apart
+    text = CONFIG + "".join(f"  dat_m{w}: {{model: {{name: dat, params: {{hidden: [16, 8], dropout: 0.0, mimic_weight: {w}}}}}}}\n" for w in (0, 1))
+    path = _write(tmp_path, text)
+    for w in (0, 1):
+        assert main(["distill", str(path), "--experiment", f"dat_m{w}"]) == 0
+    weights = {w: torch.load(tmp_path / "runs" / f"dat_m{w}" / "best.pt", weights_only=True) for w in (0, 1)}
+    augmented = [k for k in weights[0] if ".augment." in k]
+    assert augmented
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in augmented)

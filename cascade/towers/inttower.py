@@ -6,7 +6,7 @@ H heads of size D. Item tower: the same up to its last layer, whose output one h
 Score = sum over user heads (all layers) of the max over item heads of their dot product, plus
 a bias: the authors' ``fe_score`` with their prediction layer's bias. No normalisation. The
 optional CIR term (``losses.inttower.contrastive_interaction``) works on the towers' last-layer
-outputs; ``pipeline.inttower_step`` adds it when ``cir_weight > 0``.
+outputs; ``pipeline.inttower_forward`` adds it when ``cir_weight > 0``.
 """
 
 from __future__ import annotations

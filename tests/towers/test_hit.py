@@ -1,6 +1,6 @@
 import torch
 
-from cascade.pipeline import bce_step, hit_step
+from cascade.pipeline import pointwise_step
 from cascade.towers.embedding import Embeddings
 from cascade.towers.hit import HIT
 from cascade.train import Tensors
@@ -22,7 +22,7 @@ def _grads(model, loss):
 def test_generators_learn_only_from_generation_and_the_tower_never_from_it():
     m = _model().train()
     batch = Tensors(user=torch.tensor([[1, 2, 3, 0, 0], [2, 4, 0, 0, 0]]), items=torch.tensor([[[1, 1, 2, 0]], [[3, 4, 0, 0]]]), label=torch.tensor([[1.0], [0.0]]), mask=torch.ones(2, 1, dtype=torch.bool))
-    bce_only, both = _grads(m, bce_step(m, batch)), _grads(m, hit_step(m, batch))
+    bce_only, both = _grads(m, pointwise_step("dssm")(m, batch)), _grads(m, pointwise_step("hit")(m, batch))
     for name in bce_only:
         if "generator" in name:
             assert bce_only[name].abs().sum() == 0, name  # output cut: the tower cannot train it
