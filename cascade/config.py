@@ -146,8 +146,13 @@ class DataConfig:
     # whose top-n per request, labelled from its data's logs, becomes this directory's candidates;
     # folds > 1 cross-fits the training requests' lists (pipeline.frozen_recall_output)
     recall: dict[str, Any] = field(default_factory=dict)
+    # pointwise training: read the candidates a row group at a time (cascade.data.stream) rather
+    # than whole; auto streams logs whose in-memory copies would not fit (stream.fits_in_memory)
+    stream: str = "auto"  # auto | always | never
 
     def __post_init__(self) -> None:
+        if self.stream not in ("auto", "always", "never"):
+            raise ValueError(f"stream: '{self.stream}' is not one of auto, always, never")
         if self.kind not in DATA_KINDS:
             raise ValueError(f"kind: '{self.kind}' is not one of {', '.join(DATA_KINDS)}")
         if self.protocol not in ("ctr", "cascade"):

@@ -21,6 +21,7 @@ from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_confi
 from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset, write_text_atomic
+from cascade.data.stream import SampleStream, fits_in_memory
 from cascade.data.trend import ItemTrend, trend_schema, with_trend
 from cascade.distributed import rank_zero_first
 from cascade.losses.dat import adaptive_mimic
@@ -33,7 +34,7 @@ from cascade.towers.dat import DAT
 from cascade.towers.embedding import pack_items, pack_user
 from cascade.towers.hit import HIT
 from cascade.towers.inttower import IntTower
-from cascade.train import Tensors, Trainer
+from cascade.train import StreamedTensors, Tensors, Trainer
 
 def plain_forward(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, N) of ``batch`` and the tower's own regulariser () (none: 0)."""
@@ -99,14 +100,17 @@ def pointwise_step(model_name: str) -> Callable[[nn.Module, Tensors], torch.Tens
     return step
 
 
-def prepare_data(cfg: DataConfig) -> Dataset:
+def prepare_data(cfg: DataConfig, candidates: bool = True) -> Dataset:
     """Read ``cfg.dir``; when it is missing, make it from the configured source first (in a
-    data-parallel run, rank 0 makes it while the others wait)."""
+    data-parallel run, rank 0 makes it while the others wait). ``candidates=False`` reads every
+    table but the candidates (for a run that streams them)."""
     with rank_zero_first():
-        return _prepare_data(cfg)
+        make_data(cfg)
+    return read_dataset(cfg.dir, candidates=candidates)
 
 
-def _prepare_data(cfg: DataConfig) -> Dataset:
+def make_data(cfg: DataConfig) -> None:
+    """Write ``cfg.dir`` from the configured source unless it exists."""
     out = Path(cfg.dir)
     if not out.exists():
         if cfg.kind == "synth":
@@ -125,7 +129,6 @@ def _prepare_data(cfg: DataConfig) -> Dataset:
             write_dataset(frozen_recall_output(cfg.recall), out)
         else:
             raise ConfigError(f"data.dir: {out} does not exist (kind '{cfg.kind}' cannot make it)")
-    return read_dataset(out)
 
 
 def frozen_recall_output(spec: dict) -> Dataset:
@@ -198,8 +201,11 @@ def cross_fitted(exp: ExperimentConfig, ds: Dataset, out: Dataset, n: int, folds
 
 def exposures(ds: Dataset, split: str, model: nn.Module) -> tuple[ListBatch, Tensors]:
     """The logged exposures of a split, one sample per list (N = 1), packed for ``model``."""
-    flat = pointwise_lists(ds, split)
-    flat = flat.take(np.flatnonzero(flat.stage[:, 0] == EXPOSED))
+    return packed(pointwise_lists(ds, split, min_stage=EXPOSED), model)
+
+
+def packed(flat: ListBatch, model: nn.Module) -> tuple[ListBatch, Tensors]:
+    """Samples (N = 1) and the same packed for ``model``: user, items, label and mask."""
     tensors = Tensors(
         user=torch.from_numpy(pack_user(flat, model.user_slots)),
         items=torch.from_numpy(pack_items(flat, model.item_slots)),
@@ -216,16 +222,33 @@ def pointwise_metrics(logits: np.ndarray, flat: ListBatch) -> dict[str, float]:
     return {"auc": M.auc(y, s), "logloss": M.logloss(y, 1 / (1 + np.exp(-s))), "gauc": gauc, "gauc_dropped": int(dropped)}
 
 
+def streams(cfg: DataConfig) -> bool:
+    """Whether a pointwise run on ``cfg`` streams its candidates (``data.stream``)."""
+    if cfg.stream == "auto":
+        with rank_zero_first():
+            make_data(cfg)
+        return not fits_in_memory(cfg.dir)
+    return cfg.stream == "always"
+
+
 def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Module]] = MODELS) -> dict:
-    """Train a pre-ranker with BCE on logged exposures; early-stop on validation; score test."""
-    ds = prepare_data(exp.data)
+    """Train a pre-ranker with BCE on logged exposures; early-stop on validation; score test.
+    A streamed run (``data.stream``) reads the training exposures a row group at a time, and
+    the valid and test exposures through the same stream into memory."""
+    streamed = streams(exp.data)
+    ds = prepare_data(exp.data, candidates=not streamed)
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
-    _, train = exposures(ds, "train", model)
-    valid_flat, valid = exposures(ds, "valid", model)
-    test_flat, test = exposures(ds, "test", model)
+    if streamed:
+        stream = lambda split: SampleStream.open(exp.data.dir, split, EXPOSED, ds)  # noqa: E731
+        train = StreamedTensors(stream("train"), lambda flat: packed(flat, model)[1])
+        (valid_flat, valid), (test_flat, test) = (packed(stream(s).collect(), model) for s in ("valid", "test"))
+    else:
+        _, train = exposures(ds, "train", model)
+        valid_flat, valid = exposures(ds, "valid", model)
+        test_flat, test = exposures(ds, "test", model)
     trainer, step = Trainer(model, exp.train, exp.run_dir), pointwise_step(exp.model.name)
-    trainer.log(f"{exp.name}: {exp.model.name} on {exp.data.dir}: train {len(train):,} valid {len(valid):,} test {len(test):,} samples; {sum(p.numel() for p in model.parameters()):,} parameters")
+    trainer.log(f"{exp.name}: {exp.model.name} on {exp.data.dir}{' (streamed)' if streamed else ''}: train {len(train):,} valid {len(valid):,} test {len(test):,} samples; {sum(p.numel() for p in model.parameters()):,} parameters")
     best = trainer.fit(
         train,
         step_loss=lambda b: step(model, b),

@@ -33,7 +33,9 @@ from torch import nn
 from tqdm import tqdm
 
 from cascade import distributed
+from cascade.data.lists import ListBatch
 from cascade.data.store import write_atomic, write_text_atomic
+from cascade.data.stream import SampleStream
 
 PIPED_EVERY = 30.0  # seconds between progress lines when stdout is not a terminal
 
@@ -113,6 +115,43 @@ class Tensors:
     def to(self, device: torch.device | str) -> "Tensors":
         return self._map(lambda t: t.to(device))
 
+    sharded = False  # every rank holds every row and takes its share of each global batch
+
+    def steps(self, batch_size: int) -> int:
+        return math.ceil(len(self) / batch_size)
+
+
+class StreamedTensors:
+    """Training rows streamed from parquet (``cascade.data.stream``): each batch of ``stream``
+    packed by ``pack`` (ListBatch -> Tensors). Under torchrun each rank reads its share of the
+    row groups (``sharded``) and makes batches of ``batch_size / world_size`` rows; one global
+    batch is every rank's batch of the same step."""
+
+    def __init__(self, stream: SampleStream, pack: Callable[[ListBatch], Tensors]):
+        self.stream, self.pack, self.device = stream, pack, torch.device("cpu")
+        parallel = distributed.data_parallel()
+        self.rank, self.world = (distributed.rank(), distributed.world_size()) if parallel else (0, 1)
+        self.sharded = self.world > 1
+        groups = len(stream.counts())
+        if groups < self.world:
+            raise RunError(f"{stream.root / 'candidates.parquet'}: {groups} row group(s) for {self.world} processes; each process streams whole row groups, so run with data.stream: never, or fewer processes")
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def steps(self, batch_size: int) -> int:
+        return self.stream.steps(max(batch_size // self.world, 1), self.world)
+
+    def to(self, device: torch.device | str) -> "StreamedTensors":
+        self.device = torch.device(device)
+        return self
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensors]:
+        """The epoch's batches; the row groups' order and the shuffle drawn from ``generator``."""
+        seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
+        for lists in self.stream.batches(max(batch_size // self.world, 1), seed, (self.rank, self.world)):
+            yield self.pack(lists).to(self.device)
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -148,7 +187,7 @@ class Trainer:
 
     def fit(
         self,
-        train: Tensors,
+        train: Tensors | StreamedTensors,
         step_loss: Callable[[Tensors], torch.Tensor],
         evaluate: Callable[[], dict[str, float]] | None,
         resolved_config: dict | None = None,
@@ -195,11 +234,11 @@ class Trainer:
             self.model.train()
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
             start, seen, total = time.perf_counter(), 0, 0.0
-            bar = tqdm(train.batches(cfg.batch_size, gen), total=math.ceil(len(train) / cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=show)
+            bar = tqdm(train.batches(cfg.batch_size, gen), total=train.steps(cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=show)
             shown = time.perf_counter()  # piped output has no bar: a line every PIPED_EVERY seconds
             for i, batch in enumerate(bar, 1):
                 weight = 1.0
-                if parallel:
+                if parallel and not train.sharded:  # (a sharded input gives each rank its own rows)
                     if len(batch) < world:  # a last global batch too small to share: every rank skips it
                         continue
                     # this rank's share of the global batch; weighted so that DDP's mean over ranks

@@ -48,6 +48,15 @@ def runs(tmp_path_factory) -> Path:
     cascade(root, "train", "single.yaml")
     cascade(root, "train", "resumed.yaml", "--epochs", "2", nproc=2)
     cascade(root, "train", "resumed.yaml", nproc=2)
+    # the same world written in row groups of 1,000 candidates (12,000 in all), streamed by 2 processes
+    from cascade.data import store
+    from cascade.data.synth import WorldConfig, generate
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store, "CANDIDATE_ROW_GROUP", 1000)
+        store.write_dataset(generate(WorldConfig(users=60, items=400, requests=300, history_max=10, quotas=(40, 10, 4, 2), seed=3))[0], root / "data" / "grouped")
+    (root / "streamed.yaml").write_text(CONFIG.replace("OUT", "streamed").replace("dir: data/world", "dir: data/grouped, stream: always"))
+    cascade(root, "train", "streamed.yaml", nproc=2)
     return root
 
 
@@ -88,3 +97,17 @@ def test_a_resumed_data_parallel_run_continues_on_every_rank(runs):
     for key, value in straight["model"].items():  # 2 epochs + 1 resumed = 3 epochs in one go
         assert torch.equal(resumed["model"][key], value), key
     assert json.loads((run / "results.json").read_text())["samples_per_rank"] == [720, 720]
+
+
+def test_two_processes_stream_disjoint_row_groups_in_equal_steps(runs):
+    from cascade.data.schema import EXPOSED
+    from cascade.data.stream import SampleStream
+
+    counts = SampleStream.open(runs / "data" / "grouped", "train", EXPOSED).counts()
+    # each rank reads row groups r, r + 2, ... and makes batches of 64 / 2 = 32 of its own rows;
+    # both take the fewer full batches: 3 epochs x steps x 32 rows each
+    steps = min(int(counts[r::2].sum()) // 32 for r in (0, 1))
+    result = json.loads((runs / "streamed/exposure/results.json").read_text())
+    assert (result["world_size"], result["samples_per_rank"]) == (2, [3 * steps * 32] * 2) and steps > 0
+    assert "(streamed)" in (runs / "streamed/exposure/log.txt").read_text()
+    assert 0.3 < result["test"]["auc"] <= 1.0

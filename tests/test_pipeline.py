@@ -33,3 +33,49 @@ def test_cross_fitted_recall_output_gives_each_training_request_a_recall_that_ne
     assert sorted(seen_as_valid) == sorted(train_ids)
     per_list = np.bincount(fitted.candidates["request_id"])
     assert per_list[sorted(train_ids)].max() <= 30
+
+
+STREAM_CONFIG = """
+base:
+  data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
+  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+  train: {epochs: 2, batch_size: 100000, seed: 1, lr: 0.01, monitor: auc}
+  out: OUT
+  task: pointwise
+experiments:
+  memory: {data: {stream: never}}
+  streamed: {data: {stream: always}}
+"""
+
+
+def test_a_streamed_pointwise_run_learns_what_the_in_memory_one_learns(tmp_path):
+    import json
+
+    import torch
+
+    from cascade.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(STREAM_CONFIG.replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")))
+    for name in ("memory", "streamed"):
+        assert main(["train", str(path), "--experiment", name]) == 0
+    run = lambda name: tmp_path / "runs" / name  # noqa: E731
+    assert "(streamed)" in (run("streamed") / "log.txt").read_text() and "(streamed)" not in (run("memory") / "log.txt").read_text()
+    # one batch of every training exposure per epoch: the same rows in another order, so the same
+    # BatchNorm statistics, loss and Adam steps up to float rounding
+    weights = {name: torch.load(run(name) / "best.pt", weights_only=True) for name in ("memory", "streamed")}
+    for key, value in weights["memory"].items():
+        torch.testing.assert_close(weights["streamed"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    results = {name: json.loads((run(name) / "results.json").read_text()) for name in ("memory", "streamed")}
+    for metric in ("auc", "logloss", "gauc"):
+        assert abs(results["streamed"]["test"][metric] - results["memory"]["test"][metric]) < 1e-5, metric
+    assert results["streamed"]["samples_per_rank"] == results["memory"]["samples_per_rank"]
+
+
+def test_a_typo_in_data_stream_is_named(tmp_path, capsys):
+    from cascade.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(STREAM_CONFIG.replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")).replace("stream: never", "stream: nevr"))
+    assert main(["train", str(path), "--experiment", "memory"]) == 2
+    assert "stream: 'nevr' is not one of auto, always, never" in capsys.readouterr().err

@@ -67,6 +67,16 @@ class ListBatch:
         return replace(self, teacher={**self.teacher, name: np.where(self.mask, logits, 0.0).astype(np.float32)})
 
 
+def concat_lists(parts: list[ListBatch]) -> ListBatch:
+    """The lists of ``parts`` (all of one list size) one after the other."""
+    if len({p.list_size for p in parts}) > 1:
+        raise ValueError(f"concat_lists: list sizes differ ({sorted({p.list_size for p in parts})})")
+    cat = lambda arrays: np.concatenate(arrays, axis=0)  # noqa: E731
+    fields = lambda name: {k: cat([getattr(p, name)[k] for p in parts]) for k in getattr(parts[0], name)}  # noqa: E731
+    ts = None if any(p.ts is None for p in parts) else cat([p.ts for p in parts])
+    return ListBatch(cat([p.request_id for p in parts]), fields("user"), cat([p.history for p in parts]), fields("item"), cat([p.label for p in parts]), cat([p.stage for p in parts]), cat([p.mask for p in parts]), fields("teacher"), ts)
+
+
 def _lookup(ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Row of each id in a table keyed by ``keys`` (ids known to be present)."""
     order = np.argsort(keys, kind="stable")
@@ -157,14 +167,15 @@ def drop_from_history(history: np.ndarray, length: np.ndarray, target: np.ndarra
     return out, keep.sum(axis=1)
 
 
-def pointwise_lists(ds: Dataset, split: str | None = None, seed: int = 0) -> ListBatch:
-    """One list of one candidate per sample (N = 1), through the same path as ``build_lists``.
+def pointwise_lists(ds: Dataset, split: str | None = None, seed: int = 0, min_stage: int = 0) -> ListBatch:
+    """One list of one candidate per sample (N = 1), through the same path as ``build_lists``;
+    only candidates whose logged stage is at least ``min_stage`` (e.g. the exposures).
 
     When the protocol says ``history_drops_target`` (MovieLens-1M ``ctr``), each sample's
     history loses its target, or one seeded other item (``drop_from_history``).
     """
     lists = build_lists(ds, split)
-    rows, cols = np.nonzero(lists.mask)
+    rows, cols = np.nonzero(lists.mask & (lists.stage >= min_stage))  # before the flat copies: a history per sample
     per_candidate = {f.name for f in ds.schema.features.in_table("candidates")}
     flat = ListBatch(
         request_id=lists.request_id[rows],

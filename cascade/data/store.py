@@ -80,7 +80,7 @@ class Dataset:
 # column layout of each table
 
 
-def _columns(schema: Schema) -> dict[str, dict[str, str]]:
+def table_columns(schema: Schema) -> dict[str, dict[str, str]]:
     """table -> column -> kind: int, float, str, list (list of ints)."""
     cols: dict[str, dict[str, str]] = {
         "users": {"user_id": "int"},
@@ -125,6 +125,7 @@ def _rows_with_null_elements(arr: pa.ListArray) -> np.ndarray:
 
 
 INT64_MAX = np.iinfo(np.int64).max
+CANDIDATE_ROW_GROUP = 1 << 17  # rows per row group of candidates.parquet: the unit a stream reads
 
 
 def memory_bytes() -> int:
@@ -167,8 +168,10 @@ def size_problems(schema: Schema, root: Path) -> list[Problem]:
 # reading
 
 
-def read_dataset(directory: str | os.PathLike) -> Dataset:
-    """Load and validate a log directory; raises DataError listing every problem found."""
+def read_dataset(directory: str | os.PathLike, candidates: bool = True) -> Dataset:
+    """Load and validate a log directory; raises DataError listing every problem found.
+    ``candidates=False`` leaves the candidates table empty (its columns, no rows): for a run
+    that streams it (``cascade.data.stream``), which converts and validates it batch by batch."""
     root = Path(directory)
     if not root.is_dir():
         raise DataError([Problem(str(root), None, None, None, "is not a directory")])
@@ -183,62 +186,74 @@ def read_dataset(directory: str | os.PathLike) -> Dataset:
     if problems:
         raise DataError(problems)
     tables: dict[str, Table] = {}
-    for name, kinds in _columns(schema).items():
+    for name, kinds in table_columns(schema).items():
         file = TABLE_FILES[name]
         path = root / file
         if not path.exists():
             problems.append(Problem(file, None, None, None, "file is missing"))
             continue
         try:
-            raw = pq.read_table(path)
+            raw = pq.read_table(path) if candidates or name != "candidates" else pq.read_schema(path).empty_table()
         except (pa.ArrowInvalid, OSError) as e:
             problems.append(Problem(file, None, None, None, f"is not a readable parquet file: {e}"))
             continue
-        table: Table = {}
-        for col, kind in kinds.items():
-            if col not in raw.column_names:
-                problems.append(Problem(file, col, None, None, "column is missing"))
-                continue
-            data = raw.column(col)
-            if pa.types.is_dictionary(data.type):
-                data = data.cast(data.type.value_type)
-            if not _kind_ok(kind, data.type):
-                problems.append(Problem(file, col, None, None, f"has type {data.type}, expected {kind}{'<int>' if kind == 'list' else ''}"))
-                continue
-            if data.null_count:
-                row = int(np.flatnonzero(data.is_null().to_numpy(zero_copy_only=False))[0])
-                problems.append(Problem(file, col, row, None, "is null", data.null_count))
-                continue
-            if kind == "list":
-                null_rows = _rows_with_null_elements(data.combine_chunks())
-                if len(null_rows):
-                    problems.append(Problem(file, col, int(null_rows[0]), None, "list holds a null", len(null_rows)))
-                    continue
-                width = schema.history_max if col.startswith("history") else schema.features[col].max_len
-                table[col], table[col + "_len"] = _padded(data, width)  # lengths checked by validate
-            elif kind == "str":
-                table[col] = np.asarray(data.to_numpy(zero_copy_only=False), dtype=str)
-            elif kind == "float":
-                table[col] = data.to_numpy().astype(np.float32)
-            else:
-                values = data.to_numpy()
-                if values.dtype == np.uint64 and len(values) and values.max() > INT64_MAX:
-                    row = int(np.argmax(values > INT64_MAX))
-                    problems.append(Problem(file, col, row, int(values[row]), f"id beyond the largest 64-bit signed integer ({INT64_MAX})", int((values > INT64_MAX).sum())))
-                    continue
-                table[col] = values.astype(np.int64)  # stage narrows to int8 once validated
-        tables[name] = table
+        tables[name] = convert_table(raw, kinds, schema, file, problems)
     if problems:
         raise DataError(problems)
     ds = Dataset(schema, tables["users"], tables["items"], tables["requests"], tables["candidates"])
-    problems = validate(ds)
+    problems = validate(ds) if candidates else validate_entities(ds)
     if problems:
         raise DataError(problems)
     ds.candidates["stage"] = ds.candidates["stage"].astype(np.int8)
     for table in (ds.users, ds.items, ds.candidates, ds.requests):
-        for key in [k for k in table if k.endswith("_len") and k != "history_len"]:
-            del table[key]
+        drop_lengths(table)
     return ds
+
+
+def drop_lengths(table: Table) -> None:
+    """Remove the ``NAME_len`` arrays validation needed (history_len stays: models use it)."""
+    for key in [k for k in table if k.endswith("_len") and k != "history_len"]:
+        del table[key]
+
+
+def convert_table(raw: pa.Table | pa.RecordBatch, kinds: dict[str, str], schema: Schema, file: str, problems: list[Problem]) -> Table:
+    """The columns ``kinds`` names of one parquet table (or a batch of its rows) as numpy arrays;
+    type problems are appended to ``problems`` (rows counted from the start of ``raw``)."""
+    table: Table = {}
+    for col, kind in kinds.items():
+        if col not in raw.column_names:
+            problems.append(Problem(file, col, None, None, "column is missing"))
+            continue
+        data = raw.column(col)
+        if pa.types.is_dictionary(data.type):
+            data = data.cast(data.type.value_type)
+        if not _kind_ok(kind, data.type):
+            problems.append(Problem(file, col, None, None, f"has type {data.type}, expected {kind}{'<int>' if kind == 'list' else ''}"))
+            continue
+        if data.null_count:
+            row = int(np.flatnonzero(data.is_null().to_numpy(zero_copy_only=False))[0])
+            problems.append(Problem(file, col, row, None, "is null", data.null_count))
+            continue
+        if kind == "list":
+            data = pa.chunked_array([data]) if isinstance(data, pa.Array) else data
+            null_rows = _rows_with_null_elements(data.combine_chunks())
+            if len(null_rows):
+                problems.append(Problem(file, col, int(null_rows[0]), None, "list holds a null", len(null_rows)))
+                continue
+            width = schema.history_max if col.startswith("history") else schema.features[col].max_len
+            table[col], table[col + "_len"] = _padded(data, width)  # lengths checked by validate
+        elif kind == "str":
+            table[col] = np.asarray(data.to_numpy(zero_copy_only=False), dtype=str)
+        elif kind == "float":
+            table[col] = data.to_numpy().astype(np.float32)
+        else:
+            values = data.to_numpy()
+            if values.dtype == np.uint64 and len(values) and values.max() > INT64_MAX:
+                row = int(np.argmax(values > INT64_MAX))
+                problems.append(Problem(file, col, row, int(values[row]), f"id beyond the largest 64-bit signed integer ({INT64_MAX})", int((values > INT64_MAX).sum())))
+                continue
+            table[col] = values.astype(np.int64)  # stage narrows to int8 once validated
+    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,26 +299,23 @@ def _present(ids: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 def validate(ds: Dataset) -> list[Problem]:
     """Every value problem in a dataset whose columns exist with the right types."""
+    problems = validate_entities(ds) + validate_candidates(ds)
     c = ProblemLog()
-    spec = ds.schema.features
-    U, I, R, C = (TABLE_FILES[t] for t in ("users", "items", "requests", "candidates"))
+    req = ds.requests
+    c.flag(TABLE_FILES["requests"], "request_id", ~_present(req["request_id"], ds.candidates["request_id"]), req["request_id"], "request has no candidates")
+    return problems + c.problems
 
-    for table_name, key in (("users", "user_id"), ("items", "item_id"), ("candidates", None)):
+
+def validate_entities(ds: Dataset) -> list[Problem]:
+    """The problems of the users, items and requests tables (the candidates not read)."""
+    c = ProblemLog()
+    R = TABLE_FILES["requests"]
+    for table_name, key in (("users", "user_id"), ("items", "item_id")):
+        _check_ids(c, ds, table_name, key)
         table, file = ds.table(table_name), TABLE_FILES[table_name]
-        for f in spec.in_table(table_name):
-            v = table[f.name]
-            low = 1 if f.name == key else 0  # a key needs a real id; 0 is "unknown" elsewhere
-            c.flag(file, f.name, v < 0, v, "negative id")
-            c.flag(file, f.name, (v >= 0) & (v < low), v, f"id 0 is padding, not a valid {f.name}")
-            c.flag(file, f.name, v > f.vocab, v, f"id beyond the vocabulary of {f.vocab} in schema.json")
-            if f.multi:
-                lengths = table.get(f.name + "_len")
-                if lengths is not None:
-                    c.flag(file, f.name, lengths > f.max_len, lengths, f"list longer than max_len {f.max_len}")
-        if key is not None:
-            c.flag(file, key, duplicate_rows(table[key]), table[key], f"duplicate {key}")
+        c.flag(file, key, duplicate_rows(table[key]), table[key], f"duplicate {key}")
 
-    req, cand = ds.requests, ds.candidates
+    req = ds.requests
     c.flag(R, "request_id", duplicate_rows(req["request_id"]), req["request_id"], "duplicate request_id")
     c.flag(R, "user_id", ~_present(req["user_id"], ds.users["user_id"]), req["user_id"], "user not in users.parquet")
     c.flag(R, "split", ~np.isin(req["split"], SPLITS), req["split"], f"split is not one of {list(SPLITS)}")
@@ -332,6 +344,16 @@ def validate(ds: Dataset) -> list[Problem]:
         if not np.any(req["split"] == split):
             c.problems.append(Problem(R, "split", None, None, f"no '{split}' requests: training needs train and valid, evaluation test"))
 
+    return c.problems
+
+
+def validate_candidates(ds: Dataset) -> list[Problem]:
+    """The problems of ``ds.candidates`` (all of them, or a streamed batch's) against the other
+    tables; rows count from the start of ``ds.candidates``."""
+    c = ProblemLog()
+    C = TABLE_FILES["candidates"]
+    _check_ids(c, ds, "candidates", None)
+    req, cand = ds.requests, ds.candidates
     c.flag(C, "request_id", ~_present(cand["request_id"], req["request_id"]), cand["request_id"], "request not in requests.parquet")
     c.flag(C, "item_id", cand["item_id"] <= 0, cand["item_id"], "item id is not positive (0 is padding)")
     c.flag(C, "item_id", (cand["item_id"] > 0) & ~_present(cand["item_id"], ds.items["item_id"]), cand["item_id"], "item not in items.parquet")
@@ -340,8 +362,22 @@ def validate(ds: Dataset) -> list[Problem]:
     c.flag(C, "stage", ~np.isin(cand["stage"], list(STAGES)), cand["stage"], f"stage is not one of {sorted(STAGES)}")
     c.flag(C, "label", ~np.isfinite(cand["label"]), cand["label"], "label is not finite")
     c.flag(C, "label", np.isfinite(cand["label"]) & (cand["label"] != 0) & (cand["label"] != 1), cand["label"], "label is not 0 or 1")
-    c.flag(R, "request_id", ~_present(req["request_id"], cand["request_id"]), req["request_id"], "request has no candidates")
     return c.problems
+
+
+def _check_ids(c: ProblemLog, ds: Dataset, table_name: str, key: str | None) -> None:
+    """Ids of the fields stored in ``table_name``: known, not negative, a key never 0."""
+    table, file = ds.table(table_name), TABLE_FILES[table_name]
+    for f in ds.schema.features.in_table(table_name):
+        v = table[f.name]
+        low = 1 if f.name == key else 0  # a key needs a real id; 0 is "unknown" elsewhere
+        c.flag(file, f.name, v < 0, v, "negative id")
+        c.flag(file, f.name, (v >= 0) & (v < low), v, f"id 0 is padding, not a valid {f.name}")
+        c.flag(file, f.name, v > f.vocab, v, f"id beyond the vocabulary of {f.vocab} in schema.json")
+        if f.multi:
+            lengths = table.get(f.name + "_len")
+            if lengths is not None:
+                c.flag(file, f.name, lengths > f.max_len, lengths, f"list longer than max_len {f.max_len}")
 
 
 def _unit_gap(ts: np.ndarray, history_ts: np.ndarray) -> str | None:
@@ -386,7 +422,7 @@ def _list_column(padded: np.ndarray, lengths: np.ndarray) -> pa.Array:
 def _to_arrow(ds: Dataset, name: str) -> pa.Table:
     table = ds.table(name)
     out: dict[str, pa.Array] = {}
-    for col, kind in _columns(ds.schema)[name].items():
+    for col, kind in table_columns(ds.schema)[name].items():
         v = table[col]
         if kind == "list":
             lengths = table["history_len"] if col.startswith("history") else np.full(len(v), v.shape[1])
@@ -422,7 +458,8 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
     with replacing_directory(out) as tmp:
         (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
         for name, file in TABLE_FILES.items():
-            pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd")
+            # candidates in row groups a stream can read one at a time (cascade.data.stream)
+            pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd", row_group_size=CANDIDATE_ROW_GROUP if name == "candidates" else None)
         for file, data in (extra_files or {}).items():
             (tmp / file).parent.mkdir(parents=True, exist_ok=True)
             (tmp / file).write_bytes(data)

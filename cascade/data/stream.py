@@ -1,0 +1,154 @@
+"""Pointwise samples streamed from a log directory's ``candidates.parquet``, a row group at a time.
+
+For logs whose candidates do not fit in memory. The users, items and requests tables (one row per
+entity or request) are read whole; the candidates are read with ``pyarrow.dataset`` one row group
+at a time (``store.CANDIDATE_ROW_GROUP`` rows as ``write_dataset`` writes them), converted and
+validated by the same code as ``read_dataset`` (so a bad value anywhere stops the run, naming the
+file's row), cut to one split's requests and the stages wanted, and turned into samples by the same code as in memory (``pointwise_lists`` on a
+``Dataset`` holding that row group's candidates and their requests). So memory holds a few row
+groups, whatever the size of the logs.
+
+Each epoch reads the row groups in a seeded order and mixes the samples of ``buffer`` row groups
+at a time (a shuffle buffer: samples far apart in the file meet in a batch only when their row
+groups are read together). Under torchrun every rank reads its share of the row groups
+(``shard``); ``steps`` tells each rank how many batches every rank can make, so that all take
+the same number of steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from cascade.data.lists import ListBatch, concat_lists, pointwise_lists
+from cascade.data.schema import TABLE_FILES, Schema
+from cascade.data.store import DataError, Dataset, Problem, convert_table, drop_lengths, memory_bytes, read_dataset, table_columns, validate_candidates
+
+MEMORY_SHARE = 0.25  # the in-memory path may take this share of the machine's memory
+
+
+def in_memory_bytes(directory: str | Path) -> int:
+    """What the in-memory path holds for the candidates of a log directory, from its schema and
+    the file's footer: the table (ids, stage, label, per-candidate fields) and, while it is being
+    read, Arrow's copy of it, plus the padded lists of item fields that ``build_lists`` makes."""
+    root = Path(directory)
+    schema = Schema.read(root)
+    rows = pq.read_metadata(root / TABLE_FILES["candidates"]).num_rows
+    table_row = 8 * 2 + 1 + 4 + 8 * len(schema.features.in_table("candidates"))
+    list_row = 8 * sum(f.max_len if f.multi else 1 for f in schema.features.in_table("items")) + 4 + 1 + 1
+    return rows * (2 * table_row + list_row)
+
+
+def fits_in_memory(directory: str | Path) -> bool:
+    return in_memory_bytes(directory) <= MEMORY_SHARE * memory_bytes()
+
+
+@dataclass
+class SampleStream:
+    """The samples (one candidate each, N = 1) of ``split`` whose stage is at least ``min_stage``."""
+
+    root: Path
+    ds: Dataset  # users, items and requests; no candidates
+    split: str
+    min_stage: int
+    seed: int = 0  # history_drops_target's draw (MovieLens-1M ctr), per row group
+
+    @classmethod
+    def open(cls, directory: str | Path, split: str, min_stage: int = 0, ds: Dataset | None = None) -> "SampleStream":
+        """``ds``: the log directory read without candidates, when the caller has it already."""
+        return cls(Path(directory), ds if ds is not None else read_dataset(directory, candidates=False), split, min_stage)
+
+    def __post_init__(self) -> None:
+        req = self.ds.requests
+        self._order = np.argsort(req["request_id"], kind="stable")
+        self._sorted_ids = req["request_id"][self._order]
+        self._in_split = req["split"] == self.split
+        split_ids = pa.array(req["request_id"][self._in_split])
+        self._filter = pc.field("request_id").isin(split_ids) & (pc.field("stage") >= self.min_stage)
+        self._file = self.root / TABLE_FILES["candidates"]
+        self._kinds = table_columns(self.ds.schema)["candidates"]
+        self._groups = [g for f in pads.dataset(self._file, format="parquet").get_fragments() for g in f.split_by_row_group()]
+        self._starts = np.cumsum([0] + [g.row_groups[0].num_rows for g in self._groups])  # each group's first row in the file
+        self._counts: np.ndarray | None = None
+
+    def counts(self) -> np.ndarray:
+        """The samples in each row group (one pass over two columns, kept)."""
+        if self._counts is None:
+            self._counts = np.array([g.count_rows(filter=self._filter) for g in self._groups], dtype=np.int64)
+        return self._counts
+
+    def __len__(self) -> int:
+        return int(self.counts().sum())
+
+    def steps(self, batch_size: int, world: int = 1) -> int:
+        """Batches of ``batch_size`` every one of ``world`` shards can make (the fewest), so
+        every rank of a data-parallel run takes the same number of steps."""
+        return min(int(self.counts()[r::world].sum()) // batch_size for r in range(world)) if world > 1 else -(-len(self) // batch_size)
+
+    def groups(self, seed: int | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[ListBatch]:
+        """The samples of each row group of this shard (rank, world), in a seeded order (file order
+        without a seed)."""
+        order = np.arange(len(self._groups)) if seed is None else np.random.default_rng(seed).permutation(len(self._groups))
+        rank, world = shard
+        for g in order[order % world == rank]:  # by group number, so each rank's share is the same every epoch
+            yield self._samples(int(g))
+
+    def _samples(self, g: int) -> ListBatch:
+        """Row group ``g`` read, converted and validated whole (every split's rows: a bad value
+        anywhere in the file stops the run), then cut to this stream's samples."""
+        raw = self._groups[g].to_table(columns=list(self._kinds))
+        problems: list[Problem] = []
+        cand = convert_table(raw, self._kinds, self.ds.schema, TABLE_FILES["candidates"], problems)
+        if not problems:
+            problems = validate_candidates(replace(self.ds, candidates=cand))
+        if problems:  # rows of the file, not of the row group
+            raise DataError([replace(p, row=None if p.row is None else int(self._starts[g]) + p.row) for p in problems])
+        drop_lengths(cand)
+        req_rows = self._order[np.searchsorted(self._sorted_ids, cand["request_id"])]
+        keep = self._in_split[req_rows] & (cand["stage"] >= self.min_stage)
+        cand = {k: v[keep] for k, v in cand.items()}
+        cand["stage"] = cand["stage"].astype(np.int8)
+        rows = np.unique(req_rows[keep])
+        requests = {k: v[rows] for k, v in self.ds.requests.items()}
+        return pointwise_lists(replace(self.ds, requests=requests, candidates=cand), self.split, seed=self.seed + g, min_stage=self.min_stage)
+
+    def batches(self, batch_size: int, seed: int | None = None, shard: tuple[int, int] = (0, 1), buffer: int = 4) -> Iterator[ListBatch]:
+        """Batches of ``batch_size`` samples: ``buffer`` row groups at a time, shuffled together
+        with ``seed`` (in order without one). Under a shard, exactly ``steps(batch_size, world)``
+        full batches; otherwise every sample, the last batch short."""
+        rng = None if seed is None else np.random.default_rng(seed)
+        rank, world = shard
+        limit = self.steps(batch_size, world) if world > 1 else None
+        made, pending = 0, []
+        groups = self.groups(seed, shard)
+        while True:
+            read = [g for _, g in zip(range(buffer), groups)]
+            pending += read
+            if not pending:
+                return
+            pool = concat_lists(pending)
+            pool = pool.take(rng.permutation(len(pool))) if rng is not None else pool
+            full = len(pool) // batch_size * batch_size
+            last_read = len(read) < buffer
+            for a in range(0, full, batch_size):
+                if limit is not None and made == limit:
+                    return
+                yield pool.take(slice(a, a + batch_size))
+                made += 1
+            rest = pool.take(slice(full, len(pool)))
+            pending = [rest] if len(rest) else []
+            if last_read:
+                if pending and limit is None:
+                    yield rest
+                return
+
+    def collect(self) -> ListBatch:
+        """Every sample, in file order (an evaluation split: what fits in memory)."""
+        return concat_lists(list(self.groups()))
