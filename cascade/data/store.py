@@ -287,7 +287,12 @@ def duplicate_rows(keys: np.ndarray) -> np.ndarray:
     """Mask of rows whose key already appeared in an earlier row. keys (n,) or (n, k)."""
     if len(keys) == 0:
         return np.zeros(0, dtype=bool)
-    _, first = np.unique(keys, axis=0, return_index=True)
+    if keys.ndim == 2 and keys.shape[1] == 2 and keys.min() >= 0:
+        a, b = keys[:, 0].astype(np.int64), keys[:, 1].astype(np.int64)
+        width = int(b.max()) + 1
+        if int(a.max()) < INT64_MAX // width:  # one int64 per pair: a 1-d sort, not a sort of rows
+            keys = a * width + b
+    _, first = np.unique(keys, axis=0 if keys.ndim > 1 else None, return_index=True)
     dup = np.ones(len(keys), dtype=bool)
     dup[first] = False
     return dup

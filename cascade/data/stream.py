@@ -103,7 +103,7 @@ class SampleStream:
     def _samples(self, g: int) -> ListBatch:
         """Row group ``g`` read, converted and validated whole (every split's rows: a bad value
         anywhere in the file stops the run), then cut to this stream's samples."""
-        raw = self._groups[g].to_table(columns=list(self._kinds))
+        raw = self._groups[g].to_table(columns=list(self._kinds), use_threads=False)  # torch has the cores
         problems: list[Problem] = []
         cand = convert_table(raw, self._kinds, self.ds.schema, TABLE_FILES["candidates"], problems)
         if not problems:

@@ -1,0 +1,142 @@
+"""Pointwise training from logs larger than memory: peak memory and samples/s, streamed against
+in memory, on the default synthetic world and on one 10x its size.
+
+    python benchmarks/data_stream.py [--scales 1 10] [--epochs 2]
+
+Issue 13 asks that a run over a world 10x the default (40 million logged candidates) keep its
+peak memory within 1.5x of the default world's when it streams, at samples/s within 20% of the
+in-memory path. Each world (requests and users x scale; the 5,000-item catalog unchanged) is
+made once under runs/data/stream_{scale}x; each run is `cascade train` of a pointwise DSSM (the
+quickstart size) in a fresh process, `data.stream` never (in memory) or always (streamed),
+reporting its peak RSS (VmHWM) and the training loop's samples/s (metrics.jsonl, mean over
+epochs; a streamed epoch includes its reads). A process that imports what a run imports (torch,
+the package) and trains nothing is the baseline. Writes benchmarks/results/data_stream.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from provenance import write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "bench_data_stream"
+
+CONFIG = """
+base:
+  data: {{kind: synth, dir: {data}, synth: {{requests: {requests}, users: {users}, seed: 0}}}}
+  model: {{embedding_dim: 16, name: dssm, params: {{hidden: [128, 64], dropout: 0.1, temperature: 0.1}}}}
+  train: {{epochs: {epochs}, batch_size: 1024, lr: 0.002, seed: 0, patience: 5, monitor: auc}}
+  out: {out}
+  task: pointwise
+experiments:
+  memory: {{data: {{stream: never}}}}
+  streamed: {{data: {{stream: always}}}}
+"""
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+start = time.perf_counter()
+from cascade.cli import main
+import cascade.pipeline, torch  # the baseline (no arguments) holds what a run imports
+code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
+hwm = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "peak_rss": hwm}))
+"""
+
+
+def run_child(*args: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if out["code"]:
+        raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    baseline = run_child()["peak_rss"]
+    rows = []
+    for scale in args.scales:
+        data = ROOT / "runs" / "data" / f"stream_{scale}x"
+        config = RUNS / f"world_{scale}x.yaml"
+        out = RUNS / f"world_{scale}x"
+        config.write_text(CONFIG.format(data=data, requests=20000 * scale, users=2000 * scale, epochs=args.epochs, out=out))
+        if not data.exists():
+            start = time.perf_counter()
+            from cascade.config import load_config
+            from cascade.pipeline import make_data
+
+            make_data(load_config(config, "memory")[0].data)
+            print(f"world {scale}x written in {time.perf_counter() - start:.0f}s", flush=True)
+        meta = pq.read_metadata(data / "candidates.parquet")
+        for name in ("memory", "streamed"):
+            run = out / name
+            for f in ("results.json", "last.pt", "prev.pt", "metrics.jsonl"):
+                (run / f).unlink(missing_ok=True)  # train afresh: a finished run would only be read
+            child = run_child("train", str(config), "--experiment", name)
+            epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            result = json.loads((run / "results.json").read_text())
+            row = {
+                "scale": scale,
+                "candidates": meta.num_rows,
+                "row_groups": meta.num_row_groups,
+                "path": name,
+                "train_samples": result["samples_per_rank"][0] // len(epochs),
+                "peak_rss": child["peak_rss"],
+                "above_baseline": child["peak_rss"] - baseline,
+                "samples_per_s": sum(e["samples_per_s"] for e in epochs) / len(epochs),
+                "run_seconds": child["seconds"],
+                "test_auc": result["test"]["auc"],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write(rows, baseline, args)
+
+
+def write(rows: list[dict], baseline: int, args) -> None:
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    by = {(r["scale"], r["path"]): r for r in rows}
+    lines = [
+        "# data_stream: pointwise training streamed from parquet against in memory",
+        "",
+        "Synthetic worlds: the default (20,000 requests, 2,000 users, 5,000 items, 200 logged candidates a",
+        f"request) and the same x scale in requests and users. A pointwise DSSM (quickstart size), {args.epochs} epochs,",
+        "batch 1,024, one process on this machine's 2 cores; each run in a fresh process. Peak RSS is VmHWM;",
+        f"a process that imports torch and the package and trains nothing peaks at {gib(baseline)} GiB (the baseline).",
+        "samples/s is the training loop's (mean over epochs; a streamed epoch includes its parquet reads);",
+        "run seconds include reading the data and evaluating.",
+        "",
+        "| world | candidates | row groups | path | train samples / epoch | peak RSS GiB | above baseline GiB | samples/s | run s | test AUC |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        *[f"| {r['scale']}x | {r['candidates']:,} | {r['row_groups']} | {r['path']} | {r['train_samples']:,} | {gib(r['peak_rss'])} | {gib(r['above_baseline'])} | {r['samples_per_s']:,.0f} | {r['run_seconds']:.0f} | {r['test_auc']:.4f} |" for r in rows],
+        "",
+    ]
+    scales = sorted({r["scale"] for r in rows})
+    if len(scales) > 1 and all((s, p) in by for s in scales[:1] + scales[-1:] for p in ("memory", "streamed")):
+        small, big = scales[0], scales[-1]
+        lines += [
+            f"| ratio | {big}x / {small}x peak RSS | {big}x / {small}x above baseline | streamed / in-memory samples/s at {big}x |",
+            "|---|---:|---:|---:|",
+            *[f"| {p} | {by[(big, p)]['peak_rss'] / by[(small, p)]['peak_rss']:.2f} | {by[(big, p)]['above_baseline'] / by[(small, p)]['above_baseline']:.2f} | {by[(big, 'streamed')]['samples_per_s'] / by[(big, 'memory')]['samples_per_s']:.2f} |" for p in ("memory", "streamed")],
+        ]
+    write_results("data_stream", lines, {"baseline_peak_rss": baseline, "rows": rows})
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
