@@ -215,10 +215,21 @@ def packed(flat: ListBatch, model: nn.Module) -> tuple[ListBatch, Tensors]:
     return flat, tensors
 
 
-def pointwise_metrics(logits: np.ndarray, flat: ListBatch) -> dict[str, float]:
-    y = flat.label[:, 0]
+def streamed_metrics(model: nn.Module, stream: SampleStream, pack: Callable[[ListBatch], Tensors]) -> dict[str, float]:
+    """``pointwise_metrics`` of ``model`` over a stream's samples, scored a row group at a time."""
+    logits, labels, requests = [], [], []
+    for flat in (f for f in stream.groups() if len(f)):
+        logits.append(predict(model, pack(flat)))
+        labels.append(flat.label)
+        requests.append(flat.request_id)
+    return pointwise_metrics(np.concatenate(logits), np.concatenate(labels), np.concatenate(requests))
+
+
+def pointwise_metrics(logits: np.ndarray, label: np.ndarray, request_id: np.ndarray) -> dict[str, float]:
+    """logits, label (n, 1), request_id (n,) -> AUC, LogLoss, GAUC (and the groups GAUC dropped)."""
+    y = label[:, 0]
     s = logits[:, 0].astype(np.float64)
-    gauc, dropped = M.gauc(y, s, flat.request_id)
+    gauc, dropped = M.gauc(y, s, request_id)
     return {"auc": M.auc(y, s), "logloss": M.logloss(y, 1 / (1 + np.exp(-s))), "gauc": gauc, "gauc_dropped": int(dropped)}
 
 
@@ -233,29 +244,25 @@ def streams(cfg: DataConfig) -> bool:
 
 def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Module]] = MODELS) -> dict:
     """Train a pre-ranker with BCE on logged exposures; early-stop on validation; score test.
-    A streamed run (``data.stream``) reads the training exposures a row group at a time, and
-    the valid and test exposures through the same stream into memory."""
+    A streamed run (``data.stream``) reads the exposures a row group at a time, and scores the
+    valid and test ones a row group at a time too (only logits, labels and request ids kept)."""
     streamed = streams(exp.data)
     ds = prepare_data(exp.data, candidates=not streamed)
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
+    pack = lambda flat: packed(flat, model)[1]  # noqa: E731
     if streamed:
         stream = lambda split: SampleStream.open(exp.data.dir, split, EXPOSED, ds)  # noqa: E731
-        train = StreamedTensors(stream("train"), lambda flat: packed(flat, model)[1])
-        (valid_flat, valid), (test_flat, test) = (packed(stream(s).collect(), model) for s in ("valid", "test"))
+        train, held_out = StreamedTensors(stream("train"), pack), {s: stream(s) for s in ("valid", "test")}
+        score = lambda split: streamed_metrics(model, held_out[split], pack)  # noqa: E731
     else:
         _, train = exposures(ds, "train", model)
-        valid_flat, valid = exposures(ds, "valid", model)
-        test_flat, test = exposures(ds, "test", model)
+        held_out = {s: pointwise_lists(ds, s, min_stage=EXPOSED) for s in ("valid", "test")}
+        score = lambda split: pointwise_metrics(predict(model, pack(held_out[split])), held_out[split].label, held_out[split].request_id)  # noqa: E731
     trainer, step = Trainer(model, exp.train, exp.run_dir), pointwise_step(exp.model.name)
-    trainer.log(f"{exp.name}: {exp.model.name} on {exp.data.dir}{' (streamed)' if streamed else ''}: train {len(train):,} valid {len(valid):,} test {len(test):,} samples; {sum(p.numel() for p in model.parameters()):,} parameters")
-    best = trainer.fit(
-        train,
-        step_loss=lambda b: step(model, b),
-        evaluate=lambda: pointwise_metrics(predict(model, valid), valid_flat),
-        resolved_config=exp.to_dict(),
-    )
-    result = {"experiment": exp.name, "model": exp.model.name, "parameters": sum(p.numel() for p in model.parameters()), "best_epoch": best.get("epoch"), "valid": {k: best[k] for k in ("auc", "logloss", "gauc")}, "test": pointwise_metrics(predict(model, test), test_flat), "seconds_per_epoch": best.get("seconds"), "train_samples_per_s": best.get("samples_per_s"), **trainer.parallel}
+    trainer.log(f"{exp.name}: {exp.model.name} on {exp.data.dir}{' (streamed)' if streamed else ''}: train {len(train):,} valid {len(held_out['valid']):,} test {len(held_out['test']):,} samples; {sum(p.numel() for p in model.parameters()):,} parameters")
+    best = trainer.fit(train, step_loss=lambda b: step(model, b), evaluate=lambda: score("valid"), resolved_config=exp.to_dict())
+    result = {"experiment": exp.name, "model": exp.model.name, "parameters": sum(p.numel() for p in model.parameters()), "best_epoch": best.get("epoch"), "valid": {k: best[k] for k in ("auc", "logloss", "gauc")}, "test": score("test"), "seconds_per_epoch": best.get("seconds"), "train_samples_per_s": best.get("samples_per_s"), **trainer.parallel}
     write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result

@@ -22,9 +22,11 @@ import math
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Callable, Iterator
 
 import numpy as np
@@ -147,10 +149,44 @@ class StreamedTensors:
         return self
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensors]:
-        """The epoch's batches; the row groups' order and the shuffle drawn from ``generator``."""
+        """The epoch's batches; the row groups' order and the shuffle drawn from ``generator``.
+        A thread reads and packs ahead while the step trains (Arrow and numpy release the GIL)."""
         seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
-        for lists in self.stream.batches(max(batch_size // self.world, 1), seed, (self.rank, self.world)):
-            yield self.pack(lists).to(self.device)
+        lists = self.stream.batches(max(batch_size // self.world, 1), seed, (self.rank, self.world))
+        for batch in prefetch(self.pack(x) for x in lists):
+            yield batch.to(self.device)
+
+
+def prefetch(items: Iterator, depth: int = 8) -> Iterator:
+    """``items``, made by a background thread up to ``depth`` ahead; its exception is raised here."""
+    done = object()
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put(item)
+            queue.put(done)
+        except BaseException as e:  # noqa: BLE001  handed to the consumer
+            queue.put(e)
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # the consumer stopped early (an error, or a break): let the thread end
+        stop.set()
+        while worker.is_alive():
+            try:
+                queue.get(timeout=0.1)
+            except Empty:
+                pass
 
 
 def seed_everything(seed: int) -> None:

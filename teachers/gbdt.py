@@ -209,8 +209,8 @@ def train_gbdt(exp) -> dict:
         "experiment": exp.name,
         "model": "gbdt",
         "trees": teacher.booster.best_iteration,
-        "valid": pointwise_metrics(teacher.score(flat["valid"]), flat["valid"]),
-        "test": pointwise_metrics(teacher.score(flat["test"]), flat["test"]),
+        "valid": pointwise_metrics(teacher.score(flat["valid"]), flat["valid"].label, flat["valid"].request_id),
+        "test": pointwise_metrics(teacher.score(flat["test"]), flat["test"].label, flat["test"].request_id),
         "train_seconds": seconds,
     }
     exp.run_dir.mkdir(parents=True, exist_ok=True)

@@ -205,3 +205,26 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_learns(tmp_path):
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
         TrainConfig(precision="fp16")
+
+
+def test_prefetch_keeps_the_order_raises_the_producers_error_and_ends_on_a_break():
+    import threading
+
+    from cascade.train import prefetch
+
+    assert list(prefetch(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing():
+        yield 1
+        raise ValueError("row group 7 is bad")
+
+    got = []
+    with pytest.raises(ValueError, match="row group 7 is bad"):
+        for x in prefetch(failing()):
+            got.append(x)
+    assert got == [1]
+    before = threading.active_count()
+    for x in prefetch(iter(range(10**6)), depth=2):
+        if x == 5:
+            break
+    assert threading.active_count() == before  # the producer thread has ended

@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cascade.data.schema import EXPOSED, SCHEMA_FILE, SPLITS, STAGES, TABLE_FILES, Schema
@@ -105,16 +106,23 @@ def _kind_ok(kind: str, typ: pa.DataType) -> bool:
     return (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)
 
 
-def _padded(col: pa.ChunkedArray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """list<int> column -> (rows, width) int64 padded with 0 after the values, and lengths."""
-    arr = col.combine_chunks()
-    offsets = arr.offsets.to_numpy().astype(np.int64)
-    offsets -= offsets[0]  # a sliced array's offsets need not start at 0
-    lengths = np.diff(offsets)
-    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+def _padded(col: pa.ChunkedArray | pa.Array, width: int, block: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """list<int> column -> (rows, width) int64 padded with 0 after the values, and lengths.
+    Filled ``block`` rows at a time, so the temporaries stay small whatever the table's size."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    lengths = np.concatenate([pc.list_value_length(c).to_numpy(zero_copy_only=False) for c in chunks] or [np.zeros(0)]).astype(np.int64)
     out = np.zeros((len(lengths), max(width, int(lengths.max(initial=0)))), dtype=np.int64)
-    pos = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
-    out[np.repeat(np.arange(len(lengths)), lengths), pos] = values
+    row = 0
+    for chunk in chunks:
+        for start in range(0, len(chunk), block):
+            part = chunk.slice(start, block)
+            offsets = part.offsets.to_numpy().astype(np.int64)
+            offsets -= offsets[0]  # a sliced array's offsets need not start at 0
+            n = np.diff(offsets)
+            values = part.flatten().to_numpy(zero_copy_only=False)
+            pos = np.arange(len(values)) - np.repeat(offsets[:-1], n)
+            out[row + np.repeat(np.arange(len(n)), n), pos] = values
+            row += len(part)
     return out, lengths
 
 
@@ -236,7 +244,7 @@ def convert_table(raw: pa.Table | pa.RecordBatch, kinds: dict[str, str], schema:
             continue
         if kind == "list":
             data = pa.chunked_array([data]) if isinstance(data, pa.Array) else data
-            null_rows = _rows_with_null_elements(data.combine_chunks())
+            null_rows = _rows_with_null_elements(data.combine_chunks()) if any(c.flatten().null_count for c in data.chunks) else []
             if len(null_rows):
                 problems.append(Problem(file, col, int(null_rows[0]), None, "list holds a null", len(null_rows)))
                 continue
