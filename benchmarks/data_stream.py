@@ -1,7 +1,7 @@
 """Pointwise training from logs larger than memory: peak memory and samples/s, streamed against
 in memory, on the default synthetic world and on one 10x its size.
 
-    python benchmarks/data_stream.py [--scales 1 10] [--epochs 2]
+    python benchmarks/data_stream.py [--scales 1 10] [--epochs 2] [--repeats 2]
 
 Issue 13 asks that a run over a world 10x the default (40 million logged candidates) keep its
 peak memory within 1.5x of the default world's when it streams, at samples/s within 20% of the
@@ -9,7 +9,8 @@ in-memory path. Each world (requests and users x scale; the 5,000-item catalog u
 made once under runs/data/stream_{scale}x; each run is `cascade train` of a pointwise DSSM (the
 quickstart size) in a fresh process, `data.stream` never (in memory) or always (streamed),
 reporting its peak RSS (VmHWM) and the training loop's samples/s (metrics.jsonl, mean over
-epochs; a streamed epoch includes its reads). A process that imports what a run imports (torch,
+epochs; a streamed epoch includes its reads); the two paths run in turn, ``repeats`` times, since
+this machine's speed drifts between minutes. A process that imports what a run imports (torch,
 the package) and trains nothing is the baseline. Writes benchmarks/results/data_stream.{md,json}.
 """
 
@@ -67,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     baseline = run_child()["peak_rss"]
@@ -84,7 +86,7 @@ def main() -> None:
             make_data(load_config(config, "memory")[0].data)
             print(f"world {scale}x written in {time.perf_counter() - start:.0f}s", flush=True)
         meta = pq.read_metadata(data / "candidates.parquet")
-        for name in ("memory", "streamed"):
+        for rep, name in [(r, n) for r in range(args.repeats) for n in ("memory", "streamed")]:
             run = out / name
             for f in ("results.json", "last.pt", "prev.pt", "metrics.jsonl"):
                 (run / f).unlink(missing_ok=True)  # train afresh: a finished run would only be read
@@ -96,6 +98,7 @@ def main() -> None:
                 "candidates": meta.num_rows,
                 "row_groups": meta.num_row_groups,
                 "path": name,
+                "repeat": rep,
                 "train_samples": result["samples_per_rank"][0] // len(epochs),
                 "peak_rss": child["peak_rss"],
                 "above_baseline": child["peak_rss"] - baseline,
@@ -110,7 +113,11 @@ def main() -> None:
 
 def write(rows: list[dict], baseline: int, args) -> None:
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
-    by = {(r["scale"], r["path"]): r for r in rows}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["scale"], r["path"]), []).append(r)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    speeds = lambda rs: ", ".join(f"{r['samples_per_s']:,.0f}" for r in rs)  # noqa: E731
     lines = [
         "# data_stream: pointwise training streamed from parquet against in memory",
         "",
@@ -119,20 +126,23 @@ def write(rows: list[dict], baseline: int, args) -> None:
         "batch 1,024, one process on this machine's 2 cores; each run in a fresh process. Peak RSS is VmHWM;",
         f"a process that imports torch and the package and trains nothing peaks at {gib(baseline)} GiB (the baseline).",
         "samples/s is the training loop's (mean over epochs; a streamed epoch includes its parquet reads);",
-        "run seconds include reading the data and evaluating.",
+        "run seconds include reading the data and evaluating. Each row: the runs of that world and path",
+        "(the paths took turns), peak RSS the highest, samples/s and seconds their mean.",
         "",
-        "| world | candidates | row groups | path | train samples / epoch | peak RSS GiB | above baseline GiB | samples/s | run s | test AUC |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-        *[f"| {r['scale']}x | {r['candidates']:,} | {r['row_groups']} | {r['path']} | {r['train_samples']:,} | {gib(r['peak_rss'])} | {gib(r['above_baseline'])} | {r['samples_per_s']:,.0f} | {r['run_seconds']:.0f} | {r['test_auc']:.4f} |" for r in rows],
+        "| world | candidates | row groups | path | runs | train samples / epoch | peak RSS GiB | above baseline GiB | samples/s | run s | test AUC |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {s}x | {rs[0]['candidates']:,} | {rs[0]['row_groups']} | {p} | {len(rs)} | {rs[0]['train_samples']:,} | {gib(max(r['peak_rss'] for r in rs))} | {gib(max(r['above_baseline'] for r in rs))} | {speeds(rs)} | {mean(rs, 'run_seconds'):.0f} | {rs[0]['test_auc']:.4f} |" for (s, p), rs in groups.items()],
         "",
     ]
     scales = sorted({r["scale"] for r in rows})
-    if len(scales) > 1 and all((s, p) in by for s in scales[:1] + scales[-1:] for p in ("memory", "streamed")):
+    if len(scales) > 1 and all((s, p) in groups for s in scales[:1] + scales[-1:] for p in ("memory", "streamed")):
         small, big = scales[0], scales[-1]
+        peak = lambda s, p: max(r["peak_rss"] for r in groups[(s, p)])  # noqa: E731
+        speed = lambda s, p: mean(groups[(s, p)], "samples_per_s")  # noqa: E731
         lines += [
-            f"| ratio | {big}x / {small}x peak RSS | {big}x / {small}x above baseline | streamed / in-memory samples/s at {big}x |",
+            f"| path | peak RSS {big}x / {small}x | streamed / in-memory samples/s at {small}x | at {big}x |",
             "|---|---:|---:|---:|",
-            *[f"| {p} | {by[(big, p)]['peak_rss'] / by[(small, p)]['peak_rss']:.2f} | {by[(big, p)]['above_baseline'] / by[(small, p)]['above_baseline']:.2f} | {by[(big, 'streamed')]['samples_per_s'] / by[(big, 'memory')]['samples_per_s']:.2f} |" for p in ("memory", "streamed")],
+            *[f"| {p} | {peak(big, p) / peak(small, p):.2f} | {speed(small, 'streamed') / speed(small, 'memory'):.2f} | {speed(big, 'streamed') / speed(big, 'memory'):.2f} |" for p in ("memory", "streamed")],
         ]
     write_results("data_stream", lines, {"baseline_peak_rss": baseline, "rows": rows})
     print("\n".join(lines), flush=True)

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -134,6 +134,7 @@ def _rows_with_null_elements(arr: pa.ListArray) -> np.ndarray:
 
 INT64_MAX = np.iinfo(np.int64).max
 CANDIDATE_ROW_GROUP = 1 << 17  # rows per row group of candidates.parquet: the unit a stream reads
+REQUEST_ROW_GROUP = 1 << 14  # a request row holds its history (~800 bytes): small groups, small decode buffers
 
 
 def memory_bytes() -> int:
@@ -201,11 +202,9 @@ def read_dataset(directory: str | os.PathLike, candidates: bool = True) -> Datas
             problems.append(Problem(file, None, None, None, "file is missing"))
             continue
         try:
-            raw = pq.read_table(path) if candidates or name != "candidates" else pq.read_schema(path).empty_table()
+            tables[name] = read_table(path, kinds, schema, file, problems) if candidates or name != "candidates" else convert_table(pq.read_schema(path).empty_table(), kinds, schema, file, problems)
         except (pa.ArrowInvalid, OSError) as e:
             problems.append(Problem(file, None, None, None, f"is not a readable parquet file: {e}"))
-            continue
-        tables[name] = convert_table(raw, kinds, schema, file, problems)
     if problems:
         raise DataError(problems)
     ds = Dataset(schema, tables["users"], tables["items"], tables["requests"], tables["candidates"])
@@ -222,6 +221,54 @@ def drop_lengths(table: Table) -> None:
     """Remove the ``NAME_len`` arrays validation needed (history_len stays: models use it)."""
     for key in [k for k in table if k.endswith("_len") and k != "history_len"]:
         del table[key]
+
+
+READ_BATCH = 1 << 14  # rows converted at a time: Parquet's decode buffers stay small
+
+
+def read_table(path: Path, kinds: dict[str, str], schema: Schema, file: str, problems: list[Problem]) -> Table:
+    """``convert_table`` of one parquet file, ``READ_BATCH`` rows at a time into arrays allocated
+    once (reading the whole table first held Arrow's copy and its decode buffers too: 3x the
+    arrays at the peak). A problem found in several batches is one entry, its rows counted."""
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    for col in kinds:
+        if col not in names:
+            problems.append(Problem(file, col, None, None, "column is missing"))
+    kinds = {c: k for c, k in kinds.items() if c in names}
+    out: Table = {}
+    strings: dict[str, list[np.ndarray]] = {}
+    seen: dict[tuple, int] = {}  # (column, message) -> index in problems
+    start = 0
+    for batch in pf.iter_batches(batch_size=READ_BATCH, columns=list(kinds)):
+        found: list[Problem] = []
+        part = convert_table(batch, kinds, schema, file, found)
+        for p in found:
+            key = (p.column, p.message)
+            if key in seen:
+                if p.row is not None:
+                    first = problems[seen[key]]
+                    problems[seen[key]] = replace(first, count=first.count + p.count)
+            else:
+                seen[key] = len(problems)
+                problems.append(replace(p, row=None if p.row is None else p.row + start))
+        for col, values in part.items():
+            if values.dtype.kind == "U":  # a string's width is known only at the end
+                strings.setdefault(col, []).append(values)
+                continue
+            if col not in out:
+                out[col] = np.zeros((pf.metadata.num_rows,) + values.shape[1:], dtype=values.dtype)
+            elif values.ndim == 2 and values.shape[1] > out[col].shape[1]:  # a list beyond its max_len (validate says so)
+                out[col] = np.pad(out[col], ((0, 0), (0, values.shape[1] - out[col].shape[1])))
+            if values.ndim == 2:
+                out[col][start : start + len(values), : values.shape[1]] = values
+            else:
+                out[col][start : start + len(values)] = values
+        start += batch.num_rows
+    if start == 0:
+        return convert_table(pf.schema_arrow.empty_table().select(list(kinds)), kinds, schema, file, problems)
+    out.update({col: np.concatenate(parts) for col, parts in strings.items()})
+    return {col: out[col] for col in [c for c in kinds if c in out] + [c for c in out if c not in kinds]}
 
 
 def convert_table(raw: pa.Table | pa.RecordBatch, kinds: dict[str, str], schema: Schema, file: str, problems: list[Problem]) -> Table:
@@ -472,7 +519,7 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
         (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
         for name, file in TABLE_FILES.items():
             # candidates in row groups a stream can read one at a time (cascade.data.stream)
-            pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd", row_group_size=CANDIDATE_ROW_GROUP if name == "candidates" else None)
+            pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd", row_group_size={"candidates": CANDIDATE_ROW_GROUP, "requests": REQUEST_ROW_GROUP}.get(name))
         for file, data in (extra_files or {}).items():
             (tmp / file).parent.mkdir(parents=True, exist_ok=True)
             (tmp / file).write_bytes(data)
