@@ -3,8 +3,9 @@
 For logs whose candidates do not fit in memory. The users, items and requests tables (one row per
 entity or request) are read whole; the candidates are read with ``pyarrow.dataset`` one row group
 at a time (``store.CANDIDATE_ROW_GROUP`` rows as ``write_dataset`` writes them), converted and
-validated by the same code as ``read_dataset`` (so a bad value anywhere stops the run, naming the
-file's row), cut to one split's requests and the stages wanted, and turned into samples by the same code as in memory (``pointwise_lists`` on a
+validated by the same code as ``read_dataset`` on their first read (so a bad value anywhere stops
+the run, naming the file's row; later epochs let Arrow filter the stages wanted before converting),
+cut to one split's requests and those stages, and turned into samples by the same code as in memory (``pointwise_lists`` on a
 ``Dataset`` holding that row group's candidates and their requests). So memory holds a few row
 groups, whatever the size of the logs.
 
@@ -77,6 +78,7 @@ class SampleStream:
         self._groups = [g for f in pads.dataset(self._file, format="parquet").get_fragments() for g in f.split_by_row_group()]
         self._starts = np.cumsum([0] + [g.row_groups[0].num_rows for g in self._groups])  # each group's first row in the file
         self._counts: np.ndarray | None = None
+        self._validated: set[int] = set()  # row groups read and validated whole once
 
     def counts(self) -> np.ndarray:
         """The samples in each row group (one pass over two columns, kept)."""
@@ -101,15 +103,20 @@ class SampleStream:
             yield self._samples(int(g))
 
     def _samples(self, g: int) -> ListBatch:
-        """Row group ``g`` read, converted and validated whole (every split's rows: a bad value
-        anywhere in the file stops the run), then cut to this stream's samples."""
-        raw = self._groups[g].to_table(columns=list(self._kinds), use_threads=False)  # torch has the cores
+        """Row group ``g`` cut to this stream's samples. Its first read converts and validates it
+        whole (every split's rows: a bad value anywhere stops the run); later reads let Arrow keep
+        only the stages wanted (the exposures are 2.5% of a synthetic row group)."""
+        if g in self._validated:
+            raw = self._groups[g].to_table(columns=list(self._kinds), filter=pc.field("stage") >= self.min_stage, use_threads=False)
+        else:
+            raw = self._groups[g].to_table(columns=list(self._kinds), use_threads=False)  # torch has the cores
         problems: list[Problem] = []
         cand = convert_table(raw, self._kinds, self.ds.schema, TABLE_FILES["candidates"], problems)
-        if not problems:
+        if not problems and g not in self._validated:
             problems = validate_candidates(replace(self.ds, candidates=cand))
         if problems:  # rows of the file, not of the row group
             raise DataError([replace(p, row=None if p.row is None else int(self._starts[g]) + p.row) for p in problems])
+        self._validated.add(g)
         drop_lengths(cand)
         req_rows = self._order[np.searchsorted(self._sorted_ids, cand["request_id"])]
         keep = self._in_split[req_rows] & (cand["stage"] >= self.min_stage)
