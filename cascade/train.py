@@ -150,11 +150,12 @@ class StreamedTensors:
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensors]:
         """The epoch's batches; the row groups' order and the shuffle drawn from ``generator``.
-        A thread reads and packs ahead while the step trains (Arrow and numpy release the GIL)."""
+        A thread reads and packs the next pool while the step trains (Arrow and numpy release the GIL)."""
         seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
-        lists = self.stream.batches(max(batch_size // self.world, 1), seed, (self.rank, self.world))
-        for batch in prefetch(self.pack(x) for x in lists):
-            yield batch.to(self.device)
+        size = max(batch_size // self.world, 1)
+        for pool in prefetch(self.pack(x) for x in self.stream.pools(size, seed, (self.rank, self.world))):  # packed once per pool
+            for a in range(0, len(pool), size):
+                yield pool._map(lambda t: t[a : a + size]).to(self.device)
 
 
 def prefetch(items: Iterator, depth: int = 8) -> Iterator:

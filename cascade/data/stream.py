@@ -130,10 +130,18 @@ class SampleStream:
         """Batches of ``batch_size`` samples: ``buffer`` row groups at a time, shuffled together
         with ``seed`` (in order without one). Under a shard, exactly ``steps(batch_size, world)``
         full batches; otherwise every sample, the last batch short."""
+        for pool in self.pools(batch_size, seed, shard, buffer):
+            for a in range(0, len(pool), batch_size):
+                yield pool.take(slice(a, a + batch_size))
+
+    def pools(self, batch_size: int, seed: int | None = None, shard: tuple[int, int] = (0, 1), buffer: int = 4) -> Iterator[ListBatch]:
+        """The samples ``batches`` cuts, a shuffled pool at a time: each pool whole batches of
+        ``batch_size`` (the last one of an unsharded epoch may end short), so a caller can pack
+        a pool once and slice it."""
         rng = None if seed is None else np.random.default_rng(seed)
         rank, world = shard
-        limit = self.steps(batch_size, world) if world > 1 else None
-        made, pending = 0, []
+        left = self.steps(batch_size, world) if world > 1 else None  # batches a shard may still make
+        pending: list[ListBatch] = []
         groups = self.groups(seed, shard)
         while True:
             read = [g for _, g in zip(range(buffer), groups)]
@@ -142,17 +150,16 @@ class SampleStream:
                 return
             pool = concat_lists(pending)
             pool = pool.take(rng.permutation(len(pool))) if rng is not None else pool
-            full = len(pool) // batch_size * batch_size
-            last_read = len(read) < buffer
-            for a in range(0, full, batch_size):
-                if limit is not None and made == limit:
-                    return
-                yield pool.take(slice(a, a + batch_size))
-                made += 1
-            rest = pool.take(slice(full, len(pool)))
-            pending = [rest] if len(rest) else []
-            if last_read:
-                if pending and limit is None:
+            full = len(pool) // batch_size
+            if left is not None:
+                full = min(full, left)
+                left -= full
+            if full:
+                yield pool.take(slice(0, full * batch_size))
+            rest = pool.take(slice(full * batch_size, len(pool)))
+            pending = [rest] if len(rest) and left != 0 else []
+            if len(read) < buffer:  # the last row groups are read
+                if pending and left is None:
                     yield rest
                 return
 
