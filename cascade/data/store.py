@@ -116,11 +116,9 @@ def _padded(col: pa.ChunkedArray | pa.Array, width: int, block: int = 1 << 16) -
     for chunk in chunks:
         for start in range(0, len(chunk), block):
             part = chunk.slice(start, block)
-            offsets = part.offsets.to_numpy().astype(np.int64)
-            offsets -= offsets[0]  # a sliced array's offsets need not start at 0
-            n = np.diff(offsets)
-            values = part.flatten().to_numpy(zero_copy_only=False)
-            pos = np.arange(len(values)) - np.repeat(offsets[:-1], n)
+            n = lengths[row : row + len(part)]
+            values = part.flatten().to_numpy(zero_copy_only=False)  # a slice's values only
+            pos = np.arange(len(values)) - np.repeat(np.cumsum(n) - n, n)
             out[row + np.repeat(np.arange(len(n)), n), pos] = values
             row += len(part)
     return out, lengths
@@ -268,7 +266,7 @@ def read_table(path: Path, kinds: dict[str, str], schema: Schema, file: str, pro
     if start == 0:
         return convert_table(pf.schema_arrow.empty_table().select(list(kinds)), kinds, schema, file, problems)
     out.update({col: np.concatenate(parts) for col, parts in strings.items()})
-    return {col: out[col] for col in [c for c in kinds if c in out] + [c for c in out if c not in kinds]}
+    return out
 
 
 def convert_table(raw: pa.Table | pa.RecordBatch, kinds: dict[str, str], schema: Schema, file: str, problems: list[Problem]) -> Table:
