@@ -58,21 +58,21 @@ def seeded(exp, seed: int):
     return replace(exp, name=f"{exp.name}_s{seed}", out=str(RUNS / Path(exp.out).name), train=replace(exp.train, seed=seed))
 
 
-def train_and_score(config: Path, names: tuple[str, ...], seed: int, lists: dict, ds) -> dict[str, dict[str, np.ndarray]]:
-    """Scores (B, N) per split of the ranker, the independent and the distilled pre-rankers
-    (``names``, in that order, keyed by name) at ``seed``, trained first where missing."""
+def train_and_score(config: Path, names: tuple[str, ...], seed: int, lists: dict, ds):
+    """Yields (name, scores (B, N) per split) for the ranker, the independent and the distilled
+    pre-rankers (``names``, in that order) at ``seed``, each trained first where missing, so the
+    tables can be rewritten as each student finishes."""
     models = {**MODELS, **TEACHERS}
     exps = {e.name: e for e in load_config(config) if e.name in names}
     ranker = seeded(exps[names[0]], seed)
-    out = {}
     for name in names:
         exp = seeded(exps[name], seed)
         teacher = None if name == names[0] else ranker
         start = time.perf_counter()
         model = load_trained(exp, ds, models, lambda e: train_distill(e, teacher, models))
-        out[name] = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
+        scores = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
         print(f"{config.stem} seed {seed}: {name} ready in {time.perf_counter() - start:.0f}s", flush=True)
-    return out
+        yield name, scores
 
 
 def cascade_quality(pre: np.ndarray, rank: np.ndarray, lists, n_positives: np.ndarray) -> dict[str, float]:
@@ -119,16 +119,16 @@ def main() -> None:
             for name, s in fixed.items():
                 alone[name] = [{**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"]}]
         for seed in seeds:
-            scores = train_and_score(ROOT / config, names, seed, lists, ds)
-            for name, s in scores.items():
+            scores = {}
+            for name, s in train_and_score(ROOT / config, names, seed, lists, ds):
+                scores[name] = s
                 alone.setdefault(f"{config.stem}/{name}", []).append({**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"], "teacher_recall@10@50": M.teacher_recall_at_k_at_m(s["test"], scores[names[0]]["test"], RANK, PRERANK, lists["test"].mask)})
-            for name in names[1:]:
-                row = cascade_quality(scores[name]["test"], scores[names[0]]["test"], lists["test"], n_pos)
-                cascades.setdefault(f"{config.stem}: {name} -> {names[0]}", []).append(row)
-            for name in names[1:]:  # the same pre-ranker with the no-training trending ranker
-                row = cascade_quality(scores[name]["test"], trending_scores["test"], lists["test"], n_pos)
-                cascades.setdefault(f"{config.stem}: {name} -> trending", []).append(row)
-            write(alone, cascades, args)
+                if name == names[0]:
+                    continue
+                for ranker, rank_scores in ((names[0], scores[names[0]]), ("trending", trending_scores)):
+                    row = cascade_quality(s["test"], rank_scores["test"], lists["test"], n_pos)
+                    cascades.setdefault(f"{config.stem}: {name} -> {ranker}", []).append(row)
+                write(alone, cascades, args)
 
 
 def write(alone: dict, cascades: dict, args) -> None:
@@ -138,7 +138,8 @@ def write(alone: dict, cascades: dict, args) -> None:
         "The recall tower's top-200 test lists (9,350 requests, configs/ml1m_recall.yaml); positives = rating >= 4.",
         "`ml1m_trend` models see each candidate's item trend (ratings of the item in the 1, 7, 30 and 365 days",
         "before the request, only ratings strictly before it; cascade/data/trend.py); `ml1m` models do not.",
-        "Test split, mean ± population std over seeds (each seed trains the ranker and both pre-rankers;",
+        "Test split, mean ± population std over the seeds finished for each row (each seed trains the ranker and",
+        "the pre-rankers; the tables are rewritten as each one finishes;",
         "`listwise_kd` and the other students are distilled from the same seed's `din`; teacher Recall@10@50:",
         "the share of that ranker's top-10 in the scorer's top-50).",
         "",

@@ -131,7 +131,7 @@ def _rows_with_null_elements(arr: pa.ListArray) -> np.ndarray:
 
 
 INT64_MAX = np.iinfo(np.int64).max
-CANDIDATE_ROW_GROUP = 1 << 17  # rows per row group of candidates.parquet: the unit a stream reads
+CANDIDATE_ROW_GROUP = 1 << 17  # rows per row group of candidates.parquet (at most, unless one request is longer): the unit a stream reads
 REQUEST_ROW_GROUP = 1 << 14  # a request row holds its history (~800 bytes): small groups, small decode buffers
 
 
@@ -494,6 +494,33 @@ def _to_arrow(ds: Dataset, name: str) -> pa.Table:
     return pa.table(out)
 
 
+def request_cuts(request_id: np.ndarray, size: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of about ``size`` rows (at most, unless one request is longer)
+    that never cut a request in two; ``request_id`` (n,) sorted."""
+    starts = np.flatnonzero(np.r_[True, request_id[1:] != request_id[:-1]]) if len(request_id) else np.zeros(0, np.int64)
+    cuts, a = [], 0
+    while a < len(request_id):
+        i = np.searchsorted(starts, a + size, side="right") - 1  # the last request starting within size
+        b = int(starts[i]) if starts[i] > a else int(starts[i + 1]) if i + 1 < len(starts) else len(request_id)
+        b = len(request_id) if a + size >= len(request_id) else b
+        cuts.append((a, b))
+        a = b
+    return cuts
+
+
+def _write_candidates(ds: Dataset, path: Path) -> None:
+    """candidates.parquet sorted by request (each request's rows keep their order) in row groups
+    of whole requests, so a stream can read its lists a row group at a time (cascade.data.stream)."""
+    table = _to_arrow(ds, "candidates")
+    rid = ds.candidates["request_id"]
+    if np.any(rid[1:] < rid[:-1]):
+        order = np.argsort(rid, kind="stable")
+        table, rid = table.take(pa.array(order)), rid[order]
+    with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
+        for a, b in request_cuts(rid, CANDIDATE_ROW_GROUP):
+            writer.write_table(table.slice(a, b - a), row_group_size=b - a)
+
+
 def check_output_dir(directory: str | os.PathLike) -> Path:
     """``directory`` if a log directory may be written there: new, empty, or an older log
     directory (replaced whole); anything else is refused before any work is done."""
@@ -516,8 +543,10 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
     with replacing_directory(out) as tmp:
         (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
         for name, file in TABLE_FILES.items():
-            # candidates in row groups a stream can read one at a time (cascade.data.stream)
-            pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd", row_group_size={"candidates": CANDIDATE_ROW_GROUP, "requests": REQUEST_ROW_GROUP}.get(name))
+            if name == "candidates":
+                _write_candidates(ds, tmp / file)
+            else:
+                pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd", row_group_size=REQUEST_ROW_GROUP if name == "requests" else None)
         for file, data in (extra_files or {}).items():
             (tmp / file).parent.mkdir(parents=True, exist_ok=True)
             (tmp / file).write_bytes(data)

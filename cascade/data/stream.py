@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from cascade.data.lists import ListBatch, concat_lists, pointwise_lists
+from cascade.data.lists import ListBatch, build_lists, concat_lists, pointwise_lists
 from cascade.data.schema import TABLE_FILES, Schema
 from cascade.data.store import DataError, Dataset, Problem, convert_table, drop_lengths, memory_bytes, read_dataset, table_columns, validate_candidates
 
@@ -72,7 +72,7 @@ class SampleStream:
         req = self.ds.requests
         self._order = np.argsort(req["request_id"], kind="stable")
         self._sorted_ids = req["request_id"][self._order]
-        self._in_split = req["split"] == self.split
+        self._in_split = self._kept_requests()
         split_ids = pa.array(req["request_id"][self._in_split])
         self._filter = pc.field("request_id").isin(split_ids) & (pc.field("stage") >= self.min_stage)
         self._file = self.root / TABLE_FILES["candidates"]
@@ -81,6 +81,10 @@ class SampleStream:
         self._starts = np.cumsum([0] + [g.row_groups[0].num_rows for g in self._groups])  # each group's first row in the file
         self._counts: np.ndarray | None = None
         self._validated: set[int] = set()  # row groups read and validated whole once
+
+    def _kept_requests(self) -> np.ndarray:
+        """(R,) bool: the requests table's rows this stream reads."""
+        return self.ds.requests["split"] == self.split
 
     def counts(self) -> np.ndarray:
         """The samples in each row group (one pass over two columns, kept)."""
@@ -105,9 +109,14 @@ class SampleStream:
             yield self._samples(int(g))
 
     def _samples(self, g: int) -> ListBatch:
-        """Row group ``g`` cut to this stream's samples. Its first read converts and validates it
-        whole (every split's rows: a bad value anywhere stops the run); later reads let Arrow keep
-        only the stages wanted (the exposures are 2.5% of a synthetic row group)."""
+        """Row group ``g``'s samples of this stream."""
+        return pointwise_lists(self._piece(g), self.split, seed=self.seed + g, min_stage=self.min_stage)
+
+    def _piece(self, g: int) -> Dataset:
+        """Row group ``g`` cut to this stream's requests and stages, with those requests. Its first
+        read converts and validates it whole (every split's rows: a bad value anywhere stops the
+        run); later reads let Arrow keep only the stages wanted (the exposures are 2.5% of a
+        synthetic row group)."""
         if g in self._validated:
             raw = self._groups[g].to_table(columns=list(self._kinds), filter=pc.field("stage") >= self.min_stage, use_threads=False)
         else:
@@ -126,7 +135,7 @@ class SampleStream:
         cand["stage"] = cand["stage"].astype(np.int8)
         rows = np.unique(req_rows[keep])
         requests = {k: v[rows] for k, v in self.ds.requests.items()}
-        return pointwise_lists(replace(self.ds, requests=requests, candidates=cand), self.split, seed=self.seed + g, min_stage=self.min_stage)
+        return replace(self.ds, requests=requests, candidates=cand)
 
     def batches(self, batch_size: int, seed: int | None = None, shard: tuple[int, int] = (0, 1), buffer: int = 4) -> Iterator[ListBatch]:
         """Batches of ``batch_size`` samples: ``buffer`` row groups at a time, shuffled together
@@ -168,3 +177,45 @@ class SampleStream:
     def collect(self) -> ListBatch:
         """Every sample, in file order (an evaluation split: what fits in memory)."""
         return concat_lists(list(self.groups()))
+
+
+@dataclass
+class ListStream(SampleStream):
+    """The lists of ``split`` (one per request: every candidate it logged, as ``build_lists``
+    makes them, padded to the split's longest list), of the requests whose history holds at
+    least ``min_history`` items. Needs row groups of whole requests, as ``write_dataset`` writes
+    them (checked, naming the request, on the first pass)."""
+
+    min_history: int = 0
+
+    @classmethod
+    def open(cls, directory: str | Path, split: str, ds: Dataset | None = None, min_history: int = 0) -> "ListStream":
+        return cls(Path(directory), ds if ds is not None else read_dataset(directory, candidates=False), split, 0, min_history=min_history)
+
+    def _kept_requests(self) -> np.ndarray:
+        kept = super()._kept_requests()
+        return kept & ((self.ds.requests["history"] > 0).sum(axis=1) >= self.min_history) if self.min_history else kept
+
+    def counts(self) -> np.ndarray:
+        """The lists in each row group; sets ``list_size``, the longest (one pass over the
+        request ids, kept)."""
+        if self._counts is None:
+            ids, longest = [], 0
+            for g in self._groups:
+                col = g.to_table(columns=["request_id"], filter=self._filter, use_threads=False)["request_id"].to_numpy()
+                unique, per_list = np.unique(col, return_counts=True)
+                ids.append(unique)
+                longest = max(longest, int(per_list.max(initial=0)))
+            every = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            values, seen = np.unique(every, return_counts=True)
+            if np.any(seen > 1):
+                request = int(values[seen > 1][0])
+                where = [i for i, u in enumerate(ids) if request in u]
+                raise DataError([Problem(TABLE_FILES["candidates"], "request_id", None, request, f"request {request} spans row groups {where[0]} and {where[1]}, so its list cannot be read a row group at a time; write the directory with cascade's write_dataset (cascade import), which keeps each request in one row group")])
+            self._counts, self.list_size = np.array([len(u) for u in ids], dtype=np.int64), longest
+        return self._counts
+
+    def _samples(self, g: int) -> ListBatch:
+        """Row group ``g``'s lists, padded to ``list_size``."""
+        self.counts()
+        return build_lists(self._piece(g), self.split, max_items=self.list_size)

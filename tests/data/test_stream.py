@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cascade.data import store
-from cascade.data.lists import pointwise_lists
+from cascade.data.lists import build_lists, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import DataError, write_dataset
-from cascade.data.stream import SampleStream, in_memory_bytes
+from cascade.data.stream import ListStream, SampleStream, in_memory_bytes
 
 ROWS_PER_GROUP = 1000  # the small world's 24,000 candidates in 24 row groups
 
@@ -27,9 +27,28 @@ def _keys(flat) -> np.ndarray:
     return keys[np.lexsort(keys.T[::-1])]
 
 
-def test_row_groups_are_the_unit_written(grouped_dir, small_world):
-    n = len(small_world[0].candidates["request_id"])
-    assert pq.ParquetFile(grouped_dir / "candidates.parquet").metadata.num_row_groups == -(-n // ROWS_PER_GROUP)
+def test_row_groups_are_whole_requests_filled_greedily(grouped_dir, small_world):
+    f = pq.ParquetFile(grouped_dir / "candidates.parquet")
+    groups = [f.read_row_group(g, columns=["request_id"])["request_id"].to_numpy() for g in range(f.num_row_groups)]
+    assert sum(map(len, groups)) == len(small_world[0].candidates["request_id"])
+    ids = np.concatenate(groups)
+    assert np.all(ids[1:] >= ids[:-1])  # sorted by request
+    assert all(g[-1] < h[0] for g, h in zip(groups, groups[1:]))  # no request cut in two
+    assert all(len(g) <= ROWS_PER_GROUP for g in groups)
+    # full: the next group's first request would not have fitted
+    assert all(len(g) + np.sum(h == h[0]) > ROWS_PER_GROUP for g, h in zip(groups, groups[1:]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(lengths=st.lists(st.integers(1, 30), min_size=0, max_size=40), size=st.integers(1, 60))
+def test_request_cuts_keep_requests_whole(lengths, size):
+    rid = np.repeat(np.arange(len(lengths)), lengths)
+    cuts = store.request_cuts(rid, size)
+    bounds = [0] + [b for _, b in cuts]
+    assert [a for a, _ in cuts] == bounds[:-1] and bounds[-1] == len(rid)  # contiguous, covering every row
+    for a, b in cuts:
+        assert a == 0 or rid[a] != rid[a - 1]  # starts at a request's first row
+        assert b - a <= size or len(np.unique(rid[a:b])) == 1  # longer only for one long request
 
 
 @pytest.mark.parametrize("split", ["train", "valid", "test"])
@@ -96,6 +115,55 @@ def test_a_bad_value_anywhere_names_the_file_row_column_and_value(grouped_dir, s
     with pytest.raises(DataError) as err:
         SampleStream.open(bad, other, EXPOSED).collect()  # found even in another split's stream
     assert "candidates.parquet: column 'label', row 2500: label is not 0 or 1 (value 2.0)" in str(err.value)
+
+
+def _by_request(lists):
+    return lists.take(np.argsort(lists.request_id))
+
+
+def _assert_same_lists(streamed, memory):
+    assert streamed.list_size == memory.list_size and len(streamed) == len(memory) > 0
+    streamed, memory = _by_request(streamed), _by_request(memory)
+    np.testing.assert_array_equal(streamed.request_id, memory.request_id)
+    for side in ("item", "user"):
+        for name, values in getattr(memory, side).items():
+            np.testing.assert_array_equal(getattr(streamed, side)[name], values, err_msg=f"{side} {name}")
+    for name in ("history", "label", "stage", "mask", "ts"):
+        np.testing.assert_array_equal(getattr(streamed, name), getattr(memory, name), err_msg=name)
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_the_list_stream_holds_exactly_the_in_memory_lists(grouped_dir, small_world, split):
+    stream = ListStream.open(grouped_dir, split)
+    _assert_same_lists(stream.collect(), build_lists(small_world[0], split))
+    assert len(stream) == len(build_lists(small_world[0], split))
+
+
+def test_the_list_stream_keeps_requests_with_enough_history(grouped_dir, small_world):
+    memory = build_lists(small_world[0], "train")
+    lengths = (memory.history > 0).sum(axis=1)
+    k = int(np.median(lengths))  # about half the lists have fewer
+    kept = memory.take(np.flatnonzero(lengths >= k))
+    assert 0 < len(kept) < len(memory)
+    streamed = ListStream.open(grouped_dir, "train", min_history=k)
+    assert len(streamed) == len(kept)
+    batches = list(streamed.batches(16, seed=3))
+    assert all(len(b) == 16 for b in batches[:-1]) and len(batches) == streamed.steps(16)
+    _assert_same_lists(_cat(batches), kept.take_columns(np.broadcast_to(np.arange(streamed.list_size), (len(kept), streamed.list_size))))
+
+
+def test_a_request_cut_by_a_row_group_is_named(grouped_dir, small_world, tmp_path):
+    import shutil
+
+    cut = shutil.copytree(grouped_dir, tmp_path / "cut")
+    table = pq.read_table(cut / "candidates.parquet")
+    pq.write_table(table, cut / "candidates.parquet", row_group_size=150)  # a file written elsewhere
+    request = table.column("request_id")[150].as_py()
+    assert request == table.column("request_id")[149].as_py()  # worked out: the first request spans rows 0-199
+    req = small_world[0].requests
+    with pytest.raises(DataError) as err:
+        len(ListStream.open(cut, req["split"][req["request_id"] == request][0]))
+    assert f"request {request} spans row groups 0 and 1" in str(err.value)
 
 
 def test_in_memory_bytes_worked_by_hand(grouped_dir, small_world):
