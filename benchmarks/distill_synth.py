@@ -1,13 +1,18 @@
 """Distillation on the synthetic world: one row per loss mix of configs/distill_synth.yaml
 (``distill_ml1m.py`` runs the same on MovieLens-1M).
 
-    python benchmarks/distill_synth.py [--config configs/distill_synth.yaml] [--seeds 0 1 2] [--runs runs/bench_distill]
+    python benchmarks/distill_synth.py [--config configs/distill_synth.yaml] [--seeds 0 1 2] [--runs runs/bench_NAME]
+        [--mixes EXPERIMENT ...] [--name NAME]
+
+(the enhanced towers alone and distilled, issue 12:
+``--mixes exposure_bce listwise_kd exposure_bce_senet listwise_kd_senet exposure_bce_dat listwise_kd_dat
+exposure_bce_hit listwise_kd_hit exposure_bce_inttower listwise_kd_inttower --name towers_synth``)
 
 Screens every mix with seed 0, then trains with every seed each student's exposure-BCE baseline
 and best mix, and the best two mixes overall (by validation Recall@10@50 against the teacher). All mixes share the frozen
 recall output and the one frozen teacher. Resumable: a finished run (its results.json) is read,
 not rerun, and the table is rewritten after every run.
-Writes benchmarks/results/distill_synth.{md,json}.
+Writes benchmarks/results/NAME.{md,json} (distill_synth by default).
 """
 
 from __future__ import annotations
@@ -89,11 +94,17 @@ def main(name: str = "distill_synth", config: str = "configs/distill_synth.yaml"
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=config)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--runs", default=f"runs/bench_{name}")
+    parser.add_argument("--runs", default=None, help="where the runs go (default runs/bench_NAME)")
+    parser.add_argument("--mixes", nargs="+", help="only these experiments of the config (default: every one the din teacher teaches)")
+    parser.add_argument("--name", default=name, help="the results' name: benchmarks/results/NAME.{md,json}")
     args = parser.parse_args()
+    name, args.runs = args.name, args.runs or f"runs/bench_{args.name}"
     experiments = {e.name: e for e in load_config(ROOT / args.config)}
     # every mix taught by the one DIN teacher (other teachers' students are run on their own)
-    mixes = {n: e for n, e in experiments.items() if e.task == "distill" and e.distill.teacher == "din"}
+    mixes = {n: e for n, e in experiments.items() if e.task == "distill" and e.distill.teacher == "din" and (not args.mixes or n in args.mixes)}
+    unknown = sorted(set(args.mixes or ()) - set(mixes))
+    if unknown:
+        parser.error(f"--mixes: {', '.join(unknown)} not among {args.config}'s experiments taught by din")
     teacher = experiments["din"]
     runs = ROOT / args.runs
     rows: dict[str, list[dict]] = {}

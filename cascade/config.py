@@ -146,8 +146,8 @@ class DataConfig:
     # whose top-n per request, labelled from its data's logs, becomes this directory's candidates;
     # folds > 1 cross-fits the training requests' lists (pipeline.frozen_recall_output)
     recall: dict[str, Any] = field(default_factory=dict)
-    # pointwise training: read the candidates a row group at a time (cascade.data.stream) rather
-    # than whole; auto streams logs whose in-memory copies would not fit (stream.fits_in_memory)
+    # pointwise and distill training: read the candidates a row group at a time (cascade.data.stream)
+    # rather than whole; auto streams logs whose in-memory copies would not fit (stream.fits_in_memory)
     stream: str = "auto"  # auto | always | never
 
     def __post_init__(self) -> None:
@@ -295,6 +295,7 @@ def _task(value: str, where: str) -> str:
 COMMAND_LINE: dict[str, Any] = {}
 
 
+STREAMED_TASKS = ("pointwise", "distill")  # the tasks data.stream applies to
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SECTIONS = {"data", "model", "train", "out", "task", "recall", "distill", "cascade"}
 
@@ -387,6 +388,8 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
         missing = sorted({"config", "experiment"} - set(exp.cascade.recall))
         if exp.task == "cascade" and missing:
             raise ConfigError(f"{where}.cascade.recall: '{missing[0]}' is required (the recall experiment: {{config, experiment}})")
+        if exp.data.stream == "always" and exp.task not in STREAMED_TASKS:
+            raise ConfigError(f"{where}.data.stream: 'always', but a '{exp.task}' task reads its data whole (streamed: {', '.join(STREAMED_TASKS)} tasks); set stream: auto or never")
         allowed = monitors(exp)
         if allowed is not None and exp.train.monitor not in allowed:
             raise ConfigError(f"{where}.train.monitor: '{exp.train.monitor}' is not a validation metric of a '{exp.task}' task (it has: {', '.join(allowed)})")

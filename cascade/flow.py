@@ -21,9 +21,10 @@ from torch import nn
 
 from cascade import metrics as M
 from cascade.config import ConfigError, DistillConfig
-from cascade.data.lists import ListBatch, build_lists
+from cascade.data.lists import ListBatch, build_lists, concat_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import write_text_atomic
+from cascade.data.stream import ListStream
 from cascade.losses.arf import UncertaintyWeights, global_loss, relax_bce
 from cascade.losses.distill import listwise_kd, logit_mse, soft_bce
 from cascade.losses.pointwise import bce
@@ -32,8 +33,8 @@ from cascade.losses.sorting import hard_sort, neural_sort, top_k_indicator
 from cascade.data.synth import WORLD_FILE, World
 from cascade.distributed import rank_zero_first
 from cascade.models import build_model, list_tensors, load_trained, score_lists
-from cascade.pipeline import prepare_data, tower_forward, train_pointwise
-from cascade.train import Tensors, Trainer
+from cascade.pipeline import prepare_data, streams, tower_forward, train_pointwise
+from cascade.train import StreamedTensors, Tensors, Trainer
 
 
 class DistillLoss(nn.Module):
@@ -113,6 +114,50 @@ def cached_scores(teacher: nn.Module, lists: ListBatch, path: Path) -> np.ndarra
     return scores
 
 
+def cached_stream_scores(teacher: nn.Module, stream: ListStream, path: Path) -> Callable[[ListBatch], np.ndarray]:
+    """A frozen teacher's scores of a stream's lists, as ``cached_scores`` but made a row group at
+    a time: ``path`` holds them (B, N) in the stream's order, ``path`` with ``.ids.npy`` each
+    list's request id; both are read memory-mapped, so a log of any size costs 4 bytes a
+    candidate on disk and a few pages in memory. Returns the lookup: lists (b, N) -> their
+    scores (b, N). Recomputed when ``best.pt`` is newer or the stream's shape changed."""
+    ids_path = path.with_suffix(".ids.npy")
+    shape = (len(stream), stream.list_size)
+    best = path.parent.parent / "best.pt"
+
+    def fresh() -> bool:
+        return ids_path.exists() and path.exists() and path.stat().st_mtime_ns >= best.stat().st_mtime_ns and np.load(path, mmap_mode="r").shape == shape
+
+    with rank_zero_first():  # in a data-parallel run rank 0 scores, the others read
+        if not fresh():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            out, ids, at = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape), np.zeros(shape[0], np.int64), 0
+            for lst in (g for g in stream.groups() if len(g)):
+                out[at : at + len(lst)] = score_lists(teacher, lst)
+                ids[at : at + len(lst)] = lst.request_id
+                at += len(lst)
+            out.flush()
+            del out
+            np.save(ids_path, ids)
+            tmp.replace(path)  # last: the scores are fresh only once the ids are there
+    scores, ids = np.load(path, mmap_mode="r"), np.load(ids_path)
+    order = np.argsort(ids, kind="stable")
+    return lambda lists: np.asarray(scores[order[np.searchsorted(ids[order], lists.request_id)]])
+
+
+def streamed_scores(model: nn.Module | None, stream: ListStream) -> tuple[np.ndarray, ListBatch]:
+    """``score_lists`` of ``model`` (B, N) over a stream's lists, a row group at a time (None:
+    no scores), and those lists with only what the reports read: item ids, label, stage, mask
+    and history (no other feature)."""
+    scores, slim = [], []
+    for lst in (g for g in stream.groups() if len(g)):  # a row group may hold none of the split's requests
+        if model is not None:
+            scores.append(score_lists(model, lst))
+        slim.append(replace(lst, user={}, item={"item_id": lst.item["item_id"]}))
+    slim_lists = concat_lists(slim)
+    return (np.concatenate(scores) if scores else np.zeros(slim_lists.mask.shape, np.float32)), slim_lists
+
+
 ORDER_ONLY_TERMS = ("listwise_kd", "logit_mse", "soft_bce")  # they read the teacher's score scale
 
 
@@ -152,34 +197,53 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
     outside ``models`` (LightGBM) must come with it."""
 
     cfg: DistillConfig = exp.distill
-    ds = prepare_data(exp.data)
-    lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
+    streamed = streams(exp.data)
+    ds = prepare_data(exp.data, candidates=not streamed)
+    if streamed:  # the lists a row group at a time; held-out scores and slim lists in memory
+        stream = {split: ListStream.open(exp.data.dir, split, ds, cfg.min_history if split == "train" else 0) for split in ("train", "valid", "test")}
+        score = lambda model, split: streamed_scores(model, stream[split])[0]  # noqa: E731
+        lists = {split: streamed_scores(None, stream[split])[1] for split in ("valid", "test")}
+    else:
+        lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
+        score = lambda model, split: score_lists(model, lists[split])  # noqa: E731
+    teacher = None  # a torch teacher
     if teacher_exp is None:
         teacher_scores = {split: np.zeros(lst.mask.shape, np.float32) for split, lst in lists.items()}
     elif teacher_exp.model.name not in models:
         if train_teacher is None:
             raise ConfigError(f"distill.teacher: '{teacher_exp.name}' ({teacher_exp.model.name}) is not a torch model and nothing here can train it")
+        if streamed:
+            raise ConfigError(f"distill.teacher: '{teacher_exp.name}' ({teacher_exp.model.name}) scores whole in-memory lists, and {exp.data.dir} is streamed; set data.stream: never (or use a torch teacher)")
         if teacher_exp.model.params.get("objective", "lambdarank") == "lambdarank":
             check_order_only(cfg, teacher_exp)
         teacher_scores = boosted_scores(teacher_exp, lists, train_teacher)
     else:
         default = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
         teacher = load_trained(teacher_exp, ds, models, train_teacher or default).to(exp.train.device)
-        teacher_scores = {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}
-    if cfg.min_history:  # after the teacher's scores, so its cache stays that of every list
+        if streamed:
+            teach = {split: cached_stream_scores(teacher, st, teacher_exp.run_dir / "scores" / f"{split}.streamed.npy") for split, st in stream.items()}
+            teacher_scores = {split: teach[split](lst) for split, lst in lists.items()}
+        else:
+            teacher_scores = {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}
+    if cfg.min_history and not streamed:  # after the teacher's scores, so its cache stays that of every list
         keep = np.flatnonzero((lists["train"].history > 0).sum(axis=1) >= cfg.min_history)
         lists["train"], teacher_scores["train"] = lists["train"].take(keep), teacher_scores["train"][keep]
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
     loss = DistillLoss(cfg)
-    train = list_tensors(lists["train"], model, teacher_scores["train"])
+    if streamed:  # each pool of training lists takes its teacher scores from the cache
+        teach_train = (lambda pool: np.zeros(pool.mask.shape, np.float32)) if teacher is None else teach["train"]  # noqa: E731
+        train = StreamedTensors(stream["train"], lambda pool: list_tensors(pool, model, teach_train(pool)))
+        list_size = stream["train"].list_size
+    else:
+        train, list_size = list_tensors(lists["train"], model, teacher_scores["train"]), lists["train"].list_size
     trainer = Trainer(model, replace(exp.train, batch_size=cfg.lists_per_batch), exp.run_dir, loss=loss, unit="lists")
     teacher_name = "no teacher" if teacher_exp is None else teacher_exp.name
-    trainer.log(f"{exp.name}: distill {exp.model.name} from {teacher_name} on {exp.data.dir}: {len(train):,} train lists of up to {lists['train'].list_size} candidates")
+    trainer.log(f"{exp.name}: distill {exp.model.name} from {teacher_name} on {exp.data.dir}{' (streamed)' if streamed else ''}: {len(train):,} train lists of up to {list_size} candidates")
     world = World.load(exp.data.dir) if (Path(exp.data.dir) / WORLD_FILE).exists() else None
 
     def report(split: str, world=None) -> dict[str, float]:
-        student = score_lists(model, lists[split])
+        student = score(model, split)
         # without a teacher the model is its own ranker: the report is its own Recall@k
         return cascade_report(student, student if teacher_exp is None else teacher_scores[split], lists[split], cfg, world)
 

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -200,3 +201,43 @@ def test_a_dat_student_distils_with_its_own_mimic_loss(tmp_path):
     augmented = [k for k in weights[0] if ".augment." in k]
     assert augmented
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in augmented)
+
+
+def test_a_streamed_distill_run_learns_what_the_in_memory_one_learns(tmp_path, monkeypatch):
+    from cascade.data import store
+
+    monkeypatch.setattr(store, "CANDIDATE_ROW_GROUP", 1000)  # 300 lists of 40 in 12 row groups of 25 lists
+    # one batch of every training list per epoch (lists_per_batch above the 240 train lists):
+    # the same lists in another order, so the same loss and Adam steps up to float rounding
+    text = CONFIG + "".join(f"  kd_{s}: {{data: {{stream: {s}}}, distill: {{exposure_bce: 0, listwise_kd: 1, lists_per_batch: 1000}}}}\n" for s in ("never", "always"))
+    path = _write(tmp_path, text)
+    for s in ("never", "always"):
+        assert main(["distill", str(path), "--experiment", f"kd_{s}"]) == 0
+    run = lambda s: tmp_path / "runs" / f"kd_{s}"  # noqa: E731
+    assert "(streamed)" in (run("always") / "log.txt").read_text() and "(streamed)" not in (run("never") / "log.txt").read_text()
+    assert pq.ParquetFile(tmp_path / "data" / "candidates.parquet").metadata.num_row_groups == 12
+    weights = {s: torch.load(run(s) / "best.pt", weights_only=True) for s in ("never", "always")}
+    for key, value in weights["never"].items():
+        torch.testing.assert_close(weights["always"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    results = {s: json.loads((run(s) / "results.json").read_text()) for s in ("never", "always")}
+    for split in ("valid", "test"):
+        for metric, value in results["never"][split].items():
+            assert results["always"][split][metric] == pytest.approx(value, abs=1e-6), (split, metric)
+    for flow, metrics in results["never"]["reference"].items():  # the teacher's scores, streamed and cached
+        assert results["always"]["reference"][flow] == pytest.approx(metrics, abs=1e-6), flow
+    # the teacher scored the streamed lists once, into a cache beside its best.pt that a second run reads
+    cache = tmp_path / "runs" / "din" / "scores" / "train.streamed.npy"
+    assert np.load(cache, mmap_mode="r").shape == (240, 40)
+    cached_at = cache.stat().st_mtime_ns
+    (run("always") / "results.json").unlink()
+    assert main(["distill", str(path), "--experiment", "kd_always"]) == 0
+    assert cache.stat().st_mtime_ns == cached_at
+
+
+def test_a_streamed_run_refuses_a_lightgbm_teacher_and_a_task_that_does_not_stream(tmp_path, capsys):
+    text = CONFIG.replace("name: dssm, params: {hidden: [16, 8], dropout: 0.0}}", "name: dssm}") + GBDT_TEACHER + "  streamed_from_gbdt: {data: {stream: always}, distill: {teacher: gbdt_rank, exposure_bce: 0, tutor: 1, tutor_alpha: 1.0}}\n"
+    assert main(["distill", str(_write(tmp_path, text)), "--experiment", "streamed_from_gbdt"]) == 2
+    assert "distill.teacher: 'gbdt_rank' (gbdt) scores whole in-memory lists" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "gbdt_rank").exists()  # refused before the teacher trained
+    with pytest.raises(ConfigError, match=r"experiments.din.data.stream: 'always', but a 'cascade' task reads its data whole"):
+        load_config(_write(tmp_path, CONFIG.replace("  din:\n    task: pointwise", "  din:\n    data: {stream: always}\n    task: cascade\n    cascade: {recall: {config: x.yaml, experiment: r}}")))
