@@ -59,7 +59,7 @@ from cascade.flow import DistillLoss, cascade_report, train_distill
 from cascade.models import list_tensors, load_trained, score_lists
 from cascade.data.trend import ItemTrend, with_trend
 from cascade.distributed import barrier, data_parallel, world_size
-from cascade.pipeline import prepare_data, train_pointwise, train_recall, trend_days, with_trend_fields
+from cascade.pipeline import prepare_data, tower_forward, train_pointwise, train_recall, trend_days, with_trend_fields
 from cascade.recall import RecallStep, item_table, recall_output, training_pairs
 from cascade.losses.arf import UncertaintyWeights, e2e_loss, relax_bce
 from cascade.losses.sorting import neural_sort, top_k_indicator
@@ -133,16 +133,20 @@ def keep_norm_statistics(model: nn.Module) -> None:
             m.eval()
 
 
-def _fit(model: nn.Module, lists: ListBatch, teacher: np.ndarray | None, loss_cfg: DistillConfig, exp, run_dir: Path, epochs: int, lr: float | None = None) -> float:
+def _fit(model: nn.Module, model_name: str, lists: ListBatch, teacher: np.ndarray | None, loss_cfg: DistillConfig, exp, run_dir: Path, epochs: int, lr: float | None = None) -> float:
     """One phase: ``epochs`` of ``loss_cfg``'s mix on ``lists`` (at ``lr``, default
-    ``exp.train.lr``); returns its seconds."""
+    ``exp.train.lr``), plus the tower's own regulariser (``pipeline.tower_forward`` of
+    ``model_name``: DAT's mimic, HIT's generation, IntTower's CIR); returns its seconds."""
     start = time.perf_counter()
     loss = DistillLoss(loss_cfg)
     trainer = Trainer(model, replace(exp.train, epochs=epochs, batch_size=exp.cascade.lists_per_batch, lr=lr or exp.train.lr), run_dir, loss=loss, unit="lists")
     trainer.log(f"{run_dir.name}: {len(lists):,} lists of up to {lists.list_size} candidates, {epochs} epoch(s)")
+    forward = tower_forward(model_name)
+
     def step(b: Tensors) -> torch.Tensor:
         keep_norm_statistics(model)
-        return loss(model(b.user, b.items), b)
+        logits, regulariser = forward(model, b)
+        return loss(logits, b) + regulariser
 
     trainer.fit(list_tensors(lists, model, teacher), step, None, resolved_config=exp.to_dict())
     return time.perf_counter() - start
@@ -272,18 +276,18 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             positive = (with_positives.label > 0) & with_positives.mask
             ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive if every_positive else None)
             if "rank" in cfg.trained:
-                _fit(rank, ranker_lists, None, self_loss, exp, here / "rank_self", cfg.self_epochs)
+                _fit(rank, stage_exps[1].model.name, ranker_lists, None, self_loss, exp, here / "rank_self", cfg.self_epochs)
             if "prerank" in cfg.trained:
-                _fit(prerank, with_positives, None, self_loss, exp, here / "prerank_self", cfg.self_epochs)
+                _fit(prerank, stage_exps[0].model.name, with_positives, None, self_loss, exp, here / "prerank_self", cfg.self_epochs)
             if "recall" in cfg.trained and cfg.recall_self == "retrieval":
                 _fit_retrieval(recall, ds, recall_exp, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             elif "recall" in cfg.trained:
                 recall_self = stage_lists(ds, recall, n, every_positive, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), trend_days=days)["train"]
-                _fit(recall, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
+                _fit(recall, recall_exp.model.name, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             if "prerank" in cfg.trained:
-                _fit(prerank, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
+                _fit(prerank, stage_exps[0].model.name, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
             if "recall" in cfg.trained:
-                _fit(recall, recall_served, score_lists(prerank, recall_served), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs, cfg.recall_lr)
+                _fit(recall, recall_exp.model.name, recall_served, score_lists(prerank, recall_served), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs, cfg.recall_lr)
             seconds[f"round{r}"] = time.perf_counter() - start
             lists = report(f"round {r}")  # the next round's stage data, from the updated recall tower
     elif cfg.method == "lcron":

@@ -141,3 +141,30 @@ def test_cascade_train_runs_each_method_and_a_rerun_resumes_to_the_same_result(t
     again = json.loads((runs / "rankflow" / "results.json").read_text())
     assert again["rounds"] == results["rankflow"]["rounds"]
     assert "resumed from" in (runs / "rankflow" / "round1" / "recall_tutor" / "log.txt").read_text()
+
+
+def test_a_cascade_phase_adds_the_towers_own_regulariser(tmp_path):
+    # the same DAT model and seed, one phase run as plain logits ("dssm": no regulariser) and as
+    # DAT (its mimic loss, weight 1): if _fit adds the mimic term they end apart
+    from dataclasses import replace
+
+    from cascade.config import DistillConfig
+    from cascade.data.lists import build_lists
+    from cascade.joint import _fit
+    from cascade.models import build_model
+    from cascade.pipeline import prepare_data
+
+    (exp,) = load_config(_write(tmp_path), "rankflow")
+    dat = replace(exp, model=replace(exp.model, name="dat", params={"hidden": [16, 8], "dropout": 0.0, "mimic_weight": 1.0}))
+    ds = prepare_data(exp.data)
+    lists = build_lists(ds, "train")
+    self_loss = DistillConfig(teacher=None, exposure_bce=0, rankflow_bce=1.0, prerank_quota=10, rank_quota=4)
+    trained = {}
+    for name in ("dssm", "dat", "dat_again"):
+        torch.manual_seed(0)
+        model = build_model(dat, ds)
+        _fit(model, name.removesuffix("_again"), lists, None, self_loss, exp, tmp_path / f"phase_{name}", 1)
+        trained[name] = {k: v for k, v in model.state_dict().items() if ".augment." in k}
+    assert trained["dat"]
+    assert all(torch.equal(trained["dat"][k], trained["dat_again"][k]) for k in trained["dat"])  # seeded: the gap is the mimic term
+    assert any(not torch.equal(trained["dat"][k], trained["dssm"][k]) for k in trained["dat"])
