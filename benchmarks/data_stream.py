@@ -1,17 +1,21 @@
-"""Pointwise training from logs larger than memory: peak memory and samples/s, streamed against
-in memory, on the default synthetic world and on one 10x its size.
+"""Training from logs larger than memory: peak memory and samples/s, streamed against in memory,
+on the default synthetic world and on one 10x its size.
 
-    python benchmarks/data_stream.py [--scales 1 10] [--epochs 3] [--repeats 2]
+    python benchmarks/data_stream.py [--task pointwise|distill] [--scales 1 10] [--epochs 3] [--repeats 2]
+
+``--task distill`` trains a DSSM pre-ranker on whole lists (listwise KD) against a DSSM teacher
+trained first on the exposures (a DIN teacher would spend the run scoring; what is measured is the
+lists' path), and writes data_stream_distill; its samples are lists.
 
 Issue 13 asks that a run over a world 10x the default (40 million logged candidates) keep its
 peak memory within 1.5x of the default world's when it streams, at samples/s within 20% of the
 in-memory path. Each world (requests and users x scale; the 5,000-item catalog unchanged) is
-made once under runs/data/stream_{scale}x; each run is `cascade train` of a pointwise DSSM (the
+made once under runs/data/stream_{scale}x; each run is `cascade train` of a DSSM (the
 quickstart size) in a fresh process, `data.stream` never (in memory) or always (streamed),
 reporting its peak RSS (VmHWM) and the training loop's samples/s (metrics.jsonl, mean over
 epochs; a streamed epoch includes its reads); the two paths run in turn, ``repeats`` times, since
 this machine's speed drifts between minutes. A process that imports what a run imports (torch,
-the package) and trains nothing is the baseline. Writes benchmarks/results/data_stream.{md,json}.
+the package) and trains nothing is the baseline. Writes benchmarks/results/data_stream{,_distill}.{md,json}.
 """
 
 from __future__ import annotations
@@ -38,6 +42,20 @@ base:
   out: {out}
   task: pointwise
 experiments:
+  memory: {{data: {{stream: never}}}}
+  streamed: {{data: {{stream: always}}}}
+"""
+
+DISTILL_CONFIG = """
+base:
+  data: {{kind: synth, dir: {data}, synth: {{requests: {requests}, users: {users}, seed: 0}}}}
+  model: {{embedding_dim: 16, name: dssm, params: {{hidden: [128, 64], dropout: 0.1, temperature: 0.1}}}}
+  train: {{epochs: {epochs}, lr: 0.002, seed: 0, patience: 5, monitor: teacher_recall@10@50}}
+  out: {out}
+  task: distill
+  distill: {{teacher: teacher, prerank_quota: 50, rank_quota: 10, lists_per_batch: 32, exposure_bce: 0, listwise_kd: 1.0}}
+experiments:
+  teacher: {{task: pointwise, data: {{stream: never}}, train: {{epochs: 1, batch_size: 1024, monitor: auc}}}}
   memory: {{data: {{stream: never}}}}
   streamed: {{data: {{stream: always}}}}
 """
@@ -69,15 +87,17 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--task", choices=("pointwise", "distill"), default="pointwise")
     args = parser.parse_args()
+    template, speed = (CONFIG, "samples_per_s") if args.task == "pointwise" else (DISTILL_CONFIG, "lists_per_s")
     RUNS.mkdir(parents=True, exist_ok=True)
     baseline = run_child()["peak_rss"]
     rows = []
     for scale in args.scales:
         data = ROOT / "runs" / "data" / f"stream_{scale}x"
-        config = RUNS / f"world_{scale}x.yaml"
-        out = RUNS / f"world_{scale}x"
-        config.write_text(CONFIG.format(data=data, requests=20000 * scale, users=2000 * scale, epochs=args.epochs, out=out))
+        config = RUNS / f"world_{scale}x_{args.task}.yaml"
+        out = RUNS / f"world_{scale}x" / args.task
+        config.write_text(template.format(data=data, requests=20000 * scale, users=2000 * scale, epochs=args.epochs, out=out))
         if not data.exists():
             start = time.perf_counter()
             from cascade.config import load_config
@@ -86,6 +106,8 @@ def main() -> None:
             make_data(load_config(config, "memory")[0].data)
             print(f"world {scale}x written in {time.perf_counter() - start:.0f}s", flush=True)
         meta = pq.read_metadata(data / "candidates.parquet")
+        if args.task == "distill" and not (out / "teacher" / "results.json").exists():
+            run_child("train", str(config), "--experiment", "teacher")  # before the runs measured
         for rep, name in [(r, n) for r in range(args.repeats) for n in ("memory", "streamed")]:
             run = out / name
             for f in ("results.json", "last.pt", "prev.pt", "metrics.jsonl"):
@@ -99,14 +121,14 @@ def main() -> None:
                 "row_groups": meta.num_row_groups,
                 "path": name,
                 "repeat": rep,
-                "train_samples": result["samples_per_rank"][0] // len(epochs),
+                "train_samples": result[f"{speed.removesuffix('_per_s')}_per_rank"][0] // len(epochs),
                 "peak_rss": child["peak_rss"],
                 "above_baseline": child["peak_rss"] - baseline,
-                "samples_per_s": sum(e["samples_per_s"] for e in epochs) / len(epochs),
+                "samples_per_s": sum(e[speed] for e in epochs) / len(epochs),
                 # a stream validates each row group on its first read; later epochs only filter
-                "later_samples_per_s": sum(e["samples_per_s"] for e in epochs[1:]) / max(len(epochs) - 1, 1),
+                "later_samples_per_s": sum(e[speed] for e in epochs[1:]) / max(len(epochs) - 1, 1),
                 "run_seconds": child["seconds"],
-                "test_auc": result["test"]["auc"],
+                "test": result["test"]["auc" if args.task == "pointwise" else "teacher_recall@10@50"],
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -120,21 +142,25 @@ def write(rows: list[dict], baseline: int, args) -> None:
         groups.setdefault((r["scale"], r["path"]), []).append(r)
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     speeds = lambda rs, k: ", ".join(f"{r[k]:,.0f}" for r in rs)  # noqa: E731
+    pointwise = args.task == "pointwise"
+    unit, test = ("samples", "test AUC") if pointwise else ("lists", "test teacher Recall@10@50")
     lines = [
-        "# data_stream: pointwise training streamed from parquet against in memory",
+        f"# data_stream{'' if pointwise else '_distill'}: {args.task} training streamed from parquet against in memory",
         "",
         "Synthetic worlds: the default (20,000 requests, 2,000 users, 5,000 items, 200 logged candidates a",
-        f"request) and the same x scale in requests and users. A pointwise DSSM (quickstart size), {args.epochs} epochs,",
-        "batch 1,024, one process on this machine's 2 cores; each run in a fresh process. Peak RSS is VmHWM;",
+        "request) and the same x scale in requests and users. "
+        + (f"A pointwise DSSM (quickstart size), {args.epochs} epochs, batch 1,024,"
+           if pointwise else f"A DSSM pre-ranker (quickstart size) distilled with listwise KD from a DSSM teacher (trained first,\non the exposures), {args.epochs} epochs, 32 lists of 200 a batch; the teacher scores each path's lists once, into\nits cache (in memory: one array; streamed: a memory-mapped file a row group at a time), in the path's first run;"),
+        "one process on this machine's 2 cores; each run in a fresh process. Peak RSS is VmHWM;",
         f"a process that imports torch and the package and trains nothing peaks at {gib(baseline)} GiB (the baseline).",
-        "samples/s is the training loop's, a streamed epoch's parquet reads included: the mean over epochs, and over",
+        f"{unit}/s is the training loop's, a streamed epoch's parquet reads included: the mean over epochs, and over",
         "epochs 2 on (a stream converts and validates each row group whole on its first read, then lets Arrow filter it);",
         "run seconds include reading the data and evaluating. Each row: the runs of that world and path",
-        "(the paths took turns), peak RSS the highest, samples/s and seconds their mean.",
+        f"(the paths took turns), peak RSS the highest, {unit}/s and seconds their mean.",
         "",
-        "| world | candidates | row groups | path | runs | train samples / epoch | peak RSS GiB | above baseline GiB | samples/s | samples/s, epochs 2+ | run s | test AUC |",
+        f"| world | candidates | row groups | path | runs | train {unit} / epoch | peak RSS GiB | above baseline GiB | {unit}/s | {unit}/s, epochs 2+ | run s | {test} |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {s}x | {rs[0]['candidates']:,} | {rs[0]['row_groups']} | {p} | {len(rs)} | {rs[0]['train_samples']:,} | {gib(max(r['peak_rss'] for r in rs))} | {gib(max(r['above_baseline'] for r in rs))} | {speeds(rs, 'samples_per_s')} | {speeds(rs, 'later_samples_per_s')} | {mean(rs, 'run_seconds'):.0f} | {rs[0]['test_auc']:.4f} |" for (s, p), rs in groups.items()],
+        *[f"| {s}x | {rs[0]['candidates']:,} | {rs[0]['row_groups']} | {p} | {len(rs)} | {rs[0]['train_samples']:,} | {gib(max(r['peak_rss'] for r in rs))} | {gib(max(r['above_baseline'] for r in rs))} | {speeds(rs, 'samples_per_s')} | {speeds(rs, 'later_samples_per_s')} | {mean(rs, 'run_seconds'):.0f} | {rs[0]['test']:.4f} |" for (s, p), rs in groups.items()],
         "",
     ]
     scales = sorted({r["scale"] for r in rows})
@@ -147,11 +173,11 @@ def write(rows: list[dict], baseline: int, args) -> None:
             "|---|---:|",
             *[f"| {p} | {peak(big, p) / peak(small, p):.2f} |" for p in ("memory", "streamed")],
             "",
-            "| world | streamed / in-memory samples/s, all epochs | epochs 2+ |",
+            f"| world | streamed / in-memory {unit}/s, all epochs | epochs 2+ |",
             "|---|---:|---:|",
             *[f"| {s}x | {ratio(s, 'samples_per_s'):.2f} | {ratio(s, 'later_samples_per_s'):.2f} |" for s in (small, big)],
         ]
-    write_results("data_stream", lines, {"baseline_peak_rss": baseline, "rows": rows})
+    write_results("data_stream" if pointwise else "data_stream_distill", lines, {"baseline_peak_rss": baseline, "rows": rows})
     print("\n".join(lines), flush=True)
 
 
