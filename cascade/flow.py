@@ -142,7 +142,15 @@ def cached_stream_scores(teacher: nn.Module, stream: ListStream, path: Path) -> 
             tmp.replace(path)  # last: the scores are fresh only once the ids are there
     scores, ids = np.load(path, mmap_mode="r"), np.load(ids_path)
     order = np.argsort(ids, kind="stable")
-    return lambda lists: np.asarray(scores[order[np.searchsorted(ids[order], lists.request_id)]])
+    sorted_ids = ids[order]
+
+    def lookup(lists: ListBatch) -> np.ndarray:
+        rows = order[np.minimum(np.searchsorted(sorted_ids, lists.request_id), len(ids) - 1)]
+        if not np.array_equal(ids[rows], lists.request_id):  # a cache of other lists: never a silent mismatch
+            raise ValueError(f"{path}: holds no scores for request {lists.request_id[ids[rows] != lists.request_id][0]}; delete it to rescore")
+        return np.asarray(scores[rows])
+
+    return lookup
 
 
 def streamed_scores(model: nn.Module | None, stream: ListStream) -> tuple[np.ndarray, ListBatch]:

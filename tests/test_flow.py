@@ -232,6 +232,18 @@ def test_a_streamed_distill_run_learns_what_the_in_memory_one_learns(tmp_path, m
     (run("always") / "results.json").unlink()
     assert main(["distill", str(path), "--experiment", "kd_always"]) == 0
     assert cache.stat().st_mtime_ns == cached_at
+    # the cache is in the stream's order and looked up by request id; an unknown request is named
+    from dataclasses import replace
+
+    from cascade.data.stream import ListStream
+    from cascade.flow import cached_stream_scores
+
+    stream = ListStream.open(tmp_path / "data", "train")
+    lookup = cached_stream_scores(None, stream, cache)  # fresh: nothing to score
+    lists = stream.collect()
+    np.testing.assert_array_equal(lookup(lists.take(np.array([5, 0]))), np.load(cache)[[5, 0]])
+    with pytest.raises(ValueError, match="holds no scores for request 99999"):
+        lookup(replace(lists.take(np.array([0])), request_id=np.array([99999])))
 
 
 def test_a_streamed_run_refuses_a_lightgbm_teacher_and_a_task_that_does_not_stream(tmp_path, capsys):
