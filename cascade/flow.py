@@ -153,17 +153,15 @@ def cached_stream_scores(teacher: nn.Module, stream: ListStream, path: Path) -> 
     return lookup
 
 
-def streamed_scores(model: nn.Module | None, stream: ListStream) -> tuple[np.ndarray, ListBatch]:
-    """``score_lists`` of ``model`` (B, N) over a stream's lists, a row group at a time (None:
-    no scores), and those lists with only what the reports read: item ids, label, stage, mask
-    and history (no other feature)."""
-    scores, slim = [], []
-    for lst in (g for g in stream.groups() if len(g)):  # a row group may hold none of the split's requests
-        if model is not None:
-            scores.append(score_lists(model, lst))
-        slim.append(replace(lst, user={}, item={"item_id": lst.item["item_id"]}))
-    slim_lists = concat_lists(slim)
-    return (np.concatenate(scores) if scores else np.zeros(slim_lists.mask.shape, np.float32)), slim_lists
+def streamed_scores(model: nn.Module, stream: ListStream) -> np.ndarray:
+    """``score_lists`` of ``model`` (B, N) over a stream's lists, a row group at a time."""
+    return np.concatenate([score_lists(model, lst) for lst in stream.groups() if len(lst)])  # a row group may hold none of the split's requests
+
+
+def report_lists(stream: ListStream) -> ListBatch:
+    """A stream's lists with only what the reports read: item ids, label, stage, mask and
+    history (no other feature), in ``streamed_scores``' order."""
+    return concat_lists([replace(lst, user={}, item={"item_id": lst.item["item_id"]}) for lst in stream.groups() if len(lst)])
 
 
 ORDER_ONLY_TERMS = ("listwise_kd", "logit_mse", "soft_bce")  # they read the teacher's score scale
@@ -209,12 +207,11 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
     ds = prepare_data(exp.data, candidates=not streamed)
     if streamed:  # the lists a row group at a time; held-out scores and slim lists in memory
         stream = {split: ListStream.open(exp.data.dir, split, ds, cfg.min_history if split == "train" else 0) for split in ("train", "valid", "test")}
-        score = lambda model, split: streamed_scores(model, stream[split])[0]  # noqa: E731
-        lists = {split: streamed_scores(None, stream[split])[1] for split in ("valid", "test")}
+        score = lambda model, split: streamed_scores(model, stream[split])  # noqa: E731
+        lists = {split: report_lists(stream[split]) for split in ("valid", "test")}
     else:
         lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
         score = lambda model, split: score_lists(model, lists[split])  # noqa: E731
-    teacher = None  # a torch teacher
     if teacher_exp is None:
         teacher_scores = {split: np.zeros(lst.mask.shape, np.float32) for split, lst in lists.items()}
     elif teacher_exp.model.name not in models:
@@ -240,7 +237,7 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
     model = build_model(exp, ds, models)
     loss = DistillLoss(cfg)
     if streamed:  # each pool of training lists takes its teacher scores from the cache
-        teach_train = (lambda pool: np.zeros(pool.mask.shape, np.float32)) if teacher is None else teach["train"]  # noqa: E731
+        teach_train = (lambda pool: np.zeros(pool.mask.shape, np.float32)) if teacher_exp is None else teach["train"]  # noqa: E731
         train = StreamedTensors(stream["train"], lambda pool: list_tensors(pool, model, teach_train(pool)))
         list_size = stream["train"].list_size
     else:

@@ -498,11 +498,13 @@ def request_cuts(request_id: np.ndarray, size: int) -> list[tuple[int, int]]:
     """Row ranges [start, stop) of about ``size`` rows (at most, unless one request is longer)
     that never cut a request in two; ``request_id`` (n,) sorted."""
     starts = np.flatnonzero(np.r_[True, request_id[1:] != request_id[:-1]]) if len(request_id) else np.zeros(0, np.int64)
-    cuts, a = [], 0
-    while a < len(request_id):
-        i = np.searchsorted(starts, a + size, side="right") - 1  # the last request starting within size
-        b = int(starts[i]) if starts[i] > a else int(starts[i + 1]) if i + 1 < len(starts) else len(request_id)
-        b = len(request_id) if a + size >= len(request_id) else b
+    n, cuts, a = len(request_id), [], 0
+    while a < n:
+        if a + size >= n:
+            b = n
+        else:
+            i = np.searchsorted(starts, a + size, side="right") - 1  # the last request starting within size
+            b = int(starts[i]) if starts[i] > a else int(starts[i + 1]) if i + 1 < len(starts) else n  # else one request longer than size
         cuts.append((a, b))
         a = b
     return cuts
