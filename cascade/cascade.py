@@ -24,7 +24,7 @@ from torch import nn
 
 from cascade.data.lists import ListBatch
 from cascade.data.store import Dataset
-from cascade.data.trend import ItemTrend, bucket, trend_field_name
+from cascade.data.trend import ItemTrend, TrendSpec, trend_field_name, trend_ids
 from cascade.models import score_lists
 
 Scorer = Callable[[ListBatch], np.ndarray]
@@ -33,14 +33,14 @@ Retriever = Callable[[ListBatch, int], tuple[np.ndarray, np.ndarray]]
 
 class Catalog:
     """Every item's fields by id (row 0 = padding): turns candidate ids into the item side of a
-    ``ListBatch``. Items-table fields, and with ``trend`` each item's trend over ``trend_days``
-    at the request's time (``cascade.data.trend``, as a recall output with ``trend_days`` stores
+    ``ListBatch``. Items-table fields, and with ``trend`` each item's trend as ``trend_spec`` says
+    at the request's time (``cascade.data.trend``, as a recall output with ``trend_days`` and ``trend_scale`` stores
     them); no other per-candidate field: it has no value for an item a stage picked from the
     catalog."""
 
-    def __init__(self, item_ids: np.ndarray, fields: dict[str, np.ndarray], trend: ItemTrend | None = None, trend_days: tuple[float, ...] = ()):
-        if trend_days and trend is None:
-            raise ValueError("trend_days needs the trend")
+    def __init__(self, item_ids: np.ndarray, fields: dict[str, np.ndarray], trend: ItemTrend | None = None, trend_spec: TrendSpec = TrendSpec()):
+        if trend_spec and trend is None:
+            raise ValueError("trend_spec needs the trend")
         n = int(item_ids.max(initial=0)) + 1
         self.item_ids = item_ids
         self.by_id = {}
@@ -48,13 +48,13 @@ class Catalog:
             table = np.zeros((n,) + values.shape[1:], dtype=np.int64)
             table[item_ids] = values
             self.by_id[name] = table
-        self.trend, self.trend_days = trend, tuple(trend_days)
+        self.trend, self.trend_spec = trend, trend_spec
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, trend_days: tuple[float, ...] = ()) -> "Catalog":
+    def from_dataset(cls, ds: Dataset, trend_spec: TrendSpec = TrendSpec()) -> "Catalog":
         names = [f.name for f in ds.schema.features.in_table("items")]
-        trend = ItemTrend.from_dataset(ds) if trend_days else None
-        return cls(ds.items["item_id"], {name: ds.items[name] for name in names}, trend, trend_days)
+        trend = ItemTrend.from_dataset(ds) if trend_spec else None
+        return cls(ds.items["item_id"], {name: ds.items[name] for name in names}, trend, trend_spec)
 
     def rows(self) -> dict[str, np.ndarray]:
         """Every field with one row per catalog item, in ``item_ids`` order (what built it)."""
@@ -76,14 +76,20 @@ class Catalog:
         return self.add_trend(lists)
 
     def add_trend(self, lists: ListBatch) -> ListBatch:
-        """``lists`` with each candidate's item trend at its request's time (as is without
-        ``trend_days``); padding gets 0."""
-        if not self.trend_days:
+        """``lists`` with each candidate's item trend at its request's time (as is without a
+        ``trend_spec``; on its ``list`` scale, among the row's candidates); padding gets 0."""
+        if not self.trend_spec:
             return lists
         if lists.ts is None:
             raise ValueError("the item trend needs each request's time (ts)")
         ids = lists.item["item_id"]
-        trend = {trend_field_name(d): np.where(ids > 0, bucket(self.trend.counts(ids, lists.ts, d)), 0) for d in self.trend_days}
+        real = ids > 0
+        row = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)[real]
+        trend = {}
+        for d in self.trend_spec.days:
+            values = np.zeros(ids.shape, np.int64)
+            values[real] = trend_ids(self.trend.counts(ids, lists.ts, d)[real], row, self.trend_spec.scale)
+            trend[trend_field_name(d)] = values
         return replace(lists, item={**lists.item, **trend})
 
 

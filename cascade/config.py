@@ -142,7 +142,7 @@ class DataConfig:
     src: str | None = None  # movielens: the folder with users.dat, movies.dat, ratings.dat
     protocol: str = "ctr"  # movielens: ctr | cascade
     synth: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides
-    # recall_output: {config, experiment, n, folds, trend_days}: a recall experiment (trained first if needed)
+    # recall_output: {config, experiment, n, folds, trend_days, trend_scale}: a recall experiment (trained first if needed)
     # whose top-n per request, labelled from its data's logs, becomes this directory's candidates;
     # folds > 1 cross-fits the training requests' lists (pipeline.frozen_recall_output)
     recall: dict[str, Any] = field(default_factory=dict)

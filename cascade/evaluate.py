@@ -33,11 +33,11 @@ from cascade.cascade import Cascade, CascadeOutput, Catalog, Stage, TorchScorer,
 from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch, build_lists
 from cascade.data.store import Dataset, read_dataset
-from cascade.data.trend import ItemTrend
+from cascade.data.trend import ItemTrend, TrendSpec
 from cascade.data.synth import WORLD_FILE, World
 from cascade.joint import STAGES_FILE
 from cascade.models import MODELS, build_model, list_tensors
-from cascade.pipeline import trend_days, with_trend_fields
+from cascade.pipeline import trend_spec, with_trend_fields
 from cascade.recall import TowerRetriever
 
 ROLES = ("recall", "prerank", "rank")
@@ -350,17 +350,17 @@ class SavedCascade:
     exps: dict[str, ExperimentConfig]
     models: dict[str, nn.Module]
     quotas: dict[str, int]
-    trend_days: tuple[float, ...] = ()  # the item trend the stages were trained with
+    trend: TrendSpec = TrendSpec()  # the item trend the stages were trained with
 
     def cascade(self) -> Cascade:
-        return torch_cascade(self.ds, self.models, self.quotas, self.trend_days)
+        return torch_cascade(self.ds, self.models, self.quotas, self.trend)
 
 
-def torch_cascade(ds: Dataset, models: dict[str, nn.Module], quotas: dict[str, int], trend_days: tuple[float, ...] = ()) -> Cascade:
+def torch_cascade(ds: Dataset, models: dict[str, nn.Module], quotas: dict[str, int], trend: TrendSpec = TrendSpec()) -> Cascade:
     """recall (torch user tower + faiss over the catalog) -> pre-rank -> rank as torch scorers;
-    ``models`` and ``quotas`` by role; the catalog computes the item trend over ``trend_days``."""
+    ``models`` and ``quotas`` by role; the catalog computes the item trend ``trend`` says."""
     stages = [Stage(name, TorchScorer(models[name]), quotas[name]) for name in ("prerank", "rank")]
-    return Cascade(stages, TowerRetriever(models["recall"], ds), quotas["recall"], Catalog.from_dataset(ds, trend_days))
+    return Cascade(stages, TowerRetriever(models["recall"], ds), quotas["recall"], Catalog.from_dataset(ds, trend))
 
 
 def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None = None) -> SavedCascade:
@@ -373,8 +373,8 @@ def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None
     exps = {role: load_config(saved[role]["config"], saved[role]["experiment"])[0] for role in ROLES}
     ds = read_dataset(exps["recall"].data.dir)
     world = World.load(exps["recall"].data.dir) if (Path(exps["recall"].data.dir) / WORLD_FILE).exists() else None
-    days = trend_days(exps["prerank"], exps["rank"])
-    stage_ds = with_trend_fields(ds, days)
+    stage_trend = trend_spec(exps["prerank"], exps["rank"])
+    stage_ds = with_trend_fields(ds, stage_trend)
     built = {}
     for role in ROLES:
         torch.manual_seed(exps[role].train.seed)
@@ -382,4 +382,4 @@ def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None
         if not untrained:
             model.load_state_dict(torch.load(Path(run_dir) / saved[role]["weights"], weights_only=True, map_location="cpu"))
         built[role] = model.eval()
-    return SavedCascade(ds, world, exps, built, {role: int(saved[role]["quota"]) for role in ROLES}, days)
+    return SavedCascade(ds, world, exps, built, {role: int(saved[role]["quota"]) for role in ROLES}, stage_trend)

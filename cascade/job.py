@@ -36,7 +36,7 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
     """The steps of ``config``'s job, its cascades and the report directory."""
     from cascade.joint import train_experiment
     from cascade.models import MODELS
-    from cascade.pipeline import prepare_data, trend_days
+    from cascade.pipeline import prepare_data, trend_spec
     from teachers import BOOSTED, TEACHERS
 
     exps = load_config(config)
@@ -52,7 +52,7 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
             steps.append(Step(f"train {exp.name} (task: {task})", lambda exp=exp: _finished(exp), lambda exp=exp: train_experiment(exp, config, models, BOOSTED)))
     by_name = {e.name: e for e in exps}
     for exp in cascades:
-        if trend_days(*(by_name[n] for n in (exp.cascade.prerank, exp.cascade.rank) if n in by_name)):
+        if trend_spec(*(by_name[n] for n in (exp.cascade.prerank, exp.cascade.rank) if n in by_name)):
             print(f"{exp.name}: its stages use the item trend, which a bundle cannot serve yet: not exported, evaluated in torch", flush=True)
             continue
         steps.append(Step(f"export {exp.name}", lambda exp=exp: (exp.run_dir / "bundle" / "manifest.json").exists(), lambda exp=exp: export_run(exp.run_dir)))

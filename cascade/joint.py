@@ -57,9 +57,9 @@ from cascade.cascade import Cascade, Stage, TorchScorer
 from cascade.data.synth import WORLD_FILE, World
 from cascade.flow import DistillLoss, cascade_report, train_distill
 from cascade.models import list_tensors, load_trained, score_lists
-from cascade.data.trend import ItemTrend, with_trend
+from cascade.data.trend import ItemTrend, TrendSpec, with_trend
 from cascade.distributed import barrier, data_parallel, world_size
-from cascade.pipeline import prepare_data, tower_forward, train_pointwise, train_recall, trend_days, with_trend_fields
+from cascade.pipeline import prepare_data, tower_forward, train_pointwise, train_recall, trend_spec, with_trend_fields
 from cascade.recall import RecallStep, item_table, recall_output, training_pairs
 from cascade.losses.arf import UncertaintyWeights, e2e_loss, relax_bce
 from cascade.losses.sorting import neural_sort, top_k_indicator
@@ -71,14 +71,14 @@ SPLITS = ("train", "valid", "test")
 # ------------------------------------------------------------------------------ the flow
 
 
-def stage_lists(ds: Dataset, recall: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0, splits: tuple[str, ...] = SPLITS, trend_days: tuple[float, ...] = ()) -> dict[str, ListBatch]:
+def stage_lists(ds: Dataset, recall: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0, splits: tuple[str, ...] = SPLITS, trend: TrendSpec = TrendSpec()) -> dict[str, ListBatch]:
     """Each split's (of ``splits``) recall output: the recall tower's top-n per request (and, with
     ``keep_positives``, every logged positive it missed; ``catalog_negatives`` uniform catalog
-    draws as label-0 items: see ``flow.recall_output``), with the item trend over ``trend_days``
+    draws as label-0 items: see ``flow.recall_output``), with the item trend ``trend`` says
     where the stages were trained with it."""
     out = recall_output(ds, recall, n, keep_positives, catalog_negatives, seed)
-    if trend_days:
-        out = with_trend(out, ItemTrend.from_dataset(ds), trend_days)
+    if trend:
+        out = with_trend(out, ItemTrend.from_dataset(ds), trend)
     return {split: build_lists(out, split) for split in splits}
 
 
@@ -241,8 +241,8 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     on_device = lambda e: replace(e, train=replace(e.train, device=exp.train.device))  # noqa: E731
     recall = load_trained(on_device(recall_exp), ds, models, lambda e: train_experiment(e, recall_config, models))
     stage_exps = [load_config(config, name)[0] for name in (cfg.prerank, cfg.rank)]
-    days = trend_days(*stage_exps)  # the stages' item trend, computed on every regenerated list
-    stage_ds = with_trend_fields(ds, days)
+    stage_trend = trend_spec(*stage_exps)  # the stages' item trend, computed on every regenerated list
+    stage_ds = with_trend_fields(ds, stage_trend)
     prerank, rank = (load_trained(on_device(e), stage_ds, models, lambda e: train_experiment(e, config, models)) for e in stage_exps)
     for model in (recall, prerank, rank):
         model.to(exp.train.device)
@@ -251,7 +251,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     seconds: dict[str, float] = {}
 
     def report(label: str) -> dict[str, ListBatch]:
-        lists = stage_lists(ds, recall, n, trend_days=days)
+        lists = stage_lists(ds, recall, n, trend=stage_trend)
         row = {"after": label}
         flow = Cascade([Stage("prerank", TorchScorer(prerank), m), Stage("rank", TorchScorer(rank), k)])
         for split in ("valid", "test"):
@@ -271,8 +271,8 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             start, here = time.perf_counter(), exp.run_dir / f"round{r}"
             served = lists["train"]  # recall's top-n with the current recall tower
             every_positive = cfg.self_positives == "all"
-            with_positives = stage_lists(ds, recall, n, keep_positives=True, splits=("train",), trend_days=days)["train"] if every_positive else served
-            recall_served = stage_lists(ds, recall, n, False, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), trend_days=days)["train"]
+            with_positives = stage_lists(ds, recall, n, keep_positives=True, splits=("train",), trend=stage_trend)["train"] if every_positive else served
+            recall_served = stage_lists(ds, recall, n, False, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), trend=stage_trend)["train"]
             positive = (with_positives.label > 0) & with_positives.mask
             ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive if every_positive else None)
             if "rank" in cfg.trained:
@@ -282,7 +282,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             if "recall" in cfg.trained and cfg.recall_self == "retrieval":
                 _fit_retrieval(recall, ds, recall_exp, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             elif "recall" in cfg.trained:
-                recall_self = stage_lists(ds, recall, n, every_positive, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), trend_days=days)["train"]
+                recall_self = stage_lists(ds, recall, n, every_positive, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), trend=stage_trend)["train"]
                 _fit(recall, recall_exp.model.name, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             if "prerank" in cfg.trained:
                 _fit(prerank, stage_exps[0].model.name, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
@@ -292,7 +292,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             lists = report(f"round {r}")  # the next round's stage data, from the updated recall tower
     elif cfg.method == "lcron":
         start = time.perf_counter()
-        train = stage_lists(ds, recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",), trend_days=days)["train"]
+        train = stage_lists(ds, recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",), trend=stage_trend)["train"]
         stacked = StackedStages(recall, prerank)
         loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
         trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss, unit="lists")

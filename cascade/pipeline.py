@@ -22,7 +22,7 @@ from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, read_dataset, write_dataset, write_text_atomic
 from cascade.data.stream import SampleStream, fits_in_memory
-from cascade.data.trend import ItemTrend, trend_schema, with_trend
+from cascade.data.trend import TREND_SCALES, ItemTrend, TrendSpec, trend_schema, with_trend
 from cascade.distributed import rank_zero_first
 from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
@@ -143,14 +143,13 @@ def frozen_recall_output(spec: dict) -> Dataset:
     recall trained on every training request, as before.
 
     ``trend_days`` (a list of windows in days) adds each candidate's item trend (``cascade.data.trend``:
-    the item's exposures in the logs in that window before the request) as item fields."""
+    the item's exposures in the logs in that window before the request) as item fields, on
+    ``trend_scale`` (``count``, the default, or ``list``: its percentile in its list)."""
 
     missing = sorted({"config", "experiment"} - set(spec))
     if missing:
         raise ConfigError(f"data.recall: '{missing[0]}' is required for kind 'recall_output'")
-    days = spec.get("trend_days", [])
-    if not isinstance(days, list) or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0 for d in days):
-        raise ConfigError(f"data.recall.trend_days: expected a list of positive numbers of days, got {days!r}")
+    trend = recall_trend_spec(spec)
     (exp,) = load_config(spec["config"], spec["experiment"])
     if exp.task != "recall":
         raise ConfigError(f"data.recall: experiment '{exp.name}' of {spec['config']} is not a recall task")
@@ -159,19 +158,34 @@ def frozen_recall_output(spec: dict) -> Dataset:
     out = recall_output(ds, load_trained(exp, ds, MODELS, train_recall), n)
     if folds > 1:
         out = cross_fitted(exp, ds, out, n, folds)
-    return with_trend(out, ItemTrend.from_dataset(ds), tuple(days)) if days else out
+    return with_trend(out, ItemTrend.from_dataset(ds), trend) if trend else out
 
 
-def trend_days(*exps: ExperimentConfig) -> tuple[float, ...]:
-    """The item-trend windows (days) the experiments' stage data carry (``data.recall.trend_days``),
-    each once: what a catalog must compute for their models at request time."""
-    return tuple(sorted({d for e in exps for d in e.data.recall.get("trend_days", [])}))
+def recall_trend_spec(spec: dict) -> TrendSpec:
+    """``data.recall``'s ``trend_days`` and ``trend_scale``, checked."""
+    days = spec.get("trend_days", [])
+    if not isinstance(days, list) or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0 for d in days):
+        raise ConfigError(f"data.recall.trend_days: expected a list of positive numbers of days, got {days!r}")
+    scale = spec.get("trend_scale", "count")
+    if scale not in TREND_SCALES:
+        raise ConfigError(f"data.recall.trend_scale: expected one of {', '.join(TREND_SCALES)}, got {scale!r}")
+    return TrendSpec(tuple(days), scale)
 
 
-def with_trend_fields(ds: Dataset, days: tuple[float, ...]) -> Dataset:
-    """``ds`` whose schema has the trend fields of ``days``: what a model trained on a recall
-    output with those ``trend_days`` is built from (only the schema; no values are computed)."""
-    return replace(ds, schema=trend_schema(ds.schema, days)) if days else ds
+def trend_spec(*exps: ExperimentConfig) -> TrendSpec:
+    """The item trend the experiments' stage data carry: every window once, on their one scale;
+    what a catalog must compute for their models at request time."""
+    specs = {e.name: recall_trend_spec(e.data.recall) for e in exps}
+    scales = {name: s.scale for name, s in specs.items() if s}
+    if len(set(scales.values())) > 1:
+        raise ConfigError("data.recall.trend_scale: one cascade's stages must share it, got " + ", ".join(f"'{n}' {s}" for n, s in scales.items()))
+    return TrendSpec(tuple(sorted({d for s in specs.values() for d in s.days})), next(iter(scales.values()), "count"))
+
+
+def with_trend_fields(ds: Dataset, spec: TrendSpec) -> Dataset:
+    """``ds`` whose schema has the trend fields of ``spec``: what a model trained on a recall
+    output with that item trend is built from (only the schema; no values are computed)."""
+    return replace(ds, schema=trend_schema(ds.schema, spec)) if spec else ds
 
 
 def cross_fitted(exp: ExperimentConfig, ds: Dataset, out: Dataset, n: int, folds: int) -> Dataset:

@@ -88,17 +88,20 @@ def test_recall_retrieves_from_the_catalog_without_the_history(small_world):
     assert set(out.seconds) == {"recall", "prerank", "rank"}
 
 
-def test_the_catalog_gives_a_retrieved_item_the_trend_its_stored_list_has(small_world):
+@pytest.mark.parametrize("scale", ["count", "list"])
+def test_the_catalog_gives_a_retrieved_item_the_trend_its_stored_list_has(small_world, scale):
     # the same (request, item) pairs two ways: stored by with_trend in a recall output's lists,
-    # and computed by the catalog at each request's time for items it attaches
-    from cascade.data.trend import ItemTrend, with_trend
+    # and computed by the catalog at each request's time for items it attaches (on the list
+    # scale, ranked among the same list either way)
+    from cascade.data.trend import ItemTrend, TrendSpec, with_trend
 
     ds, _ = small_world
-    lists = build_lists(with_trend(ds, ItemTrend.from_dataset(ds), (1, 7.5)), "test")
-    attached = Catalog.from_dataset(ds, (1, 7.5)).attach(lists.take_columns(np.zeros((len(lists), 0), int)), np.where(lists.mask, lists.item["item_id"], 0))
+    spec = TrendSpec((1, 7.5), scale)
+    lists = build_lists(with_trend(ds, ItemTrend.from_dataset(ds), spec), "test")
+    attached = Catalog.from_dataset(ds, spec).attach(lists.take_columns(np.zeros((len(lists), 0), int)), np.where(lists.mask, lists.item["item_id"], 0))
     for name in ("item_trend_1d", "item_trend_7.5d"):
         np.testing.assert_array_equal(np.where(lists.mask, attached.item[name], 0), np.where(lists.mask, lists.item[name], 0))
         assert (attached.item[name][~lists.mask] == 0).all()  # padding stays 0
         assert len(np.unique(lists.item[name][lists.mask])) > 1  # the check is not over a constant
     with pytest.raises(ValueError, match="request's time"):
-        Catalog.from_dataset(ds, (1,)).attach(_requests(), np.array([[1, 2]]))
+        Catalog.from_dataset(ds, TrendSpec((1,), scale)).attach(_requests(), np.array([[1, 2]]))

@@ -5,7 +5,7 @@ from cascade import metrics as M
 from cascade.data.lists import build_lists
 from dataclasses import replace
 
-from cascade.data.trend import ItemTrend
+from cascade.data.trend import ItemTrend, TrendSpec
 from cascade.evaluate import Truth, evaluate, exposure_metrics, flops_per_candidate, load_saved, most_popular, run_flow, trending
 from cascade.cascade import requests_batch
 from cascade.models import MODELS
@@ -97,7 +97,7 @@ def test_two_tower_flops_are_the_user_tower_once_plus_a_dot_per_candidate(saved)
     assert r10 == pytest.approx(r20, rel=0.02)  # up to the history's key projection, shared per request
 
 
-TREND_DATA = "{kind: recall_output, dir: TRENDDATA, recall: {config: CONFIG, experiment: recall, n: 40, trend_days: [1, 7]}}"
+TREND_DATA = "{kind: recall_output, dir: TRENDDATA, recall: {config: CONFIG, experiment: recall, n: 40, trend_days: [1, 7], trend_scale: SCALE}}"
 TREND_STAGES = """
   din_trend:
     data: TREND_DATA
@@ -112,10 +112,13 @@ TREND_STAGES = """
 """
 
 
-def test_a_cascade_with_the_item_trend_evaluates_as_it_trained_and_refuses_to_export(tmp_path, capsys):
+@pytest.mark.parametrize("scale", ["count", "list"])
+def test_a_cascade_with_the_item_trend_evaluates_as_it_trained_and_refuses_to_export(tmp_path, capsys, scale):
     # The stages train on recall-output lists that store each candidate's trend; `cascade eval`
     # retrieves from the catalog, which computes it at each request's time. Both paths must give
-    # the cascade the same inputs, so eval's joint recall equals the training report's.
+    # the cascade the same inputs, so eval's joint recall equals the training report's. On the
+    # list scale that holds only if the catalog ranks a candidate among the same recall list and
+    # the later stages keep that value.
     import json
 
     from cascade.cli import main
@@ -123,12 +126,12 @@ def test_a_cascade_with_the_item_trend_evaluates_as_it_trained_and_refuses_to_ex
     from tests.conftest import CONFIG
 
     path = tmp_path / "c.yaml"
-    text = CONFIG.replace("experiments:", "experiments:" + TREND_STAGES.replace("TREND_DATA", TREND_DATA), 1)
+    text = CONFIG.replace("experiments:", "experiments:" + TREND_STAGES.replace("TREND_DATA", TREND_DATA.replace("SCALE", scale)), 1)
     path.write_text(text.replace("TRENDDATA", str(tmp_path / "trend_data")).replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")).replace("CONFIG", str(path)))
     assert main(["train", str(path), "--experiment", "frozen_trend"]) == 0, capsys.readouterr().err
     trained = json.loads((tmp_path / "runs" / "frozen_trend" / "results.json").read_text())["test"]
     saved = load_saved(tmp_path / "runs" / "frozen_trend", models={**MODELS, **TEACHERS})
-    assert saved.trend_days == (1, 7)
+    assert saved.trend == TrendSpec((1, 7), scale)
     assert {"item_trend_1d", "item_trend_7d"} <= {s.name for s in saved.models["prerank"].item_slots}
     flow = evaluate_path(tmp_path / "runs" / "frozen_trend")["metrics"]["flow"]
     for key in ("positives_retrieved", "positives_after_prerank", "joint_recall", "teacher_recall@4@10"):

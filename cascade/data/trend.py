@@ -7,9 +7,22 @@ logged strictly before the request's ``ts`` (its own and later events never coun
 what a serving feature store holds at request time, so it is leak-free in a temporal split.
 
 ``ItemTrend.from_dataset(ds)`` indexes the exposures; ``counts(item (B, N), ts (B,), days)`` the
-windowed counts; ``bucket`` turns a count into an embeddable id (log2 buckets, 1..TREND_BUCKETS); ``with_trend`` adds
-them to a data set as per-candidate item fields (``data.recall.trend_days``), which a ranker and a
-pre-ranker's item tower embed like any item field.
+windowed counts; ``TrendSpec`` names the windows and the scale that turns a count into an embeddable
+id (1..TREND_BUCKETS); ``with_trend`` adds them to a data set as per-candidate item fields
+(``data.recall.trend_days`` and ``trend_scale``), which a ranker and a pre-ranker's item tower embed
+like any item field.
+
+Two scales (``TREND_SCALES``):
+
+- ``count``: log2 buckets of the count itself. A count's meaning moves with the log's volume: on
+  MovieLens-1M the training requests (2000) see an item's 7-day count mostly in buckets 4-9 and
+  the test requests (2001-2003, when the whole site logs a few hundred ratings a week) in buckets
+  1-4, where training has 3% of its candidates; a model learns the trend where it will not serve.
+- ``list``: the candidate's percentile among the candidates of its list (the share counted
+  strictly less, in TREND_BUCKETS equal steps): invariant to the log's volume. The list is the one
+  a stage is served (recall's output; later stages keep the value computed on it), so a model
+  must see it on lists built the same way. On MovieLens-1M's cross-fitted top-200 lists it lifts
+  the LightGBM ranker's test Recall@10 from 0.0956 to 0.1210 (valid 0.1189 to 0.1577).
 """
 
 from __future__ import annotations
@@ -22,8 +35,25 @@ from cascade.data.schema import EXPOSED, Schema
 from cascade.features import FeatureSpec, Field
 from cascade.data.store import Dataset
 
-TREND_BUCKETS = 16  # id 1 + floor(log2(1 + count)), capped: counts to 2**15 apart
+TREND_BUCKETS = 16  # ids 1..16: log2 buckets of a count, or sixteenths of a list percentile
+TREND_SCALES = ("count", "list")
 DAY = 86_400
+
+
+@dataclass(frozen=True)
+class TrendSpec:
+    """The item-trend fields a model reads: one per window in ``days``, valued on ``scale``
+    (``TREND_SCALES``). Falsy when there are no windows."""
+
+    days: tuple[float, ...] = ()
+    scale: str = "count"
+
+    def __post_init__(self):
+        if self.scale not in TREND_SCALES:
+            raise ValueError(f"trend scale must be one of {', '.join(TREND_SCALES)}, got '{self.scale}'")
+
+    def __bool__(self) -> bool:
+        return bool(self.days)
 
 
 def trend_field_name(days: float) -> str:
@@ -33,6 +63,28 @@ def trend_field_name(days: float) -> str:
 def bucket(counts: np.ndarray) -> np.ndarray:
     """count >= 0 -> id 1 + floor(log2(1 + count)), at most TREND_BUCKETS (0 stays padding's)."""
     return np.minimum(1 + np.floor(np.log2(1.0 + counts)).astype(np.int64), TREND_BUCKETS)
+
+
+def list_percentile(counts: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """counts (E,), group (E,) int: which list each belongs to -> (E,) ids 1..TREND_BUCKETS:
+    1 + floor(TREND_BUCKETS * share of its list counted strictly less), the top id capped. Equal
+    counts get equal ids, whatever the order of the list."""
+    order = np.lexsort((counts, group))
+    g, c = group[order], counts[order]
+    start = np.searchsorted(g, g, "left")
+    size = np.searchsorted(g, g, "right") - start
+    new = np.ones(len(g), bool)
+    new[1:] = (g[1:] != g[:-1]) | (c[1:] != c[:-1])
+    first_equal = np.maximum.accumulate(np.where(new, np.arange(len(g)), 0))
+    ids = 1 + np.minimum((TREND_BUCKETS * (first_equal - start)) // np.maximum(size, 1), TREND_BUCKETS - 1)
+    out = np.empty(len(g), np.int64)
+    out[order] = ids
+    return out
+
+
+def trend_ids(counts: np.ndarray, group: np.ndarray, scale: str) -> np.ndarray:
+    """(E,) counts and the list each is in -> (E,) ids on ``scale``."""
+    return bucket(counts) if scale == "count" else list_percentile(counts, group)
 
 
 @dataclass(frozen=True)
@@ -82,21 +134,21 @@ def request_ts(ds: Dataset, request_id: np.ndarray) -> np.ndarray:
     return req["ts"][order[np.searchsorted(req["request_id"][order], request_id)]]
 
 
-def trend_schema(schema: Schema, days: tuple[float, ...]) -> Schema:
+def trend_schema(schema: Schema, spec: TrendSpec) -> Schema:
     """``schema`` with one per-candidate item field per window (``trend_field_name(d)``)."""
-    names = [trend_field_name(d) for d in days]
+    names = [trend_field_name(d) for d in spec.days]
     taken = sorted(set(names) & set(schema.features.names))
     if taken:
         raise ValueError(f"field '{taken[0]}' is already in the schema")
     fields = tuple(Field(name, "item", TREND_BUCKETS, table="candidates") for name in names)
-    return replace(schema, features=FeatureSpec(schema.features.fields + fields), protocol={**schema.protocol, "item_trend_days": list(days)})
+    return replace(schema, features=FeatureSpec(schema.features.fields + fields), protocol={**schema.protocol, "item_trend_days": list(spec.days), "item_trend_scale": spec.scale})
 
 
-def with_trend(ds: Dataset, trend: ItemTrend, days: tuple[float, ...]) -> Dataset:
-    """``ds`` with ``trend_schema``'s fields, valued per candidate: the trend bucket of each
-    candidate at its request's ``ts``."""
-    schema = trend_schema(ds.schema, days)
+def with_trend(ds: Dataset, trend: ItemTrend, spec: TrendSpec) -> Dataset:
+    """``ds`` with ``trend_schema``'s fields, valued per candidate: the trend id of each candidate
+    at its request's ``ts`` (on the ``list`` scale, among its request's candidates)."""
+    schema = trend_schema(ds.schema, spec)
     cand = ds.candidates
     ts = request_ts(ds, cand["request_id"])
-    columns = {trend_field_name(d): bucket(trend.counts(cand["item_id"], ts, d)) for d in days}
+    columns = {trend_field_name(d): trend_ids(trend.counts(cand["item_id"], ts, d), cand["request_id"], spec.scale) for d in spec.days}
     return replace(ds, schema=schema, candidates={**cand, **columns})

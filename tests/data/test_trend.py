@@ -9,8 +9,8 @@ from cascade.config import ConfigError
 from cascade.data.lists import build_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import validate
-from cascade.data.trend import DAY, TREND_BUCKETS, ItemTrend, bucket, trend_field_name, with_trend
-from cascade.pipeline import frozen_recall_output
+from cascade.data.trend import DAY, TREND_BUCKETS, ItemTrend, TrendSpec, bucket, list_percentile, trend_field_name, with_trend
+from cascade.pipeline import frozen_recall_output, trend_spec
 
 
 def test_counts_take_the_window_before_the_request_and_never_the_request_itself():
@@ -30,6 +30,49 @@ def test_counts_take_the_window_before_the_request_and_never_the_request_itself(
 def test_buckets_are_log2_of_one_plus_the_count():
     # 1 + floor(log2(1 + c)): c = 0 -> 1, 1 -> 2, 2 -> 2 (log2 3 = 1.58), 3 -> 3, 7 -> 4, 8 -> 4, a million -> capped
     np.testing.assert_array_equal(bucket(np.array([0, 1, 2, 3, 7, 8, 10**6])), [1, 2, 2, 3, 4, 4, TREND_BUCKETS])
+
+
+def test_list_percentile_is_the_share_of_the_list_counted_strictly_less():
+    # list 7: counts 0, 0, 5, 3 -> strictly less: 0, 0, 3, 2 of 4 -> 1 + floor(16 * share): 1, 1, 13, 9
+    # list 2: counts 4, 4 -> 0 of 2 less -> 1, 1 (a tie is one id, the lowest)
+    # list 9: one candidate -> 1; the top id is capped at 16 only for shares >= 15/16
+    counts = np.array([0, 4, 0, 5, 4, 3, 8])
+    group = np.array([7, 2, 7, 7, 2, 7, 9])
+    np.testing.assert_array_equal(list_percentile(counts, group), [1, 1, 1, 13, 1, 9, 1])
+    # 17 distinct counts in one list: the largest has 16 of 17 below it -> 1 + floor(16 * 16 / 17) = 16
+    assert list_percentile(np.arange(17), np.zeros(17, int))[-1] == TREND_BUCKETS
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 50)), min_size=1, max_size=60), st.randoms(use_true_random=False))
+def test_list_percentile_is_within_bounds_ordered_and_blind_to_the_lists_order(rows, rnd):
+    group = np.array([r[0] for r in rows])
+    counts = np.array([r[1] for r in rows])
+    ids = list_percentile(counts, group)
+    assert ((ids >= 1) & (ids <= TREND_BUCKETS)).all()
+    perm = np.array(rnd.sample(range(len(rows)), len(rows)))
+    np.testing.assert_array_equal(list_percentile(counts[perm], group[perm]), ids[perm])
+    for g in np.unique(group):
+        mine = group == g
+        order = np.argsort(counts[mine], kind="stable")
+        assert (np.diff(ids[mine][order]) >= 0).all()  # a larger count never gets a lower id
+        assert ids[mine].min() == 1  # the least counted of a list is always at the bottom
+
+
+def test_a_trend_scale_must_be_known_and_shared_by_a_cascades_stages():
+    from cascade.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+
+    def exp(name, recall):
+        return ExperimentConfig(name=name, data=DataConfig(recall=recall), model=ModelConfig(), train=TrainConfig())
+
+    with pytest.raises(ValueError, match="trend scale must be one of count, list, got 'log'"):
+        TrendSpec((1,), "log")
+    with pytest.raises(ConfigError, match=r"data.recall.trend_scale: expected one of count, list, got 'rank'"):
+        frozen_recall_output({"config": "unused.yaml", "experiment": "x", "trend_days": [1], "trend_scale": "rank"})
+    pre, rank, plain = exp("pre", {"trend_days": [7, 1], "trend_scale": "list"}), exp("rank", {"trend_days": [30]}), exp("plain", {})
+    assert trend_spec(pre, plain) == TrendSpec((1, 7), "list")
+    with pytest.raises(ConfigError, match="one cascade's stages must share it, got 'pre' list, 'rank' count"):
+        trend_spec(pre, rank)
 
 
 events = st.lists(st.tuples(st.integers(1, 6), st.integers(0, 10 * DAY)), max_size=40)
@@ -52,11 +95,12 @@ def test_counts_match_brute_force_and_ignore_anything_at_or_after_the_request(ev
 
 def test_with_trend_adds_valid_per_candidate_item_fields_the_lists_carry(small_world):
     ds, _ = small_world
-    out = with_trend(ds, ItemTrend.from_dataset(ds), (1, 7.5))
+    out = with_trend(ds, ItemTrend.from_dataset(ds), TrendSpec((1, 7.5)))
     names = [trend_field_name(1), trend_field_name(7.5)]
     assert names == ["item_trend_1d", "item_trend_7.5d"]
     assert [out.schema.features[n].table for n in names] == ["candidates", "candidates"]
     assert out.schema.protocol["item_trend_days"] == [1, 7.5]
+    assert out.schema.protocol["item_trend_scale"] == "count"
     assert validate(out) == []
     lists = build_lists(out, "test")
     b = int(np.argmax(lists.mask.sum(1)))
@@ -69,7 +113,7 @@ def test_with_trend_adds_valid_per_candidate_item_fields_the_lists_carry(small_w
     count = int((mine & (when < req["ts"]) & (when >= req["ts"] - int(7.5 * DAY))).sum())
     assert lists.item["item_trend_7.5d"][b, 0] == bucket(np.array([count]))[0]
     with pytest.raises(ValueError, match="already in the schema"):
-        with_trend(out, ItemTrend.from_dataset(ds), (1,))
+        with_trend(out, ItemTrend.from_dataset(ds), TrendSpec((1,)))
 
 
 def test_trend_needs_temporal_logs(small_world):
