@@ -7,7 +7,7 @@ runs beside another's three seeds.)
 
 For each config and seed, the ranker (``din``), the independent pre-ranker (``exposure_bce``) and
 the pre-rankers distilled from that seed's ranker (``listwise_kd``, or several students, e.g. the
-enhanced towers) are trained (seed 0 is the
+enhanced towers; a config may name a ranker alone, e.g. LightGBM's ``gbdt_oof_list``) are trained (seed 0 is the
 config's own run folder; other seeds run in runs/bench_trend_ml1m/; finished runs are read), then
 score the config's frozen recall top-200 lists (the recall tower of configs/ml1m_recall.yaml, the
 same lists in both configs). Reported on test, mean ± std over seeds:
@@ -39,7 +39,7 @@ from cascade.flow import cached_scores, train_distill
 from cascade.joint import positive_counts
 from cascade.models import MODELS, load_trained
 from cascade.pipeline import prepare_data
-from teachers import TEACHERS
+from teachers import BOOSTED, TEACHERS
 
 from provenance import write_results
 from ranker_ml1m import flow, quality
@@ -69,8 +69,13 @@ def train_and_score(config: Path, names: tuple[str, ...], seed: int, lists: dict
         exp = seeded(exps[name], seed)
         teacher = None if name == names[0] else ranker
         start = time.perf_counter()
-        model = load_trained(exp, ds, models, lambda e: train_distill(e, teacher, models))
-        scores = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
+        if exp.model.name in BOOSTED:  # LightGBM writes its scores of every split when it trains
+            if not (exp.run_dir / "results.json").exists():
+                BOOSTED[exp.model.name](exp)
+            scores = {s: np.load(exp.run_dir / "scores" / f"{s}.npy") for s in lists}
+        else:
+            model = load_trained(exp, ds, models, lambda e: train_distill(e, teacher, models))
+            scores = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
         print(f"{config.stem} seed {seed}: {name} ready in {time.perf_counter() - start:.0f}s", flush=True)
         yield name, scores
 

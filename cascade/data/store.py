@@ -319,8 +319,10 @@ class ProblemLog:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
 
-    def flag(self, file: str, column: str, bad: np.ndarray, values: np.ndarray, message: str) -> None:
-        """One problem for all rows where ``bad`` holds (rows are axis 0 of ``bad``)."""
+    def flag(self, file: str, column: str, bad: np.ndarray, values: np.ndarray, message: str, offset: int = 0) -> None:
+        """One problem for all rows where ``bad`` holds (rows are axis 0 of ``bad``, numbered
+        from ``offset``: a table checked a block of rows at a time adds to its first block's
+        problem, whose row stays the first)."""
         bad = np.asarray(bad)
         rows = bad.reshape(len(bad), -1).any(axis=1) if bad.ndim > 1 else bad
         n = int(rows.sum())
@@ -329,7 +331,11 @@ class ProblemLog:
             value = values[row]
             if bad.ndim > 1:  # show the offending element of a list
                 value = values[row][np.asarray(bad[row]).nonzero()[0][0]]
-            self.problems.append(Problem(file, column, row, _plain(value), message, n))
+            for i, seen in enumerate(self.problems):
+                if (seen.file, seen.column, seen.message) == (file, column, message):
+                    self.problems[i] = replace(seen, count=seen.count + n)
+                    return
+            self.problems.append(Problem(file, column, offset + row, _plain(value), message, n))
 
 
 def _plain(value: object) -> object:
@@ -377,25 +383,20 @@ def validate_entities(ds: Dataset) -> list[Problem]:
     c.flag(R, "request_id", duplicate_rows(req["request_id"]), req["request_id"], "duplicate request_id")
     c.flag(R, "user_id", ~_present(req["user_id"], ds.users["user_id"]), req["user_id"], "user not in users.parquet")
     c.flag(R, "split", ~np.isin(req["split"], SPLITS), req["split"], f"split is not one of {list(SPLITS)}")
-    hist, hts, hlen = req["history"], req["history_ts"], req["history_len"]
-    hts_len = req.get("history_ts_len", hlen)  # only a file read from disk can disagree
-    valid_pos = np.arange(hist.shape[1]) < hlen[:, None]
-    c.flag(R, "history", hlen > ds.schema.history_max, hlen, f"history longer than history_max {ds.schema.history_max}")
-    c.flag(R, "history_ts", hts_len != hlen, hts_len, "history_ts length differs from history length")
-    c.flag(R, "history", valid_pos & (hist <= 0), hist, "history item id is not positive")
-    c.flag(R, "history", valid_pos & (hist > 0) & ~_present(hist, ds.items["item_id"]), hist, "history item not in items.parquet")
-    w = min(hist.shape[1], hts.shape[1])
-    same_len = (hts_len == hlen)[:, None]
-    backwards = valid_pos[:, 1:w] & same_len & (hts[:, 1:w] < hts[:, : w - 1])
-    c.flag(R, "history_ts", np.pad(backwards, ((0, 0), (1, 0))), hts, "history is not oldest-first (history_ts falls)")
+    for start in range(0, len(req["request_id"]), HISTORY_CHECK_ROWS):
+        _check_histories(c, ds, {name: values[start : start + HISTORY_CHECK_ROWS] for name, values in req.items()}, start)
+    hts, w = req["history_ts"], min(req["history"].shape[1], req["history_ts"].shape[1])
     if ds.schema.temporal:
-        leak = valid_pos[:, :w] & same_len & (hts[:, :w] >= req["ts"][:, None])
-        c.flag(R, "history_ts", leak, hts, "history event at or after the request's ts (leakage)")
         for earlier, later in zip(SPLITS, SPLITS[1:]):
             before = req["ts"][req["split"] == earlier]
             if len(before):
                 c.flag(R, "ts", (req["split"] == later) & (req["ts"] < before.max()), req["ts"], f"a '{later}' request before the last '{earlier}' one (ts {before.max()}): temporal splits follow time")
-    unit = _unit_gap(req["ts"], hts[:, :w][valid_pos[:, :w] & same_len])
+    # the unit check compares magnitudes (100x apart): a sample of rows does
+    sample = slice(None, None, -(-len(hts) // HISTORY_CHECK_ROWS) or 1)
+    hlen = req["history_len"][sample]
+    same_len = req.get("history_ts_len", req["history_len"])[sample] == hlen
+    valid_pos = (np.arange(w) < hlen[:, None]) & same_len[:, None]
+    unit = _unit_gap(req["ts"], hts[sample, :w][valid_pos])
     if unit:
         c.problems.append(Problem(R, "history_ts", None, None, unit))
     for split in SPLITS:
@@ -403,6 +404,28 @@ def validate_entities(ds: Dataset) -> list[Problem]:
             c.problems.append(Problem(R, "split", None, None, f"no '{split}' requests: training needs train and valid, evaluation test"))
 
     return c.problems
+
+
+HISTORY_CHECK_ROWS = 16_384  # requests whose (rows, history_max) checks run at once: bounded temporaries
+
+
+def _check_histories(c: ProblemLog, ds: Dataset, req: Table, offset: int) -> None:
+    """The history checks of a block of requests (rows ``offset`` on)."""
+    R = TABLE_FILES["requests"]
+    hist, hts, hlen = req["history"], req["history_ts"], req["history_len"]
+    hts_len = req.get("history_ts_len", hlen)  # only a file read from disk can disagree
+    valid_pos = np.arange(hist.shape[1]) < hlen[:, None]
+    c.flag(R, "history", hlen > ds.schema.history_max, hlen, f"history longer than history_max {ds.schema.history_max}", offset)
+    c.flag(R, "history_ts", hts_len != hlen, hts_len, "history_ts length differs from history length", offset)
+    c.flag(R, "history", valid_pos & (hist <= 0), hist, "history item id is not positive", offset)
+    c.flag(R, "history", valid_pos & (hist > 0) & ~_present(hist, ds.items["item_id"]), hist, "history item not in items.parquet", offset)
+    w = min(hist.shape[1], hts.shape[1])
+    same_len = (hts_len == hlen)[:, None]
+    backwards = valid_pos[:, 1:w] & same_len & (hts[:, 1:w] < hts[:, : w - 1])
+    c.flag(R, "history_ts", np.pad(backwards, ((0, 0), (1, 0))), hts, "history is not oldest-first (history_ts falls)", offset)
+    if ds.schema.temporal:
+        leak = valid_pos[:, :w] & same_len & (hts[:, :w] >= req["ts"][:, None])
+        c.flag(R, "history_ts", leak, hts, "history event at or after the request's ts (leakage)", offset)
 
 
 def validate_candidates(ds: Dataset) -> list[Problem]:

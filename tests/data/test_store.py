@@ -169,6 +169,30 @@ def test_a_problem_counts_all_its_rows(small_dir, tmp_path, capsys):
     assert f"{n:,} rows in all" in err
 
 
+@pytest.mark.parametrize("rows, first", [((1, 4), 1), ((4,), 4)])
+def test_histories_checked_a_block_at_a_time_report_one_problem_from_its_first_row(small_dir, tmp_path, monkeypatch, rows, first):
+    # the requests ``rows`` lead their history with an unknown item; blocks of 2 rows (0-1, 2-3,
+    # 4-5) part rows 1 and 4: still one problem, from the first bad row counted from the table's
+    # start, with every bad row in its count
+    import cascade.data.store as store
+
+    logs = _copy(small_dir, tmp_path)
+
+    def unknown_first(table):
+        hist = table.column("history").to_pylist()
+        for row in rows:
+            assert hist[row]
+            hist[row][0] = 10**6
+        return table.set_column(table.column_names.index("history"), "history", pa.array(hist, table.column("history").type))
+
+    _edit(logs, "requests.parquet", unknown_first)
+    monkeypatch.setattr(store, "HISTORY_CHECK_ROWS", 2)
+    with pytest.raises(DataError) as raised:
+        read_dataset(logs, candidates=False)
+    (problem,) = [p for p in raised.value.problems if p.message == "history item not in items.parquet"]
+    assert (problem.row, problem.value, problem.count) == (first, 10**6, len(rows))
+
+
 def test_bad_schema_is_named(small_dir, tmp_path, capsys):
     logs = _copy(small_dir, tmp_path)
     schema = json.loads((logs / "schema.json").read_text())
