@@ -212,6 +212,7 @@ def read_dataset(directory: str | os.PathLike, candidates: bool = True) -> Datas
     ds.candidates["stage"] = ds.candidates["stage"].astype(np.int8)
     for table in (ds.users, ds.items, ds.candidates, ds.requests):
         drop_lengths(table)
+    pa.default_memory_pool().release_unused()  # Arrow keeps freed decode buffers for reuse: 0.08 GiB after the 10x world's requests
     return ds
 
 
