@@ -4,6 +4,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cascade.cli import main
 from cascade.config import ConfigError, load_config
@@ -87,6 +89,32 @@ def test_cascade_report_hand_worked(small_world):
     # a student that ranks the teacher's order backwards passes none of its top-8 into its top-20
     # (each list holds 60 candidates: the teacher's top-8 are the student's bottom-8)
     assert cascade_report(-teacher, teacher, lists, cfg)["teacher_recall@8@20"] == 0.0
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_cascade_report_is_the_same_whatever_rows_it_reads_at_once(small_world, rows_at_once, seed):
+    # every metric is a mean over its own rows (teacher consistency over rows with a candidate,
+    # Recall and NDCG over rows with a positive) and the oracle ratio a ratio of sums: the parts
+    # must add up to the whole, also where a part has no positive at all
+    import cascade.flow as flow
+
+    ds, world = small_world
+    lists = build_lists(ds, "test").take(np.arange(40))
+    rng = np.random.default_rng(seed)
+    lists.label[rng.random(len(lists)) < 0.5] = 0.0  # about half the rows without a positive
+    student, teacher = (np.where(lists.mask, rng.normal(size=lists.mask.shape), 0).astype(np.float32) for _ in range(2))
+    cfg = DistillConfig(prerank_quota=30, rank_quota=8)
+    whole = cascade_report(student, teacher, lists, cfg, world)  # 40 rows: one part
+    cells = flow.REPORT_CELLS
+    try:
+        flow.REPORT_CELLS = rows_at_once * lists.mask.shape[1]
+        parts = cascade_report(student, teacher, lists, cfg, world)
+    finally:
+        flow.REPORT_CELLS = cells
+    assert set(parts) == set(whole) == {"teacher_recall@8@20", "teacher_recall@8@30", "recall@8", "ndcg@8", "oracle_ratio"}
+    for name in whole:
+        assert parts[name] == pytest.approx(whole[name], rel=1e-9, abs=1e-12), name
 
 
 def test_recall_output_is_the_retrieved_items_labelled_from_the_logs(small_world):
