@@ -150,7 +150,7 @@ def write(rows: list[dict], baseline: int, args) -> None:
         "Synthetic worlds: the default (20,000 requests, 2,000 users, 5,000 items, 200 logged candidates a",
         "request) and the same x scale in requests and users. "
         + (f"A pointwise DSSM (quickstart size), {args.epochs} epochs, batch 1,024,"
-           if pointwise else f"A DSSM pre-ranker (quickstart size) distilled with listwise KD from a DSSM teacher (trained first,\non the exposures), {args.epochs} epochs, 32 lists of 200 a batch; the teacher scores each path's lists once, into\nits cache (in memory: one array; streamed: a memory-mapped file a row group at a time), in the path's first run;"),
+           if pointwise else f"A DSSM pre-ranker (quickstart size) distilled with listwise KD from a DSSM teacher (trained first,\non the exposures), {args.epochs} epochs, 32 lists of 200 a batch; the teacher scores each path's lists once, into\nits cache (in memory: one array; streamed: a file written a row group at a time and read memory-mapped a batch at a time), in the path's first run;"),
         "one process on this machine's 2 cores; each run in a fresh process. Peak RSS is VmHWM;",
         f"a process that imports torch and the package and trains nothing peaks at {gib(baseline)} GiB (the baseline).",
         f"{unit}/s is the training loop's, a streamed epoch's parquet reads included: the mean over epochs, and over",
