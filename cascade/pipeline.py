@@ -106,7 +106,13 @@ def prepare_data(cfg: DataConfig, candidates: bool = True) -> Dataset:
     table but the candidates (for a run that streams them)."""
     with rank_zero_first():
         make_data(cfg)
-    return read_dataset(cfg.dir, candidates=candidates)
+    ds = read_dataset(cfg.dir, candidates=candidates)
+    if cfg.kind == "recall_output":  # a directory made earlier must hold the trend the config asks for
+        want, protocol = recall_trend_spec(cfg.recall), ds.schema.protocol
+        have = TrendSpec(tuple(protocol.get("item_trend_days", ())), protocol.get("item_trend_scale", "count"))
+        if want != have:
+            raise ConfigError(f"data.recall: {cfg.dir} holds the item trend {list(have.days)} on the '{have.scale}' scale, the config asks for {list(want.days)} on '{want.scale}'; name another data.dir (or delete it to rebuild)")
+    return ds
 
 
 def make_data(cfg: DataConfig) -> None:

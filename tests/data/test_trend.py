@@ -126,3 +126,20 @@ def test_trend_needs_temporal_logs(small_world):
 def test_trend_days_must_be_a_list_of_positive_days(days):
     with pytest.raises(ConfigError, match=r"data.recall.trend_days: expected a list of positive numbers of days"):
         frozen_recall_output({"config": "unused.yaml", "experiment": "x", "trend_days": days})
+
+
+def test_a_recall_output_made_earlier_must_hold_the_trend_the_config_asks_for(small_world, tmp_path):
+    # the directory is read, not rebuilt, when it exists: one made on the count scale (or without
+    # the trend) must not be trained on as if it held the list scale
+    from cascade.config import DataConfig
+    from cascade.data.store import write_dataset
+    from cascade.pipeline import prepare_data
+
+    ds, _ = small_world
+    write_dataset(with_trend(ds, ItemTrend.from_dataset(ds), TrendSpec((1, 7))), tmp_path / "counted")
+    asked = lambda scale, days=[1, 7]: DataConfig(kind="recall_output", dir=str(tmp_path / "counted"), recall={"trend_days": days, "trend_scale": scale})  # noqa: E731
+    assert prepare_data(asked("count"), candidates=False).schema.protocol["item_trend_scale"] == "count"
+    with pytest.raises(ConfigError, match=r"holds the item trend \[1, 7\] on the 'count' scale, the config asks for \[1, 7\] on 'list'"):
+        prepare_data(asked("list"), candidates=False)
+    with pytest.raises(ConfigError, match=r"the config asks for \[30\] on 'count'"):
+        prepare_data(asked("count", [30]), candidates=False)
