@@ -109,7 +109,7 @@ def main() -> None:
         rows.append({"ranker": name, "valid_recall@10": v["recall@10"], "test_recall@10": q["recall@10"], "test_ndcg@10": q["ndcg@10"], "auc_on_rated": exposure_auc(by_split["test"], test)})
         print(rows[-1], flush=True)
     flows = []
-    for pre, rank in itertools.product([n for n in scores if n.endswith(("exposure_bce", "listwise_kd"))], list(scores)):
+    for pre, rank in itertools.product([n for n in scores if not n.startswith("z(") and any(p in n for p in ("exposure_bce", "listwise_kd"))], list(scores)):
         if pre in scores and pre != rank:
             f = flow(scores[pre]["test"], scores[rank]["test"], test)
             flows.append({"pre-ranker": pre, "ranker": rank, "test_recall@10": f["recall@10"], "test_ndcg@10": f["ndcg@10"]})
