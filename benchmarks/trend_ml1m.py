@@ -128,11 +128,10 @@ def main() -> None:
             for name, s in train_and_score(ROOT / config, names, seed, lists, ds):
                 scores[name] = s
                 alone.setdefault(f"{config.stem}/{name}", []).append({**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"], "teacher_recall@10@50": M.teacher_recall_at_k_at_m(s["test"], scores[names[0]]["test"], RANK, PRERANK, lists["test"].mask)})
-                if name == names[0]:
-                    continue
-                for ranker, rank_scores in ((names[0], scores[names[0]]), ("trending", trending_scores)):
-                    row = cascade_quality(s["test"], rank_scores["test"], lists["test"], n_pos)
-                    cascades.setdefault(f"{config.stem}: {name} -> {ranker}", []).append(row)
+                if name != names[0]:  # a pre-ranker: its cascades into the ranker and into trending
+                    for ranker, rank_scores in ((names[0], scores[names[0]]), ("trending", trending_scores)):
+                        row = cascade_quality(s["test"], rank_scores["test"], lists["test"], n_pos)
+                        cascades.setdefault(f"{config.stem}: {name} -> {ranker}", []).append(row)
                 write(alone, cascades, args)
 
 

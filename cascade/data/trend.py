@@ -23,7 +23,7 @@ Two scales (``TREND_SCALES``):
   strictly less, in TREND_BUCKETS equal steps): invariant to the log's volume. The list is the one
   a stage is served (recall's output; later stages keep the value computed on it), so a model
   must see it on lists built the same way. On MovieLens-1M's cross-fitted top-200 lists it lifts
-  the LightGBM ranker's test Recall@10 from 0.0956 to 0.1205 (valid 0.1189 to 0.1617;
+  the DIN ranker's test Recall@10 from 0.0915 (count, 2 seeds) to 0.1141 (3 seeds;
   benchmarks/results/trend_ml1m.md).
 """
 
