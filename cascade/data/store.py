@@ -237,20 +237,12 @@ def read_table(path: Path, kinds: dict[str, str], schema: Schema, file: str, pro
     kinds = {c: k for c, k in kinds.items() if c in names}
     out: Table = {}
     strings: dict[str, list[np.ndarray]] = {}
-    seen: dict[tuple, int] = {}  # (column, message) -> index in problems
     start = 0
     for batch in pf.iter_batches(batch_size=READ_BATCH, columns=list(kinds)):
         found: list[Problem] = []
         part = convert_table(batch, kinds, schema, file, found)
         for p in found:
-            key = (p.column, p.message)
-            if key in seen:
-                if p.row is not None:
-                    first = problems[seen[key]]
-                    problems[seen[key]] = replace(first, count=first.count + p.count)
-            else:
-                seen[key] = len(problems)
-                problems.append(replace(p, row=None if p.row is None else p.row + start))
+            add_problem(problems, replace(p, row=None if p.row is None else p.row + start))
         for col, values in part.items():
             if values.dtype.kind == "U":  # a string's width is known only at the end
                 strings.setdefault(col, []).append(values)
@@ -332,11 +324,19 @@ class ProblemLog:
             value = values[row]
             if bad.ndim > 1:  # show the offending element of a list
                 value = values[row][np.asarray(bad[row]).nonzero()[0][0]]
-            for i, seen in enumerate(self.problems):
-                if (seen.file, seen.column, seen.message) == (file, column, message):
-                    self.problems[i] = replace(seen, count=seen.count + n)
-                    return
-            self.problems.append(Problem(file, column, offset + row, _plain(value), message, n))
+            add_problem(self.problems, Problem(file, column, offset + row, _plain(value), message, n))
+
+
+def add_problem(problems: list[Problem], problem: Problem) -> None:
+    """Append ``problem``, or add its rows to the one already there for the same file, column and
+    message (a table read or checked a block of rows at a time: the first block's row stays; a
+    problem of no row, e.g. a column's type, is not counted again)."""
+    for i, seen in enumerate(problems):
+        if (seen.file, seen.column, seen.message) == (problem.file, problem.column, problem.message):
+            if problem.row is not None:
+                problems[i] = replace(seen, count=seen.count + problem.count)
+            return
+    problems.append(problem)
 
 
 def _plain(value: object) -> object:
@@ -392,8 +392,8 @@ def validate_entities(ds: Dataset) -> list[Problem]:
             before = req["ts"][req["split"] == earlier]
             if len(before):
                 c.flag(R, "ts", (req["split"] == later) & (req["ts"] < before.max()), req["ts"], f"a '{later}' request before the last '{earlier}' one (ts {before.max()}): temporal splits follow time")
-    # the unit check compares magnitudes (100x apart): a sample of rows does
-    sample = slice(None, None, -(-len(hts) // HISTORY_CHECK_ROWS) or 1)
+    # the unit check compares magnitudes (100x apart): every step-th row, at most about a block's, does
+    sample = slice(None, None, max(1, -(-len(hts) // HISTORY_CHECK_ROWS)))
     hlen = req["history_len"][sample]
     same_len = req.get("history_ts_len", req["history_len"])[sample] == hlen
     valid_pos = (np.arange(w) < hlen[:, None]) & same_len[:, None]
