@@ -3,8 +3,10 @@
 
     python benchmarks/distill_joint.py [--config configs/distill_synth.yaml] [--seeds 0] [--device cpu]
 
-Every method starts from the same warm-up stages (trained once, in the config's own run folder);
-the seed varies the joint training only. Resumable: a finished run (its results.json) is read,
+A seed seeds the whole cascade but its recall tower: the warm-up pre-rank and rank stages (and a
+distilled pre-ranker's teacher) are the config's experiments at that seed (the config's own run
+folder at its own seed, else runs/bench_seeds/, shared with benchmarks/trend_ml1m.py), and the
+joint training. Recall is the tower that made the lists the stages were trained on. Resumable: a finished run (its results.json) is read,
 and a stopped one resumes phase by phase. The table is rewritten after every run.
 Writes benchmarks/results/NAME_joint.{md,json}, NAME the config's file name.
 """
@@ -23,7 +25,7 @@ from cascade.joint import train_experiment
 from cascade.models import MODELS
 from teachers import TEACHERS
 
-from provenance import provenance, write_results
+from provenance import provenance, seeded, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -34,7 +36,7 @@ def run(exp, config: Path, seed: int, runs: Path, device: str) -> dict:
     done = exp.run_dir / "results.json"
     if done.exists():
         return json.loads(done.read_text())
-    result = train_experiment(exp, config, {**MODELS, **TEACHERS})
+    result = train_experiment(exp, config, {**MODELS, **TEACHERS}, named=lambda e: seeded(e, seed))
     result["machine"] = provenance()["machine"]  # rows of one table may come from different machines
     done.write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result
@@ -52,10 +54,10 @@ def write(rows: dict[str, list[dict]], name: str, config: str) -> None:
         f"| experiment | method | after | seeds | positives retrieved (top-{n}) | after pre-rank (top-{m}) | joint recall (final top-{k}) | Recall@{k}@{m}, pre-ranker vs this ranker | NDCG@{k} (listed positives) | oracle ratio | minutes | machine |",
         "|---|---|---|---:|---|---|---|---|---|---|---:|---|",
     ]
-    first_start = next(iter(rows.values()))[0]["rounds"][0]["test"]
+    first_starts = [r["rounds"][0]["test"] for r in next(iter(rows.values()))]  # per seed
     for exp_name, rs in rows.items():
         for i, after in enumerate(row["after"] for row in rs[0]["rounds"]):
-            if i == 0 and rs[0]["method"] != "frozen" and rs[0]["rounds"][0]["test"] == first_start:
+            if i == 0 and rs[0]["method"] != "frozen" and [r["rounds"][0]["test"] for r in rs] == first_starts:
                 continue  # it starts from the first row's warm-up cascade
             t = [r["rounds"][i]["test"] for r in rs]
             key = f"round{i}" if rs[0]["method"] == "rankflow" else "lcron"

@@ -1,4 +1,5 @@
-"""Where a benchmark's figures came from: the command as run, the date, the commit, the machine."""
+"""Where a benchmark's figures came from: the command as run, the date, the commit, the machine;
+and where its runs at other seeds live."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ import platform
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SEED_RUNS = ROOT / "runs" / "bench_seeds"  # every benchmark's runs at a seed other than the config's
+
+
+def seeded(exp, seed: int):
+    """The experiment at ``seed``: itself at the config's own seed, else ``NAME_sSEED`` in
+    ``runs/bench_seeds/OUT`` (OUT: the config's run folder's name), so the benchmarks that train
+    one experiment at one seed share the run."""
+    if seed == exp.train.seed:
+        return exp
+    return replace(exp, name=f"{exp.name}_s{seed}", out=str(SEED_RUNS / Path(exp.out).name), train=replace(exp.train, seed=seed))
 
 
 def provenance(machine: str | None = None) -> dict[str, str]:

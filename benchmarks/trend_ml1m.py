@@ -8,7 +8,7 @@ runs beside another's three seeds.)
 For each config and seed, the ranker (``din``), the independent pre-ranker (``exposure_bce``) and
 the pre-rankers distilled from that seed's ranker (``listwise_kd``, or several students, e.g. the
 enhanced towers; a config may name a ranker alone, e.g. LightGBM's ``gbdt_oof_list``) are trained (seed 0 is the
-config's own run folder; other seeds run in runs/bench_trend_ml1m/; finished runs are read), then
+config's own run folder; other seeds run in runs/bench_seeds/; finished runs are read), then
 score the config's frozen recall top-200 lists (the recall tower of configs/ml1m_recall.yaml, the
 same lists in both configs). Reported on test, mean ± std over seeds:
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,21 +40,13 @@ from cascade.models import MODELS, load_trained
 from cascade.pipeline import prepare_data
 from teachers import BOOSTED, TEACHERS
 
-from provenance import write_results
+from provenance import seeded, write_results
 from ranker_ml1m import flow, quality
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "runs" / "bench_trend_ml1m"
 NAMES = ("din", "exposure_bce", "listwise_kd")
 TREND_DAYS = (1, 3, 7, 14, 30, 90, 365)
 PRERANK, RANK = 50, 10
-
-
-def seeded(exp, seed: int):
-    """The experiment at ``seed``: its own run folder at the config's seed, else one under RUNS."""
-    if seed == exp.train.seed:
-        return exp
-    return replace(exp, name=f"{exp.name}_s{seed}", out=str(RUNS / Path(exp.out).name), train=replace(exp.train, seed=seed))
 
 
 def train_and_score(config: Path, names: tuple[str, ...], seed: int, lists: dict, ds):

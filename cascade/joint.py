@@ -207,15 +207,19 @@ class LcronLoss(nn.Module):
         return self.weights(e2e_loss(p_hats, list(self.quotas), g, mask), *singles)
 
 
-def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Module]], boosted: dict[str, Callable] | None = None) -> dict:
+def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Module]], boosted: dict[str, Callable] | None = None, named: Callable = lambda e: e) -> dict:
     """Train one experiment of the config file ``config`` by its task (what `cascade train`
-    runs); ``boosted``: models with their own training function (LightGBM), for any task. In a
-    data-parallel run every rank returns once rank 0 has written the results."""
+    runs); ``boosted``: models with their own training function (LightGBM), for any task.
+    ``named``: what an experiment this one names in ``config`` (a student's teacher, a cascade's
+    pre-rank and rank stages) becomes before use, e.g. the same experiment at another seed
+    (benchmarks/distill_joint.py); a cascade's recall tower is not mapped, for it made the
+    lists its stages were trained on. In a data-parallel run every rank returns once rank 0 has
+    written the results."""
     if exp.task == "cascade":
-        result = train_cascade(exp, config, models)
+        result = train_cascade(exp, config, models, named)
     elif exp.task == "distill" and not (boosted and exp.model.name in boosted):
-        teacher = None if exp.distill.teacher is None else load_config(config, exp.distill.teacher)[0]
-        result = train_distill(exp, teacher, models, lambda e: train_experiment(e, config, models, boosted))
+        teacher = None if exp.distill.teacher is None else named(load_config(config, exp.distill.teacher)[0])
+        result = train_distill(exp, teacher, models, lambda e: train_experiment(e, config, models, boosted, named))
     elif exp.task == "recall":
         result = train_recall(exp, models)
     elif boosted and exp.model.name in boosted:
@@ -226,9 +230,9 @@ def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Modul
     return result
 
 
-def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]) -> dict:
-    """Run ``exp.cascade``'s method from the warm-up stages (each trained first if its run folder
-    has no ``best.pt``); report the cascade on valid and test before training and after each
+def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]], named: Callable = lambda e: e) -> dict:
+    """Run ``exp.cascade``'s method from the warm-up stages (each ``named`` as in
+    ``train_experiment``, and trained first if its run folder has no ``best.pt``); report the cascade on valid and test before training and after each
     round. Writes ``results.json`` in ``exp.run_dir``."""
     cfg: CascadeConfig = exp.cascade
     recall_config = Path(cfg.recall["config"])
@@ -240,10 +244,10 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     # the warm-up stages, each trained with its own config on this experiment's device if missing
     on_device = lambda e: replace(e, train=replace(e.train, device=exp.train.device))  # noqa: E731
     recall = load_trained(on_device(recall_exp), ds, models, lambda e: train_experiment(e, recall_config, models))
-    stage_exps = [load_config(config, name)[0] for name in (cfg.prerank, cfg.rank)]
+    stage_exps = [named(load_config(config, name)[0]) for name in (cfg.prerank, cfg.rank)]
     stage_trend = trend_spec(*stage_exps)  # the stages' item trend, computed on every regenerated list
     stage_ds = with_trend_fields(ds, stage_trend)
-    prerank, rank = (load_trained(on_device(e), stage_ds, models, lambda e: train_experiment(e, config, models)) for e in stage_exps)
+    prerank, rank = (load_trained(on_device(e), stage_ds, models, lambda e: train_experiment(e, config, models, named=named)) for e in stage_exps)
     for model in (recall, prerank, rank):
         model.to(exp.train.device)
     n, m, k = cfg.recall_quota, cfg.prerank_quota, cfg.rank_quota

@@ -168,3 +168,25 @@ def test_a_cascade_phase_adds_the_towers_own_regulariser(tmp_path):
     assert trained["dat"]
     assert all(torch.equal(trained["dat"][k], trained["dat_again"][k]) for k in trained["dat"])  # seeded: the gap is the mimic term
     assert any(not torch.equal(trained["dat"][k], trained["dssm"][k]) for k in trained["dat"])
+
+
+def test_a_cascade_takes_its_stages_and_their_teacher_as_named(tmp_path):
+    # `named` maps every experiment a cascade names, its stages and the distilled pre-ranker's
+    # teacher (here: each at seed 5 in a folder of its own), but not the recall tower, whose
+    # lists the stages learn from: so only the mapped folders and recall's may appear
+    from dataclasses import replace
+
+    from cascade.joint import train_experiment
+    from cascade.models import MODELS
+    from teachers import TEACHERS
+
+    kd = "  kd: {distill: {teacher: din, exposure_bce: 0, listwise_kd: 1.0}}\n  distilled: {task: cascade, cascade: {method: frozen, prerank: kd}}\n"
+    path = _write(tmp_path, CONFIG + kd)
+    (exp,) = load_config(path, "distilled")
+    at_5 = lambda e: replace(e, name=f"{e.name}_s5", train=replace(e.train, seed=5))  # noqa: E731
+    train_experiment(exp, path, {**MODELS, **TEACHERS}, named=at_5)
+    runs = tmp_path / "runs"
+    assert sorted(d.name for d in runs.iterdir()) == ["din_s5", "distilled", "kd_s5", "recall"]
+    for stage in ("din_s5", "kd_s5"):
+        assert json.loads((runs / stage / "config.json").read_text())["train"]["seed"] == 5
+    assert json.loads((runs / "recall" / "config.json").read_text())["train"]["seed"] == 1
