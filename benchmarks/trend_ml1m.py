@@ -1,6 +1,6 @@
 """Issue 12 on MovieLens-1M: the ranker and the cascade with and without the items' trend.
 
-    python benchmarks/trend_ml1m.py [--seeds 0 1 2] [--configs CONFIG[:RANKER,INDEPENDENT,DISTILLED[,DISTILLED...]][@SEEDS] ...]
+    python benchmarks/trend_ml1m.py [--seeds 0 1 2] [--name trend_ml1m] [--configs CONFIG[:RANKER,INDEPENDENT,DISTILLED[,DISTILLED...]][@SEEDS] ...]
 
 (``@0,1`` gives that config its own seeds, e.g. ``configs/ml1m.yaml@0`` to show a config's seed-0
 runs beside another's three seeds.)
@@ -84,6 +84,7 @@ def mean_std(xs: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--name", default="trend_ml1m", help="the results' name: benchmarks/results/NAME.{md,json}")
     parser.add_argument("--configs", nargs="+", default=["configs/ml1m_trend.yaml:din_oof,exposure_bce_oof,listwise_kd_oof", "configs/ml1m.yaml"], help="CONFIG[:RANKER,INDEPENDENT,DISTILLED[,DISTILLED...]][@SEED,SEED] (default names: din,exposure_bce,listwise_kd; default seeds: --seeds)")
     args = parser.parse_args()
     alone: dict[str, list[dict]] = {}
@@ -128,15 +129,15 @@ def main() -> None:
 
 def write(alone: dict, cascades: dict, args) -> None:
     lines = [
-        "# trend_ml1m: the ranker and the cascade on MovieLens-1M, with and without the items' trend",
+        f"# {args.name}: the ranker and the cascade on MovieLens-1M, with and without the items' trend",
         "",
         "The recall tower's top-200 test lists (9,350 requests, configs/ml1m_recall.yaml); positives = rating >= 4.",
         "`ml1m_trend` models see each candidate's item trend (ratings of the item in the 1, 7, 30 and 365 days",
         "before the request, only ratings strictly before it; cascade/data/trend.py); `ml1m` models do not.",
         "Test split, mean ± population std over the seeds finished for each row (each seed trains the ranker and",
         "the pre-rankers; the tables are rewritten as each one finishes;",
-        "`listwise_kd` and the other students are distilled from the same seed's `din`; teacher Recall@10@50:",
-        "the share of that ranker's top-10 in the scorer's top-50).",
+        "`listwise_kd` and the other students are distilled from the same seed's ranker (each config's first",
+        "name, `din` by default); teacher Recall@10@50: the share of that ranker's top-10 in the scorer's top-50).",
         "",
         "| scorer alone (top-10 of 200) | seeds | valid Recall@10 | test Recall@10 | test NDCG@10 | test teacher Recall@10@50 |",
         "|---|---:|---|---|---|---|",
@@ -149,7 +150,7 @@ def write(alone: dict, cascades: dict, args) -> None:
         "Joint recall: the share of each request's logged positives in the final top-10, those the recall",
         "never retrieved counted as lost, mean over test requests with a positive (as `cascade eval`).",
     ]
-    write_results("trend_ml1m", lines, {"alone": alone, "cascades": cascades})
+    write_results(args.name, lines, {"alone": alone, "cascades": cascades})
     print("\n".join(lines), flush=True)
 
 
