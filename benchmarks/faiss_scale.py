@@ -104,7 +104,11 @@ def main() -> None:
         print(f"{n:,} items: exact top-{args.k} of {args.queries} queries in {exact_s:.1f}s (batched); one query {rows[-1]['p50_ms']:.1f} ms", flush=True)
         del flat
         nlist = 1024 if n <= 1_000_000 else 4096
-        indexes = [[IndexSpec("ivfpq", nlist=nlist, nprobe=p, pq_m=16) for p in (16, 64)], [IndexSpec("ivf", nlist=nlist, nprobe=64)]]
+        indexes = [
+            [IndexSpec("ivfpq", nlist=nlist, nprobe=p, pq_m=16) for p in (16, 64)],
+            [IndexSpec("ivfpq", nlist=nlist, nprobe=64, pq_m=16, refine=r) for r in (2, 4, 8)],
+            [IndexSpec("ivf", nlist=nlist, nprobe=64)],
+        ]
         if n <= args.hnsw_max:
             indexes.append([IndexSpec("hnsw", hnsw_m=32, ef_search=400)])
         for specs in indexes:
@@ -131,6 +135,7 @@ def write(rows: list[dict], args) -> None:
         f"Recall@{k}: share of the exact inner-product top-{k} (IndexFlatIP) the index returns, mean over {args.queries} queries.",
         "Latency: one query at a time, faiss on one thread. Build: train + add on every core of this machine (rows of one index, e.g. two nprobe, share its build).",
         "Bytes / item: the serialized index over the catalog (the exact row: the float32 vector and its id).",
+        "k_factor_rf: the refined index re-scores that many times k PQ candidates on 8-bit scalar-quantised vectors.",
         f"HNSW ran only up to {args.hnsw_max:,} items.",
     ]
     write_results("faiss_scale", lines, {"rows": rows, "dim": DIM, "clusters": CLUSTERS, "queries": args.queries, "k": k})

@@ -175,7 +175,7 @@ def _export(args: argparse.Namespace) -> int:
             missing = next(role for role, v in named.items() if v is None)
             raise BundleError(f"--{missing} is required when the stages are named")
         try:
-            index = IndexSpec(args.index, args.nlist, args.nprobe, args.hnsw_m, args.ef_search, args.pq_m)
+            index = IndexSpec(args.index, args.nlist, args.nprobe, args.hnsw_m, args.ef_search, args.pq_m, args.refine)
             quotas = tuple(int(q) for q in args.quotas.split(","))
             if len(quotas) != 3:
                 raise ValueError(f"--quotas: expected three numbers (recall,prerank,rank), got '{args.quotas}'")
@@ -386,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--hnsw-m", type=int, default=32, help="hnsw: neighbours per node")
     export.add_argument("--ef-search", type=int, default=2000, help="hnsw: search breadth")
     export.add_argument("--pq-m", type=int, default=16, help="ivfpq: sub-quantisers")
+    export.add_argument("--refine", type=int, default=0, help="ivfpq: re-score REFINE x k PQ candidates on 8-bit vectors (0: none)")
     export.add_argument("--quantize", action="store_true", help="int8 dynamic quantisation of the pre-ranker and ranker graphs")
     export.set_defaults(run=_export)
 

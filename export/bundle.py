@@ -57,7 +57,9 @@ class BundleError(ValueError):
 class IndexSpec:
     """The faiss index over the recall tower's item vectors (inner product): ``flat`` exact;
     ``ivf`` (nlist, nprobe), ``hnsw`` (hnsw_m, ef_search), ``ivfpq`` (nlist, nprobe, pq_m) for
-    large catalogs."""
+    large catalogs. ``refine`` (ivfpq only; 0: none): the PQ search returns refine x k items,
+    re-scored on 8-bit scalar-quantised vectors (faiss ``Refine(SQ8)``), for PQ codes lose more
+    of the order than the inverted lists do (benchmarks/results/faiss_scale.md)."""
 
     kind: str = "flat"
     nlist: int = 1024
@@ -65,18 +67,22 @@ class IndexSpec:
     hnsw_m: int = 32
     ef_search: int = 2000  # faiss HNSW wants it well above k: ef 1000 keeps 0.90 of a top-1000, 2000 0.96
     pq_m: int = 16
+    refine: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in INDEXES:
             raise ValueError(f"index '{self.kind}' is not one of {', '.join(INDEXES)}")
+        if self.refine < 0 or (self.refine and self.kind != "ivfpq"):
+            raise ValueError(f"refine {self.refine}: only an ivfpq index is refined, by a whole factor >= 1 (0: none)")
 
     def factory(self, n_items: int) -> str:
         nlist = max(1, min(self.nlist, n_items // 39))  # faiss wants >= 39 training points a centroid
         bits = int(max(1, min(8, np.log2(max(n_items // 39, 2)))))  # PQ codebooks of <= 2^bits centroids, same rule
-        return {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{self.hnsw_m}", "ivfpq": f"IVF{nlist},PQ{self.pq_m}x{bits}"}[self.kind]
+        return {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{self.hnsw_m}", "ivfpq": f"IVF{nlist},PQ{self.pq_m}x{bits}"}[self.kind] + (",Refine(SQ8)" if self.refine else "")
 
     def search_parameters(self) -> dict[str, int]:
-        return {"ivf": {"nprobe": self.nprobe}, "ivfpq": {"nprobe": self.nprobe}, "hnsw": {"efSearch": self.ef_search}}.get(self.kind, {})
+        refine = {"k_factor_rf": self.refine} if self.refine else {}
+        return {"ivf": {"nprobe": self.nprobe}, "ivfpq": {"nprobe": self.nprobe, **refine}, "hnsw": {"efSearch": self.ef_search}}.get(self.kind, {})
 
 
 @dataclass

@@ -90,20 +90,30 @@ def test_named_stages_with_a_lightgbm_ranker_an_hnsw_index_and_int8(trained, tmp
     assert got["scores"] == sorted(got["scores"], reverse=True)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
-def test_each_index_kind_finds_the_exact_top_1_on_separated_vectors(kind, tmp_path):
+@pytest.mark.parametrize("kind, refine", [("flat", 0), ("ivf", 0), ("hnsw", 0), ("ivfpq", 0), ("ivfpq", 4)])
+def test_each_index_kind_finds_the_exact_top_1_on_separated_vectors(kind, refine, tmp_path):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(2000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    spec = IndexSpec(kind, nlist=16, nprobe=16, pq_m=8)
+    spec = IndexSpec(kind, nlist=16, nprobe=16, pq_m=8, refine=refine)
     _write_index(vectors, spec, tmp_path / "i.faiss")
     index = faiss.read_index(str(tmp_path / "i.faiss"))
     for name, value in spec.search_parameters().items():
         faiss.ParameterSpace().set_index_parameter(index, name, value)
-    # each vector is its own best inner-product match (unit vectors); PQ is lossy, so 90% there
+    # each vector is its own best inner-product match (unit vectors); PQ is lossy, so 90% there,
+    # and refined on 8-bit vectors among its top 4 it is exact again
     _, idx = index.search(vectors[:200], 1)
     hit = float((idx[:, 0] == np.arange(200)).mean())
-    assert hit >= (0.9 if kind == "ivfpq" else 1.0), hit
+    assert hit >= (0.9 if kind == "ivfpq" and not refine else 1.0), hit
+    if refine:
+        assert faiss.downcast_index(index).k_factor == refine
+
+
+def test_only_an_ivfpq_index_is_refined():
+    with pytest.raises(ValueError, match="refine 4: only an ivfpq index is refined"):
+        IndexSpec("hnsw", refine=4)
+    with pytest.raises(ValueError, match="refine -1"):
+        IndexSpec("ivfpq", refine=-1)
 
 
 def test_an_unknown_index_kind_is_refused():
