@@ -1,7 +1,7 @@
 """Recall over catalogs of millions: the export's faiss indexes (``export.bundle.build_index``)
 against exact search, on synthetic item vectors.
 
-    python benchmarks/faiss_scale.py [--sizes 1000000 10000000] [--queries 500] [--k 200]
+    python benchmarks/faiss_scale.py [--sizes 1000000 10000000] [--queries 500] [--k 200] [--indexes ivfpq ivfpq_refine ivf hnsw]
 
 Item and query vectors (dim 64, unit length) come from one mixture of 2,000 Gaussian clusters, so
 the catalog has the clumped structure trained item towers give (uniform random vectors would
@@ -12,12 +12,16 @@ and single-query latency p50 / p99 over ``--queries`` queries, one at a time, fa
 thread (a serving process answers one request per core). HNSW builds only up to
 ``--hnsw-max`` items (its build is the slow part on 2 cores; the table says which sizes ran).
 
-Writes benchmarks/results/faiss_scale.{md,json}.
+Writes benchmarks/results/faiss_scale.{md,json}; with ``--indexes`` it measures only those
+groups and keeps the stored rows of the others (a row is replaced by one of the same catalog
+size, index and search parameters).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +33,8 @@ from export.bundle import IndexSpec, build_index, set_search
 from provenance import write_results
 
 DIM, CLUSTERS = 64, 2000
+INDEX_GROUPS = ["ivfpq", "ivfpq_refine", "ivf", "hnsw"]
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def vectors(n: int, seed: int, centers: np.ndarray, chunk: int = 1_000_000) -> np.ndarray:
@@ -69,7 +75,7 @@ def measure(items: np.ndarray, queries: np.ndarray, exact: np.ndarray, specs: li
             times.append(time.perf_counter() - t)
             found.append(ids[0])
         ms = np.array(times) * 1000
-        rows.append({"index": spec.factory(len(items)), "params": spec.search_parameters(), "build_s": build, "bytes_per_item": size / len(items), f"recall@{k}": recall_at_k(np.array(found), exact), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
+        rows.append({"index": spec.factory(len(items)), "params": spec.search_parameters(), "build_s": build, "build_threads": threads, "bytes_per_item": size / len(items), f"recall@{k}": recall_at_k(np.array(found), exact), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
     return rows
 
 
@@ -79,10 +85,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--hnsw-max", type=int, default=1_000_000)
+    parser.add_argument("--indexes", nargs="+", default=INDEX_GROUPS, choices=INDEX_GROUPS, help="measure only these; the table keeps the stored rows of the others")
     args = parser.parse_args()
     threads = faiss.omp_get_max_threads()
     centers = np.random.default_rng(0).standard_normal((CLUSTERS, DIM)).astype(np.float32)
-    rows = []
+    stored = RESULTS / "faiss_scale.json"
+    rows = json.loads(stored.read_text())["rows"] if stored.exists() else []
     for n in args.sizes:
         items = vectors(n, 1, centers)
         queries = vectors(args.queries, 2, centers)
@@ -100,20 +108,22 @@ def main() -> None:
             flat.search(q[None], args.k)
             times.append(time.perf_counter() - t)
         ms = np.array(times) * 1000
-        rows.append({"items": n, "index": "Flat (exact)", "params": {}, "build_s": 0.0, "bytes_per_item": DIM * 4 + 8, f"recall@{args.k}": 1.0, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
-        print(f"{n:,} items: exact top-{args.k} of {args.queries} queries in {exact_s:.1f}s (batched); one query {rows[-1]['p50_ms']:.1f} ms", flush=True)
+        exact_row = {"items": n, "index": "Flat (exact)", "params": {}, "build_s": 0.0, "bytes_per_item": DIM * 4 + 8, f"recall@{args.k}": 1.0, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+        rows = [r for r in rows if (r["items"], r["index"]) != (n, "Flat (exact)")] + [exact_row]
+        print(f"{n:,} items: exact top-{args.k} of {args.queries} queries in {exact_s:.1f}s (batched); one query {exact_row['p50_ms']:.1f} ms", flush=True)
         del flat
         nlist = 1024 if n <= 1_000_000 else 4096
-        indexes = [
-            [IndexSpec("ivfpq", nlist=nlist, nprobe=p, pq_m=16) for p in (16, 64)],
-            [IndexSpec("ivfpq", nlist=nlist, nprobe=64, pq_m=16, refine=r) for r in (2, 4, 8)],
-            [IndexSpec("ivf", nlist=nlist, nprobe=64)],
-        ]
-        if n <= args.hnsw_max:
-            indexes.append([IndexSpec("hnsw", hnsw_m=32, ef_search=400)])
-        for specs in indexes:
+        indexes = {
+            "ivfpq": [IndexSpec("ivfpq", nlist=nlist, nprobe=p, pq_m=16) for p in (16, 64)],
+            "ivfpq_refine": [IndexSpec("ivfpq", nlist=nlist, nprobe=64, pq_m=16, refine=r) for r in (2, 4, 8)],
+            "ivf": [IndexSpec("ivf", nlist=nlist, nprobe=64)],
+            "hnsw": [IndexSpec("hnsw", hnsw_m=32, ef_search=400)] if n <= args.hnsw_max else [],
+        }
+        for group, specs in indexes.items():
+            if group not in args.indexes or not specs:
+                continue
             for row in measure(items, queries, exact, specs, args.k, threads):
-                rows.append({"items": n, **row})
+                rows = [r for r in rows if (r["items"], r["index"], r["params"]) != (n, row["index"], row["params"])] + [{"items": n, **row}]
                 print(f"{n:,} items {row['index']} {row['params']}: build {row['build_s']:.0f}s, {row['bytes_per_item']:.0f} B/item, Recall@{args.k} {row[f'recall@{args.k}']:.3f}, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms", flush=True)
             write(rows, args)
         del items
@@ -127,9 +137,11 @@ def write(rows: list[dict], args) -> None:
         f"| items | index | search | build s | bytes / item | Recall@{k} vs exact | p50 ms | p99 ms |",
         "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    cores = os.cpu_count()
+    kind = lambda r: 0 if r["index"].startswith("Flat") else 4 if r["index"].startswith("HNSW") else 3 if r["index"].endswith(",Flat") else 2 if "Refine" in r["index"] else 1  # noqa: E731
+    for r in sorted(rows, key=lambda r: (r["items"], kind(r), sorted(r["params"].items()))):
         params = ", ".join(f"{a} {b}" for a, b in r["params"].items()) or "-"
-        lines.append(f"| {r['items']:,} | {r['index']} | {params} | {r['build_s']:.0f} | {r['bytes_per_item']:.0f} | {r[f'recall@{k}']:.3f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+        lines.append(f"| {r['items']:,} | {r['index']} | {params} | {r['build_s']:.0f}{'' if r.get('build_threads', cores) == cores else f" ({r['build_threads']} thread{'s' if r['build_threads'] > 1 else ''})"} | {r['bytes_per_item']:.0f} | {r[f'recall@{k}']:.3f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
     lines += [
         "",
         f"Recall@{k}: share of the exact inner-product top-{k} (IndexFlatIP) the index returns, mean over {args.queries} queries.",

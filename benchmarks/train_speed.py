@@ -42,6 +42,7 @@ from provenance import provenance
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = {"dssm": 45_000, "inttower": 8_000}  # issue 13, fp32 on these 2 cores
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")  # the profiler's matmul kernels (self time)
 
 
 def stock_maxsim(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -128,8 +129,13 @@ def profile(steps: int) -> None:
             seconds = time.perf_counter() - start
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         total = sum(e.self_cpu_time_total for e in events)
+        # the matmuls at this step's own shapes: what no fusion of the other work can remove
+        matmul_ms = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e3 / len(batches)
         lines += [
             f"## {model_name}: {seconds / len(batches) * 1e3:.1f} ms a step under the profiler ({len(batches)} steps)",
+            "",
+            f"Its matmuls alone ({', '.join(f'`{m}`' for m in MATMULS)}) take {matmul_ms:.1f} ms a step: a step of nothing else "
+            f"would reach {2048 / matmul_ms * 1e3:,.0f} samples/s (target {TARGETS[model_name]:,}).",
             "",
             "| operator | calls / step | self CPU ms / step | share |",
             "|---|---:|---:|---:|",
