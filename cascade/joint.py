@@ -232,8 +232,9 @@ def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Modul
 
 def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]], named: Callable = lambda e: e) -> dict:
     """Run ``exp.cascade``'s method from the warm-up stages (each ``named`` as in
-    ``train_experiment``, and trained first if its run folder has no ``best.pt``); report the cascade on valid and test before training and after each
-    round. Writes ``results.json`` in ``exp.run_dir``."""
+    ``train_experiment``, and trained first if its run folder has no ``best.pt``); report the
+    cascade on valid and test before training and after each round. Writes ``results.json``
+    in ``exp.run_dir``."""
     cfg: CascadeConfig = exp.cascade
     recall_config = Path(cfg.recall["config"])
     (recall_exp,) = load_config(recall_config, cfg.recall["experiment"])
