@@ -129,6 +129,12 @@ def main() -> None:
         del items
 
 
+def build_cell(row: dict, cores: int) -> str:
+    """Build seconds, with the threads where fewer than the machine's cores."""
+    threads = row.get("build_threads", cores)
+    return f"{row['build_s']:.0f}" + ("" if threads == cores else f" ({threads} thread{'s' if threads > 1 else ''})")
+
+
 def write(rows: list[dict], args) -> None:
     k = args.k
     lines = [
@@ -141,7 +147,7 @@ def write(rows: list[dict], args) -> None:
     kind = lambda r: 0 if r["index"].startswith("Flat") else 4 if r["index"].startswith("HNSW") else 3 if r["index"].endswith(",Flat") else 2 if "Refine" in r["index"] else 1  # noqa: E731
     for r in sorted(rows, key=lambda r: (r["items"], kind(r), sorted(r["params"].items()))):
         params = ", ".join(f"{a} {b}" for a, b in r["params"].items()) or "-"
-        lines.append(f"| {r['items']:,} | {r['index']} | {params} | {r['build_s']:.0f}{'' if r.get('build_threads', cores) == cores else f" ({r['build_threads']} thread{'s' if r['build_threads'] > 1 else ''})"} | {r['bytes_per_item']:.0f} | {r[f'recall@{k}']:.3f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+        lines.append(f"| {r['items']:,} | {r['index']} | {params} | {build_cell(r, cores)} | {r['bytes_per_item']:.0f} | {r[f'recall@{k}']:.3f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
     lines += [
         "",
         f"Recall@{k}: share of the exact inner-product top-{k} (IndexFlatIP) the index returns, mean over {args.queries} queries.",
