@@ -1,7 +1,7 @@
 """The whole cascade, trained jointly or not: one row per ``task: cascade`` experiment of a config
 (recall tower over the catalog -> pre-rank top-m -> rank top-k), compared on joint recall.
 
-    python benchmarks/distill_joint.py [--config configs/distill_synth.yaml] [--seeds 0] [--device cpu]
+    python benchmarks/distill_joint.py [--config configs/distill_synth.yaml] [--seeds 0] [--device cpu] [--only NAME[@SEEDS] ...]
 
 A seed seeds the whole cascade but its recall tower: the warm-up pre-rank and rank stages (and a
 distilled pre-ranker's teacher) are the config's experiments at that seed (the config's own run
@@ -85,15 +85,17 @@ def main() -> None:
     parser.add_argument("--config", default="configs/distill_synth.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", nargs="+", help="only these experiments")
+    parser.add_argument("--only", nargs="+", help="only these experiments; NAME@0,1 runs NAME at its own seeds")
     args = parser.parse_args()
     config = ROOT / args.config
     name = f"{config.stem}_joint"
-    experiments = [e for e in load_config(config) if e.task == "cascade" and (not args.only or e.name in args.only)]
+    only = dict(x.partition("@")[::2] for x in args.only or [])
+    experiments = [e for e in load_config(config) if e.task == "cascade" and (not only or e.name in only)]
     runs = ROOT / "runs" / f"bench_{name}"
     rows: dict[str, list[dict]] = {}
     for exp in experiments:
-        rows[exp.name] = [run(exp, config, seed, runs, args.device) for seed in args.seeds]
+        seeds = [int(s) for s in only[exp.name].split(",")] if only.get(exp.name) else args.seeds
+        rows[exp.name] = [run(exp, config, seed, runs, args.device) for seed in seeds]
         write(rows, name, args.config)
     print((RESULTS / f"{name}.md").read_text())
 
