@@ -65,7 +65,8 @@ def train_and_score(config: Path, names: tuple[str, ...], seed: int, lists: dict
                 BOOSTED[exp.model.name](exp)
             scores = {s: np.load(exp.run_dir / "scores" / f"{s}.npy") for s in lists}
         else:
-            model = load_trained(exp, ds, models, lambda e: train_distill(e, teacher, models))
+            boosted = teacher is not None and teacher.model.name in BOOSTED  # a LightGBM ranker as the teacher
+            model = load_trained(exp, ds, models, lambda e: train_distill(e, teacher, models, BOOSTED[teacher.model.name] if boosted else None))
             scores = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
         print(f"{config.stem} seed {seed}: {name} ready in {time.perf_counter() - start:.0f}s", flush=True)
         yield name, scores
