@@ -109,7 +109,7 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         ms = np.array(times) * 1000
         exact_row = {"items": n, "index": "Flat (exact)", "params": {}, "build_s": 0.0, "bytes_per_item": DIM * 4 + 8, f"recall@{args.k}": 1.0, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
-        rows = [r for r in rows if (r["items"], r["index"]) != (n, "Flat (exact)")] + [exact_row]
+        rows = with_row(rows, exact_row)
         print(f"{n:,} items: exact top-{args.k} of {args.queries} queries in {exact_s:.1f}s (batched); one query {exact_row['p50_ms']:.1f} ms", flush=True)
         del flat
         nlist = 1024 if n <= 1_000_000 else 4096
@@ -123,10 +123,16 @@ def main() -> None:
             if group not in args.indexes or not specs:
                 continue
             for row in measure(items, queries, exact, specs, args.k, threads):
-                rows = [r for r in rows if (r["items"], r["index"], r["params"]) != (n, row["index"], row["params"])] + [{"items": n, **row}]
+                rows = with_row(rows, {"items": n, **row})
                 print(f"{n:,} items {row['index']} {row['params']}: build {row['build_s']:.0f}s, {row['bytes_per_item']:.0f} B/item, Recall@{args.k} {row[f'recall@{args.k}']:.3f}, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms", flush=True)
             write(rows, args)
         del items
+
+
+def with_row(rows: list[dict], row: dict) -> list[dict]:
+    """``rows`` with ``row`` in place of any stored one of the same catalog size, index and search."""
+    key = lambda r: (r["items"], r["index"], r["params"])  # noqa: E731
+    return [r for r in rows if key(r) != key(row)] + [row]
 
 
 def build_cell(row: dict, cores: int) -> str:

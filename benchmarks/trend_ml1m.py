@@ -35,7 +35,7 @@ from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.data.trend import ItemTrend
 from cascade.flow import cached_scores, train_distill
-from cascade.joint import positive_counts
+from cascade.joint import positive_counts, train_experiment
 from cascade.models import MODELS, load_trained
 from cascade.pipeline import prepare_data
 from teachers import BOOSTED, TEACHERS
@@ -65,8 +65,8 @@ def train_and_score(config: Path, names: tuple[str, ...], seed: int, lists: dict
                 BOOSTED[exp.model.name](exp)
             scores = {s: np.load(exp.run_dir / "scores" / f"{s}.npy") for s in lists}
         else:
-            boosted = teacher is not None and teacher.model.name in BOOSTED  # a LightGBM ranker as the teacher
-            model = load_trained(exp, ds, models, lambda e: train_distill(e, teacher, models, BOOSTED[teacher.model.name] if boosted else None))
+            # a missing teacher is trained by its task, LightGBM by its own trainer
+            model = load_trained(exp, ds, models, lambda e: train_distill(e, teacher, models, lambda t: train_experiment(t, config, models, BOOSTED)))
             scores = {s: cached_scores(model, lst, exp.run_dir / "scores" / f"{s}.npy") for s, lst in lists.items()}
         print(f"{config.stem} seed {seed}: {name} ready in {time.perf_counter() - start:.0f}s", flush=True)
         yield name, scores
