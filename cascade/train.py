@@ -24,7 +24,7 @@ import random
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from queue import Empty, Queue
 from typing import Callable, Iterator
@@ -87,6 +87,9 @@ class CheckpointError(RunError):
     """A checkpoint that cannot be resumed from; the message names the file and what to do."""
 
 
+BUCKET_POOL = 50  # batches whose rows are sorted by length together: similar lengths, still a shuffle
+
+
 @dataclass
 class Tensors:
     """A split as tensors: user (R, Wu), items (R, N, Wi), label and mask (R, N); for list
@@ -107,12 +110,41 @@ class Tensors:
 
     def batches(self, size: int, generator: torch.Generator | None = None) -> Iterator["Tensors"]:
         """Batches in a random order drawn from ``generator`` (on the CPU, so the order is the
-        same whatever the device), or in order without one."""
+        same whatever the device), or in order without one.
+
+        Random batches of lists of different lengths (padding after a list's last candidate, e.g.
+        a stage's top-m plus every logged positive) are bucketed: each pool of ``BUCKET_POOL``
+        batches' rows is sorted by length and cut into batches, each batch cut to its longest list,
+        and the batches are shuffled. Every loss is blind to padding (``losses.sorting``), so this
+        changes which lists share a batch, not what a list contributes; lists of one length (the
+        usual recall top-n) take the plain shuffle."""
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
-        order = order.to(self.user.device)
-        for a in range(0, len(self), size):
-            idx = order[a : a + size]
-            yield self._map(lambda t: t[idx])
+        lengths = self.list_lengths()
+        if generator is None or lengths.min() == lengths.max():
+            for a in range(0, len(self), size):
+                idx = order[a : a + size].to(self.user.device)
+                yield self._map(lambda t: t[idx])
+            return
+        chunks = []
+        for a in range(0, len(self), size * BUCKET_POOL):
+            pool = order[a : a + size * BUCKET_POOL]
+            pool = pool[torch.sort(lengths[pool], stable=True).indices]
+            chunks += list(pool.split(size))
+        for c in torch.randperm(len(chunks), generator=generator).tolist():
+            idx, width = chunks[c].to(self.user.device), int(lengths[chunks[c]].max())
+            yield self._map(lambda t: t[idx]).cut(width)
+
+    def list_lengths(self) -> torch.Tensor:
+        """(R,) int64 on the CPU: one past each list's last valid candidate (0 for an empty list)."""
+        mask = self.mask.cpu().bool()
+        n = mask.shape[1]
+        return torch.where(mask.any(1), n - mask.flip(1).int().argmax(1), 0)
+
+    def cut(self, width: int) -> "Tensors":
+        """Each list cut to its first ``width`` candidates (items, label, mask, teacher, stage)."""
+        if width >= self.mask.shape[1]:
+            return self
+        return replace(self, items=self.items[:, :width], **{f: t[:, :width] for f in ("label", "mask", "teacher", "stage") if (t := getattr(self, f)) is not None})
 
     def to(self, device: torch.device | str) -> "Tensors":
         return self._map(lambda t: t.to(device))

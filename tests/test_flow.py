@@ -281,3 +281,27 @@ def test_a_streamed_run_refuses_a_lightgbm_teacher_and_a_task_that_does_not_stre
     assert not (tmp_path / "runs" / "gbdt_rank").exists()  # refused before the teacher trained
     with pytest.raises(ConfigError, match=r"experiments.din.data.stream: 'always', but a 'cascade' task reads its data whole"):
         load_config(_write(tmp_path, CONFIG.replace("  din:\n    task: pointwise", "  din:\n    data: {stream: always}\n    task: cascade\n    cascade: {recall: {config: x.yaml, experiment: r}}")))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 12), st.integers(0, 5), st.integers(0, 2**31 - 1))
+def test_every_loss_term_is_blind_to_padding_after_the_lists(rows, valid, padding, seed):
+    # Tensors.batches cuts a batch of lists of different lengths to its longest one; that is
+    # only the same training if no term sees the padded columns it drops
+    g = torch.Generator().manual_seed(seed)
+    n = valid + padding
+    lengths = torch.randint(1, valid + 1, (rows,), generator=g)
+    mask = torch.arange(n).unsqueeze(0) < lengths.unsqueeze(1)
+    batch = Tensors(
+        user=torch.zeros(rows, 1),
+        items=torch.zeros(rows, n, 1),
+        label=(torch.rand(rows, n, generator=g) < 0.3).float() * mask,
+        mask=mask,
+        teacher=torch.randn(rows, n, generator=g) * mask,
+        stage=torch.randint(0, 4, (rows, n), generator=g),
+    )
+    logits = torch.randn(rows, n, generator=g)
+    cfg = DistillConfig(prerank_quota=3, rank_quota=2, exposure_bce=1, rankflow_bce=1, tutor=1, arf=1, arf_tau=5, listwise_kd=1, logit_mse=0.1, soft_bce=0.1)
+    loss = DistillLoss(cfg)
+    width = int(lengths.max())
+    assert loss(logits[:, :width], batch.cut(width)).item() == pytest.approx(loss(logits, batch).item(), rel=1e-5, abs=1e-6)

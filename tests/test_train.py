@@ -228,3 +228,39 @@ def test_prefetch_keeps_the_order_raises_the_producers_error_and_ends_on_a_break
         if x == 5:
             break
     assert threading.active_count() == before  # the producer thread has ended
+
+
+def _lists(lengths: list[int], width: int) -> Tensors:
+    rows = len(lengths)
+    mask = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    ids = torch.arange(rows, dtype=torch.float32)
+    return Tensors(user=ids.unsqueeze(1), items=torch.zeros(rows, width, 1), label=torch.zeros(rows, width), mask=mask)
+
+
+def test_random_batches_of_lists_of_different_lengths_are_bucketed_and_cut():
+    # 90 lists of 5 candidates and 10 of 50, batches of 10: all 100 rows fall in one pool
+    # (BUCKET_POOL batches), so 9 batches hold short lists only (cut to width 5) and one the long
+    # ones (width 50): 9 * 10 * 5 + 10 * 50 = 950 cells against 100 * 50 = 5,000 unbucketed
+    data = _lists([5] * 90 + [50] * 10, 50)
+    batches = list(data.batches(10, torch.Generator().manual_seed(0)))
+    assert sorted(b.mask.shape[1] for b in batches) == [5] * 9 + [50]
+    assert sum(b.mask.numel() for b in batches) == 950
+    seen = torch.cat([b.user[:, 0] for b in batches]).long()
+    assert sorted(seen.tolist()) == list(range(100))  # every list once
+    for b in batches:  # no valid candidate cut off, and each list's columns kept in place
+        assert (b.mask.sum(1) == torch.tensor([5 if i < 90 else 50 for i in b.user[:, 0].long().tolist()])).all()
+
+
+def test_batches_of_lists_of_one_length_keep_the_plain_shuffle():
+    # the usual recall top-n: the same batches, in the same order, as before bucketing existed
+    data = _lists([7] * 23, 9)
+    got = [b.user[:, 0].long().tolist() for b in data.batches(5, torch.Generator().manual_seed(3))]
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(3)).tolist()
+    assert got == [order[a : a + 5] for a in range(0, 23, 5)]
+    assert all(b.mask.shape[1] == 9 for b in data.batches(5, torch.Generator().manual_seed(3)))  # not cut
+
+
+def test_batches_in_order_are_never_cut():
+    # scoring concatenates the batches' outputs, so they keep the full width
+    data = _lists([3, 9, 1, 4], 9)
+    assert [b.mask.shape[1] for b in data.batches(2)] == [9, 9]
