@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from cascade.data.lists import ListBatch
 from cascade.features import Field, FeatureSpec
@@ -62,13 +63,19 @@ class Embeddings(nn.Module):
     def forward(self, x: torch.Tensor, slots: tuple[Slot, ...]) -> torch.Tensor:
         out = []
         for s in slots:
-            ids = x[:, s.start : s.start + s.width]
-            e = self.tables[s.table](ids)  # (B, width, E); padding rows are zero
+            ids, table = x[:, s.start : s.start + s.width], self.tables[s.table]
             if s.width == 1:
-                out.append(e[:, 0])
+                out.append(table(ids)[:, 0])
+                continue
+            if self.training:
+                # fused lookup and sum, never holding the (B, width, E) gather: the 2048 x 50
+                # history's gather and its backward were the costliest non-matmul work of a DSSM
+                # step. Eval (and so ONNX, where embedding_bag becomes a loop) keeps the plain
+                # gather; row 0 is zero, so both sum the same rows
+                total = F.embedding_bag(ids, table.weight, mode="sum", padding_idx=0)
             else:
-                count = (ids > 0).sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
-                out.append(e.sum(dim=1) / count)
+                total = table(ids).sum(dim=1)
+            out.append(total / (ids > 0).sum(dim=1, keepdim=True).clamp(min=1).to(total.dtype))
         return torch.stack(out, dim=1)
 
 

@@ -11,8 +11,13 @@ def test_dropout_keeps_about_1_minus_p_and_rescales():
     kept = y != 0
     # kept fraction ~ Binomial(200k, 0.7)/200k: std = sqrt(0.7 * 0.3 / 200k) = 0.001, so 0.7 +- 0.005 is 5 sigma
     assert abs(kept.float().mean().item() - 0.7) < 0.005
-    # every kept value is 1 / (1 - 0.3)
-    torch.testing.assert_close(y[kept], torch.full((int(kept.sum()),), 1 / 0.7))
+    # every kept value is one over the keep rate, p rounded to 1/65536: round(0.3 * 65536) =
+    # 19661 of the 65536 int16 values drop, so the scale is 65536 / 45875 = 1.428577 (not 1 / 0.7)
+    torch.testing.assert_close(y[kept], torch.full((int(kept.sum()),), 65536 / 45875))
+    # neighbours share one 64-bit draw; their masks must still be independent: both kept 0.49,
+    # std sqrt(0.49 * 0.51 / 100k) = 0.0016, so +- 0.008 is 5 sigma
+    pairs = kept.view(-1, 2)
+    assert abs((pairs[:, 0] & pairs[:, 1]).float().mean().item() - 0.49) < 0.008
 
 
 def test_dropout_is_identity_in_eval_and_its_gradient_is_the_mask():

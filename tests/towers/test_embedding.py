@@ -60,3 +60,23 @@ def test_pack_follows_the_layout(small_world):
     np.testing.assert_array_equal(u[:, -ds.schema.history_max :], lists.history)
     tags = next(s for s in item_slots if s.name == "tags")
     np.testing.assert_array_equal(it[:, :, tags.start : tags.start + tags.width], lists.item["tags"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_training_and_eval_pool_the_same_and_train_the_same(seed):
+    # training pools multi-valued fields with embedding_bag, eval (and ONNX) with a plain gather:
+    # the pre-ranker served must be the one trained, and its gradients those of the plain sum
+    rng = np.random.default_rng(seed)
+    emb = Embeddings(SPEC, 4)
+    slots = layout(SPEC.side("item"), history_len=6)
+    x = torch.from_numpy(np.concatenate([rng.integers(1, 10, (5, 1)), rng.integers(0, 5, (5, 3)), rng.integers(0, 10, (5, 6))], axis=1))
+    weights = torch.from_numpy(rng.normal(size=(5, 3, 4))).float()
+    grads = []
+    for training in (True, False):
+        emb.zero_grad()
+        out = emb.train(training)(x, slots)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), emb.tables["item_id"].weight.grad.clone(), emb.tables["tags"].weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
