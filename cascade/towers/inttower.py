@@ -65,7 +65,8 @@ class IntTowerSide(nn.Module):
             h = layer(h)
         if not self.every_layer:
             reps.append(self.heads[0](h))
-        return torch.cat(reps, dim=1).unflatten(1, (-1, self.head_dim)), h
+        heads = reps[0] if len(reps) == 1 else torch.cat(reps, dim=1)  # the item side's one head needs no copy
+        return heads.unflatten(1, (-1, self.head_dim)), h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)[0]
