@@ -119,12 +119,18 @@ class Tensors:
         changes which lists share a batch, not what a list contributes; lists of one length (the
         usual recall top-n) take the plain shuffle."""
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
-        lengths = self.list_lengths()
-        if generator is None or lengths.min() == lengths.max():
-            for a in range(0, len(self), size):
-                idx = order[a : a + size].to(self.user.device)
-                yield self._map(lambda t: t[idx])
+        lengths = self.list_lengths() if generator is not None else None  # scoring never reads the mask back
+        if lengths is not None and len(lengths) and lengths.min() < lengths.max():
+            yield from self._bucketed(order, lengths, size, generator)
             return
+        order = order.to(self.user.device)
+        for a in range(0, len(self), size):
+            idx = order[a : a + size]
+            yield self._map(lambda t: t[idx])
+
+    def _bucketed(self, order: torch.Tensor, lengths: torch.Tensor, size: int, generator: torch.Generator) -> Iterator["Tensors"]:
+        """``batches``' bucketing: rows in ``order`` sorted by ``lengths`` within pools of
+        ``BUCKET_POOL`` batches, the batches shuffled, each cut to its longest list."""
         chunks = []
         for a in range(0, len(self), size * BUCKET_POOL):
             pool = order[a : a + size * BUCKET_POOL]
