@@ -1,5 +1,5 @@
-"""MovieLens-1M benchmark: every model of configs/ml1m_ctr.yaml over 3 seeds, and the recall
-tower of configs/ml1m_recall.yaml, in one table beside the published figures.
+"""MovieLens-1M benchmark: every model of configs/ml1m_ctr.yaml over 3 seeds, in one table beside
+the published figures. (The recall tower's table is benchmarks/recall_ml1m.py's.)
 
     python benchmarks/ml1m_ctr.py [--seeds 0 1 2] [--models dssm inttower ...] [--runs runs/bench]
 
@@ -19,10 +19,7 @@ import numpy as np
 
 from cascade.config import load_config
 from cascade.models import MODELS
-from cascade import metrics as M
-from cascade.data.lists import build_lists
-from cascade.evaluate import most_popular, popularity
-from cascade.pipeline import prepare_data, train_pointwise, train_recall
+from cascade.pipeline import train_pointwise
 from teachers import BOOSTED, TEACHERS
 
 from provenance import provenance
@@ -43,21 +40,9 @@ def run(exp, seed: int, runs: Path, finished: dict[str, dict]) -> dict:
     done = exp.run_dir / "results.json"
     if done.exists() and "test" in json.loads(done.read_text()):
         return json.loads(done.read_text())
-    if exp.task == "recall":
-        return train_recall(exp)
     if exp.model.name in BOOSTED:
         return BOOSTED[exp.model.name](exp)  # train.seed is LightGBM's seed too
     return train_pointwise(exp, {**MODELS, **TEACHERS})
-
-
-def most_popular_recall(exp) -> dict:
-    """Most-popular recall (``evaluate.most_popular``) on the test requests of ``exp``'s data,
-    scored as ``recall.evaluate_recall`` scores a tower."""
-    ds = prepare_data(exp.data)
-    lists = build_lists(ds, "test")
-    positives = np.where(lists.mask & (lists.label > 0), lists.item["item_id"], 0)
-    top = most_popular(lists, popularity(ds), ds.items["item_id"], 200)
-    return {"test": {f"recall@{k}": M.retrieval_recall(top[:, :k], positives) for k in (50, 200)}}
 
 
 def mean_std(values: list[float]) -> str:
@@ -66,7 +51,7 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
-def write_tables(rows: dict[str, list[dict]], recall_rows: dict[str, list[dict]], finished: dict[str, dict], args) -> None:
+def write_tables(rows: dict[str, list[dict]], finished: dict[str, dict], args) -> None:
     dssm = [r["test"]["auc"] for r in rows.get("dssm", [])]
     lines = [
         "# MovieLens-1M, `ctr` protocol (leak-free)",
@@ -95,45 +80,30 @@ def write_tables(rows: dict[str, list[dict]], recall_rows: dict[str, list[dict]]
         "split from its own labels, test labels included, so they are not comparable as they stand.",
         "For `gbdt` the parameters column holds the number of trees and s / epoch the whole fit.",
     ]
-    if recall_rows:
-        lines += ["", "# Recall tower, MovieLens-1M `cascade` protocol (temporal)", "", "| experiment | seeds | Recall@50 | Recall@200 |", "|---|---:|---|---|"]
-        for name, rs in recall_rows.items():
-            lines.append(f"| {name} | {len(rs)} | {mean_std([r['test']['recall@50'] for r in rs])} | {mean_std([r['test']['recall@200'] for r in rs])} |")
-        lines += [
-            "",
-            "Retrieval from the whole catalog (3,883 movies) minus the request's history; positives = the",
-            "request's ratings >= 4. Mean over test requests with a positive. most_popular: the built-in",
-            "baseline of `cascade eval` (the items with the most training-split positives, the request's",
-            "history excluded; no training, so no seeds), computed in this run on the same test requests.",
-        ]
     meta = provenance()
     lines += ["", f"`{meta['command']}` at {meta['git_commit']}, {meta['date']}, {meta['machine']}"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ml1m_ctr.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "ml1m_ctr.json").write_text(json.dumps({**meta, "runs": finished, "ctr": rows, "recall": recall_rows}, indent=2, default=float) + "\n")
+    (RESULTS / "ml1m_ctr.json").write_text(json.dumps({**meta, "runs": finished, "ctr": rows}, indent=2, default=float) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--models", nargs="+", default=ORDER + ["recall"])
+    parser.add_argument("--models", nargs="+", default=ORDER)
     parser.add_argument("--runs", default="runs/bench")
     args = parser.parse_args()
     runs = ROOT / args.runs
     ctr = {e.name: e for e in load_config(ROOT / "configs" / "ml1m_ctr.yaml") if e.name in ORDER}
-    recall = {e.name: e for e in load_config(ROOT / "configs" / "ml1m_recall.yaml")}
     saved = RESULTS / "ml1m_ctr.json"
     finished: dict[str, dict] = json.loads(saved.read_text()).get("runs", {}) if saved.exists() else {}
+    finished = {k: r for k, r in finished.items() if r.get("task") != "recall"}  # recall_ml1m.py's now
     rows: dict[str, list[dict]] = {}
-    recall_rows: dict[str, list[dict]] = {}
-    if "recall" in args.models:
-        recall_rows["most_popular"] = [most_popular_recall(next(iter(recall.values())))]
     for seed in args.seeds:  # seed-major: one seed of every model first, then the next
-        for table, experiments in ((rows, {m: ctr[m] for m in ORDER if m in args.models}), (recall_rows, recall if "recall" in args.models else {})):
-            for name, exp in experiments.items():
-                finished[f"{name}_s{seed}"] = result = run(exp, seed, runs, finished)
-                table.setdefault(name, []).append(result)
-                write_tables(rows, recall_rows, finished, args)
+        for name in [m for m in ORDER if m in args.models]:
+            finished[f"{name}_s{seed}"] = result = run(ctr[name], seed, runs, finished)
+            rows.setdefault(name, []).append(result)
+            write_tables(rows, finished, args)
     print((RESULTS / "ml1m_ctr.md").read_text())
 
 

@@ -30,11 +30,16 @@ class RecallConfig:
     popularity_negatives: int = 0  # M per batch, drawn by popularity ** popularity_power
     popularity_power: float = 0.75
     hard_negatives: int = 0  # K per pair, from the request's logged items cut before rank
+    # "positive": each logged positive counts once; "request": each request counts once, as
+    # Recall@k averages over requests (a pair weighs mean positives / its request's positives)
+    pair_weight: str = "positive"
     seed: int = 0
 
     def __post_init__(self) -> None:
         above(self, temperature=0)
         at_least(self, popularity_negatives=0, popularity_power=0, hard_negatives=0, seed=0)
+        if self.pair_weight not in ("positive", "request"):
+            raise ValueError(f"pair_weight: '{self.pair_weight}' is not 'positive' or 'request'")
 
 
 @dataclass(frozen=True)

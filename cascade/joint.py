@@ -157,7 +157,7 @@ def _fit_retrieval(recall: nn.Module, ds: Dataset, recall_exp, exp, run_dir: Pat
     logged (request, positive) pairs of the train split) for ``epochs``; returns its seconds."""
     start = time.perf_counter()
     table = item_table(ds, recall.item_slots)
-    pairs = training_pairs(ds, recall, "train", table, recall_exp.recall.hard_negatives, recall_exp.recall.seed)
+    pairs = training_pairs(ds, recall, "train", table, recall_exp.recall)
     step = RecallStep(recall_exp.recall, recall, table, ds.items["item_id"], pairs)
     trainer = Trainer(recall, replace(exp.train, epochs=epochs, batch_size=recall_exp.train.batch_size, lr=lr or exp.train.lr), run_dir)
     trainer.log(f"{run_dir.name}: {len(pairs):,} (request, positive) pairs, sampled softmax, {epochs} epoch(s)")

@@ -298,7 +298,7 @@ def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Modul
         table = item_table(ds, model.item_slots)
     except ValueError as e:
         raise ConfigError(f"{exp.where}.model.drop_fields: {e}") from None
-    train = training_pairs(ds, model, "train", table, exp.recall.hard_negatives, exp.recall.seed)
+    train = training_pairs(ds, model, "train", table, exp.recall)
     step = RecallStep(exp.recall, model, table, ds.items["item_id"], train)
     trainer = Trainer(model, exp.train, exp.run_dir)
     trainer.log(f"{exp.name}: recall with {exp.model.name} on {exp.data.dir}: {len(train):,} training pairs, {len(ds.items['item_id']):,} items")

@@ -7,6 +7,10 @@ share of training positives), optionally M items drawn by popularity^power (expe
 M * p_j), and optionally K hard negatives per pair mined from the logged cascade (recalled but cut
 before the rank stage, stage <= 1; not corrected). Logits are s / tau - log(expected count);
 accidental hits (a row's own positive appearing as another candidate) are masked.
+
+Each pair counts once by default, so a request with 45 positives (a MovieLens sign-up day, no
+history yet) outweighs nine with 5 (a regular's day, 50 items of history). Recall@k averages over
+requests; ``pair_weight: request`` weighs the pairs so that every request counts the same.
 """
 
 from __future__ import annotations
@@ -42,11 +46,17 @@ def item_table(ds: Dataset, slots: tuple[Slot, ...]) -> torch.Tensor:
     return torch.from_numpy(table)
 
 
-def training_pairs(ds: Dataset, model: TwoTower, split: str, table: torch.Tensor, hard_negatives: int, seed: int) -> Tensors:
+def training_pairs(ds: Dataset, model: TwoTower, split: str, table: torch.Tensor, cfg: RecallConfig) -> Tensors:
     """(request, positive) pairs: user (P, Wu), items (P, 1 + K, Wi) = the positive then up to K
-    hard negatives of its request (cut before rank in the logged cascade), mask (P, 1 + K)."""
+    hard negatives of its request (cut before rank in the logged cascade, K = ``cfg.hard_negatives``),
+    mask (P, 1 + K); with ``cfg.pair_weight="request"`` a weight (P,) = mean positives per
+    request / its request's positives, so every request weighs the same and the weights average 1."""
     flat = pointwise_lists(ds, split)
     flat = flat.take(np.flatnonzero(flat.label[:, 0] > 0))
+    weight, hard_negatives = None, cfg.hard_negatives
+    if cfg.pair_weight == "request":
+        _, which, per_request = np.unique(flat.request_id, return_inverse=True, return_counts=True)
+        weight = torch.from_numpy(per_request.mean() / per_request[which]).float()
     ids = np.zeros((len(flat), 1 + hard_negatives), dtype=np.int64)
     ids[:, 0] = flat.item["item_id"][:, 0]
     if hard_negatives:
@@ -55,7 +65,7 @@ def training_pairs(ds: Dataset, model: TwoTower, split: str, table: torch.Tensor
         rows = order[np.searchsorted(lists.request_id[order], flat.request_id)]
         cut = lists.mask[rows] & (lists.stage[rows] <= 1)
         # a seeded random order among each request's cut items; the first K are its hard negatives
-        key = np.where(cut, np.random.default_rng(seed).random(cut.shape), np.inf)
+        key = np.where(cut, np.random.default_rng(cfg.seed).random(cut.shape), np.inf)
         pick = np.argsort(key, axis=1)[:, :hard_negatives]
         ok = np.take_along_axis(cut, pick, 1)
         ids[:, 1:] = np.where(ok, np.take_along_axis(lists.item["item_id"][rows], pick, 1), 0)
@@ -64,6 +74,7 @@ def training_pairs(ds: Dataset, model: TwoTower, split: str, table: torch.Tensor
         items=table[torch.from_numpy(ids)],
         label=torch.ones(ids.shape),
         mask=torch.from_numpy(ids > 0),
+        weight=weight,
     )
 
 
@@ -107,7 +118,7 @@ class RecallStep:
             hard_logits = torch.einsum("bd,bkd->bk", u, hv) / cfg.temperature
             invalid = ~batch.mask[:, 1:] | (hard[:, :, self.id_column] == pos_ids.unsqueeze(1))
             logits.append(hard_logits.masked_fill(invalid, float("-inf")))
-        return sampled_softmax(torch.cat(logits, dim=1), torch.arange(b))
+        return sampled_softmax(torch.cat(logits, dim=1), torch.arange(b), batch.weight)
 
 
 class ItemIndex:

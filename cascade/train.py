@@ -93,7 +93,8 @@ BUCKET_POOL = 50  # batches whose rows are sorted by length together: similar le
 @dataclass
 class Tensors:
     """A split as tensors: user (R, Wu), items (R, N, Wi), label and mask (R, N); for list
-    training also the teacher's logits and the logged stage (R, N)."""
+    training also the teacher's logits and the logged stage (R, N); for a loss that weighs its
+    rows, each row's weight (R,)."""
 
     user: torch.Tensor
     items: torch.Tensor
@@ -101,6 +102,7 @@ class Tensors:
     mask: torch.Tensor
     teacher: torch.Tensor | None = None
     stage: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.user)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from cascade.data.lists import pointwise_lists
@@ -19,7 +20,7 @@ def _model(ds):
 def test_hard_negatives_come_from_the_requests_cut_items(small_world):
     ds, _ = small_world
     m = _model(ds)
-    pairs = training_pairs(ds, m, "train", item_table(ds, m.item_slots), hard_negatives=3, seed=0)
+    pairs = training_pairs(ds, m, "train", item_table(ds, m.item_slots), RecallConfig(hard_negatives=3))
     ids = pairs.items[:, :, 0].numpy()  # item_id is the first item column
     flat = pointwise_lists(ds, "train")
     request_of_pair = flat.request_id[flat.label[:, 0] > 0]  # the pairs' row order
@@ -54,9 +55,32 @@ def test_a_few_epochs_beat_the_untrained_tower(tmp_path):
     table = item_table(ds, m.item_slots)
     before = evaluate_recall(m, ds, "test", ks=(20,))["recall@20"]
     cfg = RecallConfig(temperature=0.1, popularity_negatives=64, hard_negatives=2)
-    pairs = training_pairs(ds, m, "train", table, cfg.hard_negatives, 0)
+    pairs = training_pairs(ds, m, "train", table, cfg)
     step = RecallStep(cfg, m, table, ds.items["item_id"], pairs)
     Trainer(m, TrainConfig(epochs=6, batch_size=128, lr=0.01, patience=6, monitor="recall@20"), tmp_path).fit(pairs, lambda b: step(m, b), lambda: evaluate_recall(m, ds, "valid", ks=(20,)))
     after = evaluate_recall(m, ds, "test", ks=(20,))["recall@20"]
     # 20 of 400 items retrieved at random would recall about 0.05
     assert after > before + 0.05 and after > 0.1
+
+
+def test_request_weighted_pairs_weigh_every_request_the_same(small_world):
+    ds, _ = small_world
+    m = _model(ds)
+    table = item_table(ds, m.item_slots)
+    plain = training_pairs(ds, m, "train", table, RecallConfig())
+    pairs = training_pairs(ds, m, "train", table, RecallConfig(pair_weight="request"))
+    assert plain.weight is None and len(pairs) == len(plain)
+    flat = pointwise_lists(ds, "train")
+    request_of_pair = flat.request_id[flat.label[:, 0] > 0]  # the pairs' row order
+    # a request with p positives gives p pairs of weight mean_p / p: each request sums to mean_p,
+    # and the weights average 1 (sum = requests x mean_p = pairs)
+    requests, per_request = np.unique(request_of_pair, return_counts=True)
+    sums = np.bincount(np.searchsorted(requests, request_of_pair), weights=pairs.weight.numpy())
+    assert per_request.min() < per_request.max()  # the world's requests differ, so this could fail
+    assert sums == pytest.approx(np.full(len(requests), per_request.mean()), rel=1e-5)
+    assert pairs.weight.mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_unknown_pair_weight_is_refused():
+    with pytest.raises(ValueError, match="pair_weight: 'requests'"):
+        RecallConfig(pair_weight="requests")

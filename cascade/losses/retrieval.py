@@ -30,6 +30,9 @@ def remove_accidental_hits(logits: torch.Tensor, positive_ids: torch.Tensor, can
     return logits.masked_fill(hit, float("-inf"))
 
 
-def sampled_softmax(logits: torch.Tensor, target_column: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each row's target column. logits (B, M), target_column (B,)."""
-    return F.cross_entropy(logits, target_column)
+def sampled_softmax(logits: torch.Tensor, target_column: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of each row's target column, each row times its ``weight`` if given.
+    logits (B, M), target_column (B,), weight (B,)."""
+    if weight is None:
+        return F.cross_entropy(logits, target_column)
+    return (weight * F.cross_entropy(logits, target_column, reduction="none")).mean()

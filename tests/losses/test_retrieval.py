@@ -28,3 +28,12 @@ def test_sampled_softmax_hand_worked():
     # row logits (ln 3, 0) -> softmax (3/4, 1/4); target 0 -> -ln(3/4) = 0.287682
     loss = sampled_softmax(torch.tensor([[math.log(3), 0.0]]), torch.tensor([0]))
     assert loss.item() == pytest.approx(-math.log(0.75))
+
+
+def test_weighted_sampled_softmax_hand_worked():
+    # rows: (ln 3, 0) target 0 -> -ln(3/4); (0, 0) target 1 -> ln 2. Weights (0.5, 1.5) average
+    # 1, so the loss is (0.5 * 0.287682 + 1.5 * 0.693147) / 2 = 0.591781
+    logits = torch.tensor([[math.log(3), 0.0], [0.0, 0.0]])
+    loss = sampled_softmax(logits, torch.tensor([0, 1]), torch.tensor([0.5, 1.5]))
+    assert loss.item() == pytest.approx((0.5 * -math.log(0.75) + 1.5 * math.log(2)) / 2)
+    assert sampled_softmax(logits, torch.tensor([0, 1]), torch.ones(2)).item() == pytest.approx(sampled_softmax(logits, torch.tensor([0, 1])).item())
