@@ -25,7 +25,7 @@ from cascade.joint import train_experiment
 from cascade.models import MODELS
 from teachers import TEACHERS
 
-from provenance import provenance, seeded, write_results
+from provenance import mean_std, provenance, seeded, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,9 +43,6 @@ def run(exp, config: Path, seed: int, runs: Path, device: str) -> dict:
 
 
 def write(rows: dict[str, list[dict]], name: str, config: str) -> None:
-    def mean_std(xs: list[float]) -> str:
-        return f"{np.mean(xs):.4f} ± {np.std(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
-
     cfg = next(iter(rows.values()))[0]["cascade"]
     n, m, k = cfg["recall_quota"], cfg["prerank_quota"], cfg["rank_quota"]
     lines = [

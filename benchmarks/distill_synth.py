@@ -29,7 +29,7 @@ from cascade.flow import train_distill
 from cascade.models import MODELS
 from teachers import TEACHERS
 
-from provenance import write_results
+from provenance import mean_std, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -50,9 +50,6 @@ def run(exp, teacher_exp, seed: int, runs: Path) -> dict:
 
 
 def write(rows: dict[str, list[dict]], args, name: str) -> None:
-    def mean_std(xs: list[float]) -> str:
-        return f"{np.mean(xs):.4f} ± {np.std(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
-
     any_row = next(iter(rows.values()))[0]
     k, m = any_row["distill"]["rank_quota"], any_row["distill"]["prerank_quota"]
     key = f"teacher_recall@{k}@{m}"

@@ -22,7 +22,7 @@ from cascade.models import MODELS
 from cascade.pipeline import train_pointwise
 from teachers import BOOSTED, TEACHERS
 
-from provenance import provenance
+from provenance import mean_std, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,12 +43,6 @@ def run(exp, seed: int, runs: Path, finished: dict[str, dict]) -> dict:
     if exp.model.name in BOOSTED:
         return BOOSTED[exp.model.name](exp)  # train.seed is LightGBM's seed too
     return train_pointwise(exp, {**MODELS, **TEACHERS})
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
 def write_tables(rows: dict[str, list[dict]], finished: dict[str, dict], args) -> None:
@@ -97,7 +91,6 @@ def main() -> None:
     ctr = {e.name: e for e in load_config(ROOT / "configs" / "ml1m_ctr.yaml") if e.name in ORDER}
     saved = RESULTS / "ml1m_ctr.json"
     finished: dict[str, dict] = json.loads(saved.read_text()).get("runs", {}) if saved.exists() else {}
-    finished = {k: r for k, r in finished.items() if r.get("task") != "recall"}  # recall_ml1m.py's now
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: one seed of every model first, then the next
         for name in [m for m in ORDER if m in args.models]:

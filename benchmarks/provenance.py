@@ -13,6 +13,8 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED_RUNS = ROOT / "runs" / "bench_seeds"  # every benchmark's runs at a seed other than the config's
 
@@ -24,6 +26,13 @@ def seeded(exp, seed: int):
     if seed == exp.train.seed:
         return exp
     return replace(exp, name=f"{exp.name}_s{seed}", out=str(SEED_RUNS / Path(exp.out).name), train=replace(exp.train, seed=seed))
+
+
+def mean_std(xs: list[float]) -> str:
+    """A table cell: mean ± population std over seeds, the value alone for one, "-" for none."""
+    if not xs:
+        return "-"
+    return f"{np.mean(xs):.4f} ± {np.std(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
 
 
 def provenance(machine: str | None = None) -> dict[str, str]:

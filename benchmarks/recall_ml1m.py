@@ -22,10 +22,10 @@ from cascade import metrics as M
 from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.data.trend import ItemTrend
-from cascade.evaluate import TRENDING_DAYS, most_popular, popularity, trending
+from cascade.evaluate import most_popular, popularity, trending, trending_days
 from cascade.pipeline import prepare_data, train_recall
 
-from provenance import provenance
+from provenance import mean_std, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -44,19 +44,14 @@ def baselines(exp) -> dict[str, dict]:
         return {s: {f"recall@{k}": M.retrieval_recall(top[s][:, :k], truth[s]) for k in KS} for s in split}
 
     popular = score({s: most_popular(lists, popularity(ds), catalog, max(KS)) for s, lists in split.items()})
-    by_window = {d: score({s: trending(lists, trend, catalog, max(KS), d) for s, lists in split.items()}) for d in TRENDING_DAYS}
-    days = max(TRENDING_DAYS, key=lambda d: by_window[d]["valid"][f"recall@{max(KS)}"])
-    return {"most_popular": popular, f"trending ({days} days, chosen on valid)": by_window[days]}
+    days = trending_days(split["valid"], trend, catalog, max(KS))
+    return {"most_popular": popular, f"trending ({days} days, chosen on valid)": score({s: trending(lists, trend, catalog, max(KS), days) for s, lists in split.items()})}
 
 
 def run(exp, seed: int, runs: Path) -> dict:
     exp = replace(exp, name=f"{exp.name}_s{seed}", out=str(runs), train=replace(exp.train, seed=seed), recall=replace(exp.recall, seed=seed))
     done = exp.run_dir / "results.json"
     return json.loads(done.read_text()) if done.exists() else train_recall(exp)
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
 def write(rows: dict[str, list[dict]], experiments: dict) -> None:
@@ -67,9 +62,10 @@ def write(rows: dict[str, list[dict]], experiments: dict) -> None:
         "|---|---:|---|---|---|---|",
     ]
     for name, rs in rows.items():
-        epochs = ", ".join(str(r["best_epoch"]) for r in rs) if "best_epoch" in rs[0] else "-"
+        trained = "best_epoch" in rs[0]  # a tower, not a baseline
+        epochs = ", ".join(str(r["best_epoch"]) for r in rs) if trained else "-"
         cells = [mean_std([r[s][f"recall@{k}"] for r in rs]) for s, k in (("valid", 200), ("test", 50), ("test", 200))]
-        lines.append(f"| {name} | {len(rs) if 'best_epoch' in rs[0] else '-'} | {epochs} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {len(rs) if trained else '-'} | {epochs} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Retrieval from the whole catalog (3,883 movies) minus the request's history; positives = the",

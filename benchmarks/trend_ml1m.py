@@ -40,7 +40,7 @@ from cascade.models import MODELS, load_trained
 from cascade.pipeline import prepare_data
 from teachers import BOOSTED, TEACHERS
 
-from provenance import seeded, write_results
+from provenance import mean_std, seeded, write_results
 from ranker_ml1m import flow, quality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,10 +76,6 @@ def cascade_quality(pre: np.ndarray, rank: np.ndarray, lists, n_positives: np.nd
     """pre-rank top-50 -> rank top-10 over the lists: their Recall@10 / NDCG@10 and joint recall."""
     positive = lists.mask & (lists.label > 0)
     return {**flow(pre, rank, lists, PRERANK, RANK), "joint_recall": M.joint_recall([pre, rank], [PRERANK, RANK], positive, lists.mask, n_positives)}
-
-
-def mean_std(xs: list[float]) -> str:
-    return f"{np.mean(xs):.4f} ± {np.std(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
 
 
 def main() -> None:

@@ -129,6 +129,12 @@ def trending(requests: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int,
     return np.concatenate(out) if out else np.zeros((0, n), np.int64)
 
 
+def trending_days(valid: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int) -> int:
+    """The ``TRENDING_DAYS`` window whose trending top-n keeps the most validation positives."""
+    truth = np.where(valid.mask & (valid.label > 0), valid.item["item_id"], 0)
+    return max(TRENDING_DAYS, key=lambda d: M.retrieval_recall(trending(valid, trend, catalog, n, d), truth))
+
+
 def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray | None, quotas: tuple[int, int]) -> dict[str, float]:
     """One stage's order over the recall lists (B, n): against the logged positives inside them
     and, unless the stage is the ranker itself (``ranker`` None), against the ranker's scores:
@@ -278,9 +284,7 @@ def baselines(ds: Dataset, fr: FlowRun, world, seed: int) -> dict[str, dict[str,
     pre_rankers = {"random_prerank": np.random.default_rng(seed).random(ids.shape), "popularity_prerank": counts[ids]}
     if ds.schema.temporal and lists.ts is not None:
         trend = ItemTrend.from_dataset(ds)
-        valid = build_lists(ds, "valid")
-        valid_truth = np.where(valid.mask & (valid.label > 0), valid.item["item_id"], 0)
-        days = max(TRENDING_DAYS, key=lambda d: M.retrieval_recall(trending(valid, trend, ds.items["item_id"], n, d), valid_truth))
+        days = trending_days(build_lists(ds, "valid"), trend, ds.items["item_id"], n)
         top = trending(lists, trend, ds.items["item_id"], n, days)
         out["trending_recall"] = {"days": days} | {f"positives_kept@{c}": M.retrieval_recall(top[:, :c], truth.positives) for c in (50, n) if c <= n}
         pre_rankers["trending_prerank"] = np.where(lists.mask, trend.counts(ids, lists.ts, days), 0).astype(np.float64)
