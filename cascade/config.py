@@ -95,7 +95,9 @@ class CascadeConfig:
     prerank_quota: int = 50
     rank_quota: int = 10
     rounds: int = 2  # rankflow
-    trained: tuple[str, ...] = ("rank", "prerank", "recall")  # rankflow: the stages its rounds train
+    # the stages the method trains: rankflow's rounds (any of the three); lcron: recall and/or
+    # prerank (the other one stays as it is)
+    trained: tuple[str, ...] = ("rank", "prerank", "recall")
     self_epochs: int = 2
     tutor_epochs: int = 1
     tutor_alpha: float = 0.5  # the pre-ranker's tutor (RankFlow's ML-1M value)
@@ -132,6 +134,8 @@ class CascadeConfig:
         unknown = sorted(set(self.trained) - {"rank", "prerank", "recall"})
         if unknown:
             raise ValueError(f"trained: unknown stage '{unknown[0]}' (stages: rank, prerank, recall)")
+        if self.method == "lcron" and not {"recall", "prerank"} & set(self.trained):
+            raise ValueError(f"trained: lcron trains recall or prerank, and {list(self.trained)} names neither")
         if not self.prerank_quota < self.lcron_recall_quota <= self.recall_quota:
             raise ValueError(f"need prerank_quota < lcron_recall_quota <= recall_quota, got {self.prerank_quota}, {self.lcron_recall_quota} and {self.recall_quota}")
 

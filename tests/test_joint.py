@@ -35,6 +35,7 @@ experiments:
   rankflow: {task: cascade, cascade: {method: rankflow, prerank: exposure}}
   rankflow_retrieval: {task: cascade, cascade: {method: rankflow, prerank: exposure, recall_self: retrieval, self_positives: listed, trained: [recall]}}
   lcron: {task: cascade, cascade: {method: lcron, prerank: exposure}}
+  lcron_prerank: {task: cascade, cascade: {method: lcron, prerank: exposure, trained: [prerank]}}
 """
 
 
@@ -103,11 +104,13 @@ def test_cascade_config_errors_name_the_key(tmp_path):
         load_config(_write(tmp_path, CONFIG.replace("method: lcron", "method: lcorn")))
     with pytest.raises(ConfigError, match=r"need 0 < rank_quota < prerank_quota < recall_quota, got 4, 10 and 8"):
         load_config(_write(tmp_path, CONFIG.replace("recall_quota: 40", "recall_quota: 8")))
+    with pytest.raises(ConfigError, match=r"experiments.lcron_prerank.cascade.trained: lcron trains recall or prerank, and \['rank'\] names neither"):
+        load_config(_write(tmp_path, CONFIG.replace("trained: [prerank]", "trained: [rank]")))
 
 
 def test_cascade_train_runs_each_method_and_a_rerun_resumes_to_the_same_result(tmp_path, capsys):
     path = _write(tmp_path)
-    names = ("frozen", "ranker_as_preranker", "rankflow", "rankflow_retrieval", "lcron")
+    names = ("frozen", "ranker_as_preranker", "rankflow", "rankflow_retrieval", "lcron", "lcron_prerank")
     for name in names:
         assert main(["train", str(path), "--experiment", name]) == 0
     runs = tmp_path / "runs"
@@ -131,6 +134,12 @@ def test_cascade_train_runs_each_method_and_a_rerun_resumes_to_the_same_result(t
     for retrained in (rankflow_recall, lcron_recall):
         assert retrained.keys() == warm.keys()
         assert any(not torch.equal(retrained[k], warm[k]) for k in warm)
+    # lcron with trained: [prerank] keeps recall as it was and trains the pre-ranker alone
+    stacked = torch.load(runs / "lcron_prerank" / "lcron" / "best.pt", weights_only=True)
+    warm_prerank = torch.load(runs / "exposure" / "best.pt", weights_only=True)
+    assert all(torch.equal(stacked[f"first.{k}"], v) for k, v in warm.items())
+    assert any(not torch.equal(stacked[f"second.{k}"], v) for k, v in warm_prerank.items())
+    assert results["lcron_prerank"]["test"]["positives_retrieved"] == results["frozen"]["test"]["positives_retrieved"]
     for phase in ("rank_self", "prerank_self", "recall_self", "prerank_tutor", "recall_tutor"):
         assert (runs / "rankflow" / "round1" / phase / "best.pt").exists(), phase
     # trained: [recall] runs only recall's phases; recall_self: retrieval trains on (request, positive) pairs
