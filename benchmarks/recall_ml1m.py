@@ -38,7 +38,7 @@ def baselines(exp) -> dict[str, dict]:
     ds = prepare_data(exp.data)
     trend, catalog = ItemTrend.from_dataset(ds), ds.items["item_id"]
     split = {s: build_lists(ds, s) for s in ("valid", "test")}
-    truth = {s: np.where(lists.mask & (lists.label > 0), lists.item["item_id"], 0) for s, lists in split.items()}
+    truth = {s: lists.positive_ids for s, lists in split.items()}
 
     def score(top: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         return {s: {f"recall@{k}": M.retrieval_recall(top[s][:, :k], truth[s]) for k in KS} for s in split}

@@ -131,7 +131,7 @@ def trending(requests: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int,
 
 def trending_days(valid: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int) -> int:
     """The ``TRENDING_DAYS`` window whose trending top-n keeps the most validation positives."""
-    truth = np.where(valid.mask & (valid.label > 0), valid.item["item_id"], 0)
+    truth = valid.positive_ids
     return max(TRENDING_DAYS, key=lambda d: M.retrieval_recall(trending(valid, trend, catalog, n, d), truth))
 
 

@@ -199,7 +199,7 @@ def evaluate_recall(model: TwoTower, ds: Dataset, split: str, ks: tuple[int, ...
     request's history excluded from what may be retrieved."""
     lists = build_lists(ds, split)
     retrieved, _ = TowerRetriever(model, ds)(lists, max(ks))
-    positives = np.where(lists.mask & (lists.label > 0), lists.item["item_id"], 0)
+    positives = lists.positive_ids
     return {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], positives) for k in ks}
 
 

@@ -44,6 +44,11 @@ class ListBatch:
     def list_size(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def positive_ids(self) -> np.ndarray:
+        """(B, N) the item ids of each list's logged positives, 0 elsewhere (ids start at 1)."""
+        return np.where(self.mask & (self.label > 0), self.item["item_id"], 0)
+
     def take(self, rows: np.ndarray) -> "ListBatch":
         """The lists at ``rows`` (a slice or an index array)."""
         pick = lambda d: {k: v[rows] for k, v in d.items()}  # noqa: E731

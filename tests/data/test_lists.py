@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cascade.data.lists import build_lists, drop_from_history, pointwise_lists
+from cascade.data.lists import ListBatch, build_lists, drop_from_history, pointwise_lists
 from cascade.data.movielens import convert
 from tests.conftest import SMALL
 from tests.data.test_movielens import RATINGS, _write_ml
@@ -84,3 +84,13 @@ def test_ctr_pointwise_lists_drop_the_target(tmp_path):
     # the per-candidate statistics arrive as per-sample user and item fields
     # per-candidate fields keep their (B, N) shape, N = 1, on either side
     assert flat.user["user_mean_rating"].shape == (len(flat), 1) and flat.item["item_mean_rating"].shape == (len(flat), 1)
+
+
+def test_positive_ids_are_the_listed_positives_and_zero_elsewhere():
+    # row 0: items 4, 9, 2 with labels 1, 0, 1 -> 4, 0, 2; row 1: item 7 is a positive but padding
+    # (mask False), item 5 a negative -> 0, 0, 0
+    item_id = np.array([[4, 9, 2], [5, 7, 0]])
+    label = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    mask = np.array([[True, True, True], [True, False, False]])
+    lists = ListBatch(np.arange(2), {}, np.zeros((2, 0)), {"item_id": item_id}, label, np.zeros((2, 3), np.int8), mask)
+    np.testing.assert_array_equal(lists.positive_ids, [[4, 0, 2], [0, 0, 0]])
