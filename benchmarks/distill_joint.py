@@ -86,7 +86,10 @@ def main() -> None:
     args = parser.parse_args()
     config = ROOT / args.config
     name = f"{config.stem}_joint"
-    only = dict(x.partition("@")[::2] for x in args.only or [])
+    only: dict[str, str] = {}
+    for x in args.only or []:  # NAME@0 NAME@1 is NAME@0,1
+        exp_name, _, seeds = x.partition("@")
+        only[exp_name] = ",".join(s for s in (only.get(exp_name), seeds) if s)
     experiments = [e for e in load_config(config) if e.task == "cascade" and (not only or e.name in only)]
     runs = ROOT / "runs" / f"bench_{name}"
     rows: dict[str, list[dict]] = {}
