@@ -299,12 +299,13 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         start = time.perf_counter()
         train = stage_lists(ds, recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",), trend=stage_trend)["train"]
         stacked = StackedStages(recall, prerank)
-        frozen = [model for name, model in (("recall", recall), ("prerank", prerank)) if name not in cfg.trained]
+        kept = [name for name in ("recall", "prerank") if name not in cfg.trained]
+        frozen = [{"recall": recall, "prerank": prerank}[name] for name in kept]
         for model in frozen:
             model.requires_grad_(False)
         loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
         trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss, unit="lists")
-        trainer.log(f"lcron: recall + pre-ranker on {len(train):,} lists of {train.list_size}, against {cfg.rank}'s top-{k}")
+        trainer.log(f"lcron: recall + pre-ranker{''.join(f' ({name} frozen)' for name in kept)} on {len(train):,} lists of {train.list_size}, against {cfg.rank}'s top-{k}")
         def step(b: Tensors) -> torch.Tensor:
             keep_norm_statistics(stacked)
             for model in frozen:

@@ -140,6 +140,7 @@ def test_cascade_train_runs_each_method_and_a_rerun_resumes_to_the_same_result(t
     assert all(torch.equal(stacked[f"first.{k}"], v) for k, v in warm.items())
     assert any(not torch.equal(stacked[f"second.{k}"], v) for k, v in warm_prerank.items())
     assert results["lcron_prerank"]["test"]["positives_retrieved"] == results["frozen"]["test"]["positives_retrieved"]
+    assert "lcron: recall + pre-ranker (recall frozen) on" in (runs / "lcron_prerank" / "lcron" / "log.txt").read_text()
     for phase in ("rank_self", "prerank_self", "recall_self", "prerank_tutor", "recall_tutor"):
         assert (runs / "rankflow" / "round1" / phase / "best.pt").exists(), phase
     # trained: [recall] runs only recall's phases; recall_self: retrieval trains on (request, positive) pairs
