@@ -42,6 +42,14 @@ def standardised(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, (s - mean) / std, 0.0)
 
 
+def blend(a: dict[str, np.ndarray], b: dict[str, np.ndarray], lists: dict) -> tuple[float, dict[str, np.ndarray]]:
+    """``z(a) + w z(b)`` per split (each list's scores standardised), ``w`` the ``WEIGHTS`` one with
+    the best valid Recall@10; returns (w, the blend's scores per split)."""
+    z = {s: (standardised(a[s], lists[s].mask), standardised(b[s], lists[s].mask)) for s in lists}
+    w = max(WEIGHTS, key=lambda w: quality(z["valid"][0] + w * z["valid"][1], lists["valid"])["recall@10"])
+    return w, {s: z[s][0] + w * z[s][1] for s in lists}
+
+
 def quality(scores: np.ndarray, lists, k: int = 10) -> dict[str, float]:
     return {"recall@10": M.recall_at_k(scores, lists.label, k, lists.mask), "ndcg@10": M.ndcg_at_k(scores, lists.label, k, lists.mask)}
 
@@ -96,10 +104,8 @@ def main() -> None:
     # blends of two scorers, weight chosen on valid Recall@10
     blends = {}
     for a, b in itertools.combinations(singles, 2):
-        z = {s: (standardised(scores[a][s], lists[s].mask), standardised(scores[b][s], lists[s].mask)) for s in lists}
-        best_w = max(WEIGHTS, key=lambda w: quality(z["valid"][0] + w * z["valid"][1], lists["valid"])["recall@10"])
-        name = f"z({a}) + {best_w:g} z({b})"
-        blends[name] = {s: z[s][0] + best_w * z[s][1] for s in lists}
+        w, blended = blend(scores[a], scores[b], lists)
+        blends[f"z({a}) + {w:g} z({b})"] = blended
     scores.update(blends)
 
     test = lists["test"]

@@ -17,7 +17,9 @@ same lists in both configs). Reported on test, mean ± std over seeds:
   of the item in the window before the request, the window chosen on validation);
 * the cascades recall top-200 -> pre-rank top-50 -> rank top-10: Recall@10 / NDCG@10 over the
   lists, and joint recall, the share of each request's logged positives (those recall never
-  retrieved count as lost) in the final top-10 (``metrics.joint_recall``, as ``cascade eval``).
+  retrieved count as lost) in the final top-10 (``metrics.joint_recall``, as ``cascade eval``);
+* the ranker blended with trending, ``z(ranker) + w z(trending)`` (each list standardised, ``w``
+  chosen per seed on valid), alone and as the rank stage of each pre-ranker's cascade.
 
 Writes benchmarks/results/trend_ml1m.{md,json}.
 """
@@ -41,7 +43,7 @@ from cascade.pipeline import prepare_data
 from teachers import BOOSTED, TEACHERS
 
 from provenance import mean_std, seeded, write_results
-from ranker_ml1m import flow, quality
+from ranker_ml1m import WEIGHTS, blend, flow, quality
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("din", "exposure_bce", "listwise_kd")
@@ -117,14 +119,18 @@ def main() -> None:
             for name, s in train_and_score(ROOT / config, names, seed, lists, ds):
                 scores[name] = s
                 alone.setdefault(f"{config.stem}/{name}", []).append({**quality(s["test"], lists["test"]), "valid_recall@10": quality(s["valid"], lists["valid"])["recall@10"], "teacher_recall@10@50": M.teacher_recall_at_k_at_m(s["test"], scores[names[0]]["test"], RANK, PRERANK, lists["test"].mask)})
-                if name != names[0]:  # a pre-ranker: its cascades into the ranker and into trending
-                    for ranker, rank_scores in ((names[0], scores[names[0]]), ("trending", trending_scores)):
+                if name == names[0]:  # the ranker blended with trending, its weight chosen on valid
+                    weight, with_trend = blend(s, trending_scores, lists)
+                    alone.setdefault(f"{config.stem}/{name} + trending (z-blend, weight on valid)", []).append({**quality(with_trend["test"], lists["test"]), "valid_recall@10": quality(with_trend["valid"], lists["valid"])["recall@10"], "weight": weight})
+                else:  # a pre-ranker: its cascades into the ranker, into trending and into their blend
+                    for ranker, rank_scores in ((names[0], scores[names[0]]), ("trending", trending_scores), (f"{names[0]} + trending", with_trend)):
                         row = cascade_quality(s["test"], rank_scores["test"], lists["test"], n_pos)
                         cascades.setdefault(f"{config.stem}: {name} -> {ranker}", []).append(row)
                 write(alone, cascades, args)
 
 
 def write(alone: dict, cascades: dict, args) -> None:
+    weights = "; ".join(n.split(" + ")[0] + ": " + ", ".join(f"{r['weight']:g}" for r in rs) for n, rs in alone.items() if "weight" in rs[0])
     lines = [
         f"# {args.name}: the ranker and the cascade on MovieLens-1M, with and without the items' trend",
         "",
@@ -140,6 +146,9 @@ def write(alone: dict, cascades: dict, args) -> None:
         "| scorer alone (top-10 of 200) | seeds | valid Recall@10 | test Recall@10 | test NDCG@10 | test teacher Recall@10@50 |",
         "|---|---:|---|---|---|---|",
         *[f"| {n} | {len(rs)} | {mean_std([r['valid_recall@10'] for r in rs])} | {mean_std([r['recall@10'] for r in rs])} | {mean_std([r['ndcg@10'] for r in rs])} | {mean_std([r['teacher_recall@10@50'] for r in rs]) if 'teacher_recall@10@50' in rs[0] else '-'} |" for n, rs in alone.items()],
+        "",
+        f"A z-blend: z(ranker) + w z(trending), each list's scores standardised, w in {{{', '.join(f'{w:g}' for w in WEIGHTS)}}}",
+        f"chosen per seed on valid Recall@10 (weights chosen: {weights}).",
         "",
         f"| cascade: recall top-200 -> pre-rank top-{PRERANK} -> rank top-{RANK} | seeds | Recall@10 (in the lists) | NDCG@10 | joint recall |",
         "|---|---:|---|---|---|",
