@@ -21,7 +21,7 @@ same lists in both configs). Reported on test, mean ± std over seeds:
 * the ranker blended with trending, ``z(ranker) + w z(trending)`` (each list standardised, ``w``
   chosen per seed on valid), alone and as the rank stage of each pre-ranker's cascade.
 
-Writes benchmarks/results/trend_ml1m.{md,json}.
+Writes benchmarks/results/NAME.{md,json} (``--name``, trend_ml1m by default).
 """
 
 from __future__ import annotations
