@@ -299,8 +299,9 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         start = time.perf_counter()
         train = stage_lists(ds, recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",), trend=stage_trend)["train"]
         stacked = StackedStages(recall, prerank)
-        kept = [name for name in ("recall", "prerank") if name not in cfg.trained]
-        frozen = [{"recall": recall, "prerank": prerank}[name] for name in kept]
+        stages = {"recall": recall, "prerank": prerank}
+        kept = [name for name in stages if name not in cfg.trained]
+        frozen = [stages[name] for name in kept]
         for model in frozen:
             model.requires_grad_(False)
         loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
