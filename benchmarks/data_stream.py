@@ -1,11 +1,13 @@
 """Training from logs larger than memory: peak memory and samples/s, streamed against in memory,
 on the default synthetic world and on one 10x its size.
 
-    python benchmarks/data_stream.py [--task pointwise|distill] [--scales 1 10] [--epochs 3] [--repeats 2]
+    python benchmarks/data_stream.py [--task pointwise|distill|recall] [--scales 1 10] [--epochs 3] [--repeats 2]
 
 ``--task distill`` trains a DSSM pre-ranker on whole lists (listwise KD) against a DSSM teacher
 trained first on the exposures (a DIN teacher would spend the run scoring; what is measured is the
-lists' path), and writes data_stream_distill; its samples are lists.
+lists' path), and writes data_stream_distill; its samples are lists. ``--task recall`` trains the
+quickstart's recall tower (sampled softmax, popularity and 4 hard negatives a pair) and writes
+data_stream_recall; streamed, it keeps only the positives and the training pairs.
 
 Issue 13 asks that a run over a world 10x the default (40 million logged candidates) keep its
 peak memory within 1.5x of the default world's when it streams, at samples/s within 20% of the
@@ -15,7 +17,7 @@ quickstart size) in a fresh process, `data.stream` never (in memory) or always (
 reporting its peak RSS (VmHWM) and the training loop's samples/s (metrics.jsonl, mean over
 epochs; a streamed epoch includes its reads); the two paths run in turn, ``repeats`` times, since
 this machine's speed drifts between minutes. A process that imports what a run imports (torch,
-the package) and trains nothing is the baseline. Writes benchmarks/results/data_stream{,_distill}.{md,json}.
+the package) and trains nothing is the baseline. Writes benchmarks/results/data_stream{,_distill,_recall}.{md,json}.
 """
 
 from __future__ import annotations
@@ -60,6 +62,26 @@ experiments:
   streamed: {{data: {{stream: always}}}}
 """
 
+RECALL_CONFIG = """
+base:
+  data: {{kind: synth, dir: {data}, synth: {{requests: {requests}, users: {users}, seed: 0}}}}
+  model: {{embedding_dim: 16, name: dssm, params: {{hidden: [128, 64], dropout: 0.1, temperature: 0.05}}}}
+  train: {{epochs: {epochs}, batch_size: 1024, lr: 0.002, seed: 0, patience: 5, monitor: recall@200}}
+  out: {out}
+  task: recall
+  recall: {{temperature: 0.05, popularity_negatives: 256, hard_negatives: 4}}
+experiments:
+  memory: {{data: {{stream: never}}}}
+  streamed: {{data: {{stream: always}}}}
+"""
+
+# per task: its config, the speed metrics.jsonl records, the results' name and its test figure
+TASKS = {
+    "pointwise": (CONFIG, "samples_per_s", "data_stream", "auc", "test AUC"),
+    "distill": (DISTILL_CONFIG, "lists_per_s", "data_stream_distill", "teacher_recall@10@50", "test teacher Recall@10@50"),
+    "recall": (RECALL_CONFIG, "samples_per_s", "data_stream_recall", "recall@200", "test Recall@200"),
+}
+
 CHILD = """
 import json, sys, time
 from pathlib import Path
@@ -87,9 +109,9 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--task", choices=("pointwise", "distill"), default="pointwise")
+    parser.add_argument("--task", choices=tuple(TASKS), default="pointwise")
     args = parser.parse_args()
-    template, speed = (CONFIG, "samples_per_s") if args.task == "pointwise" else (DISTILL_CONFIG, "lists_per_s")
+    template, speed, _, test_key, _ = TASKS[args.task]
     RUNS.mkdir(parents=True, exist_ok=True)
     baseline = run_child()["peak_rss"]
     rows = []
@@ -128,7 +150,7 @@ def main() -> None:
                 # a stream validates each row group on its first read; later epochs only filter
                 "later_samples_per_s": sum(e[speed] for e in epochs[1:]) / max(len(epochs) - 1, 1),
                 "run_seconds": child["seconds"],
-                "test": result["test"]["auc" if args.task == "pointwise" else "teacher_recall@10@50"],
+                "test": result["test"][test_key],
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -142,15 +164,18 @@ def write(rows: list[dict], baseline: int, args) -> None:
         groups.setdefault((r["scale"], r["path"]), []).append(r)
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     speeds = lambda rs, k: ", ".join(f"{r[k]:,.0f}" for r in rs)  # noqa: E731
-    pointwise = args.task == "pointwise"
-    unit, test = ("samples", "test AUC") if pointwise else ("lists", "test teacher Recall@10@50")
+    _, speed, name, _, test = TASKS[args.task]
+    unit = speed.removesuffix("_per_s")
+    model = {
+        "pointwise": f"A pointwise DSSM (quickstart size), {args.epochs} epochs, batch 1,024,",
+        "distill": f"A DSSM pre-ranker (quickstart size) distilled with listwise KD from a DSSM teacher (trained first,\non the exposures), {args.epochs} epochs, 32 lists of 200 a batch; the teacher scores each path's lists once, into\nits cache (in memory: one array; streamed: a file written a row group at a time and read memory-mapped a batch at a time), in the path's first run;",
+        "recall": f"The quickstart's recall tower (DSSM, sampled softmax with 256 popularity and 4 hard negatives a pair),\n{args.epochs} epochs, batch 1,024 pairs; streamed, the candidates are read a row group at a time once, keeping\nthe positives and the training pairs (so its epochs read nothing);",
+    }[args.task]
     lines = [
-        f"# data_stream{'' if pointwise else '_distill'}: {args.task} training streamed from parquet against in memory",
+        f"# {name}: {args.task} training streamed from parquet against in memory",
         "",
         "Synthetic worlds: the default (20,000 requests, 2,000 users, 5,000 items, 200 logged candidates a",
-        "request) and the same x scale in requests and users. "
-        + (f"A pointwise DSSM (quickstart size), {args.epochs} epochs, batch 1,024,"
-           if pointwise else f"A DSSM pre-ranker (quickstart size) distilled with listwise KD from a DSSM teacher (trained first,\non the exposures), {args.epochs} epochs, 32 lists of 200 a batch; the teacher scores each path's lists once, into\nits cache (in memory: one array; streamed: a file written a row group at a time and read memory-mapped a batch at a time), in the path's first run;"),
+        "request) and the same x scale in requests and users. " + model,
         "one process on this machine's 2 cores; each run in a fresh process. Peak RSS is VmHWM;",
         f"a process that imports torch and the package and trains nothing peaks at {gib(baseline)} GiB (the baseline).",
         f"{unit}/s is the training loop's, a streamed epoch's parquet reads included: the mean over epochs, and over",
@@ -177,7 +202,7 @@ def write(rows: list[dict], baseline: int, args) -> None:
             "|---|---:|---:|",
             *[f"| {s}x | {ratio(s, 'samples_per_s'):.2f} | {ratio(s, 'later_samples_per_s'):.2f} |" for s in (small, big)],
         ]
-    write_results("data_stream" if pointwise else "data_stream_distill", lines, {"baseline_peak_rss": baseline, "rows": rows})
+    write_results(name, lines, {"baseline_peak_rss": baseline, "rows": rows})
     print("\n".join(lines), flush=True)
 
 

@@ -155,7 +155,7 @@ class DataConfig:
     # whose top-n per request, labelled from its data's logs, becomes this directory's candidates;
     # folds > 1 cross-fits the training requests' lists (pipeline.frozen_recall_output)
     recall: dict[str, Any] = field(default_factory=dict)
-    # pointwise and distill training: read the candidates a row group at a time (cascade.data.stream)
+    # pointwise, distill and recall training: read the candidates a row group at a time (cascade.data.stream)
     # rather than whole; auto streams logs whose in-memory copies would not fit (stream.fits_in_memory)
     stream: str = "auto"  # auto | always | never
 
@@ -304,7 +304,7 @@ def _task(value: str, where: str) -> str:
 COMMAND_LINE: dict[str, Any] = {}
 
 
-STREAMED_TASKS = ("pointwise", "distill")  # the tasks data.stream applies to
+STREAMED_TASKS = ("pointwise", "distill", "recall")  # the tasks data.stream applies to
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SECTIONS = {"data", "model", "train", "out", "task", "recall", "distill", "cascade"}
 

@@ -46,7 +46,7 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
     if not cascades:
         raise ConfigError(f"{config}: no 'task: cascade' experiment, so nothing to export or evaluate; `cascade train` trains single stages")
     models = {**MODELS, **TEACHERS}
-    steps = [Step(f"data {exps[0].data.dir}", lambda: Path(exps[0].data.dir).exists(), lambda: prepare_data(exps[0].data))]
+    steps = [Step(f"data {exps[0].data.dir}", lambda: Path(exps[0].data.dir).exists(), lambda: prepare_data(exps[0].data, candidates=False))]  # made and its tables checked; each run reads the candidates its own way
     for task in STEP_ORDER:
         for exp in (e for e in exps if e.task == task):
             steps.append(Step(f"train {exp.name} (task: {task})", lambda exp=exp: _finished(exp), lambda exp=exp: train_experiment(exp, config, models, BOOSTED)))

@@ -8,6 +8,7 @@ core never imports ``teachers/``). A model is any module with ``user_slots``, ``
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -17,18 +18,18 @@ import torch
 from torch import nn
 
 from cascade import metrics as M
-from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_config
+from cascade.config import STREAMED_TASKS, ConfigError, DataConfig, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
-from cascade.data.store import Dataset, read_dataset, write_dataset, write_text_atomic
-from cascade.data.stream import SampleStream, fits_in_memory
+from cascade.data.store import Dataset, memory_bytes, read_dataset, write_dataset, write_text_atomic
+from cascade.data.stream import SampleStream, fits_in_memory, in_memory_bytes
 from cascade.data.trend import TREND_SCALES, ItemTrend, TrendSpec, trend_schema, with_trend
 from cascade.distributed import rank_zero_first
 from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
 from cascade.losses.inttower import contrastive_interaction
 from cascade.losses.pointwise import bce
-from cascade.recall import RecallStep, evaluate_recall, item_table, recall_output, training_pairs
+from cascade.recall import RecallStep, evaluate_recall, item_table, recall_output, streamed_training_data, training_pairs
 from cascade.models import MODELS, build_model, load_trained, predict
 from cascade.towers.dat import DAT
 from cascade.towers.embedding import pack_items, pack_user
@@ -106,6 +107,11 @@ def prepare_data(cfg: DataConfig, candidates: bool = True) -> Dataset:
     table but the candidates (for a run that streams them)."""
     with rank_zero_first():
         make_data(cfg)
+    if candidates and cfg.stream == "auto" and not fits_in_memory(cfg.dir):
+        # a task that reads its logs whole (the joint cascade, a LightGBM model) on logs that a
+        # streamed task would stream: say so before the machine runs out, not after
+        need = in_memory_bytes(cfg.dir)
+        print(f"warning: {cfg.dir}: this run reads every candidate into memory, about {need / 2**30:,.1f} GiB against this machine's {memory_bytes() / 2**30:,.1f} GiB; only {', '.join(STREAMED_TASKS)} tasks of torch models stream (data.stream)", file=sys.stderr)
     ds = read_dataset(cfg.dir, candidates=candidates)
     if cfg.kind == "recall_output":  # a directory made earlier must hold the trend the config asks for
         want, protocol = recall_trend_spec(cfg.recall), ds.schema.protocol
@@ -254,7 +260,7 @@ def pointwise_metrics(logits: np.ndarray, label: np.ndarray, request_id: np.ndar
 
 
 def streams(cfg: DataConfig) -> bool:
-    """Whether a pointwise run on ``cfg`` streams its candidates (``data.stream``)."""
+    """Whether a pointwise, distill or recall run on ``cfg`` streams its candidates (``data.stream``)."""
     if cfg.stream == "auto":
         with rank_zero_first():
             make_data(cfg)
@@ -290,18 +296,24 @@ def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Mo
 
 def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Module]] = MODELS) -> dict:
     """Train a retrieval two-tower with sampled softmax; early-stop on validation Recall@k of the
-    catalog retrieval (``train.monitor``, e.g. ``recall@200``); score test."""
-    ds = prepare_data(exp.data)
+    catalog retrieval (``train.monitor``, e.g. ``recall@200``); score test. A streamed run
+    (``data.stream``) reads the candidates a row group at a time and keeps only the positives
+    and the training pairs (``recall.streamed_training_data``)."""
+    streamed = streams(exp.data)
+    ds = prepare_data(exp.data, candidates=not streamed)
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
     try:
         table = item_table(ds, model.item_slots)
     except ValueError as e:
         raise ConfigError(f"{exp.where}.model.drop_fields: {e}") from None
-    train = training_pairs(ds, model, "train", table, exp.recall)
+    if streamed:
+        ds, train = streamed_training_data(ds, exp.data.dir, model, table, exp.recall)
+    else:
+        train = training_pairs(ds, model, "train", table, exp.recall)
     step = RecallStep(exp.recall, model, table, ds.items["item_id"], train)
     trainer = Trainer(model, exp.train, exp.run_dir)
-    trainer.log(f"{exp.name}: recall with {exp.model.name} on {exp.data.dir}: {len(train):,} training pairs, {len(ds.items['item_id']):,} items")
+    trainer.log(f"{exp.name}: recall with {exp.model.name} on {exp.data.dir}{' (streamed)' if streamed else ''}: {len(train):,} training pairs, {len(ds.items['item_id']):,} items")
     best = trainer.fit(train, step_loss=lambda b: step(model, b), evaluate=lambda: evaluate_recall(model, ds, "valid"), resolved_config=exp.to_dict())
     result = {"experiment": exp.name, "model": exp.model.name, "task": "recall", "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith("recall@")}, "test": evaluate_recall(model, ds, "test"), "seconds_per_epoch": best.get("seconds"), **trainer.parallel}
     write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run

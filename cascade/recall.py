@@ -16,15 +16,17 @@ requests; ``pair_weight: request`` weighs the pairs so that every request counts
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
 from cascade import metrics as M
-from cascade.data.lists import ListBatch, build_lists, pointwise_lists
+from cascade.data.lists import ListBatch, build_lists, concat_lists, pointwise_lists
 from cascade.config import RecallConfig
 from cascade.data.store import Dataset
+from cascade.data.stream import RowGroups
 from cascade.losses.retrieval import log_q_correction, remove_accidental_hits, sampled_softmax
 from cascade.towers.base import TwoTower
 from cascade.towers.embedding import Slot, pack_items, pack_user
@@ -51,24 +53,37 @@ def training_pairs(ds: Dataset, model: TwoTower, split: str, table: torch.Tensor
     hard negatives of its request (cut before rank in the logged cascade, K = ``cfg.hard_negatives``),
     mask (P, 1 + K); with ``cfg.pair_weight="request"`` a weight (P,) = mean positives per
     request / its request's positives, so every request weighs the same and the weights average 1."""
-    flat = pointwise_lists(ds, split)
+    flat, ids = positive_pairs(ds, split, cfg.hard_negatives, np.random.default_rng(cfg.seed))
+    return pair_tensors(flat, ids, model, table, cfg.pair_weight)
+
+
+def positive_pairs(ds: Dataset, split: str, hard_negatives: int, rng: np.random.Generator, seed: int = 0) -> tuple[ListBatch, np.ndarray]:
+    """The positives of ``split`` as samples (P lists of 1; ``seed``: ``pointwise_lists``' draw)
+    and each pair's item ids (P, 1 + K): the positive, then K of its request's cut items (stage
+    <= 1) in an order drawn from ``rng``, 0 where the request has fewer."""
+    flat = pointwise_lists(ds, split, seed=seed)
     flat = flat.take(np.flatnonzero(flat.label[:, 0] > 0))
-    weight, hard_negatives = None, cfg.hard_negatives
-    if cfg.pair_weight == "request":
-        _, which, per_request = np.unique(flat.request_id, return_inverse=True, return_counts=True)
-        weight = torch.from_numpy(per_request.mean() / per_request[which]).float()
     ids = np.zeros((len(flat), 1 + hard_negatives), dtype=np.int64)
     ids[:, 0] = flat.item["item_id"][:, 0]
-    if hard_negatives:
+    if hard_negatives and len(flat):
         lists = build_lists(ds, split)
         order = np.argsort(lists.request_id)
         rows = order[np.searchsorted(lists.request_id[order], flat.request_id)]
         cut = lists.mask[rows] & (lists.stage[rows] <= 1)
-        # a seeded random order among each request's cut items; the first K are its hard negatives
-        key = np.where(cut, np.random.default_rng(cfg.seed).random(cut.shape), np.inf)
+        # a random order among each request's cut items; the first K are its hard negatives
+        key = np.where(cut, rng.random(cut.shape), np.inf)
         pick = np.argsort(key, axis=1)[:, :hard_negatives]
         ok = np.take_along_axis(cut, pick, 1)
         ids[:, 1:] = np.where(ok, np.take_along_axis(lists.item["item_id"][rows], pick, 1), 0)
+    return flat, ids
+
+
+def pair_tensors(flat: ListBatch, ids: np.ndarray, model: TwoTower, table: torch.Tensor, pair_weight: str) -> Tensors:
+    """The pairs ``positive_pairs`` gives, packed for ``model`` (see ``training_pairs``)."""
+    weight = None
+    if pair_weight == "request":
+        _, which, per_request = np.unique(flat.request_id, return_inverse=True, return_counts=True)
+        weight = torch.from_numpy(per_request.mean() / per_request[which]).float()
     return Tensors(
         user=torch.from_numpy(pack_user(flat, model.user_slots)),
         items=table[torch.from_numpy(ids)],
@@ -76,6 +91,26 @@ def training_pairs(ds: Dataset, model: TwoTower, split: str, table: torch.Tensor
         mask=torch.from_numpy(ids > 0),
         weight=weight,
     )
+
+
+def streamed_training_data(ds: Dataset, directory: str | Path, model: TwoTower, table: torch.Tensor, cfg: RecallConfig) -> tuple[Dataset, Tensors]:
+    """``ds`` (read without candidates) with the candidates of ``directory`` cut to the positives
+    (all that ``evaluate_recall`` reads), and the training pairs of ``training_pairs``, both made a
+    row group at a time (``RowGroups``): memory holds the positives, not the logs. Each row
+    group holds whole requests, so its hard negatives are drawn as in memory, from a generator
+    seeded per row group: the same draw, not the same numbers."""
+    positives, flats, ids = [], [], []
+    for g, piece in enumerate(RowGroups.open(directory, ds).pieces()):
+        c = piece.candidates
+        positives.append({k: v[c["label"] > 0] for k, v in c.items()})
+        flat, pair_ids = positive_pairs(piece, "train", cfg.hard_negatives, np.random.default_rng((cfg.seed, g)), seed=g)
+        flats.append(flat)
+        ids.append(pair_ids)
+    if not flats:  # no row groups: no pairs
+        flat, pair_ids = positive_pairs(ds, "train", cfg.hard_negatives, np.random.default_rng(cfg.seed))
+        return ds, pair_tensors(flat, pair_ids, model, table, cfg.pair_weight)
+    cand = {k: np.concatenate([p[k] for p in positives]) for k in positives[0]}
+    return replace(ds, candidates=cand), pair_tensors(concat_lists(flats), np.concatenate(ids), model, table, cfg.pair_weight)
 
 
 class RecallStep:

@@ -4,6 +4,7 @@ import pytest
 
 from cascade.cli import main
 
+from cascade.data import store
 from cascade.data.store import write_dataset
 from cascade.data.synth import WORLD_FILE, WorldConfig, generate
 
@@ -22,6 +23,17 @@ def small_dir(tmp_path_factory, small_world):
     """A valid log directory of the small world (read-only: copy it before corrupting)."""
     ds, world = small_world
     return write_dataset(ds, tmp_path_factory.mktemp("world") / "small", {WORLD_FILE: world.to_bytes()})
+
+
+ROWS_PER_GROUP = 1000  # the small world's 24,000 candidates in 24 row groups
+
+
+@pytest.fixture(scope="session")
+def grouped_dir(small_world, tmp_path_factory):
+    """The small world written with small candidate row groups (read-only)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store, "CANDIDATE_ROW_GROUP", ROWS_PER_GROUP)
+        return write_dataset(small_world[0], tmp_path_factory.mktemp("grouped") / "logs")
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +91,22 @@ def bundle(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "frozen"
     assert main(["export", str(runs / "frozen"), "--out", str(out)]) == 0
     return out
+
+
+def run_in_memory_and_streamed(config: Path, command: str, in_memory: str, streamed: str) -> dict[str, dict]:
+    """`cascade COMMAND CONFIG` for experiment ``in_memory`` then ``streamed`` (their runs under
+    ``runs`` beside CONFIG); checks that only the second says it streamed and that both end with
+    the same weights up to float rounding (every test calling this trains on one batch an epoch:
+    the same rows in another order). Their results.json, by experiment name."""
+    import json
+
+    import torch
+
+    runs = {name: config.parent / "runs" / name for name in (in_memory, streamed)}
+    for name in runs:
+        assert main([command, str(config), "--experiment", name]) == 0
+    assert "(streamed)" in (runs[streamed] / "log.txt").read_text() and "(streamed)" not in (runs[in_memory] / "log.txt").read_text()
+    weights = {name: torch.load(run / "best.pt", weights_only=True) for name, run in runs.items()}
+    for key, value in weights[in_memory].items():
+        torch.testing.assert_close(weights[streamed][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    return {name: json.loads((run / "results.json").read_text()) for name, run in runs.items()}

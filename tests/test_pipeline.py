@@ -49,24 +49,13 @@ experiments:
 
 
 def test_a_streamed_pointwise_run_learns_what_the_in_memory_one_learns(tmp_path):
-    import json
-
-    import torch
-
-    from cascade.cli import main
+    from tests.conftest import run_in_memory_and_streamed
 
     path = tmp_path / "s.yaml"
     path.write_text(STREAM_CONFIG.replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")))
-    for name in ("memory", "streamed"):
-        assert main(["train", str(path), "--experiment", name]) == 0
-    run = lambda name: tmp_path / "runs" / name  # noqa: E731
-    assert "(streamed)" in (run("streamed") / "log.txt").read_text() and "(streamed)" not in (run("memory") / "log.txt").read_text()
     # one batch of every training exposure per epoch: the same rows in another order, so the same
     # BatchNorm statistics, loss and Adam steps up to float rounding
-    weights = {name: torch.load(run(name) / "best.pt", weights_only=True) for name in ("memory", "streamed")}
-    for key, value in weights["memory"].items():
-        torch.testing.assert_close(weights["streamed"][key], value, atol=1e-5, rtol=1e-4, msg=key)
-    results = {name: json.loads((run(name) / "results.json").read_text()) for name in ("memory", "streamed")}
+    results = run_in_memory_and_streamed(path, "train", "memory", "streamed")
     for metric in ("auc", "logloss", "gauc"):
         assert abs(results["streamed"]["test"][metric] - results["memory"]["test"][metric]) < 1e-5, metric
     assert results["streamed"]["samples_per_rank"] == results["memory"]["samples_per_rank"]
@@ -79,3 +68,19 @@ def test_a_typo_in_data_stream_is_named(tmp_path, capsys):
     path.write_text(STREAM_CONFIG.replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")).replace("stream: never", "stream: nevr"))
     assert main(["train", str(path), "--experiment", "memory"]) == 2
     assert "stream: 'nevr' is not one of auto, always, never" in capsys.readouterr().err
+
+
+def test_a_whole_read_of_logs_that_would_stream_is_warned_of(small_dir, monkeypatch, capsys):
+    from cascade.config import DataConfig
+    from cascade.data import stream
+    from cascade.pipeline import prepare_data
+
+    # the small world's 24,000 candidates at this schema's bytes each pass a share of 1e-9 of any machine
+    monkeypatch.setattr(stream, "MEMORY_SHARE", 1e-9)
+    need = stream.in_memory_bytes(small_dir) / 2**30
+    prepare_data(DataConfig(dir=str(small_dir)))  # auto: a whole read of logs that do not fit
+    err = capsys.readouterr().err
+    assert f"warning: {small_dir}: this run reads every candidate into memory, about {need:,.1f} GiB" in err
+    for quiet in (DataConfig(dir=str(small_dir), stream="never"), DataConfig(dir=str(small_dir))):
+        prepare_data(quiet, candidates=quiet.stream == "never")  # in memory as asked / a streamed run's read of the rest
+    assert capsys.readouterr().err == ""

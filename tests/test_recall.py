@@ -1,14 +1,17 @@
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from cascade.data.lists import pointwise_lists
 from cascade.data.synth import WorldConfig, generate
 from cascade.config import RecallConfig
-from cascade.recall import ItemIndex, RecallStep, evaluate_recall, item_table, training_pairs
+from cascade.data.store import read_dataset
+from cascade.recall import ItemIndex, RecallStep, evaluate_recall, item_table, streamed_training_data, training_pairs
 from cascade.towers.dssm import DSSM
 from cascade.towers.embedding import Embeddings
 from cascade.train import TrainConfig, Trainer
+from tests.conftest import run_in_memory_and_streamed
 
 
 def _model(ds):
@@ -84,3 +87,81 @@ def test_request_weighted_pairs_weigh_every_request_the_same(small_world):
 def test_unknown_pair_weight_is_refused():
     with pytest.raises(ValueError, match="pair_weight: 'requests'"):
         RecallConfig(pair_weight="requests")
+
+
+def _rows(pairs) -> np.ndarray:
+    """Each pair as one row (user columns, item ids, mask, weight), sorted: the multiset of pairs."""
+    cols = [pairs.user.numpy(), pairs.items[:, :, 0].numpy(), pairs.mask.numpy(), pairs.weight.numpy()[:, None]]
+    rows = np.concatenate([c.astype(np.float64) for c in cols], axis=1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def test_streamed_recall_data_is_the_in_memory_pairs_and_positives(grouped_dir, small_world):
+    ds, _ = small_world
+    m = _model(ds).eval()
+    table = item_table(ds, m.item_slots)
+    cfg = RecallConfig(pair_weight="request")
+    streamed_ds, streamed = streamed_training_data(read_dataset(grouped_dir, candidates=False), grouped_dir, m, table, cfg)
+    memory = training_pairs(ds, m, "train", table, cfg)
+    # the same pairs with the same request weights (normalised over every row group's requests)
+    np.testing.assert_array_equal(_rows(streamed), _rows(memory))
+    # the positives of every split, and nothing else: what evaluate_recall reads
+    c = ds.candidates
+    positive = c["label"] > 0
+    kept = streamed_ds.candidates
+    assert np.all(kept["label"] > 0) and len(kept["label"]) == positive.sum() < len(c["label"]) / 10
+    want = np.stack([c["request_id"][positive], c["item_id"][positive]])
+    got = np.stack([kept["request_id"], kept["item_id"]])
+    np.testing.assert_array_equal(got[:, np.lexsort(got[::-1])], want[:, np.lexsort(want[::-1])])
+    for split in ("valid", "test"):
+        assert evaluate_recall(m, streamed_ds, split) == evaluate_recall(m, ds, split)
+
+
+def test_streamed_hard_negatives_are_cut_items_of_the_pairs_request(grouped_dir, small_world):
+    ds, _ = small_world
+    m = _model(ds)
+    table = item_table(ds, m.item_slots)
+    cfg = RecallConfig(hard_negatives=3)
+    _, streamed = streamed_training_data(read_dataset(grouped_dir, candidates=False), grouped_dir, m, table, cfg)
+    memory = training_pairs(ds, m, "train", table, cfg)
+    # drawn per row group, so other items, but as many: min(3, the request's cut items) per pair
+    assert streamed.mask.sum().item() == memory.mask.sum().item()
+    c = ds.candidates
+    train = np.isin(c["request_id"], ds.requests["request_id"][ds.requests["split"] == "train"])
+    cut_with = {}  # positive item -> the cut items of the train requests where it is positive
+    for r in np.unique(c["request_id"][train & (c["label"] > 0)]):
+        mine = c["request_id"] == r
+        for p in c["item_id"][mine & (c["label"] > 0)]:
+            cut_with.setdefault(int(p), set()).update(c["item_id"][mine & (c["stage"] <= 1)].tolist())
+    ids = streamed.items[:, :, 0].numpy()
+    for row in range(len(ids)):
+        pos, hard = ids[row, 0], ids[row, 1:][streamed.mask[row, 1:].numpy()]
+        assert len(set(hard.tolist())) == len(hard) and set(hard.tolist()) <= cut_with[int(pos)] and pos not in hard
+
+
+RUN_CONFIG = """
+base:
+  data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
+  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+  train: {epochs: 3, batch_size: 100000, seed: 1, lr: 0.01, monitor: recall@50}
+  out: OUT
+  task: recall
+  recall: {popularity_negatives: 32}
+experiments:
+  never: {data: {stream: never}}
+  always: {data: {stream: always}}
+"""
+
+
+def test_a_streamed_recall_run_learns_what_the_in_memory_one_learns(tmp_path, monkeypatch):
+    from cascade.data import store
+
+    monkeypatch.setattr(store, "CANDIDATE_ROW_GROUP", 1000)  # 300 lists of 40 in 12 row groups
+    path = tmp_path / "c.yaml"
+    path.write_text(RUN_CONFIG.replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")))
+    # one batch of every pair per epoch: the same pairs in another order, so the same in-batch
+    # softmax, popularity draws and Adam steps up to float rounding
+    results = run_in_memory_and_streamed(path, "train", "never", "always")
+    assert pq.ParquetFile(tmp_path / "data" / "candidates.parquet").metadata.num_row_groups == 12
+    for split in ("valid", "test"):
+        assert results["always"][split] == pytest.approx(results["never"][split], abs=1e-9)

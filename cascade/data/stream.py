@@ -219,3 +219,21 @@ class ListStream(SampleStream):
         """Row group ``g``'s lists, padded to ``list_size``."""
         self.counts()
         return build_lists(self._piece(g), self.split, max_items=self.list_size)
+
+
+@dataclass
+class RowGroups(SampleStream):
+    """Every split's candidates, one row group at a time, each read (and validated) once: for a
+    run that keeps a small part of the logs (the recall tower keeps the positives)."""
+
+    @classmethod
+    def open(cls, directory: str | Path, ds: Dataset | None = None) -> "RowGroups":
+        return cls(Path(directory), ds if ds is not None else read_dataset(directory, candidates=False), split="", min_stage=0)
+
+    def _kept_requests(self) -> np.ndarray:
+        return np.ones(len(self.ds.requests["request_id"]), bool)
+
+    def pieces(self) -> Iterator[Dataset]:
+        """Each row group's candidates with their requests, in file order."""
+        for g in range(len(self._groups)):
+            yield self._piece(g)

@@ -10,15 +10,7 @@ from cascade.data.schema import EXPOSED
 from cascade.data.store import DataError, write_dataset
 from cascade.data.stream import ListStream, SampleStream, in_memory_bytes
 
-ROWS_PER_GROUP = 1000  # the small world's 24,000 candidates in 24 row groups
-
-
-@pytest.fixture(scope="module")
-def grouped_dir(small_world, tmp_path_factory):
-    """The small world written with small candidate row groups."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(store, "CANDIDATE_ROW_GROUP", ROWS_PER_GROUP)
-        return write_dataset(small_world[0], tmp_path_factory.mktemp("grouped") / "logs")
+from tests.conftest import ROWS_PER_GROUP
 
 
 def _keys(flat) -> np.ndarray:
