@@ -248,7 +248,7 @@ def recall_output(ds: Dataset, model: TwoTower, n: int, keep_positives: bool = F
     uniform draws from the catalog per request are added as label-0 items (duplicates and the
     request's logged positives dropped): recall's own candidate space is the whole catalog, not
     its top-n. Every split."""
-    lists = build_lists(ds)
+    lists = build_lists(ds, max_items=0)  # the requests alone (user fields, history): no copy of the logged lists
     retrieved, _ = TowerRetriever(model, ds)(lists, n)  # (R, n), best first
     logged = ds.candidates
     extra = sorted(set(logged) - {"request_id", "item_id", "stage", "label"})
