@@ -232,7 +232,8 @@ class TowerRetriever:
 def evaluate_recall(model: TwoTower, ds: Dataset, split: str, ks: tuple[int, ...] = (50, 200)) -> dict[str, float]:
     """Recall@k of the catalog retrieval against each request's logged positives, the
     request's history excluded from what may be retrieved."""
-    lists = build_lists(ds, split)
+    c = ds.candidates
+    lists = build_lists(replace(ds, candidates={k: v[c["label"] > 0] for k, v in c.items()}), split)  # the positives are all it reads
     retrieved, _ = TowerRetriever(model, ds)(lists, max(ks))
     positives = lists.positive_ids
     return {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], positives) for k in ks}
