@@ -61,8 +61,8 @@ def positive_pairs(ds: Dataset, split: str, hard_negatives: int, rng: np.random.
     """The positives of ``split`` as samples (P lists of 1; ``seed``: ``pointwise_lists``' draw)
     and each pair's item ids (P, 1 + K): the positive, then K of its request's cut items (stage
     <= 1) in an order drawn from ``rng``, 0 where the request has fewer."""
-    flat = pointwise_lists(ds, split, seed=seed)
-    flat = flat.take(np.flatnonzero(flat.label[:, 0] > 0))
+    c = ds.candidates
+    flat = pointwise_lists(replace(ds, candidates={k: v[c["label"] > 0] for k, v in c.items()}), split, seed=seed)  # no flat copy of the negatives
     ids = np.zeros((len(flat), 1 + hard_negatives), dtype=np.int64)
     ids[:, 0] = flat.item["item_id"][:, 0]
     if hard_negatives and len(flat):
