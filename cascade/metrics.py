@@ -491,11 +491,25 @@ def retrieval_recall(retrieved: np.ndarray, positives: np.ndarray) -> float:
     """Recall@k of a retrieval: |retrieved ∩ positives| / |positives|, mean over rows with a
     positive. retrieved (R, k) item ids (ordered or not; k = the cut), positives (R, P) item ids
     with 0 as padding (an id listed twice is one positive). Retrieval returns a set, so no tie rule is needed here."""
-    pos = np.sort(np.asarray(positives), axis=1)
-    got = np.asarray(retrieved)
+    pos = np.sort(np.asarray(positives, dtype=np.int64), axis=1)
     valid = pos > 0
     valid[:, 1:] &= pos[:, 1:] != pos[:, :-1]  # a positive listed twice counts once
-    hit = (pos[:, :, None] == got[:, None, :]).any(axis=2) & valid
+    hit = in_rows(pos, np.asarray(retrieved)) & valid
     n = valid.sum(axis=1)
     defined = n > 0
     return _row_mean(hit.sum(axis=1) / np.maximum(n, 1), defined)
+
+
+def in_rows(values: np.ndarray, sets: np.ndarray) -> np.ndarray:
+    """values (R, a), sets (R, b) integer ids -> (R, a) bool: whether each value is in its row of
+    ``sets``. Each row's ids are offset into a range of their own, so one sort and a binary search
+    answer every row: O(R (a + b)) memory, where comparing every pair takes R a b booleans (2.5e8
+    for 20,000 requests' top-250 against histories of 50)."""
+    values, sets = np.asarray(values, dtype=np.int64), np.asarray(sets, dtype=np.int64)
+    if values.size == 0 or sets.size == 0:
+        return np.zeros(values.shape, bool)
+    low = min(int(values.min()), int(sets.min()))
+    offset = np.arange(len(values), dtype=np.int64)[:, None] * (max(int(values.max()), int(sets.max())) - low + 1) - low
+    keys = np.sort(sets + offset, axis=1).ravel()  # rows in increasing ranges: sorted as a whole
+    want = values + offset
+    return keys[np.minimum(np.searchsorted(keys, want), len(keys) - 1)] == want

@@ -177,7 +177,7 @@ class ItemIndex:
         ids = np.where(idx >= 0, self.item_ids[idx], 0)  # faiss marks missing results with -1
         sim = np.where(idx >= 0, sim, -np.inf).astype(np.float32)
         if exclude is not None:
-            banned = ((ids[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] > 0)).any(axis=2) | (ids == 0)
+            banned = M.in_rows(ids, exclude) | (ids == 0)  # exclude's padding 0 matches only the empty results
             # keep order, push banned ids after the allowed ones, then cut
             order = np.argsort(banned, axis=1, kind="stable")
             ids, sim = np.take_along_axis(ids, order, 1), np.take_along_axis(sim, order, 1)

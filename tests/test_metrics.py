@@ -326,6 +326,28 @@ def test_empty_lists_give_nan_for_every_list_metric():
         assert math.isnan(f(empty, empty, 2))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_retrieval_recall_is_the_mean_share_of_each_rows_positive_set_retrieved(data):
+    rows, k, p = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5))
+    ids = st.integers(-1, 12)  # small ids: repeats and hits are common; -1 and 0 are padding
+    retrieved = data.draw(hnp.arrays(np.int64, (rows, k), elements=ids))
+    positives = data.draw(hnp.arrays(np.int64, (rows, p), elements=st.integers(0, 12)))
+    shares = [len(set(r.tolist()) & (set(q.tolist()) - {0})) / len(set(q.tolist()) - {0}) for r, q in zip(retrieved, positives) if set(q.tolist()) - {0}]
+    got = M.retrieval_recall(retrieved, positives)
+    assert (math.isnan(got) and not shares) or got == pytest.approx(np.mean(shares))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_in_rows_is_row_wise_membership(data):
+    rows = data.draw(st.integers(1, 5))
+    values = data.draw(hnp.arrays(np.int64, (rows, data.draw(st.integers(0, 6))), elements=st.integers(-3, 9)))
+    sets = data.draw(hnp.arrays(np.int64, (rows, data.draw(st.integers(0, 6))), elements=st.integers(-3, 9)))
+    want = np.array([[v in set(q.tolist()) for v in r.tolist()] for r, q in zip(values, sets)], bool).reshape(values.shape)
+    np.testing.assert_array_equal(M.in_rows(values, sets), want)
+
+
 def test_retrieval_recall_counts_a_repeated_positive_once():
     # positives {3, 4} (3 listed twice); 3 retrieved -> 1 / 2, not 2 / 3
     assert M.retrieval_recall(np.array([[3, 5]]), np.array([[3, 3, 4]])) == pytest.approx(0.5)
