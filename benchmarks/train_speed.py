@@ -10,8 +10,9 @@ is the best any implementation could do on this machine in that precision. This 
 drifts by +-30% from minute to minute, so variants are timed in alternation (``repeats`` rounds
 of ``steps`` steps each) and the median round is reported.
 
-Variants: ``stock`` = ``nn.Dropout`` and MaxSim by ``einsum`` + ``amax`` (what the code had
-before); ``lean`` = the code as it is (``towers.base.Dropout``, MaxSim by matmul + ``max``);
+Variants: ``stock`` = ``nn.Dropout``, MaxSim by ``einsum`` + ``amax`` over IntTower's concatenated
+user heads (what the code had before); ``lean`` = the code as it is (``towers.base.Dropout``,
+MaxSim by matmul + ``max``, a user layer at a time: ``IntTower.layer_score``);
 ``bf16`` = ``lean`` under ``torch.autocast("cpu", torch.bfloat16)`` with fp32 master weights.
 Writes benchmarks/results/train_speed.{md,json}.
 """
@@ -23,6 +24,7 @@ import json
 import platform
 import statistics
 import time
+import types
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -78,6 +80,8 @@ class Variant:
         self.model = build_model(exp, ds)
         if stock:
             to_stock(self.model)
+            if isinstance(self.model, cascade.towers.inttower.IntTower):  # the heads concatenated, then one MaxSim
+                self.model.forward = types.MethodType(base.TwoTower.forward, self.model)
         self.model.train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.step_loss = pointwise_step(model_name)

@@ -72,9 +72,9 @@ def inttower_forward(model: IntTower, batch: Tensors) -> tuple[torch.Tensor, tor
     if model.cir_weight == 0:
         return plain_forward(model, batch)
     b, n, w = batch.items.shape
-    u, u_last = model.user.encode(batch.user)
+    layers, u_last = model.user.layer_heads(batch.user)
     v, v_last = model.item.encode(batch.items.reshape(b * n, w))
-    logits = model.score(u, v.reshape(b, n, *v.shape[1:]))
+    logits = model.layer_score(layers, v.reshape(b, n, *v.shape[1:]))
     user_rows = u_last.repeat_interleave(n, dim=0)  # (B * N, D): one row per (user, item) pair
     valid = batch.mask.reshape(-1)
     cir = contrastive_interaction(user_rows[valid], v_last[valid], batch.label.reshape(-1)[valid], model.cir_temperature)

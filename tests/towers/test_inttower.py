@@ -81,3 +81,19 @@ def test_cir_step_adds_the_regulariser_to_bce():
     m.cir_weight = 0.0
     assert pointwise_step("inttower")(m, batch).item() == plain.item()
     assert with_cir.item() > plain.item()  # CIR is a cross-entropy over 3 positives: > 0
+
+
+def test_training_through_layer_score_gets_the_gradients_of_the_concatenated_score():
+    torch.manual_seed(3)
+    m = _model()
+    for head in m.user.heads:  # the default tiny heads tie many maxima at init; ties split gradients either way
+        torch.nn.init.normal_(head.weight)
+    user, items = torch.tensor([[1, 2, 3, 0, 0], [2, 4, 0, 0, 0]]), torch.tensor([[[1, 1, 2, 0], [3, 4, 0, 0]], [[2, 1, 1, 0], [1, 3, 0, 0]]])
+    grads = []
+    for forward in (m.forward, lambda u, i: m.score(m.user(u), m.item(i.reshape(4, 4)).reshape(2, 2, 3, 5))):
+        m.zero_grad()
+        forward(user, items).pow(2).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("user.heads.2") for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], msg=k)
