@@ -57,12 +57,17 @@ def training_pairs(ds: Dataset, model: TwoTower, split: str, table: torch.Tensor
     return pair_tensors(flat, ids, model, table, cfg.pair_weight)
 
 
+def positives_only(ds: Dataset) -> Dataset:
+    """``ds`` with its candidates cut to the positives (label > 0)."""
+    c = ds.candidates
+    return replace(ds, candidates={k: v[c["label"] > 0] for k, v in c.items()})
+
+
 def positive_pairs(ds: Dataset, split: str, hard_negatives: int, rng: np.random.Generator, seed: int = 0) -> tuple[ListBatch, np.ndarray]:
     """The positives of ``split`` as samples (P lists of 1; ``seed``: ``pointwise_lists``' draw)
     and each pair's item ids (P, 1 + K): the positive, then K of its request's cut items (stage
     <= 1) in an order drawn from ``rng``, 0 where the request has fewer."""
-    c = ds.candidates
-    flat = pointwise_lists(replace(ds, candidates={k: v[c["label"] > 0] for k, v in c.items()}), split, seed=seed)  # no flat copy of the negatives
+    flat = pointwise_lists(positives_only(ds), split, seed=seed)  # no flat copy of the negatives
     ids = np.zeros((len(flat), 1 + hard_negatives), dtype=np.int64)
     ids[:, 0] = flat.item["item_id"][:, 0]
     if hard_negatives and len(flat):
@@ -101,8 +106,7 @@ def streamed_training_data(ds: Dataset, directory: str | Path, model: TwoTower, 
     seeded per row group: the same draw, not the same numbers."""
     positives, flats, ids = [], [], []
     for g, piece in enumerate(RowGroups.open(directory, ds).pieces()):
-        c = piece.candidates
-        positives.append({k: v[c["label"] > 0] for k, v in c.items()})
+        positives.append(positives_only(piece).candidates)
         flat, pair_ids = positive_pairs(piece, "train", cfg.hard_negatives, np.random.default_rng((cfg.seed, g)), seed=g)
         flats.append(flat)
         ids.append(pair_ids)
@@ -232,8 +236,7 @@ class TowerRetriever:
 def evaluate_recall(model: TwoTower, ds: Dataset, split: str, ks: tuple[int, ...] = (50, 200)) -> dict[str, float]:
     """Recall@k of the catalog retrieval against each request's logged positives, the
     request's history excluded from what may be retrieved."""
-    c = ds.candidates
-    lists = build_lists(replace(ds, candidates={k: v[c["label"] > 0] for k, v in c.items()}), split)  # the positives are all it reads
+    lists = build_lists(positives_only(ds), split)  # the positives are all it reads
     retrieved, _ = TowerRetriever(model, ds)(lists, max(ks))
     positives = lists.positive_ids
     return {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], positives) for k in ks}
