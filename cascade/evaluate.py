@@ -106,7 +106,7 @@ def most_popular(requests: ListBatch, counts: np.ndarray, catalog: np.ndarray, n
     order = catalog[np.argsort(-counts[catalog], kind="stable")]
     width = min(n + requests.history.shape[1], len(order))  # enough to skip every history item
     top = np.broadcast_to(order[:width], (len(requests), width))
-    seen = (top[:, :, None] == requests.history[:, None, :]).any(axis=2)
+    seen = M.in_rows(top, requests.history)  # the catalog's ids are > 0: the history's padding matches none
     pick = np.argsort(seen, axis=1, kind="stable")[:, :n]  # unseen first, popularity order kept
     return np.where(np.take_along_axis(seen, pick, 1), 0, np.take_along_axis(top, pick, 1))  # 0: the catalog ran out
 
