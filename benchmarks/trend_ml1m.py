@@ -37,7 +37,8 @@ from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.data.trend import ItemTrend
 from cascade.flow import cached_scores, train_distill
-from cascade.joint import positive_counts, train_experiment
+from cascade.joint import train_experiment
+from cascade.stage_data import StageData
 from cascade.models import MODELS, load_trained
 from cascade.pipeline import prepare_data
 from teachers import BOOSTED, TEACHERS
@@ -100,7 +101,7 @@ def main() -> None:
         lists = {s: build_lists(ds, s) for s in ("valid", "test")}
         (recall_exp,) = load_config(ROOT / config.parent / first.data.recall["config"], first.data.recall["experiment"])
         base = prepare_data(recall_exp.data)
-        n_pos = positive_counts(base, lists["test"].request_id)  # every logged positive, retrieved or not
+        n_pos = StageData(base).positives(lists["test"].request_id)  # every logged positive, retrieved or not
         if not fixed:  # the scorers with no training, once (both configs hold the same lists)
             tr = base.candidates
             train_pos = tr["item_id"][(tr["label"] > 0) & np.isin(tr["request_id"], base.requests["request_id"][base.requests["split"] == "train"])]

@@ -304,7 +304,6 @@ def _task(value: str, where: str) -> str:
 COMMAND_LINE: dict[str, Any] = {}
 
 
-STREAMED_TASKS = ("pointwise", "distill", "recall")  # the tasks data.stream applies to
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SECTIONS = {"data", "model", "train", "out", "task", "recall", "distill", "cascade"}
 
@@ -397,8 +396,8 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
         missing = sorted({"config", "experiment"} - set(exp.cascade.recall))
         if exp.task == "cascade" and missing:
             raise ConfigError(f"{where}.cascade.recall: '{missing[0]}' is required (the recall experiment: {{config, experiment}})")
-        if exp.data.stream == "always" and exp.task not in STREAMED_TASKS:
-            raise ConfigError(f"{where}.data.stream: 'always', but a '{exp.task}' task reads its data whole (streamed: {', '.join(STREAMED_TASKS)} tasks); set stream: auto or never")
+        if exp.data.stream == "always" and exp.model.name == "gbdt" and exp.task != "cascade":
+            raise ConfigError(f"{where}.data.stream: 'always', but a LightGBM model (gbdt) reads its data whole; set stream: auto or never")
         allowed = monitors(exp)
         if allowed is not None and exp.train.monitor not in allowed:
             raise ConfigError(f"{where}.train.monitor: '{exp.train.monitor}' is not a validation metric of a '{exp.task}' task (it has: {', '.join(allowed)})")

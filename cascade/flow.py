@@ -80,18 +80,37 @@ def cascade_report(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, c
     Recall@k@m (k = rank_quota, m = prerank_quota); Recall@k and NDCG@k of the real positives in
     the final top-k, out of all positives of the list; with a synthetic ``world``, the oracle
     ratio: true utility of the final top-k over the best top-k of the catalog (history excluded).
-    Computed ``REPORT_CELLS`` candidates of rows at a time (each metric is a mean over rows, so
-    the parts add up exactly: on the 10x world's 20,000 held-out lists of 200 the metrics'
-    temporaries took 0.37 GiB at once).
     """
+    return means(report_totals(student, teacher, lists, cfg, world))
+
+
+Totals = dict[str, list[float]]  # metric -> [sum, weight]: a mean over rows kept in parts that add up
+
+
+def add_totals(total: Totals, part: Totals | dict[str, tuple[float, float]]) -> Totals:
+    """``total`` with ``part``'s sums and weights added (in place; returned)."""
+    for name, (value_sum, count) in part.items():
+        into = total.setdefault(name, [0.0, 0.0])
+        into[0] += value_sum
+        into[1] += count
+    return total
+
+
+def means(total: Totals) -> dict[str, float]:
+    """Each metric's mean: its sum over its weight (nan over no rows)."""
+    return {name: value_sum / count if count else float("nan") for name, (value_sum, count) in total.items()}
+
+
+def report_totals(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None) -> Totals:
+    """``cascade_report``'s metrics as sums and weights (``means`` gives the report), computed
+    ``REPORT_CELLS`` candidates of rows at a time (each metric is a mean over rows, so the parts
+    add up exactly: on the 10x world's 20,000 held-out lists of 200 the metrics' temporaries
+    took 0.37 GiB at once), and so that a streamed run can add up its row groups."""
     rows = max(1, REPORT_CELLS // max(lists.mask.shape[1], 1))
-    totals: dict[str, list[float]] = {}
+    total: Totals = {}
     for a in range(0, len(lists), rows):
-        for name, (value_sum, count) in _report_part(student[a : a + rows], teacher[a : a + rows], lists.take(slice(a, a + rows)), cfg, world).items():
-            total = totals.setdefault(name, [0.0, 0.0])
-            total[0] += value_sum
-            total[1] += count
-    return {name: value_sum / count if count else float("nan") for name, (value_sum, count) in totals.items()}
+        add_totals(total, _report_part(student[a : a + rows], teacher[a : a + rows], lists.take(slice(a, a + rows)), cfg, world))
+    return total
 
 
 def _report_part(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None) -> dict[str, tuple[float, float]]:

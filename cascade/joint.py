@@ -50,43 +50,24 @@ import torch
 from torch import nn
 
 from cascade import metrics as M
-from cascade.data.lists import ListBatch, build_lists
+from cascade.data.lists import ListBatch
+from cascade.data.stream import ListStream
 from cascade.data.store import Dataset, write_atomic, write_text_atomic
 from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_config
 from cascade.cascade import Cascade, Stage, TorchScorer
 from cascade.data.synth import WORLD_FILE, World
-from cascade.flow import DistillLoss, cascade_report, train_distill
+from cascade.flow import DistillLoss, Totals, add_totals, means, report_totals, train_distill
 from cascade.models import list_tensors, load_trained, score_lists
-from cascade.data.trend import ItemTrend, TrendSpec, with_trend
 from cascade.distributed import barrier, data_parallel, world_size
-from cascade.pipeline import prepare_data, tower_forward, train_pointwise, train_recall, trend_spec, with_trend_fields
-from cascade.recall import RecallStep, item_table, recall_output, training_pairs
+from cascade.pipeline import prepare_data, streams, tower_forward, train_pointwise, train_recall, trend_spec, with_trend_fields
+from cascade.recall import RecallStep, item_table, streamed_training_data, training_pairs
 from cascade.losses.arf import UncertaintyWeights, e2e_loss, relax_bce
 from cascade.losses.sorting import neural_sort, top_k_indicator
-from cascade.train import Tensors, Trainer
-
-SPLITS = ("train", "valid", "test")
+from cascade.stage_data import Source, StageData, parts
+from cascade.train import StreamedTensors, Tensors, Trainer
 
 
 # ------------------------------------------------------------------------------ the flow
-
-
-def stage_lists(ds: Dataset, recall: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0, splits: tuple[str, ...] = SPLITS, trend: TrendSpec = TrendSpec()) -> dict[str, ListBatch]:
-    """Each split's (of ``splits``) recall output: the recall tower's top-n per request (and, with
-    ``keep_positives``, every logged positive it missed; ``catalog_negatives`` uniform catalog
-    draws as label-0 items: see ``flow.recall_output``), with the item trend ``trend`` says
-    where the stages were trained with it."""
-    out = recall_output(ds, recall, n, keep_positives, catalog_negatives, seed)
-    if trend:
-        out = with_trend(out, ItemTrend.from_dataset(ds), trend)
-    return {split: build_lists(out, split) for split in splits}
-
-
-def positive_counts(ds: Dataset, request_id: np.ndarray) -> np.ndarray:
-    """Each request's number of logged positives, (R,) in the order of ``request_id``."""
-    c = ds.candidates
-    counts = np.bincount(c["request_id"][c["label"] > 0], minlength=int(ds.requests["request_id"].max()) + 1)
-    return counts[request_id]
 
 
 def top_of(lists: ListBatch, scores: np.ndarray, m: int, also: np.ndarray | None = None) -> ListBatch:
@@ -111,14 +92,22 @@ def joint_report(lists: ListBatch, prerank: np.ndarray, rank: np.ndarray, positi
     real positives still alive after recall, pre-rank and rank (end-to-end joint recall);
     ``cascade_report``'s teacher consistency of the pre-ranker against this cascade's ranker,
     Recall@k / NDCG@k of the positives inside the lists, and the oracle ratio."""
+    return means(joint_totals(lists, prerank, rank, positives, cfg, world))
+
+
+def joint_totals(lists: ListBatch, prerank: np.ndarray, rank: np.ndarray, positives: np.ndarray, cfg: CascadeConfig, world=None) -> Totals:
+    """``joint_report`` as sums and weights (``flow.Totals``), which add up over parts of the lists:
+    the joint recalls are means over the rows with a positive."""
     m, k = cfg.prerank_quota, cfg.rank_quota
     truth = (lists.label > 0) & lists.mask
+    defined = float((positives > 0).sum())
+    weighted = lambda value: (value * defined if defined else 0.0, defined)  # noqa: E731  (a mean over no rows is nan)
     out = {
-        "positives_retrieved": M.joint_recall([prerank], [lists.list_size], truth, lists.mask, positives),
-        "positives_after_prerank": M.joint_recall([prerank], [m], truth, lists.mask, positives),
-        "joint_recall": M.joint_recall([prerank, rank], [m, k], truth, lists.mask, positives),
+        "positives_retrieved": weighted(M.joint_recall([prerank], [lists.list_size], truth, lists.mask, positives)),
+        "positives_after_prerank": weighted(M.joint_recall([prerank], [m], truth, lists.mask, positives)),
+        "joint_recall": weighted(M.joint_recall([prerank, rank], [m, k], truth, lists.mask, positives)),
     }
-    return out | cascade_report(prerank, rank, lists, DistillConfig(prerank_quota=m, rank_quota=k), world)
+    return add_totals({name: list(v) for name, v in out.items()}, report_totals(prerank, rank, lists, DistillConfig(prerank_quota=m, rank_quota=k), world))
 
 
 # ------------------------------------------------------------------------------ training
@@ -133,14 +122,21 @@ def keep_norm_statistics(model: nn.Module) -> None:
             m.eval()
 
 
-def _fit(model: nn.Module, model_name: str, lists: ListBatch, teacher: np.ndarray | None, loss_cfg: DistillConfig, exp, run_dir: Path, epochs: int, lr: float | None = None) -> float:
-    """One phase: ``epochs`` of ``loss_cfg``'s mix on ``lists`` (at ``lr``, default
-    ``exp.train.lr``), plus the tower's own regulariser (``pipeline.tower_forward`` of
+def as_training(source: Source, pack: Callable[[ListBatch], Tensors]) -> Tensors | StreamedTensors:
+    """A phase's training data: ``pack`` (lists -> Tensors, e.g. with a teacher's scores) of the
+    lists in memory, or of each pool of a spilled stage as it is read."""
+    return pack(source) if isinstance(source, ListBatch) else StreamedTensors(source, pack)
+
+
+def _fit(model: nn.Module, model_name: str, lists: Source, pack: Callable[[ListBatch], Tensors], loss_cfg: DistillConfig, exp, run_dir: Path, epochs: int, lr: float | None = None) -> float:
+    """One phase: ``epochs`` of ``loss_cfg``'s mix on ``lists`` packed by ``pack`` (at ``lr``,
+    default ``exp.train.lr``), plus the tower's own regulariser (``pipeline.tower_forward`` of
     ``model_name``: DAT's mimic, HIT's generation, IntTower's CIR); returns its seconds."""
     start = time.perf_counter()
     loss = DistillLoss(loss_cfg)
     trainer = Trainer(model, replace(exp.train, epochs=epochs, batch_size=exp.cascade.lists_per_batch, lr=lr or exp.train.lr), run_dir, loss=loss, unit="lists")
-    trainer.log(f"{run_dir.name}: {len(lists):,} lists of up to {lists.list_size} candidates, {epochs} epoch(s)")
+    streamed = " (streamed)" if isinstance(lists, ListStream) else ""
+    trainer.log(f"{run_dir.name}: {len(lists):,} lists of up to {lists.list_size} candidates{streamed}, {epochs} epoch(s)")
     forward = tower_forward(model_name)
 
     def step(b: Tensors) -> torch.Tensor:
@@ -148,16 +144,21 @@ def _fit(model: nn.Module, model_name: str, lists: ListBatch, teacher: np.ndarra
         logits, regulariser = forward(model, b)
         return loss(logits, b) + regulariser
 
-    trainer.fit(list_tensors(lists, model, teacher), step, None, resolved_config=exp.to_dict())
+    trainer.fit(as_training(lists, pack), step, None, resolved_config=exp.to_dict())
     return time.perf_counter() - start
 
 
-def _fit_retrieval(recall: nn.Module, ds: Dataset, recall_exp, exp, run_dir: Path, epochs: int, lr: float | None) -> float:
+def _fit_retrieval(recall: nn.Module, stages: StageData, recall_exp, exp, run_dir: Path, epochs: int, lr: float | None) -> float:
     """Recall's self-learning with its own warm-up objective (``recall.RecallStep`` over the
-    logged (request, positive) pairs of the train split) for ``epochs``; returns its seconds."""
+    logged (request, positive) pairs of the train split, made a row group at a time when the
+    logs stream) for ``epochs``; returns its seconds."""
     start = time.perf_counter()
+    ds = stages.ds
     table = item_table(ds, recall.item_slots)
-    pairs = training_pairs(ds, recall, "train", table, recall_exp.recall)
+    if stages.streamed:
+        _, pairs = streamed_training_data(ds, recall_exp.data.dir, recall, table, recall_exp.recall)
+    else:
+        pairs = training_pairs(ds, recall, "train", table, recall_exp.recall)
     step = RecallStep(recall_exp.recall, recall, table, ds.items["item_id"], pairs)
     trainer = Trainer(recall, replace(exp.train, epochs=epochs, batch_size=recall_exp.train.batch_size, lr=lr or exp.train.lr), run_dir)
     trainer.log(f"{run_dir.name}: {len(pairs):,} (request, positive) pairs, sampled softmax, {epochs} epoch(s)")
@@ -240,29 +241,38 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     (recall_exp,) = load_config(recall_config, cfg.recall["experiment"])
     if recall_exp.task != "recall":
         raise ConfigError(f"{exp.where}.cascade.recall: experiment '{recall_exp.name}' of {recall_config} is not a recall task")
-    ds = prepare_data(recall_exp.data)
-    world = World.load(recall_exp.data.dir) if (Path(recall_exp.data.dir) / WORLD_FILE).exists() else None
+    data = replace(recall_exp.data, stream=exp.data.stream)  # the recall's logs, streamed as this experiment says
+    streamed = streams(data)
+    ds = prepare_data(data, candidates=not streamed)
+    world = World.load(data.dir) if (Path(data.dir) / WORLD_FILE).exists() else None
     # the warm-up stages, each trained with its own config on this experiment's device if missing
     on_device = lambda e: replace(e, train=replace(e.train, device=exp.train.device))  # noqa: E731
     recall = load_trained(on_device(recall_exp), ds, models, lambda e: train_experiment(e, recall_config, models))
     stage_exps = [named(load_config(config, name)[0]) for name in (cfg.prerank, cfg.rank)]
     stage_trend = trend_spec(*stage_exps)  # the stages' item trend, computed on every regenerated list
+    if streamed and stage_trend:
+        raise ConfigError(f"{exp.where}.data.stream: {data.dir} streams, and the stages '{cfg.prerank}' and '{cfg.rank}' take the item trend (data.recall.trend_days), which a streamed cascade cannot compute yet; set data.stream: never")
     stage_ds = with_trend_fields(ds, stage_trend)
     prerank, rank = (load_trained(on_device(e), stage_ds, models, lambda e: train_experiment(e, config, models, named=named)) for e in stage_exps)
     for model in (recall, prerank, rank):
         model.to(exp.train.device)
     n, m, k = cfg.recall_quota, cfg.prerank_quota, cfg.rank_quota
+    stage_data = StageData(ds, stage_trend, data.dir if streamed else None, exp.run_dir / "stage_data")
+    if streamed:
+        print(f"{exp.name}: {data.dir} streams: each round's stage data is written under {stage_data.spill} a row group at a time", flush=True)
     rounds: list[dict] = []
     seconds: dict[str, float] = {}
 
-    def report(label: str) -> dict[str, ListBatch]:
-        lists = stage_lists(ds, recall, n, trend=stage_trend)
+    def report(label: str) -> dict[str, Source]:
+        lists = stage_data(recall, n)
         row = {"after": label}
         flow = Cascade([Stage("prerank", TorchScorer(prerank), m), Stage("rank", TorchScorer(rank), k)])
         for split in ("valid", "test"):
-            lst = lists[split]
-            run = flow.run(lst, candidates=lst, full=True)  # the ranker scores the whole list for consistency
-            row[split] = joint_report(lst, run.stages[0].scores, run.stages[1].scores, positive_counts(ds, lst.request_id), cfg, world if split == "test" else None)
+            total: Totals = {}
+            for lst in parts(lists[split]):
+                run = flow.run(lst, candidates=lst, full=True)  # the ranker scores the whole list for consistency
+                add_totals(total, joint_totals(lst, run.stages[0].scores, run.stages[1].scores, stage_data.positives(lst.request_id), cfg, world if split == "test" else None))
+            row[split] = means(total)
         rounds.append(row)
         print(f"{exp.name} after {label}: test " + " ".join(f"{key} {v:.4f}" for key, v in row["test"].items()))
         return lists
@@ -276,28 +286,30 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             start, here = time.perf_counter(), exp.run_dir / f"round{r}"
             served = lists["train"]  # recall's top-n with the current recall tower
             every_positive = cfg.self_positives == "all"
-            with_positives = stage_lists(ds, recall, n, keep_positives=True, splits=("train",), trend=stage_trend)["train"] if every_positive else served
-            recall_served = stage_lists(ds, recall, n, False, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), trend=stage_trend)["train"]
-            positive = (with_positives.label > 0) & with_positives.mask
-            ranker_lists = top_of(with_positives, score_lists(prerank, with_positives), m, also=positive if every_positive else None)
+            with_positives = stage_data(recall, n, keep_positives=True, splits=("train",), name="with_positives")["train"] if every_positive else served
+            recall_served = stage_data(recall, n, False, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), name="recall_served")["train"]
+
+            def ranker_lists(lst: ListBatch) -> ListBatch:  # the pre-ranker's top-m (and, with every_positive, each positive)
+                return top_of(lst, score_lists(prerank, lst), m, also=(lst.label > 0) & lst.mask if every_positive else None)
+
             if "rank" in cfg.trained:
-                _fit(rank, stage_exps[1].model.name, ranker_lists, None, self_loss, exp, here / "rank_self", cfg.self_epochs)
+                _fit(rank, stage_exps[1].model.name, with_positives, lambda lst: list_tensors(ranker_lists(lst), rank), self_loss, exp, here / "rank_self", cfg.self_epochs)
             if "prerank" in cfg.trained:
-                _fit(prerank, stage_exps[0].model.name, with_positives, None, self_loss, exp, here / "prerank_self", cfg.self_epochs)
+                _fit(prerank, stage_exps[0].model.name, with_positives, lambda lst: list_tensors(lst, prerank), self_loss, exp, here / "prerank_self", cfg.self_epochs)
             if "recall" in cfg.trained and cfg.recall_self == "retrieval":
-                _fit_retrieval(recall, ds, recall_exp, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
+                _fit_retrieval(recall, stage_data, recall_exp, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             elif "recall" in cfg.trained:
-                recall_self = stage_lists(ds, recall, n, every_positive, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), trend=stage_trend)["train"]
-                _fit(recall, recall_exp.model.name, recall_self, None, self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
+                recall_self = stage_data(recall, n, every_positive, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), name="recall_self")["train"] if every_positive else recall_served
+                _fit(recall, recall_exp.model.name, recall_self, lambda lst: list_tensors(lst, recall), self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             if "prerank" in cfg.trained:
-                _fit(prerank, stage_exps[0].model.name, served, score_lists(rank, served), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
+                _fit(prerank, stage_exps[0].model.name, served, lambda lst: list_tensors(lst, prerank, score_lists(rank, lst)), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
             if "recall" in cfg.trained:
-                _fit(recall, recall_exp.model.name, recall_served, score_lists(prerank, recall_served), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs, cfg.recall_lr)
+                _fit(recall, recall_exp.model.name, recall_served, lambda lst: list_tensors(lst, recall, score_lists(prerank, lst)), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs, cfg.recall_lr)
             seconds[f"round{r}"] = time.perf_counter() - start
             lists = report(f"round {r}")  # the next round's stage data, from the updated recall tower
     elif cfg.method == "lcron":
         start = time.perf_counter()
-        train = stage_lists(ds, recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",), trend=stage_trend)["train"]
+        train = stage_data(recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",), name="lcron")["train"]
         stacked = StackedStages(recall, prerank)
         stages = {"recall": recall, "prerank": prerank}
         kept = [name for name in stages if name not in cfg.trained]
@@ -306,16 +318,17 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             model.requires_grad_(False)
         loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
         trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss, unit="lists")
-        trainer.log(f"lcron: recall + pre-ranker{''.join(f' ({name} frozen)' for name in kept)} on {len(train):,} lists of {train.list_size}, against {cfg.rank}'s top-{k}")
+        trainer.log(f"lcron: recall + pre-ranker{''.join(f' ({name} frozen)' for name in kept)} on {len(train):,} lists of {train.list_size}{' (streamed)' if streamed else ''}, against {cfg.rank}'s top-{k}")
         def step(b: Tensors) -> torch.Tensor:
             keep_norm_statistics(stacked)
             for model in frozen:
                 model.eval()  # a frozen stage scores as it serves: no dropout
             return loss(stacked(b.user, b.items), b)
 
-        trainer.fit(stacked.pack(train, score_lists(rank, train)), step, None, resolved_config=exp.to_dict())
+        trainer.fit(as_training(train, lambda lst: stacked.pack(lst, score_lists(rank, lst))), step, None, resolved_config=exp.to_dict())
         seconds["lcron"] = time.perf_counter() - start
         report("lcron")
+    stage_data.clear()
     worse = got_worse(rounds)
     if worse:
         print(f"warning: {exp.name} {worse}; its warm-up stages are better kept", flush=True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cascade import metrics as M
-from cascade.config import STREAMED_TASKS, ConfigError, DataConfig, ExperimentConfig, load_config
+from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch, pointwise_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset, memory_bytes, read_dataset, write_dataset, write_text_atomic
@@ -108,10 +108,10 @@ def prepare_data(cfg: DataConfig, candidates: bool = True) -> Dataset:
     with rank_zero_first():
         make_data(cfg)
     if candidates and cfg.stream == "auto" and not fits_in_memory(cfg.dir):
-        # a task that reads its logs whole (the joint cascade, a LightGBM model) on logs that a
-        # streamed task would stream: say so before the machine runs out, not after
+        # a LightGBM model reads its logs whole, even logs a torch model would stream: say so
+        # before the machine runs out, not after
         need = in_memory_bytes(cfg.dir)
-        print(f"warning: {cfg.dir}: this run reads every candidate into memory, about {need / 2**30:,.1f} GiB against this machine's {memory_bytes() / 2**30:,.1f} GiB; only {', '.join(STREAMED_TASKS)} tasks of torch models stream (data.stream)", file=sys.stderr)
+        print(f"warning: {cfg.dir}: this run reads every candidate into memory, about {need / 2**30:,.1f} GiB against this machine's {memory_bytes() / 2**30:,.1f} GiB; only torch models stream (data.stream)", file=sys.stderr)
     ds = read_dataset(cfg.dir, candidates=candidates)
     if cfg.kind == "recall_output":  # a directory made earlier must hold the trend the config asks for
         want, protocol = recall_trend_spec(cfg.recall), ds.schema.protocol
@@ -260,7 +260,7 @@ def pointwise_metrics(logits: np.ndarray, label: np.ndarray, request_id: np.ndar
 
 
 def streams(cfg: DataConfig) -> bool:
-    """Whether a pointwise, distill or recall run on ``cfg`` streams its candidates (``data.stream``)."""
+    """Whether a pointwise, distill, recall or cascade run on ``cfg`` streams its candidates (``data.stream``)."""
     if cfg.stream == "auto":
         with rank_zero_first():
             make_data(cfg)

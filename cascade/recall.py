@@ -242,7 +242,7 @@ def evaluate_recall(model: TwoTower, ds: Dataset, split: str, ks: tuple[int, ...
     return {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], positives) for k in ks}
 
 
-def recall_output(ds: Dataset, model: TwoTower, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0) -> Dataset:
+def recall_output(ds: Dataset, model: TwoTower, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int | tuple[int, ...] = 0, retriever: TowerRetriever | None = None) -> Dataset:
     """The logs with each request's candidates replaced by the frozen recall output: the recall
     tower's top-n of the catalog (faiss, history excluded). A retrieved item the request logged
     keeps its logged stage and label; any other is stage 0, label 0 (unexposed: a negative, as
@@ -251,9 +251,10 @@ def recall_output(ds: Dataset, model: TwoTower, n: int, keep_positives: bool = F
     positive of the split beside the stage's own negatives). ``catalog_negatives``: that many
     uniform draws from the catalog per request are added as label-0 items (duplicates and the
     request's logged positives dropped): recall's own candidate space is the whole catalog, not
-    its top-n. Every split."""
+    its top-n. Every split. ``retriever``: ``model``'s index when the caller built it already
+    (a streamed cascade retrieves a row group of the logs at a time from one index)."""
     lists = build_lists(ds, max_items=0)  # the requests alone (user fields, history): no copy of the logged lists
-    retrieved, _ = TowerRetriever(model, ds)(lists, n)  # (R, n), best first
+    retrieved, _ = (retriever or TowerRetriever(model, ds))(lists, n)  # (R, n), best first
     logged = ds.candidates
     extra = sorted(set(logged) - {"request_id", "item_id", "stage", "label"})
     if extra:

@@ -269,13 +269,13 @@ def test_a_streamed_distill_run_learns_what_the_in_memory_one_learns(tmp_path, m
         lookup(replace(lists.take(np.array([0])), request_id=np.array([99999])))
 
 
-def test_a_streamed_run_refuses_a_lightgbm_teacher_and_a_task_that_does_not_stream(tmp_path, capsys):
+def test_a_streamed_run_refuses_a_lightgbm_teacher_and_model(tmp_path, capsys):
     text = CONFIG.replace("name: dssm, params: {hidden: [16, 8], dropout: 0.0}}", "name: dssm}") + GBDT_TEACHER + "  streamed_from_gbdt: {data: {stream: always}, distill: {teacher: gbdt_rank, exposure_bce: 0, tutor: 1, tutor_alpha: 1.0}}\n"
     assert main(["distill", str(_write(tmp_path, text)), "--experiment", "streamed_from_gbdt"]) == 2
     assert "distill.teacher: 'gbdt_rank' (gbdt) scores whole in-memory lists" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "gbdt_rank").exists()  # refused before the teacher trained
-    with pytest.raises(ConfigError, match=r"experiments.din.data.stream: 'always', but a 'cascade' task reads its data whole"):
-        load_config(_write(tmp_path, CONFIG.replace("  din:\n    task: pointwise", "  din:\n    data: {stream: always}\n    task: cascade\n    cascade: {recall: {config: x.yaml, experiment: r}}")))
+    with pytest.raises(ConfigError, match=r"experiments.gbdt_rank.data.stream: 'always', but a LightGBM model \(gbdt\) reads its data whole"):
+        load_config(_write(tmp_path, text.replace("  gbdt_rank:  # a LightGBM lambdarank ranker on the lists: an order-only teacher\n", "  gbdt_rank:\n    data: {stream: always}\n")))
 
 
 @settings(max_examples=25, deadline=None)

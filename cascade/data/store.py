@@ -501,7 +501,7 @@ def _list_column(padded: np.ndarray, lengths: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(padded[keep].astype(np.int64)))
 
 
-def _to_arrow(ds: Dataset, name: str) -> pa.Table:
+def to_arrow(ds: Dataset, name: str) -> pa.Table:
     table = ds.table(name)
     out: dict[str, pa.Array] = {}
     for col, kind in table_columns(ds.schema)[name].items():
@@ -537,7 +537,7 @@ def request_cuts(request_id: np.ndarray, size: int) -> list[tuple[int, int]]:
 def _write_candidates(ds: Dataset, path: Path) -> None:
     """candidates.parquet sorted by request (each request's rows keep their order) in row groups
     of whole requests, so a stream can read its lists a row group at a time (cascade.data.stream)."""
-    table = _to_arrow(ds, "candidates")
+    table = to_arrow(ds, "candidates")
     rid = ds.candidates["request_id"]
     if np.any(rid[1:] < rid[:-1]):
         order = np.argsort(rid, kind="stable")
@@ -572,7 +572,7 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
             if name == "candidates":
                 _write_candidates(ds, tmp / file)
             else:
-                pq.write_table(_to_arrow(ds, name), tmp / file, compression="zstd", row_group_size=REQUEST_ROW_GROUP if name == "requests" else None)
+                pq.write_table(to_arrow(ds, name), tmp / file, compression="zstd", row_group_size=REQUEST_ROW_GROUP if name == "requests" else None)
         for file, data in (extra_files or {}).items():
             (tmp / file).parent.mkdir(parents=True, exist_ok=True)
             (tmp / file).write_bytes(data)

@@ -62,6 +62,7 @@ class SampleStream:
     split: str
     min_stage: int
     seed: int = 0  # history_drops_target's draw (MovieLens-1M ctr), per row group
+    trusted: bool = False  # written by cascade itself (a joint cascade's spilled stage data): never validated
 
     @classmethod
     def open(cls, directory: str | Path, split: str, min_stage: int = 0, ds: Dataset | None = None) -> "SampleStream":
@@ -80,7 +81,7 @@ class SampleStream:
         self._groups = [g for f in pads.dataset(self._file, format="parquet").get_fragments() for g in f.split_by_row_group()]
         self._starts = np.cumsum([0] + [g.row_groups[0].num_rows for g in self._groups])  # each group's first row in the file
         self._counts: np.ndarray | None = None
-        self._validated: set[int] = set()  # row groups read and validated whole once
+        self._validated: set[int] = set(range(len(self._groups))) if self.trusted else set()  # row groups read and validated whole once
 
     def _kept_requests(self) -> np.ndarray:
         """(R,) bool: the requests table's rows this stream reads."""
@@ -189,8 +190,8 @@ class ListStream(SampleStream):
     min_history: int = 0
 
     @classmethod
-    def open(cls, directory: str | Path, split: str, ds: Dataset | None = None, min_history: int = 0) -> "ListStream":
-        return cls(Path(directory), ds if ds is not None else read_dataset(directory, candidates=False), split, 0, min_history=min_history)
+    def open(cls, directory: str | Path, split: str, ds: Dataset | None = None, min_history: int = 0, trusted: bool = False) -> "ListStream":
+        return cls(Path(directory), ds if ds is not None else read_dataset(directory, candidates=False), split, 0, trusted=trusted, min_history=min_history)
 
     def _kept_requests(self) -> np.ndarray:
         kept = super()._kept_requests()

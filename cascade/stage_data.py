@@ -1,0 +1,113 @@
+"""A joint cascade's stage data: recall's output per request, made in memory or spilled to parquet.
+
+Every round of a joint cascade (``joint.train_cascade``) regenerates its stages' data from the
+current recall tower: each request's top-n of the catalog (``recall.recall_output``), R x n
+candidates, about as many as the logs hold (the 10x world: 200,000 requests x 200). Logs that
+fit (``data.stream``) make it in memory. Otherwise ``StageData`` makes it a row group of the logs
+at a time, with one faiss index over the catalog: each row group's requests are retrieved and
+labelled from that row group's logs (it holds whole requests), and written as one row group of
+the stage's own ``candidates.parquet``, which a ``ListStream`` reads back a row group at a time.
+Memory holds the users, items and requests tables, the index and a few row groups.
+
+A stage's split is then a ``ListBatch`` (in memory) or a ``ListStream`` (spilled); ``parts``
+walks either, and a phase trains on either (``joint._fit``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+from torch import nn
+
+from cascade.data.lists import ListBatch, build_lists
+from cascade.data.store import Dataset, to_arrow
+from cascade.data.stream import ListStream, RowGroups
+from cascade.data.trend import ItemTrend, TrendSpec, with_trend
+from cascade.distributed import barrier, broadcast, is_writer
+from cascade.recall import TowerRetriever, recall_output
+
+SPLITS = ("train", "valid", "test")
+Source = ListBatch | ListStream  # one split of a stage's data
+
+
+def parts(source: Source) -> Iterator[ListBatch]:
+    """A split's lists: the batch itself, or a stream's row groups that hold any."""
+    if isinstance(source, ListBatch):
+        yield source
+    else:
+        yield from (lst for lst in source.groups() if len(lst))
+
+
+class StageData:
+    """Makes a joint cascade's stage data from the logs ``ds`` (read whole, or without candidates
+    when ``directory``, the log directory, is streamed); ``spill``: where a streamed run writes
+    its stages (one folder each, by name, replaced at every regeneration)."""
+
+    def __init__(self, ds: Dataset, trend: TrendSpec = TrendSpec(), directory: str | Path | None = None, spill: Path | None = None):
+        if directory is not None and trend:
+            raise ValueError("a streamed cascade cannot compute the item trend yet (it needs every exposure at once)")
+        self.ds, self.trend, self.spill = ds, trend, spill
+        self.logs = None if directory is None else RowGroups.open(directory, ds)  # kept: each row group is validated once
+        self._positives: np.ndarray | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.logs is not None
+
+    def __call__(self, recall: nn.Module, n: int, keep_positives: bool = False, catalog_negatives: int = 0, seed: int = 0, splits: tuple[str, ...] = SPLITS, name: str = "served") -> dict[str, Source]:
+        """Each split's (of ``splits``) recall output: the recall tower's top-n per request (and,
+        with ``keep_positives``, every logged positive it missed; ``catalog_negatives`` uniform
+        catalog draws as label-0 items: see ``recall.recall_output``), with the item trend where
+        the stages were trained with it. A streamed run draws a row group's catalog negatives
+        from a generator seeded by (``seed``, row group): the same draw, not the same numbers."""
+        if not self.streamed:
+            out = recall_output(self.ds, recall, n, keep_positives, catalog_negatives, seed)
+            if self.trend:
+                out = with_trend(out, ItemTrend.from_dataset(self.ds), self.trend)
+            return {split: build_lists(out, split) for split in splits}
+        folder, counted = self.spill / name, self._positives is not None
+        if is_writer():  # rank 0 writes; every rank reads its share of the row groups
+            self._write(folder, recall, n, keep_positives, catalog_negatives, seed)
+        barrier()
+        if not counted:
+            self._positives = broadcast(self._positives)
+        return {split: ListStream.open(folder, split, self.ds, trusted=True) for split in splits}
+
+    def _write(self, folder: Path, recall: nn.Module, n: int, keep_positives: bool, catalog_negatives: int, seed: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        retriever = TowerRetriever(recall, self.ds)  # one index over the catalog for every row group
+        tmp, writer = folder / "candidates.parquet.tmp", None
+        counts = np.zeros(int(self.ds.requests["request_id"].max(initial=0)) + 1, np.int64)
+        try:
+            for g, piece in enumerate(self.logs.pieces()):
+                c = piece.candidates
+                counts += np.bincount(c["request_id"][c["label"] > 0], minlength=len(counts))
+                out = recall_output(piece, recall, n, keep_positives, catalog_negatives, (seed, g), retriever)
+                table = to_arrow(out, "candidates")
+                writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table, row_group_size=max(len(table), 1))  # one row group: whole requests
+        finally:
+            if writer is not None:
+                writer.close()
+        tmp.replace(folder / "candidates.parquet")
+        self._positives = counts
+
+    def positives(self, request_id: np.ndarray) -> np.ndarray:
+        """Each request's number of logged positives (retrieved or not), (R,) in the order of
+        ``request_id``; a streamed run counts them while it writes its first stage."""
+        if self._positives is None:
+            if self.streamed:
+                raise RuntimeError("a streamed StageData counts the positives while it writes a stage: make one first")
+            c = self.ds.candidates
+            self._positives = np.bincount(c["request_id"][c["label"] > 0], minlength=int(self.ds.requests["request_id"].max()) + 1)
+        return self._positives[request_id]
+
+    def clear(self) -> None:
+        """Delete the spilled stages (a completed run's: they are as large as the logs)."""
+        if self.spill is not None and is_writer():
+            shutil.rmtree(self.spill, ignore_errors=True)
