@@ -1,13 +1,15 @@
 """Training from logs larger than memory: peak memory and samples/s, streamed against in memory,
 on the default synthetic world and on one 10x its size.
 
-    python benchmarks/data_stream.py [--task pointwise|distill|recall] [--scales 1 10] [--epochs 3] [--repeats 2]
+    python benchmarks/data_stream.py [--task pointwise|distill|recall|cascade] [--scales 1 10] [--epochs 3] [--repeats 2]
 
 ``--task distill`` trains a DSSM pre-ranker on whole lists (listwise KD) against a DSSM teacher
 trained first on the exposures (a DIN teacher would spend the run scoring; what is measured is the
 lists' path), and writes data_stream_distill; its samples are lists. ``--task recall`` trains the
 quickstart's recall tower (sampled softmax, popularity and 4 hard negatives a pair) and writes
-data_stream_recall; streamed, it keeps only the positives and the training pairs.
+data_stream_recall; streamed, it keeps only the positives and the training pairs. ``--task cascade``
+runs one RankFlow round of a joint cascade that trains its pre-ranker (``CASCADE_CONFIG``) and
+writes data_stream_cascade; its samples are lists.
 
 Issue 13 asks that a run over a world 10x the default (40 million logged candidates) keep its
 peak memory within 1.5x of the default world's when it streams, at samples/s within 20% of the
@@ -17,13 +19,14 @@ quickstart size) in a fresh process, `data.stream` never (in memory) or always (
 reporting its peak RSS (VmHWM) and the training loop's samples/s (metrics.jsonl, mean over
 epochs; a streamed epoch includes its reads); the two paths run in turn, ``repeats`` times, since
 this machine's speed drifts between minutes. A process that imports what a run imports (torch,
-the package) and trains nothing is the baseline. Writes benchmarks/results/data_stream{,_distill,_recall}.{md,json}.
+the package) and trains nothing is the baseline. Writes benchmarks/results/data_stream{,_distill,_recall,_cascade}.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -75,12 +78,30 @@ experiments:
   streamed: {{data: {{stream: always}}}}
 """
 
+CASCADE_CONFIG = """
+base:
+  data: {{kind: synth, dir: {data}, synth: {{requests: {requests}, users: {users}, seed: 0}}}}
+  model: {{embedding_dim: 16, name: dssm, params: {{hidden: [128, 64], dropout: 0.1, temperature: 0.1}}}}
+  train: {{epochs: 1, batch_size: 1024, lr: 0.002, seed: 0, patience: 5, monitor: auc}}
+  out: {out}
+  task: pointwise
+  cascade: {{recall: {{config: {config}, experiment: recall}}, method: rankflow, prerank: prerank, rank: rank, trained: [prerank], rounds: 1, self_epochs: {epochs}, tutor_epochs: {epochs}, recall_quota: 200, prerank_quota: 50, rank_quota: 10, lists_per_batch: 32}}
+experiments:
+  recall: {{task: recall, data: {{stream: never}}, model: {{params: {{hidden: [128, 64], dropout: 0.1, temperature: 0.05}}}}, train: {{epochs: 3, monitor: recall@200}}, recall: {{temperature: 0.05, popularity_negatives: 256}}}}
+  prerank: {{data: {{stream: never}}}}
+  rank: {{data: {{stream: never}}, model: {{params: {{hidden: [256, 128], dropout: 0.1, temperature: 0.1}}}}}}
+  memory: {{task: cascade, data: {{stream: never}}}}
+  streamed: {{task: cascade, data: {{stream: always}}}}
+"""
+
 # per task: its config, the speed metrics.jsonl records, the results' name and its test figure
 TASKS = {
     "pointwise": (CONFIG, "samples_per_s", "data_stream", "auc", "test AUC"),
     "distill": (DISTILL_CONFIG, "lists_per_s", "data_stream_distill", "teacher_recall@10@50", "test teacher Recall@10@50"),
     "recall": (RECALL_CONFIG, "samples_per_s", "data_stream_recall", "recall@200", "test Recall@200"),
+    "cascade": (CASCADE_CONFIG, "lists_per_s", "data_stream_cascade", "joint_recall", "test joint recall"),
 }
+CASCADE_PHASES = ("prerank_self", "prerank_tutor")  # what trains in the cascade's one round
 
 CHILD = """
 import json, sys, time
@@ -119,7 +140,7 @@ def main() -> None:
         data = ROOT / "runs" / "data" / f"stream_{scale}x"
         config = RUNS / f"world_{scale}x_{args.task}.yaml"
         out = RUNS / f"world_{scale}x" / args.task
-        config.write_text(template.format(data=data, requests=20000 * scale, users=2000 * scale, epochs=args.epochs, out=out))
+        config.write_text(template.format(data=data, requests=20000 * scale, users=2000 * scale, epochs=args.epochs, out=out, config=config))
         if not data.exists():
             start = time.perf_counter()
             from cascade.config import load_config
@@ -128,15 +149,24 @@ def main() -> None:
             make_data(load_config(config, "memory")[0].data)
             print(f"world {scale}x written in {time.perf_counter() - start:.0f}s", flush=True)
         meta = pq.read_metadata(data / "candidates.parquet")
-        if args.task == "distill" and not (out / "teacher" / "results.json").exists():
-            run_child("train", str(config), "--experiment", "teacher")  # before the runs measured
+        first = {"distill": ("teacher",), "cascade": ("recall", "prerank", "rank")}.get(args.task, ())
+        for name in first:  # trained before the runs measured
+            if not (out / name / "results.json").exists():
+                run_child("train", str(config), "--experiment", name)
         for rep, name in [(r, n) for r in range(args.repeats) for n in ("memory", "streamed")]:
             run = out / name
+            if args.task == "cascade":
+                shutil.rmtree(run, ignore_errors=True)  # train afresh: a finished run would only be read
             for f in ("results.json", "last.pt", "prev.pt", "metrics.jsonl"):
                 (run / f).unlink(missing_ok=True)  # train afresh: a finished run would only be read
             child = run_child("train", str(config), "--experiment", name)
-            epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             result = json.loads((run / "results.json").read_text())
+            if args.task == "cascade":  # its phases' epochs; every phase trains on the same train lists
+                epochs = [json.loads(line) for phase in CASCADE_PHASES for line in (run / "round1" / phase / "metrics.jsonl").read_text().splitlines()]
+                lists = int((run / "round1" / CASCADE_PHASES[0] / "log.txt").read_text().split(": ", 1)[1].split(" lists", 1)[0].replace(",", ""))
+                result = {"test": result["test"], "lists_per_rank": [lists * len(epochs)]}
+            else:
+                epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             row = {
                 "scale": scale,
                 "candidates": meta.num_rows,
@@ -169,6 +199,7 @@ def write(rows: list[dict], baseline: int, args) -> None:
     model = {
         "pointwise": f"A pointwise DSSM (quickstart size), {args.epochs} epochs, batch 1,024,",
         "distill": f"A DSSM pre-ranker (quickstart size) distilled with listwise KD from a DSSM teacher (trained first,\non the exposures), {args.epochs} epochs, 32 lists of 200 a batch; the teacher scores each path's lists once, into\nits cache (in memory: one array; streamed: a file written a row group at a time and read memory-mapped a batch at a time), in the path's first run;",
+        "cascade": f"A joint cascade (RankFlow, one round, the pre-ranker trained: {args.epochs} epoch(s) of self-learning on recall's\ntop-200 with every positive, {args.epochs} of tutor learning from the ranker, 32 lists a batch) over a DSSM recall tower, DSSM\npre-ranker and a larger DSSM ranker trained first; the run regenerates recall's output (faiss over the catalog) three\ntimes, in memory or, streamed, written a row group at a time to parquet and read back (``cascade.stage_data``);\nlists/s is over both phases' epochs;",
         "recall": f"The quickstart's recall tower (DSSM, sampled softmax with 256 popularity and 4 hard negatives a pair),\n{args.epochs} epochs, batch 1,024 pairs; streamed, the candidates are read a row group at a time once, keeping\nthe positives and the training pairs (so its epochs read nothing);",
     }[args.task]
     lines = [

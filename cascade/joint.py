@@ -287,7 +287,8 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             served = lists["train"]  # recall's top-n with the current recall tower
             every_positive = cfg.self_positives == "all"
             with_positives = stage_data(recall, n, keep_positives=True, splits=("train",), name="with_positives")["train"] if every_positive else served
-            recall_served = stage_data(recall, n, False, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), name="recall_served")["train"]
+            if "recall" in cfg.trained:  # recall's lists, from the tower as the round starts
+                recall_served = stage_data(recall, n, False, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), name="recall_served")["train"]
 
             def ranker_lists(lst: ListBatch) -> ListBatch:  # the pre-ranker's top-m (and, with every_positive, each positive)
                 return top_of(lst, score_lists(prerank, lst), m, also=(lst.label > 0) & lst.mask if every_positive else None)
