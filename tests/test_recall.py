@@ -3,6 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cascade import recall
 from cascade.data.lists import pointwise_lists
 from cascade.data.synth import WorldConfig, generate
 from cascade.config import RecallConfig
@@ -64,6 +65,24 @@ def test_a_few_epochs_beat_the_untrained_tower(tmp_path):
     after = evaluate_recall(m, ds, "test", ks=(20,))["recall@20"]
     # 20 of 400 items retrieved at random would recall about 0.05
     assert after > before + 0.05 and after > 0.1
+
+
+@pytest.mark.parametrize("at_once", [1, 7, 64])
+def test_recall_evaluated_in_parts_is_the_whole_mean(small_world, monkeypatch, at_once):
+    # a mean over the requests with a positive: parts of any size add up to it (a part with no
+    # positive adds nothing: the small world's train split has 320 requests, 129 with a positive)
+    from cascade import metrics as M
+    from cascade.data.lists import build_lists
+    from cascade.recall import TowerRetriever, positives_only
+
+    ds, _ = small_world
+    m = _model(ds).eval()
+    lists = build_lists(positives_only(ds), "train")
+    retrieved, _ = TowerRetriever(m, ds)(lists, 200)
+    whole = {f"recall@{k}": M.retrieval_recall(retrieved[:, :k], lists.positive_ids) for k in (50, 200)}
+    assert 0 < whole["recall@50"] < whole["recall@200"] < 1
+    monkeypatch.setattr(recall, "EVAL_REQUESTS", at_once)
+    assert evaluate_recall(m, ds, "train", ks=(50, 200)) == pytest.approx(whole, abs=1e-12)
 
 
 def test_request_weighted_pairs_weigh_every_request_the_same(small_world):
