@@ -98,23 +98,33 @@ def pair_tensors(flat: ListBatch, ids: np.ndarray, model: TwoTower, table: torch
     )
 
 
+HELD_OUT = ("valid", "test")  # the splits evaluate_recall scores
+
+
 def streamed_training_data(ds: Dataset, directory: str | Path, model: TwoTower, table: torch.Tensor, cfg: RecallConfig) -> tuple[Dataset, Tensors]:
-    """``ds`` (read without candidates) with the candidates of ``directory`` cut to the positives
-    (all that ``evaluate_recall`` reads), and the training pairs of ``training_pairs``, both made a
-    row group at a time (``RowGroups``): memory holds the positives, not the logs. Each row
-    group holds whole requests, so its hard negatives are drawn as in memory, from a generator
-    seeded per row group: the same draw, not the same numbers."""
-    positives, flats, ids = [], [], []
+    """``ds`` (read without candidates) holding only what ``evaluate_recall`` reads of the held-out
+    splits of ``directory`` (their positives and those requests), and the training pairs of
+    ``training_pairs``, both made a row group at a time (``RowGroups``): memory holds the
+    held-out positives, not the logs. Each row group holds whole requests, so its hard negatives
+    are drawn as in memory, from a generator seeded per row group: the same draw, not the same
+    numbers."""
+    positives, requests, flats, ids = [], [], [], []
     for g, piece in enumerate(RowGroups.open(directory, ds).pieces()):
-        positives.append(positives_only(piece).candidates)
+        held = positives_only(piece)
+        held_rows = np.flatnonzero(np.isin(held.requests["split"], HELD_OUT) & np.isin(held.requests["request_id"], held.candidates["request_id"]))
+        requests.append({k: v[held_rows] for k, v in held.requests.items()})
+        keep = np.isin(held.candidates["request_id"], requests[-1]["request_id"])
+        positives.append({k: v[keep] for k, v in held.candidates.items()})
         flat, pair_ids = positive_pairs(piece, "train", cfg.hard_negatives, np.random.default_rng((cfg.seed, g)), seed=g)
         flats.append(flat)
         ids.append(pair_ids)
-    if not flats:  # no row groups: no pairs
-        flat, pair_ids = positive_pairs(ds, "train", cfg.hard_negatives, np.random.default_rng(cfg.seed))
-        return ds, pair_tensors(flat, pair_ids, model, table, cfg.pair_weight)
-    cand = {k: np.concatenate([p[k] for p in positives]) for k in positives[0]}
-    return replace(ds, candidates=cand), pair_tensors(concat_lists(flats), np.concatenate(ids), model, table, cfg.pair_weight)
+    if not flats:  # no row groups: no pairs, nothing held out
+        empty = replace(ds, requests=ds.request_rows(np.zeros(0, np.int64)), requests_file=None)
+        flat, pair_ids = positive_pairs(empty, "train", cfg.hard_negatives, np.random.default_rng(cfg.seed))
+        return empty, pair_tensors(flat, pair_ids, model, table, cfg.pair_weight)
+    joined = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
+    held_out = replace(ds, requests=joined(requests), candidates=joined(positives), requests_file=None)
+    return held_out, pair_tensors(concat_lists(flats), np.concatenate(ids), model, table, cfg.pair_weight)
 
 
 class RecallStep:

@@ -124,14 +124,21 @@ def test_streamed_recall_data_is_the_in_memory_pairs_and_positives(grouped_dir, 
     memory = training_pairs(ds, m, "train", table, cfg)
     # the same pairs with the same request weights (normalised over every row group's requests)
     np.testing.assert_array_equal(_rows(streamed), _rows(memory))
-    # the positives of every split, and nothing else: what evaluate_recall reads
-    c = ds.candidates
-    positive = c["label"] > 0
+    # the held-out positives and their requests, every field, and nothing else: what evaluate_recall reads
+    c, req = ds.candidates, ds.requests
+    held_out = np.isin(req["split"], ("valid", "test"))
+    positive = (c["label"] > 0) & np.isin(c["request_id"], req["request_id"][held_out])
     kept = streamed_ds.candidates
-    assert np.all(kept["label"] > 0) and len(kept["label"]) == positive.sum() < len(c["label"]) / 10
+    assert np.all(kept["label"] > 0) and len(kept["label"]) == positive.sum() > 0
     want = np.stack([c["request_id"][positive], c["item_id"][positive]])
     got = np.stack([kept["request_id"], kept["item_id"]])
     np.testing.assert_array_equal(got[:, np.lexsort(got[::-1])], want[:, np.lexsort(want[::-1])])
+    rows = np.flatnonzero(np.isin(req["request_id"], c["request_id"][positive]))
+    assert 0 < len(rows) == len(streamed_ds.requests["request_id"]) < held_out.sum()
+    order = np.argsort(streamed_ds.requests["request_id"])
+    assert set(streamed_ds.requests) == set(req)
+    for name, values in req.items():
+        np.testing.assert_array_equal(streamed_ds.requests[name][order], values[rows], err_msg=name)
     for split in ("valid", "test"):
         assert evaluate_recall(m, streamed_ds, split) == evaluate_recall(m, ds, split)
 

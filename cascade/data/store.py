@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -72,9 +73,18 @@ class Dataset:
     items: Table
     requests: Table
     candidates: Table
+    # a streamed read (``read_dataset(candidates=False)``): ``requests`` holds only REQUEST_INDEX,
+    # in the file's row order, and every field of a request comes from here on demand
+    requests_file: "RequestFile | None" = None
 
     def table(self, name: str) -> Table:
         return {"users": self.users, "items": self.items, "requests": self.requests, "candidates": self.candidates}[name]
+
+    def request_rows(self, rows: np.ndarray) -> Table:
+        """Every field of the requests at ``rows`` of ``requests``, in that order."""
+        if self.requests_file is None:
+            return {k: v[rows] for k, v in self.requests.items()}
+        return self.requests_file.rows(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,8 +187,10 @@ def size_problems(schema: Schema, root: Path) -> list[Problem]:
 
 def read_dataset(directory: str | os.PathLike, candidates: bool = True) -> Dataset:
     """Load and validate a log directory; raises DataError listing every problem found.
-    ``candidates=False`` leaves the candidates table empty (its columns, no rows): for a run
-    that streams it (``cascade.data.stream``), which converts and validates it batch by batch."""
+    ``candidates=False`` is a run that streams its logs (``cascade.data.stream``): the candidates
+    table is left empty (its columns, no rows), to be converted and validated batch by batch; the
+    requests are validated in one pass, ``READ_BATCH`` at a time, keeping ``REQUEST_INDEX`` of
+    each, and ``Dataset.request_rows`` reads the rest a row group at a time (``RequestFile``)."""
     root = Path(directory)
     if not root.is_dir():
         raise DataError([Problem(str(root), None, None, None, "is not a directory")])
@@ -200,13 +212,30 @@ def read_dataset(directory: str | os.PathLike, candidates: bool = True) -> Datas
             problems.append(Problem(file, None, None, None, "file is missing"))
             continue
         try:
-            tables[name] = read_table(path, kinds, schema, file, problems) if candidates or name != "candidates" else convert_table(pq.read_schema(path).empty_table(), kinds, schema, file, problems)
+            if candidates or name not in ("candidates", "requests"):
+                tables[name] = read_table(path, kinds, schema, file, problems)
+            elif name == "candidates":
+                tables[name] = convert_table(pq.read_schema(path).empty_table(), kinds, schema, file, problems)
         except (pa.ArrowInvalid, OSError) as e:
             problems.append(Problem(file, None, None, None, f"is not a readable parquet file: {e}"))
     if problems:
         raise DataError(problems)
-    ds = Dataset(schema, tables["users"], tables["items"], tables["requests"], tables["candidates"])
-    problems = validate(ds) if candidates else validate_entities(ds)
+    if candidates:
+        ds = Dataset(schema, tables["users"], tables["items"], tables["requests"], tables["candidates"])
+        problems = validate(ds)
+    else:
+        ds = Dataset(schema, tables["users"], tables["items"], {}, tables["candidates"])
+        c = ProblemLog()
+        _check_users_items(c, ds)
+        path = root / TABLE_FILES["requests"]
+        try:
+            index = _read_request_index(path, table_columns(schema)["requests"], ds, problems, c)
+        except (pa.ArrowInvalid, OSError) as e:
+            problems.append(Problem(TABLE_FILES["requests"], None, None, None, f"is not a readable parquet file: {e}"))
+        if problems:
+            raise DataError(problems)
+        ds = replace(ds, requests=index, requests_file=RequestFile(path, schema))
+        problems = c.problems
     if problems:
         raise DataError(problems)
     ds.candidates["stage"] = ds.candidates["stage"].astype(np.int8)
@@ -214,6 +243,92 @@ def read_dataset(directory: str | os.PathLike, candidates: bool = True) -> Datas
         drop_lengths(table)
     pa.default_memory_pool().release_unused()  # Arrow keeps freed decode buffers for reuse: 0.08 GiB after the 10x world's requests
     return ds
+
+
+REQUEST_INDEX = ("request_id", "user_id", "split", "ts", "history_len")  # what a streamed read keeps of every request
+
+
+def _read_request_index(path: Path, kinds: dict[str, str], ds: Dataset, problems: list[Problem], c: ProblemLog) -> Table:
+    """requests.parquet converted and checked ``READ_BATCH`` rows at a time against ``ds``'s users
+    and items (conversion problems into ``problems``, value problems into ``c``, as
+    ``validate_entities`` finds them); returns REQUEST_INDEX of every request, in file order."""
+    file = TABLE_FILES["requests"]
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    for col in kinds:
+        if col not in names:
+            problems.append(Problem(file, col, None, None, "column is missing"))
+    if problems:
+        return {}
+    step, start, unit = _unit_step(pf.metadata.num_rows), 0, []
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in REQUEST_INDEX}
+    for batch in pf.iter_batches(batch_size=READ_BATCH, columns=list(kinds)):
+        found: list[Problem] = []
+        block = convert_table(batch, kinds, ds.schema, file, found)
+        for p in found:
+            add_problem(problems, replace(p, row=None if p.row is None else p.row + start))
+        if not found:
+            _check_request_rows(c, ds, block, start)
+            unit.append(_unit_sample(block, start, step))
+            for k in REQUEST_INDEX:
+                parts[k].append(block[k])
+        start += batch.num_rows
+    if problems:
+        return {}
+    if start == 0:
+        empty = convert_table(pf.schema_arrow.empty_table().select(list(kinds)), kinds, ds.schema, file, problems)
+        return {k: empty[k] for k in REQUEST_INDEX}
+    index = {k: np.concatenate(v) for k, v in parts.items()}
+    _check_request_index(c, ds, index, np.concatenate(unit))
+    return index
+
+
+class RequestFile:
+    """requests.parquet read a row group at a time (validated whole when its directory was read):
+    every field of any requests by row, the last ``KEEP`` row groups kept converted. A stream reads
+    the requests of a candidates row group this way; write_dataset's row groups of 16,384 requests
+    keep each read small (a file written elsewhere costs one of its own row groups a read)."""
+
+    KEEP = 2
+
+    def __init__(self, path: Path, schema: Schema):
+        self.path, self.schema = Path(path), schema
+        self.kinds = table_columns(schema)["requests"]
+        self._file = pq.ParquetFile(self.path)
+        meta = self._file.metadata
+        self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._groups: dict[int, Table] = {}  # insertion order: oldest first
+        self._lock = threading.Lock()  # a stream reads in a prefetch thread
+
+    def rows(self, rows: np.ndarray) -> Table:
+        """Every field of the requests at file rows ``rows``, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        group = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(group, kind="stable")
+        with self._lock:
+            parts = [self._group(int(g)) for g in np.unique(group)] or [self._empty()]
+            picks = [rows[order][group[order] == g] - self.starts[g] for g in np.unique(group)] or [np.zeros(0, np.int64)]
+            cat = {k: np.concatenate([t[k][i] for t, i in zip(parts, picks)]) for k in parts[0]}
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return {k: v[inverse] for k, v in cat.items()}
+
+    def _group(self, g: int) -> Table:
+        if g not in self._groups:
+            problems: list[Problem] = []
+            table = convert_table(self._file.read_row_group(g, columns=list(self.kinds), use_threads=False), self.kinds, self.schema, TABLE_FILES["requests"], problems)
+            if problems:  # validated when read: the file changed since
+                raise DataError([replace(p, row=None if p.row is None else int(self.starts[g]) + p.row) for p in problems])
+            drop_lengths(table)
+            if len(self._groups) >= self.KEEP:
+                del self._groups[next(iter(self._groups))]
+            self._groups[g] = table
+        return self._groups[g]
+
+    def _empty(self) -> Table:
+        table = convert_table(self._file.schema_arrow.empty_table().select(list(self.kinds)), self.kinds, self.schema, TABLE_FILES["requests"], [])
+        drop_lengths(table)
+        return table
 
 
 def drop_lengths(table: Table) -> None:
@@ -374,37 +489,64 @@ def validate(ds: Dataset) -> list[Problem]:
 def validate_entities(ds: Dataset) -> list[Problem]:
     """The problems of the users, items and requests tables (the candidates not read)."""
     c = ProblemLog()
-    R = TABLE_FILES["requests"]
+    _check_users_items(c, ds)
+    req = ds.requests
+    step, unit = _unit_step(len(req["request_id"])), []
+    for start in range(0, len(req["request_id"]), HISTORY_CHECK_ROWS):
+        block = {name: values[start : start + HISTORY_CHECK_ROWS] for name, values in req.items()}
+        _check_request_rows(c, ds, block, start)
+        unit.append(_unit_sample(block, start, step))
+    _check_request_index(c, ds, req, np.concatenate(unit) if unit else np.zeros(0, np.int64))
+    return c.problems
+
+
+def _check_users_items(c: ProblemLog, ds: Dataset) -> None:
     for table_name, key in (("users", "user_id"), ("items", "item_id")):
         _check_ids(c, ds, table_name, key)
         table, file = ds.table(table_name), TABLE_FILES[table_name]
         c.flag(file, key, duplicate_rows(table[key]), table[key], f"duplicate {key}")
 
-    req = ds.requests
+
+def _check_request_rows(c: ProblemLog, ds: Dataset, req: Table, offset: int) -> None:
+    """The checks of a block of requests (rows ``offset`` on) that need no other request."""
+    R = TABLE_FILES["requests"]
+    c.flag(R, "user_id", ~_present(req["user_id"], ds.users["user_id"]), req["user_id"], "user not in users.parquet", offset)
+    _check_histories(c, ds, req, offset)
+
+
+def _check_request_index(c: ProblemLog, ds: Dataset, req: Table, unit_sample: np.ndarray) -> None:
+    """The checks across requests, on REQUEST_INDEX alone; ``unit_sample``: ``_unit_sample``'s
+    history times of every block."""
+    R = TABLE_FILES["requests"]
     c.flag(R, "request_id", duplicate_rows(req["request_id"]), req["request_id"], "duplicate request_id")
-    c.flag(R, "user_id", ~_present(req["user_id"], ds.users["user_id"]), req["user_id"], "user not in users.parquet")
     c.flag(R, "split", ~np.isin(req["split"], SPLITS), req["split"], f"split is not one of {list(SPLITS)}")
-    for start in range(0, len(req["request_id"]), HISTORY_CHECK_ROWS):
-        _check_histories(c, ds, {name: values[start : start + HISTORY_CHECK_ROWS] for name, values in req.items()}, start)
-    hts, w = req["history_ts"], min(req["history"].shape[1], req["history_ts"].shape[1])
     if ds.schema.temporal:
         for earlier, later in zip(SPLITS, SPLITS[1:]):
             before = req["ts"][req["split"] == earlier]
             if len(before):
                 c.flag(R, "ts", (req["split"] == later) & (req["ts"] < before.max()), req["ts"], f"a '{later}' request before the last '{earlier}' one (ts {before.max()}): temporal splits follow time")
-    # the unit check compares magnitudes (100x apart): every step-th row, at most about a block's, does
-    sample = slice(None, None, max(1, -(-len(hts) // HISTORY_CHECK_ROWS)))
-    hlen = req["history_len"][sample]
-    same_len = req.get("history_ts_len", req["history_len"])[sample] == hlen
-    valid_pos = (np.arange(w) < hlen[:, None]) & same_len[:, None]
-    unit = _unit_gap(req["ts"], hts[sample, :w][valid_pos])
+    unit = _unit_gap(req["ts"], unit_sample)
     if unit:
         c.problems.append(Problem(R, "history_ts", None, None, unit))
     for split in SPLITS:
         if not np.any(req["split"] == split):
             c.problems.append(Problem(R, "split", None, None, f"no '{split}' requests: training needs train and valid, evaluation test"))
 
-    return c.problems
+
+def _unit_step(requests: int) -> int:
+    """The unit check compares magnitudes (100x apart): every step-th request, at most about a block's, does."""
+    return max(1, -(-requests // HISTORY_CHECK_ROWS))
+
+
+def _unit_sample(req: Table, offset: int, step: int) -> np.ndarray:
+    """The history times of a block's requests (rows ``offset`` on) whose row is a multiple of
+    ``step`` (lengths agreeing, within the history's length)."""
+    hts, w = req["history_ts"], min(req["history"].shape[1], req["history_ts"].shape[1])
+    rows = np.arange((-offset) % step, len(hts), step)
+    hlen = req["history_len"][rows]
+    same_len = req.get("history_ts_len", req["history_len"])[rows] == hlen
+    valid_pos = (np.arange(w) < hlen[:, None]) & same_len[:, None]
+    return hts[rows, :w][valid_pos]
 
 
 HISTORY_CHECK_ROWS = 16_384  # requests whose (rows, history_max) checks run at once: bounded temporaries

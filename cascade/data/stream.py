@@ -1,8 +1,9 @@
 """Pointwise samples streamed from a log directory's ``candidates.parquet``, a row group at a time.
 
-For logs whose candidates do not fit in memory. The users, items and requests tables (one row per
-entity or request) are read whole; the candidates are read with ``pyarrow.dataset`` one row group
-at a time (``store.CANDIDATE_ROW_GROUP`` rows as ``write_dataset`` writes them), converted and
+For logs whose candidates do not fit in memory. The users and items tables are read whole, the
+requests table as an index (``store.REQUEST_INDEX``: id, user, split, time, history length), each
+row group's requests read in full when it is (``store.RequestFile``); the candidates are read with
+``pyarrow.dataset`` one row group at a time (``store.CANDIDATE_ROW_GROUP`` rows as ``write_dataset`` writes them), converted and
 validated by the same code as ``read_dataset`` on their first read (so a bad value anywhere stops
 the run, naming the file's row; later epochs let Arrow filter the stages wanted before converting),
 cut to one split's requests and those stages, and turned into samples by the same code as in memory (``pointwise_lists`` on a
@@ -135,8 +136,7 @@ class SampleStream:
         cand = {k: v[keep] for k, v in cand.items()}
         cand["stage"] = cand["stage"].astype(np.int8)
         rows = np.unique(req_rows[keep])
-        requests = {k: v[rows] for k, v in self.ds.requests.items()}
-        return replace(self.ds, requests=requests, candidates=cand)
+        return replace(self.ds, requests=self.ds.request_rows(rows), candidates=cand, requests_file=None)
 
     def batches(self, batch_size: int, seed: int | None = None, shard: tuple[int, int] = (0, 1), buffer: int = 4) -> Iterator[ListBatch]:
         """Batches of ``batch_size`` samples: ``buffer`` row groups at a time, shuffled together
@@ -195,7 +195,7 @@ class ListStream(SampleStream):
 
     def _kept_requests(self) -> np.ndarray:
         kept = super()._kept_requests()
-        return kept & ((self.ds.requests["history"] > 0).sum(axis=1) >= self.min_history) if self.min_history else kept
+        return kept & (self.ds.requests["history_len"] >= self.min_history) if self.min_history else kept
 
     def counts(self) -> np.ndarray:
         """The lists in each row group; sets ``list_size``, the longest (one pass over the

@@ -150,6 +150,39 @@ def test_check_names_each_bad_input(case, small_dir, tmp_path, capsys):
     assert code == 2
     assert expected in err, err
     assert "nothing written" in err
+    # a streamed run's read (the requests checked a batch at a time, the candidates' values left to
+    # the stream) finds the same problems, but those of the candidates' values
+    full, streamed = _problems(logs, True), _problems(logs, False)
+    assert full
+    leaves = lambda p: (p.file == "candidates.parquet" and p.row is not None) or p.message == "request has no candidates"  # noqa: E731
+    assert sorted(map(str, streamed)) == sorted(str(p) for p in full if not leaves(p))
+
+
+def _problems(logs, candidates):
+    try:
+        read_dataset(logs, candidates=candidates)
+    except DataError as e:
+        return e.problems
+    return []
+
+
+def test_a_streamed_read_keeps_the_requests_index_and_reads_any_request_whole(small_world, tmp_path, monkeypatch):
+    from cascade.data import store
+
+    monkeypatch.setattr(store, "REQUEST_ROW_GROUP", 64)  # the small world's 400 requests in 7 row groups
+    logs = write_dataset(small_world[0], tmp_path / "logs")
+    whole, streamed = read_dataset(logs), read_dataset(logs, candidates=False)
+    assert pq.ParquetFile(logs / "requests.parquet").metadata.num_row_groups == 7
+    assert set(streamed.requests) == set(store.REQUEST_INDEX) < set(whole.requests)
+    for name in store.REQUEST_INDEX:
+        np.testing.assert_array_equal(streamed.requests[name], whole.requests[name], err_msg=name)
+    # rows from every row group, in any order, repeated: each the whole read's row
+    rows = np.r_[np.random.default_rng(0).permutation(400), 5, 5, 399, 0]
+    got = streamed.request_rows(rows)
+    assert set(got) == set(whole.requests)
+    for name, values in whole.requests.items():
+        np.testing.assert_array_equal(got[name], values[rows], err_msg=name)
+    assert all(len(v) == 0 for v in streamed.request_rows(np.zeros(0, np.int64)).values())
 
 
 def test_every_problem_is_reported_at_once(small_dir, tmp_path, capsys):
