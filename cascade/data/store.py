@@ -142,7 +142,7 @@ def _rows_with_null_elements(arr: pa.ListArray) -> np.ndarray:
 
 INT64_MAX = np.iinfo(np.int64).max
 CANDIDATE_ROW_GROUP = 1 << 17  # rows per row group of candidates.parquet (at most, unless one request is longer): the unit a stream reads
-REQUEST_ROW_GROUP = 1 << 14  # a request row holds its history (~800 bytes): small groups, small decode buffers
+REQUEST_ROW_GROUP = 1 << 14  # at most, in requests.parquet (a row holds its histories, ~800 bytes): small decode buffers
 
 
 def memory_bytes() -> int:
@@ -676,16 +676,35 @@ def request_cuts(request_id: np.ndarray, size: int) -> list[tuple[int, int]]:
     return cuts
 
 
-def _write_candidates(ds: Dataset, path: Path) -> None:
+def _write_candidates(ds: Dataset, path: Path) -> np.ndarray:
     """candidates.parquet sorted by request (each request's rows keep their order) in row groups
-    of whole requests, so a stream can read its lists a row group at a time (cascade.data.stream)."""
+    of whole requests, so a stream can read its lists a row group at a time (cascade.data.stream).
+    Returns the first request id of each row group."""
     table = to_arrow(ds, "candidates")
     rid = ds.candidates["request_id"]
     if np.any(rid[1:] < rid[:-1]):
         order = np.argsort(rid, kind="stable")
         table, rid = table.take(pa.array(order)), rid[order]
+    cuts = request_cuts(rid, CANDIDATE_ROW_GROUP)
     with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
-        for a, b in request_cuts(rid, CANDIDATE_ROW_GROUP):
+        for a, b in cuts:
+            writer.write_table(table.slice(a, b - a), row_group_size=b - a)
+    return np.array([rid[a] for a, _ in cuts], dtype=np.int64)
+
+
+def _write_requests(ds: Dataset, path: Path, group_starts: np.ndarray) -> None:
+    """requests.parquet sorted by request id, its row groups cut where the candidates' are (the
+    request ids ``group_starts``) and at ``REQUEST_ROW_GROUP`` rows: a stream reads the requests
+    of a candidates row group from one small row group of requests (``RequestFile``)."""
+    table = to_arrow(ds, "requests")
+    rid = ds.requests["request_id"]
+    if np.any(rid[1:] < rid[:-1]):
+        order = np.argsort(rid, kind="stable")
+        table, rid = table.take(pa.array(order)), rid[order]
+    starts = np.unique(np.r_[0, np.searchsorted(rid, group_starts[1:])])
+    bounds = sorted({int(x) for a, b in zip(starts, np.r_[starts[1:], len(rid)]) for x in range(a, b, REQUEST_ROW_GROUP)} | {len(rid)})
+    with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
+        for a, b in zip(bounds[:-1], bounds[1:]):
             writer.write_table(table.slice(a, b - a), row_group_size=b - a)
 
 
@@ -710,11 +729,10 @@ def write_dataset(ds: Dataset, directory: str | os.PathLike, extra_files: dict[s
     out = check_output_dir(directory)
     with replacing_directory(out) as tmp:
         (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
-        for name, file in TABLE_FILES.items():
-            if name == "candidates":
-                _write_candidates(ds, tmp / file)
-            else:
-                pq.write_table(to_arrow(ds, name), tmp / file, compression="zstd", row_group_size=REQUEST_ROW_GROUP if name == "requests" else None)
+        group_starts = _write_candidates(ds, tmp / TABLE_FILES["candidates"])
+        _write_requests(ds, tmp / TABLE_FILES["requests"], group_starts)
+        for name in ("users", "items"):
+            pq.write_table(to_arrow(ds, name), tmp / TABLE_FILES[name], compression="zstd")
         for file, data in (extra_files or {}).items():
             (tmp / file).parent.mkdir(parents=True, exist_ok=True)
             (tmp / file).write_bytes(data)

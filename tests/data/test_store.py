@@ -185,6 +185,22 @@ def test_a_streamed_read_keeps_the_requests_index_and_reads_any_request_whole(sm
     assert all(len(v) == 0 for v in streamed.request_rows(np.zeros(0, np.int64)).values())
 
 
+def test_each_candidates_row_group_has_its_requests_in_one_row_group(small_world, tmp_path, monkeypatch):
+    # 24,000 candidates of 400 requests in row groups of at most 1,000 (whole requests): each
+    # one's requests are one row group of requests.parquet, and no more, so a stream reads them alone
+    from cascade.data import store
+
+    monkeypatch.setattr(store, "CANDIDATE_ROW_GROUP", 1000)
+    logs = write_dataset(small_world[0], tmp_path / "logs")
+    cand, req = pq.ParquetFile(logs / "candidates.parquet"), pq.ParquetFile(logs / "requests.parquet")
+    ids = lambda f, g: set(f.read_row_group(g, columns=["request_id"]).column(0).to_pylist())  # noqa: E731
+    candidate_groups = [ids(cand, g) for g in range(cand.num_row_groups)]
+    request_groups = [ids(req, g) for g in range(req.num_row_groups)]
+    assert len(candidate_groups) == len(request_groups) >= 24
+    assert candidate_groups == request_groups  # every request of the small world has candidates
+    assert all(max(a) < min(b) for a, b in zip(request_groups, request_groups[1:]))  # sorted by id
+
+
 def test_every_problem_is_reported_at_once(small_dir, tmp_path, capsys):
     logs = _copy(small_dir, tmp_path)
     _edit(logs, "candidates.parquet", lambda t: _set(_set(t, "label", 0, float("nan")), "stage", 1, 9))
