@@ -157,38 +157,49 @@ def cached_scores(teacher: nn.Module, lists: ListBatch, path: Path) -> np.ndarra
 
 def cached_stream_scores(teacher: nn.Module, stream: ListStream, path: Path) -> Callable[[ListBatch], np.ndarray]:
     """A frozen teacher's scores of a stream's lists, as ``cached_scores`` but made a row group at
-    a time: ``path`` holds them (B, N) in the stream's order, ``path`` with ``.ids.npy`` each
-    list's request id; the scores are read memory-mapped, a mapping per lookup, so a log of any
-    size costs 4 bytes a candidate on disk and a batch's pages in memory (one mapping held for
-    the run keeps every page an epoch touched: 0.12 GiB on the 10x world). Returns the lookup:
-    lists (b, N) -> their scores (b, N). Recomputed when ``best.pt`` is newer or the stream's
-    shape changed."""
+    a time (``write_stream_scores``) and looked up per batch (``stream_score_lookup``).
+    Recomputed when ``best.pt`` is newer or the stream's shape changed."""
     ids_path = path.with_suffix(".ids.npy")
-    shape = (len(stream), stream.list_size)
     best = path.parent.parent / "best.pt"
 
     def fresh() -> bool:
-        return ids_path.exists() and path.exists() and path.stat().st_mtime_ns >= best.stat().st_mtime_ns and np.load(path, mmap_mode="r").shape == shape
+        return ids_path.exists() and path.exists() and path.stat().st_mtime_ns >= best.stat().st_mtime_ns and np.load(path, mmap_mode="r").shape == (len(stream), stream.list_size)
 
     with rank_zero_first():  # in a data-parallel run rank 0 scores, the others read
         if not fresh():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            ids, at = np.zeros(shape[0], np.int64), 0
-            with open(tmp, "wb") as out:  # appended, not memory-mapped: written pages never count in this process
-                np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape})
-                for lst in (g for g in stream.groups() if len(g)):
-                    scores = np.ascontiguousarray(score_lists(teacher, lst), np.float32)
-                    if scores.shape[1] != shape[1] or at + len(lst) > shape[0]:
-                        raise ValueError(f"{path}: a row group's lists are {scores.shape}, past the stream's {shape}")
-                    out.write(scores.tobytes())
-                    ids[at : at + len(lst)] = lst.request_id
-                    at += len(lst)
-            if at != shape[0]:
-                raise ValueError(f"{path}: the stream gave {at:,} lists, not the {shape[0]:,} it counted")
-            np.save(ids_path, ids)
-            tmp.replace(path)  # last: the scores are fresh only once the ids are there
-    ids = np.load(ids_path)
+            write_stream_scores(teacher, stream, path)
+    return stream_score_lookup(path)
+
+
+def write_stream_scores(model: nn.Module, stream: ListStream, path: Path) -> None:
+    """``model``'s scores of a stream's lists, made a row group at a time: ``path`` holds them
+    (B, N) in the stream's order, ``path`` with ``.ids.npy`` each list's request id."""
+    ids_path = path.with_suffix(".ids.npy")
+    shape = (len(stream), stream.list_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    ids, at = np.zeros(shape[0], np.int64), 0
+    with open(tmp, "wb") as out:  # appended, not memory-mapped: written pages never count in this process
+        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape})
+        for lst in (g for g in stream.groups() if len(g)):
+            scores = np.ascontiguousarray(score_lists(model, lst), np.float32)
+            if scores.shape[1] != shape[1] or at + len(lst) > shape[0]:
+                raise ValueError(f"{path}: a row group's lists are {scores.shape}, past the stream's {shape}")
+            out.write(scores.tobytes())
+            ids[at : at + len(lst)] = lst.request_id
+            at += len(lst)
+    if at != shape[0]:
+        raise ValueError(f"{path}: the stream gave {at:,} lists, not the {shape[0]:,} it counted")
+    np.save(ids_path, ids)
+    tmp.replace(path)  # last: the scores are fresh only once the ids are there
+
+
+def stream_score_lookup(path: Path) -> Callable[[ListBatch], np.ndarray]:
+    """The lookup of ``write_stream_scores``' file: lists (b, N) -> their scores (b, N), by request
+    id. Read memory-mapped, a mapping per lookup, so a log of any size costs 4 bytes a candidate on
+    disk and a batch's pages in memory (one mapping held for the run keeps every page an epoch
+    touched: 0.12 GiB on the 10x world)."""
+    ids = np.load(path.with_suffix(".ids.npy"))
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
 

@@ -57,7 +57,7 @@ from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_confi
 from cascade.cascade import Cascade, Stage, TorchScorer
 from cascade.data.synth import WORLD_FILE, World
 from cascade.flow import DistillLoss, Totals, add_totals, means, report_totals, train_distill
-from cascade.models import list_tensors, load_trained, score_lists
+from cascade.models import list_tensors, load_trained
 from cascade.distributed import barrier, data_parallel, world_size
 from cascade.pipeline import prepare_data, streams, tower_forward, train_pointwise, train_recall, trend_spec, with_trend_fields
 from cascade.recall import RecallStep, item_table, streamed_training_data, training_pairs
@@ -290,10 +290,12 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
             if "recall" in cfg.trained:  # recall's lists, from the tower as the round starts
                 recall_served = stage_data(recall, n, False, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), name="recall_served")["train"]
 
-            def ranker_lists(lst: ListBatch) -> ListBatch:  # the pre-ranker's top-m (and, with every_positive, each positive)
-                return top_of(lst, score_lists(prerank, lst), m, also=(lst.label > 0) & lst.mask if every_positive else None)
-
             if "rank" in cfg.trained:
+                chooser = stage_data.scores(prerank, with_positives, "prerank_of_with_positives")
+
+                def ranker_lists(lst: ListBatch) -> ListBatch:  # the pre-ranker's top-m (and, with every_positive, each positive)
+                    return top_of(lst, chooser(lst), m, also=(lst.label > 0) & lst.mask if every_positive else None)
+
                 _fit(rank, stage_exps[1].model.name, with_positives, lambda lst: list_tensors(ranker_lists(lst), rank), self_loss, exp, here / "rank_self", cfg.self_epochs)
             if "prerank" in cfg.trained:
                 _fit(prerank, stage_exps[0].model.name, with_positives, lambda lst: list_tensors(lst, prerank), self_loss, exp, here / "prerank_self", cfg.self_epochs)
@@ -303,9 +305,11 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
                 recall_self = stage_data(recall, n, every_positive, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), name="recall_self")["train"] if every_positive else recall_served
                 _fit(recall, recall_exp.model.name, recall_self, lambda lst: list_tensors(lst, recall), self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
             if "prerank" in cfg.trained:
-                _fit(prerank, stage_exps[0].model.name, served, lambda lst: list_tensors(lst, prerank, score_lists(rank, lst)), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
+                tutor = stage_data.scores(rank, served, "rank_of_served")
+                _fit(prerank, stage_exps[0].model.name, served, lambda lst: list_tensors(lst, prerank, tutor(lst)), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
             if "recall" in cfg.trained:
-                _fit(recall, recall_exp.model.name, recall_served, lambda lst: list_tensors(lst, recall, score_lists(prerank, lst)), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs, cfg.recall_lr)
+                recall_tutor_scores = stage_data.scores(prerank, recall_served, "prerank_of_recall_served")  # the pre-ranker as it now is
+                _fit(recall, recall_exp.model.name, recall_served, lambda lst: list_tensors(lst, recall, recall_tutor_scores(lst)), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs, cfg.recall_lr)
             seconds[f"round{r}"] = time.perf_counter() - start
             lists = report(f"round {r}")  # the next round's stage data, from the updated recall tower
     elif cfg.method == "lcron":
@@ -326,7 +330,8 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
                 model.eval()  # a frozen stage scores as it serves: no dropout
             return loss(stacked(b.user, b.items), b)
 
-        trainer.fit(as_training(train, lambda lst: stacked.pack(lst, score_lists(rank, lst))), step, None, resolved_config=exp.to_dict())
+        teacher = stage_data.scores(rank, train, "rank_of_lcron")
+        trainer.fit(as_training(train, lambda lst: stacked.pack(lst, teacher(lst))), step, None, resolved_config=exp.to_dict())
         seconds["lcron"] = time.perf_counter() - start
         report("lcron")
     stage_data.clear()

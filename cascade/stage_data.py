@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -29,6 +29,8 @@ from cascade.data.store import Dataset, to_arrow
 from cascade.data.stream import ListStream, RowGroups
 from cascade.data.trend import ItemTrend, TrendSpec, with_trend
 from cascade.distributed import barrier, broadcast, is_writer
+from cascade.flow import stream_score_lookup, write_stream_scores
+from cascade.models import score_lists
 from cascade.recall import TowerRetriever, recall_output
 
 SPLITS = ("train", "valid", "test")
@@ -106,6 +108,19 @@ class StageData:
             c = self.ds.candidates
             self._positives = np.bincount(c["request_id"][c["label"] > 0], minlength=int(self.ds.requests["request_id"].max()) + 1)
         return self._positives[request_id]
+
+    def scores(self, model: nn.Module, source: Source, name: str) -> Callable[[ListBatch], np.ndarray]:
+        """``model``'s scores of a stage's lists (a frozen stage teaching, or choosing, in a phase):
+        lists (b, N) -> scores (b, N). In memory, scored when asked; streamed, written once a row
+        group at a time beside the stages (``flow.write_stream_scores``) and looked up per pool, so
+        a phase's epochs never rescore (as in memory, where the phase's one pack scores once)."""
+        if isinstance(source, ListBatch):
+            return lambda lst: score_lists(model, lst)
+        path = self.spill / f"{name}.scores.npy"
+        if is_writer():
+            write_stream_scores(model, source, path)
+        barrier()
+        return stream_score_lookup(path)
 
     def clear(self) -> None:
         """Delete the spilled stages (a completed run's: they are as large as the logs)."""
