@@ -52,7 +52,7 @@ from torch import nn
 from cascade import metrics as M
 from cascade.data.lists import ListBatch
 from cascade.data.stream import ListStream
-from cascade.data.store import Dataset, write_atomic, write_text_atomic
+from cascade.data.store import write_atomic, write_text_atomic
 from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_config
 from cascade.cascade import Cascade, Stage, TorchScorer
 from cascade.data.synth import WORLD_FILE, World

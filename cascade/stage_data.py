@@ -16,7 +16,6 @@ walks either, and a phase trains on either (``joint._fit``).
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
