@@ -83,11 +83,10 @@ class StageData:
         folder.mkdir(parents=True, exist_ok=True)
         retriever = TowerRetriever(recall, self.ds)  # one index over the catalog for every row group
         tmp, writer = folder / "candidates.parquet.tmp", None
-        counts = np.zeros(int(self.ds.requests["request_id"].max(initial=0)) + 1, np.int64)
+        counts = np.zeros(self._request_slots(), np.int64)
         try:
             for g, piece in enumerate(self.logs.pieces()):
-                c = piece.candidates
-                counts += np.bincount(c["request_id"][c["label"] > 0], minlength=len(counts))
+                counts += _positive_counts(piece.candidates, len(counts))
                 out = recall_output(piece, recall, n, keep_positives, catalog_negatives, (seed, g), retriever)
                 table = to_arrow(out, "candidates")
                 writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
@@ -104,8 +103,7 @@ class StageData:
         if self._positives is None:
             if self.streamed:
                 raise RuntimeError("a streamed StageData counts the positives while it writes a stage: make one first")
-            c = self.ds.candidates
-            self._positives = np.bincount(c["request_id"][c["label"] > 0], minlength=int(self.ds.requests["request_id"].max()) + 1)
+            self._positives = _positive_counts(self.ds.candidates, self._request_slots())
         return self._positives[request_id]
 
     def scores(self, model: nn.Module, source: Source, name: str) -> Callable[[ListBatch], np.ndarray]:
@@ -121,7 +119,15 @@ class StageData:
         barrier()
         return stream_score_lookup(path)
 
+    def _request_slots(self) -> int:
+        return int(self.ds.requests["request_id"].max(initial=0)) + 1
+
     def clear(self) -> None:
         """Delete the spilled stages (a completed run's: they are as large as the logs)."""
         if self.spill is not None and is_writer():
             shutil.rmtree(self.spill, ignore_errors=True)
+
+
+def _positive_counts(candidates: dict[str, np.ndarray], slots: int) -> np.ndarray:
+    """(slots,) the logged positives of each request id among ``candidates``."""
+    return np.bincount(candidates["request_id"][candidates["label"] > 0], minlength=slots)

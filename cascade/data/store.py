@@ -276,7 +276,7 @@ def _read_request_index(path: Path, kinds: dict[str, str], ds: Dataset, problems
     if problems:
         return {}
     if start == 0:
-        empty = convert_table(pf.schema_arrow.empty_table().select(list(kinds)), kinds, ds.schema, file, problems)
+        empty = _empty_table(pf, kinds, ds.schema, file, problems)
         return {k: empty[k] for k in REQUEST_INDEX}
     index = {k: np.concatenate(v) for k, v in parts.items()}
     _check_request_index(c, ds, index, np.concatenate(unit))
@@ -326,7 +326,7 @@ class RequestFile:
         return self._groups[g]
 
     def _empty(self) -> Table:
-        table = convert_table(self._file.schema_arrow.empty_table().select(list(self.kinds)), self.kinds, self.schema, TABLE_FILES["requests"], [])
+        table = _empty_table(self._file, self.kinds, self.schema, TABLE_FILES["requests"], [])
         drop_lengths(table)
         return table
 
@@ -372,9 +372,14 @@ def read_table(path: Path, kinds: dict[str, str], schema: Schema, file: str, pro
                 out[col][start : start + len(values)] = values
         start += batch.num_rows
     if start == 0:
-        return convert_table(pf.schema_arrow.empty_table().select(list(kinds)), kinds, schema, file, problems)
+        return _empty_table(pf, kinds, schema, file, problems)
     out.update({col: np.concatenate(parts) for col, parts in strings.items()})
     return out
+
+
+def _empty_table(pf: pq.ParquetFile, kinds: dict[str, str], schema: Schema, file: str, problems: list[Problem]) -> Table:
+    """The columns ``kinds`` names of a parquet file, with no rows."""
+    return convert_table(pf.schema_arrow.empty_table().select(list(kinds)), kinds, schema, file, problems)
 
 
 def convert_table(raw: pa.Table | pa.RecordBatch, kinds: dict[str, str], schema: Schema, file: str, problems: list[Problem]) -> Table:
@@ -676,15 +681,19 @@ def request_cuts(request_id: np.ndarray, size: int) -> list[tuple[int, int]]:
     return cuts
 
 
+def _by_request(table: pa.Table, rid: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    """``table`` and its request ids ``rid`` sorted by request id (rows of a request keep their order)."""
+    if np.any(rid[1:] < rid[:-1]):
+        order = np.argsort(rid, kind="stable")
+        table, rid = table.take(pa.array(order)), rid[order]
+    return table, rid
+
+
 def _write_candidates(ds: Dataset, path: Path) -> np.ndarray:
     """candidates.parquet sorted by request (each request's rows keep their order) in row groups
     of whole requests, so a stream can read its lists a row group at a time (cascade.data.stream).
     Returns the first request id of each row group."""
-    table = to_arrow(ds, "candidates")
-    rid = ds.candidates["request_id"]
-    if np.any(rid[1:] < rid[:-1]):
-        order = np.argsort(rid, kind="stable")
-        table, rid = table.take(pa.array(order)), rid[order]
+    table, rid = _by_request(to_arrow(ds, "candidates"), ds.candidates["request_id"])
     cuts = request_cuts(rid, CANDIDATE_ROW_GROUP)
     with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
         for a, b in cuts:
@@ -696,11 +705,7 @@ def _write_requests(ds: Dataset, path: Path, group_starts: np.ndarray) -> None:
     """requests.parquet sorted by request id, its row groups cut where the candidates' are (the
     request ids ``group_starts``) and at ``REQUEST_ROW_GROUP`` rows: a stream reads the requests
     of a candidates row group from one small row group of requests (``RequestFile``)."""
-    table = to_arrow(ds, "requests")
-    rid = ds.requests["request_id"]
-    if np.any(rid[1:] < rid[:-1]):
-        order = np.argsort(rid, kind="stable")
-        table, rid = table.take(pa.array(order)), rid[order]
+    table, rid = _by_request(to_arrow(ds, "requests"), ds.requests["request_id"])
     starts = np.unique(np.r_[0, np.searchsorted(rid, group_starts[1:])])
     bounds = sorted({int(x) for a, b in zip(starts, np.r_[starts[1:], len(rid)]) for x in range(a, b, REQUEST_ROW_GROUP)} | {len(rid)})
     with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
