@@ -187,11 +187,20 @@ def main() -> None:
             write(rows, baseline, args)
 
 
-def write(rows: list[dict], baseline: int, args) -> None:
-    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def by_world_and_path(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """The rows of each (scale, path), in the order first seen."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["scale"], r["path"]), []).append(r)
+    return groups
+
+
+def write(rows: list[dict], baseline: int, args) -> None:
+    groups = by_world_and_path(rows)
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     speeds = lambda rs, k: ", ".join(f"{r[k]:,.0f}" for r in rs)  # noqa: E731
     _, speed, name, _, test = TASKS[args.task]

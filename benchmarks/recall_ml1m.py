@@ -22,7 +22,8 @@ from cascade import metrics as M
 from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.data.trend import ItemTrend
-from cascade.evaluate import most_popular, popularity, trending, trending_days
+from cascade.eval_data import popularity
+from cascade.evaluate import most_popular, trending, trending_days
 from cascade.pipeline import prepare_data, train_recall
 
 from provenance import mean_std, provenance
@@ -44,7 +45,7 @@ def baselines(exp) -> dict[str, dict]:
         return {s: {f"recall@{k}": M.retrieval_recall(top[s][:, :k], truth[s]) for k in KS} for s in split}
 
     popular = score({s: most_popular(lists, popularity(ds), catalog, max(KS)) for s, lists in split.items()})
-    days = trending_days(split["valid"], trend, catalog, max(KS))
+    days = trending_days([split["valid"]], trend, catalog, max(KS))
     return {"most_popular": popular, f"trending ({days} days, chosen on valid)": score({s: trending(lists, trend, catalog, max(KS), days) for s, lists in split.items()})}
 
 

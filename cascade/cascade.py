@@ -51,9 +51,12 @@ class Catalog:
         self.trend, self.trend_spec = trend, trend_spec
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, trend_spec: TrendSpec = TrendSpec()) -> "Catalog":
+    def from_dataset(cls, ds: Dataset, trend_spec: TrendSpec = TrendSpec(), trend: ItemTrend | None = None) -> "Catalog":
+        """``trend``: the logs' exposures, when ``trend_spec`` needs them and ``ds`` was read
+        without its candidates (streamed); otherwise taken from ``ds``."""
         names = [f.name for f in ds.schema.features.in_table("items")]
-        trend = ItemTrend.from_dataset(ds) if trend_spec else None
+        if trend_spec and trend is None:
+            trend = ItemTrend.from_dataset(ds)
         return cls(ds.items["item_id"], {name: ds.items[name] for name in names}, trend, trend_spec)
 
     def rows(self) -> dict[str, np.ndarray]:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -31,13 +32,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from cascade import metrics as M
 from cascade.cascade import Cascade, CascadeOutput, Catalog, Stage, TorchScorer, top_mask
 from cascade.config import ConfigError, ExperimentConfig, load_config
-from cascade.data.lists import ListBatch, build_lists
-from cascade.data.store import Dataset, read_dataset
+from cascade.data.lists import ListBatch
+from cascade.data.store import Dataset
 from cascade.data.trend import ItemTrend, TrendSpec
 from cascade.data.synth import WORLD_FILE, World
-from cascade.joint import STAGES_FILE
+from cascade.eval_data import EvalData
+from cascade.joint import STAGES_FILE, STREAM_KEY
 from cascade.models import MODELS, build_model, list_tensors
-from cascade.pipeline import trend_spec, with_trend_fields
+from cascade.pipeline import streams, trend_spec, with_trend_fields
 from cascade.recall import TowerRetriever
 
 ROLES = ("recall", "prerank", "rank")
@@ -93,13 +95,6 @@ def _share_kept(ids: np.ndarray, kept: np.ndarray, logged: np.ndarray) -> float:
     return M.retrieval_recall(np.where(kept, ids, 0), logged)
 
 
-def popularity(ds: Dataset) -> np.ndarray:
-    """Train-split positives per item id, (max id + 1,) float64."""
-    c, r = ds.candidates, ds.requests
-    train = np.isin(c["request_id"], r["request_id"][r["split"] == "train"])
-    return np.bincount(c["item_id"][train & (c["label"] > 0)], minlength=int(ds.items["item_id"].max()) + 1).astype(np.float64)
-
-
 def most_popular(requests: ListBatch, counts: np.ndarray, catalog: np.ndarray, n: int) -> np.ndarray:
     """Most-popular recall: the n catalog items with the most train positives, the request's
     history excluded. (B, ...) -> (B, n) ids."""
@@ -129,10 +124,14 @@ def trending(requests: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int,
     return np.concatenate(out) if out else np.zeros((0, n), np.int64)
 
 
-def trending_days(valid: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int) -> int:
-    """The ``TRENDING_DAYS`` window whose trending top-n keeps the most validation positives."""
-    truth = valid.positive_ids
-    return max(TRENDING_DAYS, key=lambda d: M.retrieval_recall(trending(valid, trend, catalog, n, d), truth))
+def trending_days(valid: Iterable[ListBatch], trend: ItemTrend, catalog: np.ndarray, n: int) -> int:
+    """The ``TRENDING_DAYS`` window whose trending top-n keeps the most validation positives;
+    ``valid``: the validation lists, in parts."""
+    total: M.Totals = {}
+    for part in valid:
+        M.add_totals(total, {d: M.retrieval_recall(trending(part, trend, catalog, n, d), part.positive_ids) for d in TRENDING_DAYS})
+    kept = M.means(total)
+    return max(TRENDING_DAYS, key=lambda d: kept.get(d, 0.0))  # no validation positive (NaN, or no part): the first
 
 
 def stage_quality(scores: np.ndarray, lists: ListBatch, ranker: np.ndarray | None, quotas: tuple[int, int]) -> dict[str, float]:
@@ -173,36 +172,38 @@ def flow_quality(lists: ListBatch, prerank: np.ndarray, rank: np.ndarray, quotas
     }
 
 
-def blame(lists: ListBatch, kept: list[np.ndarray], k: int, world, best: np.ndarray) -> dict[str, float]:
-    """Stage blame on the synthetic world. ``kept``: each stage's survivors (B, n) over the recall
+def blame(lists: ListBatch, kept: list[np.ndarray], k: int, world, best: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Stage blame on the synthetic world, each figure as (lost utility, best utility) sums over
+    these rows (``M.add_totals``). ``kept``: each stage's survivors (B, n) over the recall
     lists, recall first (its whole list). Utility of a set = the true click probabilities of its
     best k items; the best of the catalog minus what is shown splits exactly into the parts each
     stage drops (see ``GLOSSARY['blame']``). ``best`` (B,): the catalog's best top-k utility."""
     ids = lists.item["item_id"]
     utility = np.where(lists.mask, world.click_prob(lists.request_id, ids), 0.0)
     within = [(-np.sort(-np.where(keep, utility, 0.0), axis=1)[:, :k]).sum(axis=1) for keep in kept]
-    total = best.sum()
+    total = float(best.sum())
     names = ["recall", "prerank", "rank"]
-    out = {f"blame_{names[0]}": float((best - within[0]).sum() / total)}
+    out = {f"blame_{names[0]}": (float((best - within[0]).sum()), total)}
     for i in range(1, len(kept)):
-        out[f"blame_{names[i]}"] = float((within[i - 1] - within[i]).sum() / total)
-    out["oracle_ratio"] = float(within[-1].sum() / total)
+        out[f"blame_{names[i]}"] = (float((within[i - 1] - within[i]).sum()), total)
+    out["oracle_ratio"] = (float(within[-1].sum()), total)
     return out
 
 
 @dataclass
 class FlowRun:
-    """One ``Cascade.run(full=True)`` over a split's requests, with the logs' truth attached."""
+    """One ``Cascade.run(full=True)`` over a part of a split's requests, with the logs' truth attached."""
 
     run: CascadeOutput
-    logged: ListBatch  # the split's logged lists (B, L)
+    logged: ListBatch  # the part's logged lists (B, L)
     truth: Truth
     lists: ListBatch  # recall's lists (B, n), labelled from the logs
     quotas: tuple[int, int]  # pre-rank, rank
     best: np.ndarray | None  # (B,) the catalog's best top-k true utility (synthetic world)
     seconds: float
 
-    def flow(self, world=None) -> dict[str, float]:
+    def flow(self, world=None) -> dict:
+        """The end-to-end figures over this part, for ``M.add_totals``."""
         recall, prerank, rank = self.run.stages
         out = flow_quality(self.lists, prerank.scores, rank.scores, self.quotas, self.truth)
         out["positives_retrieved"] = _share_kept(self.lists.item["item_id"], recall.kept, self.truth.positives)
@@ -211,10 +212,9 @@ class FlowRun:
         return out
 
 
-def run_flow(cascade: Cascade, ds: Dataset, world=None, split: str = "test") -> FlowRun:
-    """Run ``cascade`` (recall -> pre-rank -> rank) on ``split`` with every stage scoring the whole
-    recall list."""
-    logged = build_lists(ds, split)
+def run_flow(cascade: Cascade, logged: ListBatch, world=None) -> FlowRun:
+    """Run ``cascade`` (recall -> pre-rank -> rank) on the requests of ``logged`` (logged lists,
+    a part of a split) with every stage scoring the whole recall list."""
     if cascade.catalog is not None:  # the logged exposures get what the catalog gives a candidate
         logged = cascade.catalog.add_trend(logged)
     truth = Truth.of(logged)
@@ -229,65 +229,123 @@ def run_flow(cascade: Cascade, ds: Dataset, world=None, split: str = "test") -> 
     return FlowRun(run, logged, truth, lists, quotas, best, seconds)
 
 
-def evaluate(cascade: Cascade, ds: Dataset, world=None, split: str = "test", seed: int = 0) -> dict:
+def flow_figures(cascade: Cascade, data: EvalData, world=None, split: str = "test") -> dict[str, float]:
+    """``FlowRun.flow`` over the whole split, added up part by part."""
+    total: M.Totals = {}
+    for logged in data.lists(split):
+        M.add_totals(total, run_flow(cascade, logged, world).flow(world))
+    return M.means(total)
+
+
+@dataclass
+class BaselineData:
+    """What the baselines take from the whole logs: train positives per item, the catalog and,
+    on temporal logs, the exposures with the trending window chosen on the validation split."""
+
+    counts: np.ndarray
+    catalog: np.ndarray
+    trend: ItemTrend | None = None
+    days: int | None = None
+
+    @classmethod
+    def of(cls, data: EvalData, n: int) -> "BaselineData":
+        counts, catalog = data.popularity(), data.ds.items["item_id"]
+        if not data.ds.schema.temporal:
+            return cls(counts, catalog)
+        trend = data.trend()
+        return cls(counts, catalog, trend, trending_days(data.lists("valid"), trend, catalog, n))
+
+
+def evaluate(cascade: Cascade, data: EvalData, world=None, split: str = "test", seed: int = 0) -> dict:
     """Every figure of the report for one cascade (recall -> pre-rank -> rank) on ``split``."""
-    fr = run_flow(cascade, ds, world, split)
-    lists, truth, rank = fr.lists, fr.truth, fr.run.stages[-1]
-    ids = lists.item["item_id"]
-    stages: dict[str, dict[str, float]] = {}
-    for out in fr.run.stages:
-        row = {"positives_kept": _share_kept(ids, out.kept, truth.positives), "exposed_kept": _share_kept(ids, out.kept, truth.exposed)}
-        # the ranker against itself would agree perfectly: no agreement figures for it
-        stages[out.name] = row | stage_quality(out.scores, lists, None if out is rank else rank.scores, fr.quotas)
-    for out, nxt in zip(fr.run.stages[:-2], fr.run.stages[1:-1]):  # against the next stage, where that is not the ranker
-        stages[out.name] |= {
-            "kendall_tau_vs_next": M.kendall_tau(out.scores, nxt.scores, lists.mask),
-            "teacher_ndcg@10_vs_next": M.teacher_ndcg_at_k(out.scores, nxt.scores, 10, lists.mask),
-        }
-    for st in cascade.stages:  # the AUC family on the logged exposures
-        stages[st.name] |= exposure_metrics(st, fr.logged)
+    base = BaselineData.of(data, cascade.recall_quota)
+    total: M.Totals = {}
+    exposed: dict[str, list[tuple[np.ndarray, ...]]] = {st.name: [] for st in cascade.stages}
+    requests, seconds = 0, 0.0
+    for part, logged in enumerate(data.lists(split)):
+        fr = run_flow(cascade, logged, world)
+        M.add_totals(total, stage_figures(fr) | {("flow", k): v for k, v in fr.flow(world).items()})
+        M.add_totals(total, {("baselines", *k): v for k, v in baselines(fr, base, world, (seed, part)).items()})
+        for st in cascade.stages:  # the AUC family on the logged exposures: gathered, computed once
+            exposed[st.name].append(exposure_scores(st, fr.logged))
+        requests, seconds = requests + len(logged), seconds + fr.seconds
+    out = _nested(M.means(total))
+    for name, gathered in exposed.items():
+        out["stages"][name] |= exposure_metrics(*(np.concatenate(column) for column in zip(*gathered)))
+    if "trending_recall" in out["baselines"]:
+        out["baselines"]["trending_recall"] = {"days": base.days} | out["baselines"]["trending_recall"]
     return {
-        "requests": len(fr.logged),
-        "quotas": {"recall": cascade.recall_quota, "prerank": fr.quotas[0], "rank": fr.quotas[1]},
-        "seconds": fr.seconds,
-        "stages": stages,
-        "flow": fr.flow(world),
-        "baselines": baselines(ds, fr, world, seed),
+        "requests": requests,
+        "quotas": {"recall": cascade.recall_quota, "prerank": cascade.stages[0].quota, "rank": cascade.stages[1].quota},
+        "seconds": seconds,
+        "stages": out["stages"],
+        "flow": out["flow"],
+        "baselines": out["baselines"],
     }
 
 
-def exposure_metrics(stage: Stage, logged: ListBatch) -> dict[str, float]:
-    """AUC, GAUC (by exposures) and logloss of sigmoid(score) on the logged exposures, each scored
-    as a list of one (lists padded to the longest day of a MovieLens user would cost far more)."""
-    exposed = logged.mask & (logged.stage == EXPOSED)
-    if not exposed.any():
-        return {}
-    rows, cols = np.nonzero(exposed)
+def _nested(flat: dict[tuple, float]) -> dict:
+    """{(a, b, c): v} -> {a: {b: {c: v}}}."""
+    out: dict = {}
+    for key, value in flat.items():
+        into = out
+        for k in key[:-1]:
+            into = into.setdefault(k, {})
+        into[key[-1]] = value
+    return out
+
+
+def stage_figures(fr: FlowRun) -> dict:
+    """Each stage's figures over this part, keyed ("stages", stage, metric), for ``M.add_totals``."""
+    lists, truth, rank = fr.lists, fr.truth, fr.run.stages[-1]
+    ids = lists.item["item_id"]
+    out = {}
+    for stage in fr.run.stages:
+        row = {"positives_kept": _share_kept(ids, stage.kept, truth.positives), "exposed_kept": _share_kept(ids, stage.kept, truth.exposed)}
+        # the ranker against itself would agree perfectly: no agreement figures for it
+        row |= stage_quality(stage.scores, lists, None if stage is rank else rank.scores, fr.quotas)
+        out |= {("stages", stage.name, k): v for k, v in row.items()}
+    for stage, nxt in zip(fr.run.stages[:-2], fr.run.stages[1:-1]):  # against the next stage, where that is not the ranker
+        out[("stages", stage.name, "kendall_tau_vs_next")] = M.kendall_tau(stage.scores, nxt.scores, lists.mask)
+        out[("stages", stage.name, "teacher_ndcg@10_vs_next")] = M.teacher_ndcg_at_k(stage.scores, nxt.scores, 10, lists.mask)
+    return out
+
+
+def exposure_scores(stage: Stage, logged: ListBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stage's scores of the logged exposures, each scored as a list of one (lists padded to
+    the longest day of a MovieLens user would cost far more): labels, scores, request ids (E,)."""
+    rows, cols = np.nonzero(logged.mask & (logged.stage == EXPOSED))
+    if not len(rows):
+        return np.zeros(0, np.float32), np.zeros(0), np.zeros(0, np.int64)
     one_each = logged.take(rows).take_columns(cols[:, None])  # (E, 1)
-    s = np.asarray(stage.scorer(one_each), np.float64)[:, 0]
-    y, groups = logged.label[rows, cols], logged.request_id[rows]
+    return logged.label[rows, cols], np.asarray(stage.scorer(one_each), np.float64)[:, 0], logged.request_id[rows]
+
+
+def exposure_metrics(y: np.ndarray, s: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """AUC, GAUC (by exposures) and logloss of sigmoid(score) over exposures: labels ``y``, scores
+    ``s``, request ids ``groups`` (E,); none without exposures."""
+    if not len(y):
+        return {}
     return {"auc": M.auc(y, s), "gauc": M.gauc(y, s, groups)[0], "logloss": M.logloss(y, 1.0 / (1.0 + np.exp(-s)))}
 
 
-def baselines(ds: Dataset, fr: FlowRun, world, seed: int) -> dict[str, dict[str, float]]:
+def baselines(fr: FlowRun, base: BaselineData, world, seed) -> dict:
     """Most-popular recall against the run's recall; a random and a popularity pre-ranker in place
-    of the run's, between the same recall lists and ranker."""
+    of the run's, between the same recall lists and ranker; on temporal logs trending recall and
+    a trending pre-ranker. Over this part, keyed (baseline, metric), for ``M.add_totals``;
+    ``seed`` draws the random pre-ranker's scores."""
     lists, truth, quotas, best, rank = fr.lists, fr.truth, fr.quotas, fr.best, fr.run.stages[-1]
     ids = lists.item["item_id"]
-    counts = popularity(ds)
     n = lists.list_size
-    top = most_popular(lists, counts, ds.items["item_id"], n)
-    out: dict[str, dict[str, float]] = {
-        "most_popular_recall": {f"positives_kept@{c}": M.retrieval_recall(top[:, :c], truth.positives) for c in (50, n) if c <= n}
-    }
-    out["recall"] = {f"positives_kept@{c}": M.retrieval_recall(ids[:, :c], truth.positives) for c in (50, n) if c <= n}
-    pre_rankers = {"random_prerank": np.random.default_rng(seed).random(ids.shape), "popularity_prerank": counts[ids]}
-    if ds.schema.temporal and lists.ts is not None:
-        trend = ItemTrend.from_dataset(ds)
-        days = trending_days(build_lists(ds, "valid"), trend, ds.items["item_id"], n)
-        top = trending(lists, trend, ds.items["item_id"], n, days)
-        out["trending_recall"] = {"days": days} | {f"positives_kept@{c}": M.retrieval_recall(top[:, :c], truth.positives) for c in (50, n) if c <= n}
-        pre_rankers["trending_prerank"] = np.where(lists.mask, trend.counts(ids, lists.ts, days), 0).astype(np.float64)
+    cuts = [c for c in (50, n) if c <= n]
+    top = most_popular(lists, base.counts, base.catalog, n)
+    out = {("most_popular_recall", f"positives_kept@{c}"): M.retrieval_recall(top[:, :c], truth.positives) for c in cuts}
+    out |= {("recall", f"positives_kept@{c}"): M.retrieval_recall(ids[:, :c], truth.positives) for c in cuts}
+    pre_rankers = {"random_prerank": np.random.default_rng(seed).random(ids.shape), "popularity_prerank": base.counts[ids]}
+    if base.trend is not None and lists.ts is not None:
+        top = trending(lists, base.trend, base.catalog, n, base.days)
+        out |= {("trending_recall", f"positives_kept@{c}"): M.retrieval_recall(top[:, :c], truth.positives) for c in cuts}
+        pre_rankers["trending_prerank"] = np.where(lists.mask, base.trend.counts(ids, lists.ts, base.days), 0).astype(np.float64)
     for name, scores in pre_rankers.items():
         row = flow_quality(lists, scores, rank.scores, quotas, truth)
         row |= consistency_curve(scores, lists, rank.scores, quotas, [quotas[1]])
@@ -296,7 +354,7 @@ def baselines(ds: Dataset, fr: FlowRun, world, seed: int) -> dict[str, dict[str,
             pre_kept = top_mask(scores, lists.mask, m)
             rank_kept = top_mask(rank.scores, pre_kept, k)
             row |= blame(lists, [lists.mask, pre_kept, rank_kept], k, world, best)
-        out[name] = row
+        out |= {(name, key): value for key, value in row.items()}
     return out
 
 
@@ -330,13 +388,12 @@ def flops_per_candidate(model: nn.Module, lists: ListBatch, role: str, candidate
     return _matmul_flops(lambda: model(t.user, t.items)) / candidates
 
 
-def latency(cascade: Cascade, ds: Dataset, requests: int = 200, split: str = "test") -> dict[str, float]:
-    """Median ms per stage, serving one request at a time (each stage scores what the one before
-    passed on), over the first ``requests`` of ``split``."""
-    logged = build_lists(ds, split)
+def latency(cascade: Cascade, logged: ListBatch) -> dict[str, float]:
+    """Median ms per stage, serving the requests of ``logged`` one at a time (each stage scores
+    what the one before passed on)."""
     one = logged.take_columns(np.zeros((len(logged), 0), int))
     times: dict[str, list[float]] = {}
-    for i in range(min(requests, len(one)) + 5):
+    for i in range(len(one) + 5):
         out = cascade.run(one.take(slice(i % len(one), i % len(one) + 1)))
         if i >= 5:  # the first few warm caches up
             for name, s in out.seconds.items():
@@ -349,34 +406,44 @@ class SavedCascade:
     """A ``task: cascade`` run as saved (``stages.json``): its logs, world (synthetic only), the
     three stages' experiments, models and quotas."""
 
-    ds: Dataset
+    data: EvalData
     world: object | None
     exps: dict[str, ExperimentConfig]
     models: dict[str, nn.Module]
     quotas: dict[str, int]
     trend: TrendSpec = TrendSpec()  # the item trend the stages were trained with
 
+    @property
+    def ds(self) -> Dataset:
+        return self.data.ds
+
     def cascade(self) -> Cascade:
-        return torch_cascade(self.ds, self.models, self.quotas, self.trend)
+        return torch_cascade(self.ds, self.models, self.quotas, self.trend, self.data.trend() if self.trend else None)
 
 
-def torch_cascade(ds: Dataset, models: dict[str, nn.Module], quotas: dict[str, int], trend: TrendSpec = TrendSpec()) -> Cascade:
+def torch_cascade(ds: Dataset, models: dict[str, nn.Module], quotas: dict[str, int], trend: TrendSpec = TrendSpec(), exposures: ItemTrend | None = None) -> Cascade:
     """recall (torch user tower + faiss over the catalog) -> pre-rank -> rank as torch scorers;
-    ``models`` and ``quotas`` by role; the catalog computes the item trend ``trend`` says."""
+    ``models`` and ``quotas`` by role; the catalog computes the item trend ``trend`` says, from
+    ``exposures`` (taken from ``ds`` when None)."""
     stages = [Stage(name, TorchScorer(models[name]), quotas[name]) for name in ("prerank", "rank")]
-    return Cascade(stages, TowerRetriever(models["recall"], ds), quotas["recall"], Catalog.from_dataset(ds, trend))
+    return Cascade(stages, TowerRetriever(models["recall"], ds), quotas["recall"], Catalog.from_dataset(ds, trend, exposures))
 
 
-def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None = None) -> SavedCascade:
+def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None = None, data: EvalData | None = None) -> SavedCascade:
     """The cascade a ``task: cascade`` run saved; ``untrained``: the same architectures with their
-    initial weights (seeded as in training), the baseline a trained cascade must beat."""
+    initial weights (seeded as in training), the baseline a trained cascade must beat. Its logs
+    (``data``, when the caller has read them) are read whole, or streamed where the cascade run
+    streamed, or would have (its ``data.stream``)."""
     path = Path(run_dir) / STAGES_FILE
     if not path.exists():
         raise ConfigError(f"{path}: missing; not a finished 'task: cascade' run")
     saved = json.loads(path.read_text())
     exps = {role: load_config(saved[role]["config"], saved[role]["experiment"])[0] for role in ROLES}
-    ds = read_dataset(exps["recall"].data.dir)
-    world = World.load(exps["recall"].data.dir) if (Path(exps["recall"].data.dir) / WORLD_FILE).exists() else None
+    logs = exps["recall"].data
+    if data is None:
+        data = EvalData.read(logs.dir, streams(replace(logs, stream=saved.get(STREAM_KEY, "auto"))))
+    ds = data.ds
+    world = World.load(logs.dir) if (Path(logs.dir) / WORLD_FILE).exists() else None
     stage_trend = trend_spec(exps["prerank"], exps["rank"])
     stage_ds = with_trend_fields(ds, stage_trend)
     built = {}
@@ -386,4 +453,4 @@ def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None
         if not untrained:
             model.load_state_dict(torch.load(Path(run_dir) / saved[role]["weights"], weights_only=True, map_location="cpu"))
         built[role] = model.eval()
-    return SavedCascade(ds, world, exps, built, {role: int(saved[role]["quota"]) for role in ROLES}, stage_trend)
+    return SavedCascade(data, world, exps, built, {role: int(saved[role]["quota"]) for role in ROLES}, stage_trend)

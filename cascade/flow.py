@@ -81,53 +81,33 @@ def cascade_report(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, c
     the final top-k, out of all positives of the list; with a synthetic ``world``, the oracle
     ratio: true utility of the final top-k over the best top-k of the catalog (history excluded).
     """
-    return means(report_totals(student, teacher, lists, cfg, world))
+    return M.means(report_totals(student, teacher, lists, cfg, world))
 
 
-Totals = dict[str, list[float]]  # metric -> [sum, weight]: a mean over rows kept in parts that add up
-
-
-def add_totals(total: Totals, part: Totals | dict[str, tuple[float, float]]) -> Totals:
-    """``total`` with ``part``'s sums and weights added (in place; returned)."""
-    for name, (value_sum, count) in part.items():
-        into = total.setdefault(name, [0.0, 0.0])
-        into[0] += value_sum
-        into[1] += count
-    return total
-
-
-def means(total: Totals) -> dict[str, float]:
-    """Each metric's mean: its sum over its weight (nan over no rows)."""
-    return {name: value_sum / count if count else float("nan") for name, (value_sum, count) in total.items()}
-
-
-def report_totals(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None) -> Totals:
+def report_totals(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None) -> M.Totals:
     """``cascade_report``'s metrics as sums and weights (``means`` gives the report), computed
     ``REPORT_CELLS`` candidates of rows at a time (each metric is a mean over rows, so the parts
     add up exactly: on the 10x world's 20,000 held-out lists of 200 the metrics' temporaries
     took 0.37 GiB at once), and so that a streamed run can add up its row groups."""
     rows = max(1, REPORT_CELLS // max(lists.mask.shape[1], 1))
-    total: Totals = {}
+    total: M.Totals = {}
     for a in range(0, len(lists), rows):
-        add_totals(total, _report_part(student[a : a + rows], teacher[a : a + rows], lists.take(slice(a, a + rows)), cfg, world))
+        M.add_totals(total, _report_part(student[a : a + rows], teacher[a : a + rows], lists.take(slice(a, a + rows)), cfg, world))
     return total
 
 
-def _report_part(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None) -> dict[str, tuple[float, float]]:
-    """``cascade_report``'s metrics over these rows, each as (sum, weight): a row mean times the
-    rows it is defined on (rows with a candidate for teacher consistency, with a positive for
-    Recall@k and NDCG@k); the oracle ratio's utility got and best."""
+def _report_part(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None) -> dict:
+    """``cascade_report``'s metrics over these rows, for ``M.add_totals``: each a ``RowMean``;
+    the oracle ratio as the (utility got, best) sums."""
     k, m, mask = cfg.rank_quota, cfg.prerank_quota, lists.mask
     passed = M.topk_membership(student, m, mask) > 0.5
     lowest = np.float32(min(teacher[mask].min(initial=0.0), 0.0) - 1e6)
     final = np.where(passed, teacher, lowest)  # the ranker orders what the pre-ranker passed
-    listed, positive = float(mask.any(axis=1).sum()), float((mask & (lists.label > 0)).any(axis=1).sum())
-    weighted = lambda value, count: (value * count if count else 0.0, count)  # noqa: E731  (a mean over no rows is nan)
     out = {
-        f"teacher_recall@{k}@20": weighted(M.teacher_recall_at_k_at_m(student, teacher, k, 20, mask), listed),
-        f"teacher_recall@{k}@{m}": weighted(M.teacher_recall_at_k_at_m(student, teacher, k, m, mask), listed),
-        f"recall@{k}": weighted(M.recall_at_k(final, lists.label, k, mask), positive),
-        f"ndcg@{k}": weighted(M.ndcg_at_k(final, lists.label, k, mask), positive),
+        f"teacher_recall@{k}@20": M.teacher_recall_at_k_at_m(student, teacher, k, 20, mask),
+        f"teacher_recall@{k}@{m}": M.teacher_recall_at_k_at_m(student, teacher, k, m, mask),
+        f"recall@{k}": M.recall_at_k(final, lists.label, k, mask),
+        f"ndcg@{k}": M.ndcg_at_k(final, lists.label, k, mask),
     }
     if world is not None:
         shown_rows = M.topk_membership(final, k, mask) > 0.5

@@ -87,11 +87,13 @@ def evaluate_runs(paths: list[Path], out: Path, seed: int = 0) -> list[dict]:
     return entries
 
 
+LATENCY_REQUESTS = 200  # test requests served one at a time for the latency figures
+
+
 def evaluate_path(path: Path, seed: int = 0) -> dict:
     """One evaluated run or bundle (``cascade.report``'s entry)."""
-    from cascade.evaluate import evaluate, flops_per_candidate, latency, load_saved, run_flow
+    from cascade.evaluate import evaluate, flops_per_candidate, flow_figures, latency, load_saved
     from cascade.joint import got_worse
-    from cascade.data.lists import build_lists
     from cascade.models import MODELS
     from teachers import TEACHERS
 
@@ -128,22 +130,25 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     else:
         raise ValueError(f"{path}: neither a 'task: cascade' run (stages.json), a bundle (manifest.json) nor a trained stage (results.json)")
     print(f"evaluating {label}: {path}", flush=True)
+    if saved.data.streamed:
+        print(f"  {saved.data.directory}: streamed (data.stream), read a row group at a time", flush=True)
     start = time.perf_counter()
     done = lambda what: print(f"  {what} ({time.perf_counter() - start:.0f}s)", flush=True)  # noqa: E731
-    metrics = evaluate(served, saved.ds, saved.world, seed=seed)
+    metrics = evaluate(served, saved.data, saved.world, seed=seed)
     done(f"quality and baselines on {metrics['requests']:,} test requests")
-    lists = served.catalog.add_trend(build_lists(saved.ds, "test"))  # the torch cascade's catalog, or the bundle's (no trend)
+    first = saved.data.first("test", LATENCY_REQUESTS)
+    lists = served.catalog.add_trend(first)  # the torch cascade's catalog, or the bundle's (no trend)
     catalog = len(saved.ds.items["item_id"])
     cost = {
         "flops_per_candidate": {role: flops_per_candidate(saved.models[role], lists, role, n) for role, n in (("recall", catalog), ("prerank", saved.quotas["recall"]), ("rank", saved.quotas["prerank"]))},
-        "latency_ms": latency(served if kind == "bundle" else served_latency, saved.ds),
+        "latency_ms": latency(served if kind == "bundle" else served_latency, first),
         "latency_of": latency_of,
     }
     done(f"cost: FLOPs and latency ({latency_of})")
     entry = {"label": label, "path": str(path), "kind": kind, "metrics": metrics, "cost": cost, "notes": []}
     if kind == "run":
-        untrained = load_saved(path, untrained=True, models=models)
-        entry["untrained"] = run_flow(untrained.cascade(), untrained.ds, untrained.world).flow(untrained.world)
+        untrained = load_saved(path, untrained=True, models=models, data=saved.data)
+        entry["untrained"] = flow_figures(untrained.cascade(), untrained.data, untrained.world)
         done("the untrained cascade")
         results = path / "results.json"
         worse = got_worse(json.loads(results.read_text()).get("rounds", [])) if results.exists() else None

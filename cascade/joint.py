@@ -56,7 +56,7 @@ from cascade.data.store import write_atomic, write_text_atomic
 from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_config
 from cascade.cascade import Cascade, Stage, TorchScorer
 from cascade.data.synth import WORLD_FILE, World
-from cascade.flow import DistillLoss, Totals, add_totals, means, report_totals, train_distill
+from cascade.flow import DistillLoss, report_totals, train_distill
 from cascade.models import list_tensors, load_trained
 from cascade.distributed import barrier, data_parallel, world_size
 from cascade.pipeline import prepare_data, streams, tower_forward, train_pointwise, train_recall, trend_spec, with_trend_fields
@@ -92,22 +92,20 @@ def joint_report(lists: ListBatch, prerank: np.ndarray, rank: np.ndarray, positi
     real positives still alive after recall, pre-rank and rank (end-to-end joint recall);
     ``cascade_report``'s teacher consistency of the pre-ranker against this cascade's ranker,
     Recall@k / NDCG@k of the positives inside the lists, and the oracle ratio."""
-    return means(joint_totals(lists, prerank, rank, positives, cfg, world))
+    return M.means(joint_totals(lists, prerank, rank, positives, cfg, world))
 
 
-def joint_totals(lists: ListBatch, prerank: np.ndarray, rank: np.ndarray, positives: np.ndarray, cfg: CascadeConfig, world=None) -> Totals:
-    """``joint_report`` as sums and weights (``flow.Totals``), which add up over parts of the lists:
+def joint_totals(lists: ListBatch, prerank: np.ndarray, rank: np.ndarray, positives: np.ndarray, cfg: CascadeConfig, world=None) -> M.Totals:
+    """``joint_report`` as sums and weights (``M.Totals``), which add up over parts of the lists:
     the joint recalls are means over the rows with a positive."""
     m, k = cfg.prerank_quota, cfg.rank_quota
     truth = (lists.label > 0) & lists.mask
-    defined = float((positives > 0).sum())
-    weighted = lambda value: (value * defined if defined else 0.0, defined)  # noqa: E731  (a mean over no rows is nan)
     out = {
-        "positives_retrieved": weighted(M.joint_recall([prerank], [lists.list_size], truth, lists.mask, positives)),
-        "positives_after_prerank": weighted(M.joint_recall([prerank], [m], truth, lists.mask, positives)),
-        "joint_recall": weighted(M.joint_recall([prerank, rank], [m, k], truth, lists.mask, positives)),
+        "positives_retrieved": M.joint_recall([prerank], [lists.list_size], truth, lists.mask, positives),
+        "positives_after_prerank": M.joint_recall([prerank], [m], truth, lists.mask, positives),
+        "joint_recall": M.joint_recall([prerank, rank], [m, k], truth, lists.mask, positives),
     }
-    return add_totals({name: list(v) for name, v in out.items()}, report_totals(prerank, rank, lists, DistillConfig(prerank_quota=m, rank_quota=k), world))
+    return M.add_totals(M.add_totals({}, out), report_totals(prerank, rank, lists, DistillConfig(prerank_quota=m, rank_quota=k), world))
 
 
 # ------------------------------------------------------------------------------ training
@@ -268,11 +266,11 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         row = {"after": label}
         flow = Cascade([Stage("prerank", TorchScorer(prerank), m), Stage("rank", TorchScorer(rank), k)])
         for split in ("valid", "test"):
-            total: Totals = {}
+            total: M.Totals = {}
             for lst in parts(lists[split]):
                 run = flow.run(lst, candidates=lst, full=True)  # the ranker scores the whole list for consistency
-                add_totals(total, joint_totals(lst, run.stages[0].scores, run.stages[1].scores, stage_data.positives(lst.request_id), cfg, world if split == "test" else None))
-            row[split] = means(total)
+                M.add_totals(total, joint_totals(lst, run.stages[0].scores, run.stages[1].scores, stage_data.positives(lst.request_id), cfg, world if split == "test" else None))
+            row[split] = M.means(total)
         rounds.append(row)
         print(f"{exp.name} after {label}: test " + " ".join(f"{key} {v:.4f}" for key, v in row["test"].items()))
         return lists
@@ -357,15 +355,17 @@ def got_worse(rounds: list[dict]) -> str | None:
 
 
 STAGES_FILE = "stages.json"
+STREAM_KEY = "data_stream"  # stages.json: the cascade's data.stream, which `cascade eval` follows too
 
 
 def save_stages(exp, stages: dict[str, tuple[Path, str, nn.Module]]) -> None:
     """The cascade as trained, for `cascade export`: each stage's weights (``stages/NAME.pt``) and
-    ``stages.json`` naming its config file (absolute), experiment and quota."""
+    ``stages.json`` naming its config file (absolute), experiment and quota, and the cascade's
+    ``data.stream``."""
     out = exp.run_dir / "stages"
     out.mkdir(parents=True, exist_ok=True)
     quotas = {"recall": exp.cascade.recall_quota, "prerank": exp.cascade.prerank_quota, "rank": exp.cascade.rank_quota}
-    manifest = {}
+    manifest: dict = {STREAM_KEY: exp.data.stream}
     for name, (config, experiment, model) in stages.items():
         weights = {k: v.cpu() for k, v in model.state_dict().items()}
         write_atomic(out / f"{name}.pt", lambda f: torch.save(weights, f))

@@ -11,7 +11,9 @@ Ties are never broken by candidate order. A cut at k that falls inside a group o
 gives each tied item the expected credit over a uniformly random tie-break (``topk_membership``),
 so permuting candidates, or adding padding, never changes a result. List metrics return the mean
 over the rows where the metric is defined (a row with no positive has no recall) and return NaN
-when no row qualifies.
+when no row qualifies; that mean is a ``RowMean``, a float that knows its rows, so the means of
+parts of a split add up to the whole one (``add_totals``, ``means``): a streamed evaluation adds
+its row groups.
 """
 
 from __future__ import annotations
@@ -191,8 +193,42 @@ def _check_cut(name: str, k) -> None:
         raise ValueError(f"{name} must be a positive whole number, got {k!r}")
 
 
-def _row_mean(values: np.ndarray, defined: np.ndarray) -> float:
-    return float(values[defined].mean()) if defined.any() else float("nan")
+class RowMean(float):
+    """A list metric's value: its mean over the ``rows`` it is defined on."""
+
+    rows: int
+
+    def __new__(cls, value: float, rows: int) -> "RowMean":
+        out = super().__new__(cls, value)
+        out.rows = rows
+        return out
+
+
+def _row_mean(values: np.ndarray, defined: np.ndarray) -> RowMean:
+    rows = int(defined.sum())
+    return RowMean(values[defined].mean() if rows else float("nan"), rows)
+
+
+Totals = dict  # key -> [sum, weight]: means kept in parts that add up
+
+
+def add_totals(total: Totals, part: dict) -> Totals:
+    """``total`` with ``part`` added (in place; returned). Each value of ``part`` is a ``RowMean``
+    (its mean times its rows) or a (sum, weight) pair (a ratio of sums, e.g. utility got over the
+    best); a plain float has no weight and is refused."""
+    for key, value in part.items():
+        if isinstance(value, RowMean):
+            value = (float(value) * value.rows if value.rows else 0.0, value.rows)
+        value_sum, weight = value
+        into = total.setdefault(key, [0.0, 0.0])
+        into[0] += value_sum
+        into[1] += weight
+    return total
+
+
+def means(total: Totals) -> dict:
+    """Each key's mean: its sum over its weight (NaN over no rows)."""
+    return {key: value_sum / weight if weight else float("nan") for key, (value_sum, weight) in total.items()}
 
 
 def _relevance(relevance: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -204,7 +240,7 @@ def _relevance(relevance: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, rel, 0.0)
 
 
-def recall_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndarray | None = None) -> float:
+def recall_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndarray | None = None) -> RowMean:
     """Recall@k = |top-k ∩ positives| / |positives|, mean over rows with a positive.
 
     relevance (R, N): > 0 marks a positive (binary use) or carries a weight (soft truth, e.g.
@@ -223,7 +259,7 @@ def _lchoose(n: np.ndarray, k: np.ndarray) -> np.ndarray:
     return lg(n + 1.0) - lg(k + 1.0) - lg(n - k + 1.0)
 
 
-def hit_rate_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndarray | None = None) -> float:
+def hit_rate_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndarray | None = None) -> RowMean:
     """HitRate@k: share of rows (among those with a positive) with at least one positive in the top-k.
 
     Exact under a random tie-break: a row hits surely when a positive lies wholly above the
@@ -276,7 +312,7 @@ def _ideal_dcg(gains: np.ndarray, k: int) -> np.ndarray:
     return (best / np.log2(np.arange(2, best.shape[1] + 2))).sum(axis=1)
 
 
-def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndarray | None = None) -> float:
+def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndarray | None = None) -> RowMean:
     """NDCG@k with linear gains (gain = relevance), discount 1/log2(1 + position), normalised by
     the ideal DCG@k; mean over rows with a positive."""
     _check_cut("k", k)
@@ -293,7 +329,7 @@ def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndarra
 
 def teacher_recall_at_k_at_m(
     student: np.ndarray, teacher: np.ndarray, k: int, m: int, mask: np.ndarray | None = None
-) -> float:
+) -> RowMean:
     """Recall@k@m = |top-m(student) ∩ top-k(teacher)| / k over the same list.
 
     k = how many of the teacher's best are taken as truth, m = how many the student passes on.
@@ -316,7 +352,7 @@ def _compare(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (x > y).astype(np.int8) - (x < y).astype(np.int8)
 
 
-def kendall_tau(student: np.ndarray, teacher: np.ndarray, mask: np.ndarray | None = None, chunk_cells: int = 2**24) -> float:
+def kendall_tau(student: np.ndarray, teacher: np.ndarray, mask: np.ndarray | None = None, chunk_cells: int = 2**24) -> RowMean:
     """Kendall tau-b between the student's and the teacher's scores within each list.
 
     tau_b = (C - D) / sqrt((n0 - T_s)(n0 - T_t)), n0 = pairs, T_* = pairs tied in one ranking.
@@ -360,7 +396,7 @@ def teacher_gains(teacher: np.ndarray, k: int, mask: np.ndarray | None = None) -
     return np.where(msk, total / e, 0.0)
 
 
-def teacher_ndcg_at_k(student: np.ndarray, teacher: np.ndarray, k: int, mask: np.ndarray | None = None) -> float:
+def teacher_ndcg_at_k(student: np.ndarray, teacher: np.ndarray, k: int, mask: np.ndarray | None = None) -> RowMean:
     """NDCG@k of the student's order against the teacher's, gains from ``teacher_gains``."""
     s, msk = _check_lists(student, mask)
     return ndcg_at_k(s, teacher_gains(teacher, k, msk), k, msk)
@@ -376,7 +412,7 @@ def joint_recall(
     truth: np.ndarray,
     mask: np.ndarray | None = None,
     total: np.ndarray | None = None,
-) -> float:
+) -> RowMean:
     """Share of a ground truth that survives every stage's quota, mean over rows with truth.
 
     stage_scores: one (R, N) matrix per stage, applied in order; quotas: each stage's top-q.
@@ -487,7 +523,7 @@ def _last_stage_given_draw(scores: np.ndarray, q: int, sure: np.ndarray, pool: n
     return p_alive * expected
 
 
-def retrieval_recall(retrieved: np.ndarray, positives: np.ndarray) -> float:
+def retrieval_recall(retrieved: np.ndarray, positives: np.ndarray) -> RowMean:
     """Recall@k of a retrieval: |retrieved ∩ positives| / |positives|, mean over rows with a
     positive. retrieved (R, k) item ids (ordered or not; k = the cut), positives (R, P) item ids
     with 0 as padding (an id listed twice is one positive). Retrieval returns a set, so no tie rule is needed here."""

@@ -6,7 +6,8 @@ from cascade.data.lists import build_lists
 from dataclasses import replace
 
 from cascade.data.trend import ItemTrend, TrendSpec
-from cascade.evaluate import Truth, evaluate, exposure_metrics, flops_per_candidate, load_saved, most_popular, run_flow, trending
+from cascade.eval_data import EvalData
+from cascade.evaluate import Truth, evaluate, exposure_metrics, exposure_scores, flops_per_candidate, load_saved, most_popular, run_flow, torch_cascade, trending
 from cascade.cascade import requests_batch
 from cascade.models import MODELS
 from teachers import TEACHERS
@@ -44,12 +45,12 @@ def saved(trained):
 
 @pytest.fixture(scope="module")
 def report(saved):
-    return evaluate(saved.cascade(), saved.ds, saved.world)
+    return evaluate(saved.cascade(), saved.data, saved.world)
 
 
 def test_report_figures_agree_with_the_metrics_module(saved, report):
     """Recompute the headline figures from one plain run of the same cascade with cascade.metrics."""
-    fr = run_flow(saved.cascade(), saved.ds, saved.world)
+    fr = run_flow(saved.cascade(), build_lists(saved.ds, "test"), saved.world)
     recall, prerank, rank = fr.run.stages
     lists = fr.lists
     positive = lists.mask & (lists.label > 0)
@@ -64,7 +65,7 @@ def test_report_figures_agree_with_the_metrics_module(saved, report):
     exposed = logged.mask & (logged.stage == 3)
     scores = saved.cascade().stages[1].scorer(logged)
     assert report["stages"]["rank"]["auc"] == pytest.approx(M.auc(logged.label[exposed], scores[exposed]))
-    assert exposure_metrics(saved.cascade().stages[1], logged)["auc"] == pytest.approx(report["stages"]["rank"]["auc"])
+    assert exposure_metrics(*exposure_scores(saved.cascade().stages[1], logged))["auc"] == pytest.approx(report["stages"]["rank"]["auc"])
 
 
 def test_stage_blame_adds_up_to_the_whole_best_utility(report):
@@ -140,3 +141,94 @@ def test_a_cascade_with_the_item_trend_evaluates_as_it_trained_and_refuses_to_ex
     assert main(["export", str(tmp_path / "runs" / "frozen_trend"), "--out", str(tmp_path / "bundle")]) == 2
     assert "item trend" in capsys.readouterr().err
     assert not (tmp_path / "bundle").exists()
+
+
+def _close(got, want, path=()):
+    """Every number of ``want`` equals ``got``'s to 1e-9 (NaN equal NaN), the random pre-ranker's
+    draws and the timings aside."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for key in want:
+            if key not in ("random_prerank", "seconds"):
+                _close(got[key], want[key], path + (key,))
+    else:
+        assert got == pytest.approx(want, abs=1e-9, nan_ok=True), path
+
+
+@pytest.fixture(scope="module")
+def grouped_logs(saved, tmp_path_factory):
+    """The frozen cascade's logs rewritten in 12 row groups of 1,000 candidates (read-only)."""
+    import pyarrow.parquet as pq
+
+    from cascade.data import store
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store, "CANDIDATE_ROW_GROUP", 1000)
+        out = store.write_dataset(saved.ds, tmp_path_factory.mktemp("eval") / "logs")
+    assert pq.ParquetFile(out / "candidates.parquet").metadata.num_row_groups == 12
+    return out
+
+
+def test_an_evaluation_in_parts_reports_what_the_whole_one_does(saved, report, grouped_logs, monkeypatch):
+    # Every figure is a mean over rows (or a ratio of sums), added up over the parts; the AUC
+    # family is computed once over the gathered exposures. So the streamed evaluation (a row
+    # group at a time) and an in-memory one in blocks of 7 requests must both give the report
+    # of one block of all 30 test requests.
+    import cascade.eval_data as eval_data
+
+    streamed = EvalData.read(grouped_logs, streamed=True)
+    assert streamed.streamed and len(streamed.ds.candidates["item_id"]) == 0  # the index only
+    assert [len(p) for p in streamed.lists("test")] == [5, 25]  # the last 30 requests (a split by time), in the last 2 row groups
+    np.testing.assert_array_equal(streamed.popularity(), saved.data.popularity())
+    whole = ItemTrend.from_dataset(saved.ds)
+    np.testing.assert_array_equal(streamed.trend().item, whole.item)
+    np.testing.assert_array_equal(streamed.trend().ts, whole.ts)
+    got = evaluate(torch_cascade(streamed.ds, saved.models, saved.quotas), streamed, saved.world)
+    _close(got, report)
+    monkeypatch.setattr(eval_data, "BLOCK_REQUESTS", 7)
+    assert [len(p) for p in saved.data.lists("test")] == [7, 7, 7, 7, 2]
+    _close(evaluate(saved.cascade(), saved.data, saved.world), report)
+    assert 0 <= report["baselines"]["random_prerank"]["joint_recall"] <= 1
+
+
+def test_a_streamed_evaluation_stops_at_a_bad_candidate_naming_its_row(grouped_logs, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cascade.data.store import DataError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(grouped_logs, bad)
+    table = pq.read_table(bad / "candidates.parquet")
+    item = table.column("item_id").to_numpy().copy()
+    item[10_500] = 99_999  # in the 11th row group; the catalog holds ids up to 400
+    table = table.set_column(table.schema.get_field_index("item_id"), "item_id", pa.array(item))
+    pq.write_table(table, bad / "candidates.parquet", row_group_size=1000)
+    data = EvalData.read(bad, streamed=True)  # the requests index reads: the candidates wait
+    with pytest.raises(DataError, match=r"candidates.parquet.*item_id.*10500"):
+        list(data.lists("test"))
+
+
+def test_cascade_eval_streams_when_the_cascade_run_did(saved, trained, tmp_path, capsys):
+    # stages.json keeps the cascade's data.stream; `cascade eval` reads the logs as it says
+    import json
+    import shutil
+
+    from cascade.job import evaluate_path
+
+    _, runs = trained
+    run = tmp_path / "frozen"
+    shutil.copytree(runs / "frozen", run)
+    stages = json.loads((run / "stages.json").read_text())
+    assert stages["data_stream"] == "auto"
+    in_memory = evaluate_path(run)
+    assert "streamed" not in capsys.readouterr().out
+    (run / "stages.json").write_text(json.dumps(stages | {"data_stream": "always"}))
+    assert load_saved(run, models={**MODELS, **TEACHERS}).data.streamed
+    streamed = evaluate_path(run)
+    assert "streamed (data.stream), read a row group at a time" in capsys.readouterr().out
+    _close(streamed["metrics"], in_memory["metrics"])
+    _close(streamed["untrained"], in_memory["untrained"])
+    assert streamed["cost"]["flops_per_candidate"] == in_memory["cost"]["flops_per_candidate"]

@@ -237,6 +237,31 @@ def test_list_metrics_bounded_and_invariant_to_order_and_padding(r, n, seed, nam
         assert (math.isnan(base) and math.isnan(other)) or other == pytest.approx(base, abs=1e-12)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 12), st.integers(0, 2**31 - 1), st.sampled_from(sorted(LIST_METRICS)), st.data())
+def test_list_metrics_over_parts_add_up_to_the_whole(r, n, seed, name, data):
+    # an evaluation adds up a split's parts: means over rows weighted by the rows each is defined on
+    rng, s, y, m = _random_lists(r, n, seed)
+    t = rng.normal(size=(r, n)).round(1)
+    f = LIST_METRICS[name]
+    cut = data.draw(st.integers(0, r))
+    whole = f(s, t, y, m)
+    total = M.add_totals({}, {name: f(s[:cut], t[:cut], y[:cut], m[:cut])})
+    M.add_totals(total, {name: f(s[cut:], t[cut:], y[cut:], m[cut:])})
+    got = M.means(total)[name]
+    assert (math.isnan(whole) and math.isnan(got)) or got == pytest.approx(whole, abs=1e-12)
+    assert whole.rows == M.add_totals({}, {name: whole})[name][1] <= r
+
+
+def test_add_totals_takes_sums_and_refuses_a_mean_without_its_rows():
+    # (utility got, best) sums: (1 + 2) / (4 + 4) = 0.375; a RowMean of 0.5 over 2 rows then 1.0 over 1: 2 / 3
+    total = M.add_totals(M.add_totals({}, {"ratio": (1.0, 4.0), "mean": M.RowMean(0.5, 2)}), {"ratio": (2.0, 4.0), "mean": M.RowMean(1.0, 1)})
+    assert M.means(total) == pytest.approx({"ratio": 0.375, "mean": 2 / 3})
+    assert math.isnan(M.means(M.add_totals({}, {"none": M.RowMean(float("nan"), 0)}))["none"])
+    with pytest.raises(TypeError):
+        M.add_totals({}, {"plain": 0.5})
+
+
 @settings(max_examples=50, deadline=None)
 @given(hnp.arrays(np.float64, st.integers(1, 40), elements=st.floats(-5, 5)), st.integers(1, 45))
 def test_topk_membership_sums_to_k(scores, k):

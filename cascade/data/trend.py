@@ -101,6 +101,8 @@ class ItemTrend:
         """Every exposed candidate of every split, at its request's ``ts``."""
         if not ds.schema.temporal:
             raise ValueError(f"item trend needs temporal logs; '{ds.schema.name}' is not temporal (its ts does not order events)")
+        if ds.requests_file is not None:
+            raise ValueError("item trend: these logs were read without their candidates (streamed); gather the exposures a row group at a time (eval_data.EvalData.trend)")
         cand = ds.candidates
         exposed = cand["stage"] == EXPOSED
         return cls.from_events(cand["item_id"][exposed], request_ts(ds, cand["request_id"][exposed]))
