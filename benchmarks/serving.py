@@ -43,6 +43,7 @@ from cascade import metrics as M
 from cascade.config import DataConfig, ExperimentConfig, ModelConfig
 from cascade.data.lists import build_lists
 from cascade.data.synth import WorldConfig, generate
+from cascade.eval_data import EvalData
 from cascade.models import MODELS, build_model
 from cascade.towers.embedding import pack_items, pack_user
 from cascade.train import TrainConfig
@@ -184,7 +185,7 @@ def catalog_bundles(args, tmp: Path) -> tuple[dict[str, Path], object, object]:
     stages = [StageModel("recall", "dssm", model(ds, "dssm", {"hidden": [256, 128], "dropout": 0.0}), 1000), StageModel("prerank", "dssm", model(ds, "dssm"), 200), StageModel("rank", "din", model(ds, "din"), 20)]
     bundles = {}
     for kind in ("flat", "ivf"):
-        bundles[kind] = write_bundle(ds, *stages, tmp / f"bundle_{kind}", IndexSpec(kind, nlist=1024, nprobe=128))
+        bundles[kind] = write_bundle(EvalData(ds), *stages, tmp / f"bundle_{kind}", IndexSpec(kind, nlist=1024, nprobe=128))
     return bundles, ds, world
 
 
@@ -341,8 +342,8 @@ def quantized(args, tmp: Path) -> dict | None:
     out = tmp / "int8"
     subprocess.run([sys.executable, "-m", "cascade.cli", "export", run_dir, "--out", str(out), "--quantize"], check=True, stdout=subprocess.DEVNULL)
     fp32, int8 = CascadeService(src), CascadeService(out)
-    ds, _ = from_run(run_dir)
-    lists = build_lists(ds, "test")
+    data, _ = from_run(run_dir)
+    lists = build_lists(data.ds, "test")
     exposed = (lists.stage == 3) & lists.mask
     res = {"bundle": str(src), "run_dir": run_dir}
     teacher = fp32.cascade.stages[1].scorer(lists)

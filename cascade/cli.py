@@ -182,13 +182,13 @@ def _export(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise BundleError(str(e)) from None
         start = time.perf_counter()
-        ds, stages = from_run(args.run_dir) if args.run_dir is not None else from_named(named, quotas)
+        data, stages = from_run(args.run_dir) if args.run_dir is not None else from_named(named, quotas)
         source = {"run_dir": str(args.run_dir.resolve())} if args.run_dir is not None else {"stages": named}
-        out = write_bundle(ds, *stages, args.out, index, args.quantize, source)
+        out = write_bundle(data, *stages, args.out, index, args.quantize, source)
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s: " + ", ".join(f"{s.name} {s.model_name} top-{s.quota}" for s in stages))
         service = CascadeService(out)
         if not isinstance(stages[2].model, Path):
-            report = parity(service, torch_cascade(ds, stages), ds)
+            report = parity(service, torch_cascade(data, stages), data)
             print("parity against torch on " + " ".join(f"{k} {v:.6g}" for k, v in report.items()))
     except (BundleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -72,9 +72,9 @@ def export_run(run_dir: Path) -> Path:
     from export.runtime import CascadeService
     from export.stages import from_run, parity, torch_cascade
 
-    ds, stages = from_run(run_dir)
-    out = write_bundle(ds, *stages, run_dir / "bundle", IndexSpec("flat"), False, {"run_dir": str(Path(run_dir).resolve())})
-    report = parity(CascadeService(out), torch_cascade(ds, stages), ds)
+    data, stages = from_run(run_dir)
+    out = write_bundle(data, *stages, run_dir / "bundle", IndexSpec("flat"), False, {"run_dir": str(Path(run_dir).resolve())})
+    report = parity(CascadeService(out), torch_cascade(data, stages), data)
     print("  parity against torch: " + " ".join(f"{k} {v:.6g}" for k, v in report.items()), flush=True)
     return out
 

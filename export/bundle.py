@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from cascade.cascade import Catalog
-from cascade.data.lists import ListBatch, build_lists
+from cascade.data.lists import ListBatch
 from cascade.data.schema import SCHEMA_FILE
 from cascade.data.store import Dataset, replacing_directory
+from cascade.eval_data import EvalData
 from cascade.recall import item_table, item_vectors
 from export.onnx import export_ranker, export_tower, export_two_tower, flat_items, item_inputs, session, user_inputs
 
@@ -159,17 +160,19 @@ def _quantize(path: Path) -> None:
     tmp.replace(path)
 
 
-def write_bundle(ds: Dataset, recall: StageModel, prerank: StageModel, rank: StageModel, out: str | Path, index: IndexSpec = IndexSpec(), quantize: bool = False, source: dict[str, Any] | None = None) -> Path:
-    """Export the three stages over the catalog of ``ds`` into the bundle ``out`` (whole or not
-    at all). ``quantize``: int8 dynamic quantisation of the pre-ranker's and ranker's graphs."""
+def write_bundle(data: EvalData, recall: StageModel, prerank: StageModel, rank: StageModel, out: str | Path, index: IndexSpec = IndexSpec(), quantize: bool = False, source: dict[str, Any] | None = None) -> Path:
+    """Export the three stages over the catalog of the logs ``data`` (read whole or streamed) into
+    the bundle ``out`` (whole or not at all). ``quantize``: int8 dynamic quantisation of the
+    pre-ranker's and ranker's graphs."""
     if not recall.quota > prerank.quota > rank.quota > 0:
         raise BundleError(f"quotas must shrink: recall {recall.quota}, prerank {prerank.quota}, rank {rank.quota}")
+    ds = data.ds
     catalog = Catalog.from_dataset(ds)
     names = set(catalog.by_id)
     for stage in (recall, prerank, rank):
         _check_catalog_fields(stage, names)
-    # three real lists of the data as the example inputs the graphs are traced with
-    requests = build_lists(ds).take(slice(0, 3))
+    # three real test requests as the example inputs the graphs are traced with
+    requests = data.first("test", 3)
     example = catalog.attach(requests, np.resize(catalog.item_ids, (len(requests), 4)))
     out = Path(out)
     stages = []

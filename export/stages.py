@@ -5,6 +5,7 @@ parity of the served bundle against the same cascade in torch."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,11 @@ import torch
 
 from cascade import evaluate
 from cascade.cascade import Cascade
-from cascade.config import ConfigError, ExperimentConfig, load_config
-from cascade.data.lists import build_lists
-from cascade.data.store import Dataset, read_dataset
-from cascade.joint import STAGES_FILE
+from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_config
+from cascade.data.store import Dataset
+from cascade.eval_data import EvalData
+from cascade.joint import STAGES_FILE, STREAM_KEY
+from cascade.pipeline import streams
 from cascade.models import MODELS, build_model
 from export.bundle import BundleError, StageModel
 from teachers import TEACHERS
@@ -61,43 +63,44 @@ def _stage(role: str, exp: ExperimentConfig, ds: Dataset, quota: int, weights: P
     return StageModel(role, exp.model.name, model.eval(), quota, source | {"weights": str(weights)})
 
 
-def _data(exp: ExperimentConfig) -> Dataset:
-    if not Path(exp.data.dir).exists():
-        raise BundleError(f"recall: its data directory {exp.data.dir} is missing (train the cascade first)")
-    return read_dataset(exp.data.dir)
+def _data(cfg: DataConfig) -> EvalData:
+    if not Path(cfg.dir).exists():
+        raise BundleError(f"recall: its data directory {cfg.dir} is missing (train the cascade first)")
+    return EvalData.read(cfg.dir, streams(cfg))
 
 
-def from_run(run_dir: str | Path) -> tuple[Dataset, list[StageModel]]:
-    """The stages a ``task: cascade`` run saved, over the recall experiment's logs."""
+def from_run(run_dir: str | Path) -> tuple[EvalData, list[StageModel]]:
+    """The stages a ``task: cascade`` run saved, over the recall experiment's logs (read as the
+    cascade's ``data.stream`` says: an export reads the catalog and a few test requests)."""
     run_dir = Path(run_dir)
     path = run_dir / STAGES_FILE
     if not path.exists():
         raise BundleError(f"{path}: missing; RUN_DIR must be a finished 'task: cascade' run (or name the stages with --recall, --prerank and --rank)")
     saved = json.loads(path.read_text())
     exps = {role: _experiment(f"{saved[role]['config']}:{saved[role]['experiment']}", f"{path}: {role}") for role in ROLES}
-    ds = _data(exps["recall"])
-    return ds, [_stage(role, exps[role], ds, int(saved[role]["quota"]), run_dir / saved[role]["weights"]) for role in ROLES]
+    data = _data(replace(exps["recall"].data, stream=saved.get(STREAM_KEY, "auto")))
+    return data, [_stage(role, exps[role], data.ds, int(saved[role]["quota"]), run_dir / saved[role]["weights"]) for role in ROLES]
 
 
-def from_named(specs: dict[str, str], quotas: tuple[int, int, int]) -> tuple[Dataset, list[StageModel]]:
+def from_named(specs: dict[str, str], quotas: tuple[int, int, int]) -> tuple[EvalData, list[StageModel]]:
     """Stages named ``CONFIG:EXPERIMENT`` each, with their quotas (recall, prerank, rank)."""
     exps = {role: _experiment(specs[role], f"--{role}") for role in ROLES}
-    ds = _data(exps["recall"])
-    return ds, [_stage(role, exps[role], ds, q) for role, q in zip(ROLES, quotas)]
+    data = _data(exps["recall"].data)
+    return data, [_stage(role, exps[role], data.ds, q) for role, q in zip(ROLES, quotas)]
 
 
-def torch_cascade(ds: Dataset, stages: list[StageModel]) -> Cascade:
+def torch_cascade(data: EvalData, stages: list[StageModel]) -> Cascade:
     """The same cascade with its torch models (the reference the bundle is checked against)."""
     if isinstance(stages[2].model, Path):
         raise BundleError("a LightGBM rank stage has no torch reference")
-    return evaluate.torch_cascade(ds, {s.name: s.model for s in stages}, {s.name: s.quota for s in stages})
+    return evaluate.torch_cascade(data.ds, {s.name: s.model for s in stages}, {s.name: s.quota for s in stages})
 
 
-def parity(service, reference: Cascade, ds: Dataset, n: int = 256) -> dict[str, float]:
-    """The bundle served against the torch cascade on ``n`` test requests: the share of requests
-    whose recall set, pre-rank set and final top-k are the same, and the largest score gap of the
-    final items."""
-    requests = build_lists(ds, "test").take(slice(0, n))
+def parity(service, reference: Cascade, data: EvalData, n: int = 256) -> dict[str, float]:
+    """The bundle served against the torch cascade on the first ``n`` test requests: the share of
+    requests whose recall set, pre-rank set and final top-k are the same, and the largest score
+    gap of the final items."""
+    requests = data.first("test", n)
     requests = requests.take_columns(np.zeros((len(requests), 0), int))
     want = reference.run(requests)
     got = service.cascade.run(requests)

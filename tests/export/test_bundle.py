@@ -22,9 +22,17 @@ def test_the_bundle_holds_every_stage_and_its_manifest_checks_out(bundle):
     assert manifest["stages"][1]["score"]["kind"] == "dot"
 
 
-def test_export_prints_parity_with_the_torch_cascade(trained, tmp_path, capsys):
+@pytest.mark.parametrize("stream", ["auto", "always"])
+def test_export_prints_parity_with_the_torch_cascade(trained, tmp_path, capsys, stream):
+    from export.stages import from_run
+
     _, runs = trained
-    assert main(["export", str(runs / "frozen"), "--out", str(tmp_path / "b")]) == 0
+    run = runs / "frozen"
+    if stream == "always":  # the cascade's data.stream (stages.json): the logs' candidates are never read whole
+        run = shutil.copytree(run, tmp_path / "frozen")
+        (run / "stages.json").write_text(json.dumps(json.loads((run / "stages.json").read_text()) | {"data_stream": stream}))
+    assert from_run(run)[0].streamed == (stream == "always")
+    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parity"))
     figures = dict(zip(line.split()[4::2], map(float, line.split()[5::2])))
     # onnxruntime and torch agree to ~1e-7 here, so every stage keeps the same items
