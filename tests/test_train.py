@@ -230,6 +230,25 @@ def test_prefetch_keeps_the_order_raises_the_producers_error_and_ends_on_a_break
     assert threading.active_count() == before  # the producer thread has ended
 
 
+def test_prefetch_leaves_its_reader_a_core_and_gives_it_back():
+    from cascade.train import prefetch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert [torch.get_num_threads() for _ in prefetch(iter(range(3)))] == [1, 1, 1]
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)  # never none
+        assert [torch.get_num_threads() for _ in prefetch(iter(range(2)))] == [1, 1]
+        torch.set_num_threads(3)
+        for _ in prefetch(iter(range(10))):
+            assert torch.get_num_threads() == 2
+            break
+        assert torch.get_num_threads() == 3  # a consumer that stops early gives the core back too
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _lists(lengths: list[int], width: int) -> Tensors:
     rows = len(lengths)
     mask = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
