@@ -90,14 +90,12 @@ class EvalData:
         the evaluation, naming the file's row): the train positives per item and, on temporal
         logs, the exposures. Kept; later calls return them."""
         if self._popularity is None:
-            counts, items, ts = popularity(self.ds), [], []  # the empty candidates give zeros of the right length
+            counts, trends = popularity(self.ds), []  # the empty candidates give zeros of the right length
             for piece in RowGroups.open(self.directory, self.ds).pieces():
                 counts += popularity(piece)
                 if self.ds.schema.temporal:
-                    part = ItemTrend.from_dataset(piece)
-                    items.append(part.item)
-                    ts.append(part.ts)
+                    trends.append(ItemTrend.from_dataset(piece))
             self._popularity = counts
             if self.ds.schema.temporal:
-                self._trend = ItemTrend.from_events(np.concatenate(items or [np.zeros(0, np.int64)]), np.concatenate(ts or [np.zeros(0, np.int64)]))
+                self._trend = ItemTrend.gather(trends)
         return self._popularity, self._trend

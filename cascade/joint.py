@@ -248,8 +248,6 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
     recall = load_trained(on_device(recall_exp), ds, models, lambda e: train_experiment(e, recall_config, models))
     stage_exps = [named(load_config(config, name)[0]) for name in (cfg.prerank, cfg.rank)]
     stage_trend = trend_spec(*stage_exps)  # the stages' item trend, computed on every regenerated list
-    if streamed and stage_trend:
-        raise ConfigError(f"{exp.where}.data.stream: {data.dir} streams, and the stages '{cfg.prerank}' and '{cfg.rank}' take the item trend (data.recall.trend_days), which a streamed cascade cannot compute yet; set data.stream: never")
     stage_ds = with_trend_fields(ds, stage_trend)
     prerank, rank = (load_trained(on_device(e), stage_ds, models, lambda e: train_experiment(e, config, models, named=named)) for e in stage_exps)
     for model in (recall, prerank, rank):

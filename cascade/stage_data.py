@@ -16,6 +16,7 @@ walks either, and a phase trains on either (``joint._fit``).
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,7 +27,7 @@ from torch import nn
 from cascade.data.lists import ListBatch, build_lists
 from cascade.data.store import Dataset, to_arrow
 from cascade.data.stream import ListStream, RowGroups
-from cascade.data.trend import ItemTrend, TrendSpec, with_trend
+from cascade.data.trend import ItemTrend, TrendSpec, trend_schema, with_trend
 from cascade.distributed import barrier, broadcast, is_writer
 from cascade.flow import stream_score_lookup, write_stream_scores
 from cascade.models import score_lists
@@ -50,11 +51,10 @@ class StageData:
     its stages (one folder each, by name, replaced at every regeneration)."""
 
     def __init__(self, ds: Dataset, trend: TrendSpec = TrendSpec(), directory: str | Path | None = None, spill: Path | None = None):
-        if directory is not None and trend:
-            raise ValueError("a streamed cascade cannot compute the item trend yet (it needs every exposure at once)")
         self.ds, self.trend, self.spill = ds, trend, spill
         self.logs = None if directory is None else RowGroups.open(directory, ds)  # kept: each row group is validated once
         self._positives: np.ndarray | None = None
+        self._exposures: ItemTrend | None = None  # the item trend's exposures, gathered once
 
     @property
     def streamed(self) -> bool:
@@ -69,7 +69,7 @@ class StageData:
         if not self.streamed:
             out = recall_output(self.ds, recall, n, keep_positives, catalog_negatives, seed)
             if self.trend:
-                out = with_trend(out, ItemTrend.from_dataset(self.ds), self.trend)
+                out = with_trend(out, self.exposures(), self.trend)
             return {split: build_lists(out, split) for split in splits}
         folder, counted = self.spill / name, self._positives is not None
         if is_writer():  # rank 0 writes; every rank reads its share of the row groups
@@ -77,7 +77,8 @@ class StageData:
         barrier()
         if not counted:
             self._positives = broadcast(self._positives)
-        return {split: ListStream.open(folder, split, self.ds, trusted=True) for split in splits}
+        stage_ds = replace(self.ds, schema=trend_schema(self.ds.schema, self.trend)) if self.trend else self.ds  # the spill's columns
+        return {split: ListStream.open(folder, split, stage_ds, trusted=True) for split in splits}
 
     def _write(self, folder: Path, recall: nn.Module, n: int, keep_positives: bool, catalog_negatives: int, seed: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,8 @@ class StageData:
             for g, piece in enumerate(self.logs.pieces()):
                 counts += _positive_counts(piece.candidates, len(counts))
                 out = recall_output(piece, recall, n, keep_positives, catalog_negatives, (seed, g), retriever)
+                if self.trend:  # per candidate at its request's time, from every row group's exposures
+                    out = with_trend(out, self.exposures(), self.trend)
                 table = to_arrow(out, "candidates")
                 writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
                 writer.write_table(table, row_group_size=max(len(table), 1))  # one row group: whole requests
@@ -96,6 +99,13 @@ class StageData:
                 writer.close()
         tmp.replace(folder / "candidates.parquet")
         self._positives = counts
+
+    def exposures(self) -> ItemTrend:
+        """Every logged exposure at its request's time (the stages' item trend): from the logs
+        read whole, or gathered a row group at a time from streamed logs (one pass, kept)."""
+        if self._exposures is None:
+            self._exposures = ItemTrend.gather(ItemTrend.from_dataset(p) for p in self.logs.pieces()) if self.streamed else ItemTrend.from_dataset(self.ds)
+        return self._exposures
 
     def positives(self, request_id: np.ndarray) -> np.ndarray:
         """Each request's number of logged positives (retrieved or not), (R,) in the order of

@@ -1,3 +1,4 @@
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,21 @@ def bundle(trained, tmp_path_factory):
     return out
 
 
+@contextmanager
+def one_thread():
+    """Torch on one intra-op thread, as a streamed step is on 2 cores (``train.reader_core``
+    leaves its reading thread the other): a matmul summed over another number of threads rounds
+    differently, which a comparison of streamed and in-memory weights at 1e-5 would see."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_in_memory_and_streamed(config: Path, command: str, in_memory: str, streamed: str) -> dict[str, dict]:
     """`cascade COMMAND CONFIG` for experiment ``in_memory`` then ``streamed`` (their runs under
     ``runs`` beside CONFIG); checks that only the second says it streamed and that both end with
@@ -103,8 +119,9 @@ def run_in_memory_and_streamed(config: Path, command: str, in_memory: str, strea
     import torch
 
     runs = {name: config.parent / "runs" / name for name in (in_memory, streamed)}
-    for name in runs:
-        assert main([command, str(config), "--experiment", name]) == 0
+    with one_thread():
+        for name in runs:
+            assert main([command, str(config), "--experiment", name]) == 0
     assert "(streamed)" in (runs[streamed] / "log.txt").read_text() and "(streamed)" not in (runs[in_memory] / "log.txt").read_text()
     weights = {name: torch.load(run / "best.pt", weights_only=True) for name, run in runs.items()}
     for key, value in weights[in_memory].items():

@@ -11,6 +11,7 @@ from cascade.joint import LcronLoss, StackedStages, top_of
 from cascade.losses.arf import e2e_loss, relax_bce
 from cascade.losses.sorting import neural_sort, top_k_indicator
 from cascade.train import Tensors
+from tests.conftest import one_thread
 
 CONFIG = """
 base:
@@ -222,7 +223,8 @@ def test_a_streamed_cascade_reports_and_trains_what_the_in_memory_one_does(tmp_p
     runs = tmp_path / "runs"
     for method in ("frozen", "rankflow", "lcron"):
         for stream in ("never", "always"):
-            assert main(["train", str(path), "--experiment", f"{method}_{stream}"]) == 0
+            with one_thread():  # both paths' steps on one thread: the same float rounding
+                assert main(["train", str(path), "--experiment", f"{method}_{stream}"]) == 0
         assert pq.ParquetFile(tmp_path / "data" / "candidates.parquet").metadata.num_row_groups == 12
         memory, streamed = (json.loads((runs / f"{method}_{s}" / "results.json").read_text()) for s in ("never", "always"))
         # the same lists, a row group at a time: every metric of every round (a mean over rows, added up in parts)
@@ -249,3 +251,35 @@ def test_a_streamed_cascade_reports_and_trains_what_the_in_memory_one_does(tmp_p
         warm = torch.load(runs / "exposure" / "best.pt", weights_only=True)
         trained = torch.load(runs / f"{method}_always" / "stages" / "prerank.pt", weights_only=True)
         assert max((trained[k] - v).abs().max().item() for k, v in warm.items() if v.is_floating_point()) > 1e-3, method
+
+
+TREND_DATA = "{kind: recall_output, dir: OUT_trend_data, recall: {config: CONFIG, experiment: recall, n: 40, trend_days: [1, 7], trend_scale: list}}"
+STREAMED_TREND = f"""
+  din_trend:
+    data: {TREND_DATA}
+    model: {{name: din, params: {{attention_hidden: [8], hidden: [16], dropout: 0.0}}}}
+    train: {{monitor: recall@4}}
+    distill: {{teacher: null, exposure_bce: 0, rankflow_bce: 1}}
+  exposure_trend: {{data: {TREND_DATA}, distill: {{teacher: din_trend}}}}
+  trend_never: {{task: cascade, data: {{stream: never}}, cascade: {{method: frozen, prerank: exposure_trend, rank: din_trend}}}}
+  trend_always: {{task: cascade, data: {{stream: always}}, cascade: {{method: frozen, prerank: exposure_trend, rank: din_trend}}}}
+"""
+
+
+def test_a_streamed_cascade_gives_its_stages_the_item_trend_of_every_row_group(tmp_path, monkeypatch):
+    # The stages read each candidate's exposures in the 1 and 7 days before its request (on the
+    # list scale), counted over every logged exposure: a streamed cascade gathers them from every
+    # row group before it writes the stage data a row group at a time. Its reports must be the
+    # in-memory cascade's; counting only a row group's own exposures would change the trend of
+    # requests whose window reaches into the row groups before, and with it the stages' scores.
+    from cascade.data import store
+
+    monkeypatch.setattr(store, "CANDIDATE_ROW_GROUP", 1000)  # 300 requests of 40 candidates in 12 row groups
+    path = _write(tmp_path, CONFIG + STREAMED_TREND)
+    runs = tmp_path / "runs"
+    for stream in ("never", "always"):
+        assert main(["train", str(path), "--experiment", f"trend_{stream}"]) == 0
+    memory, streamed = (json.loads((runs / f"trend_{s}" / "results.json").read_text()) for s in ("never", "always"))
+    for split in ("valid", "test"):
+        assert streamed["rounds"][0][split] == pytest.approx(memory["rounds"][0][split], abs=1e-6, nan_ok=True), split
+    assert 0 < memory["test"]["teacher_recall@4@10"] < 1
