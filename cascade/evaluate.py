@@ -269,6 +269,8 @@ def evaluate(cascade: Cascade, data: EvalData, world=None, split: str = "test", 
         for st in cascade.stages:  # the AUC family on the logged exposures: gathered, computed once
             exposed[st.name].append(exposure_scores(st, fr.logged))
         requests, seconds = requests + len(logged), seconds + fr.seconds
+    if not requests:
+        raise ValueError(f"the logs have no '{split}' request to evaluate on")
     out = _nested(M.means(total))
     for name, gathered in exposed.items():
         out["stages"][name] |= exposure_metrics(*(np.concatenate(column) for column in zip(*gathered)))
