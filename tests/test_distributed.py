@@ -3,6 +3,7 @@ global batch."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,48 @@ def test_two_processes_stream_disjoint_row_groups_in_equal_steps(runs):
     assert (result["world_size"], result["samples_per_rank"]) == (2, [3 * steps * 32] * 2) and steps > 0
     assert "(streamed)" in (runs / "streamed/exposure/log.txt").read_text()
     assert 0.3 < result["test"]["auc"] <= 1.0
+
+
+CASCADE_CONFIG = """
+base:
+  data: {kind: synth, dir: data/grouped, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
+  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+  train: {epochs: 1, batch_size: 64, seed: 1, lr: 0.01, monitor: teacher_recall@4@10}
+  out: OUT
+  task: distill
+  distill: {teacher: din, prerank_quota: 10, rank_quota: 4, lists_per_batch: 16}
+  cascade: {recall: {config: CONFIG, experiment: recall}, recall_quota: 40, prerank_quota: 10, rank_quota: 4, lcron_recall_quota: 20, rounds: 1, self_epochs: 1, tutor_epochs: 1, catalog_negatives: 0, lists_per_batch: 16}
+experiments:
+  recall: {task: recall, train: {monitor: recall@50}}
+  din:
+    model: {name: din, params: {attention_hidden: [8], hidden: [16], dropout: 0.0}}
+    train: {monitor: recall@4}
+    distill: {teacher: null, exposure_bce: 0, rankflow_bce: 1}
+  exposure: {}
+  rankflow: {task: cascade, data: {stream: always}, cascade: {method: rankflow, prerank: exposure}}
+"""
+
+
+def test_a_streamed_cascade_under_two_processes_shares_the_stage_data_rank_zero_writes(runs):
+    # Rank 0 writes each round's stage data a row group at a time; both ranks read it and train
+    # each phase on their own row groups. Its starting report (the warm-up stages over the stage
+    # data, before any phase trains) is the one process's; every phase trained on both ranks.
+    root = runs / "joint"
+    root.mkdir()
+    (root / "data").symlink_to(runs / "data")  # the world in row groups of 1,000 candidates
+    for name in ("ddp", "single"):
+        path = root / f"{name}.yaml"
+        path.write_text(CASCADE_CONFIG.replace("OUT", name).replace("CONFIG", str(path)))
+    cascade(root, "train", "ddp.yaml", "--experiment", "rankflow", nproc=2)
+    shutil.copytree(root / "ddp", root / "single", ignore=shutil.ignore_patterns("rankflow"))  # the same warm-up stages
+    cascade(root, "train", "single.yaml", "--experiment", "rankflow")
+    ddp, single = (json.loads((root / name / "rankflow" / "results.json").read_text()) for name in ("ddp", "single"))
+    assert (ddp["world_size"], single["world_size"]) == (2, 1)
+    assert ddp["rounds"][0]["after"] == "start" and ddp["rounds"][0]["test"] == pytest.approx(single["rounds"][0]["test"], abs=1e-9, nan_ok=True)
+    phases = sorted(p.name for p in (root / "ddp" / "rankflow" / "round1").iterdir())
+    assert "prerank_tutor" in phases and "prerank_self" in phases
+    for phase in phases:
+        rows = read_checkpoint(root / "ddp" / "rankflow" / "round1" / phase / "last.pt")["state"]["rows_per_rank"]
+        assert len(rows) == 2 and rows[0] == rows[1] > 0, phase  # the same steps on both ranks
+        assert "(streamed)" in (root / "ddp" / "rankflow" / "round1" / phase / "log.txt").read_text()
+    assert not (root / "ddp" / "rankflow" / "stage_data").exists()
