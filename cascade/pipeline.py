@@ -108,10 +108,10 @@ def prepare_data(cfg: DataConfig, candidates: bool = True) -> Dataset:
     with rank_zero_first():
         make_data(cfg)
     if candidates and cfg.stream == "auto" and not fits_in_memory(cfg.dir):
-        # a LightGBM model reads its logs whole, even logs a torch model would stream: say so
-        # before the machine runs out, not after
+        # a LightGBM model, and the making of a recall_output data set, read their logs whole,
+        # even logs a torch run would stream: say so before the machine runs out, not after
         need = in_memory_bytes(cfg.dir)
-        print(f"warning: {cfg.dir}: this run reads every candidate into memory, about {need / 2**30:,.1f} GiB against this machine's {memory_bytes() / 2**30:,.1f} GiB; only torch models stream (data.stream)", file=sys.stderr)
+        print(f"warning: {cfg.dir}: this step reads every candidate into memory, about {need / 2**30:,.1f} GiB against this machine's {memory_bytes() / 2**30:,.1f} GiB; data.stream streams torch training, evaluation and export, not a LightGBM model or the making of a recall_output data set", file=sys.stderr)
     ds = read_dataset(cfg.dir, candidates=candidates)
     if cfg.kind == "recall_output":  # a directory made earlier must hold the trend the config asks for
         want, protocol = recall_trend_spec(cfg.recall), ds.schema.protocol

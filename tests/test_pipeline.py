@@ -80,7 +80,7 @@ def test_a_whole_read_of_logs_that_would_stream_is_warned_of(small_dir, monkeypa
     need = stream.in_memory_bytes(small_dir) / 2**30
     prepare_data(DataConfig(dir=str(small_dir)))  # auto: a whole read of logs that do not fit
     err = capsys.readouterr().err
-    assert f"warning: {small_dir}: this run reads every candidate into memory, about {need:,.1f} GiB" in err
+    assert f"warning: {small_dir}: this step reads every candidate into memory, about {need:,.1f} GiB" in err
     for quiet in (DataConfig(dir=str(small_dir), stream="never"), DataConfig(dir=str(small_dir))):
         prepare_data(quiet, candidates=quiet.stream == "never")  # in memory as asked / a streamed run's read of the rest
     assert capsys.readouterr().err == ""
