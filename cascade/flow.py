@@ -123,15 +123,16 @@ def cached_scores(teacher: nn.Module, lists: ListBatch, path: Path) -> np.ndarra
     them: DIN over 200 candidates x 20,000 requests takes minutes). Recomputed when ``best.pt``
     is newer than the cache or the lists' shape changed."""
     best = path.parent.parent / "best.pt"
-    if path.exists() and path.stat().st_mtime_ns >= best.stat().st_mtime_ns:
-        scores = np.load(path)
-        if scores.shape == lists.mask.shape:
-            return scores
-    scores = score_lists(teacher, lists)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, scores)
-    tmp.replace(path)
+    with rank_zero_first():  # in a data-parallel run rank 0 scores and writes, the others read (both writing raced on the temporary file)
+        if path.exists() and path.stat().st_mtime_ns >= best.stat().st_mtime_ns:
+            scores = np.load(path)
+            if scores.shape == lists.mask.shape:
+                return scores
+        scores = score_lists(teacher, lists)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, scores)
+        tmp.replace(path)
     return scores
 
 

@@ -133,7 +133,9 @@ class StageData:
         return int(self.ds.requests["request_id"].max(initial=0)) + 1
 
     def clear(self) -> None:
-        """Delete the spilled stages (a completed run's: they are as large as the logs)."""
+        """Delete the spilled stages (a completed run's: they are as large as the logs), once every
+        rank has read them: each rank reads the last report's lists whole."""
+        barrier()
         if self.spill is not None and is_writer():
             shutil.rmtree(self.spill, ignore_errors=True)
 
