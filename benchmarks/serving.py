@@ -342,7 +342,7 @@ def quantized(args, tmp: Path) -> dict | None:
     out = tmp / "int8"
     subprocess.run([sys.executable, "-m", "cascade.cli", "export", run_dir, "--out", str(out), "--quantize"], check=True, stdout=subprocess.DEVNULL)
     fp32, int8 = CascadeService(src), CascadeService(out)
-    data, _ = from_run(run_dir)
+    data, _, _ = from_run(run_dir)
     lists = build_lists(data.ds, "test")
     exposed = (lists.stage == 3) & lists.mask
     res = {"bundle": str(src), "run_dir": run_dir}

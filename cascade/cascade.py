@@ -96,8 +96,9 @@ class Catalog:
         return replace(lists, item={**lists.item, **trend})
 
 
-def requests_batch(user: dict[str, np.ndarray], history: np.ndarray, request_id: np.ndarray | None = None) -> ListBatch:
-    """B requests with no candidates yet: user fields (B,) or (B, max_len), history (B, L)."""
+def requests_batch(user: dict[str, np.ndarray], history: np.ndarray, request_id: np.ndarray | None = None, ts: np.ndarray | None = None) -> ListBatch:
+    """B requests with no candidates yet: user fields (B,) or (B, max_len), history (B, L), and
+    their times ts (B,) where a stage reads the item trend."""
     b = len(history)
     return ListBatch(
         request_id=np.arange(b) if request_id is None else request_id,
@@ -107,6 +108,7 @@ def requests_batch(user: dict[str, np.ndarray], history: np.ndarray, request_id:
         label=np.zeros((b, 0), np.float32),
         stage=np.zeros((b, 0), np.int8),
         mask=np.zeros((b, 0), bool),
+        ts=ts,
     )
 
 

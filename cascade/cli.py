@@ -9,7 +9,7 @@
     cascade distill CONFIG [--experiment NAME]
     cascade export RUN_DIR --out BUNDLE [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
     cascade export --recall CFG:EXP --prerank CFG:EXP --rank CFG:EXP [--quotas 200,50,10] --out BUNDLE
-    cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1]
+    cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1 --state DIR]
     cascade eval RUN_DIR [RUN_DIR ...] [--out runs/report]
     cascade run CONFIG
 
@@ -182,13 +182,14 @@ def _export(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise BundleError(str(e)) from None
         start = time.perf_counter()
-        data, stages = from_run(args.run_dir) if args.run_dir is not None else from_named(named, quotas)
+        data, stages, trend = from_run(args.run_dir) if args.run_dir is not None else from_named(named, quotas)
         source = {"run_dir": str(args.run_dir.resolve())} if args.run_dir is not None else {"stages": named}
-        out = write_bundle(data, *stages, args.out, index, args.quantize, source)
-        print(f"wrote {out} in {time.perf_counter() - start:.1f}s: " + ", ".join(f"{s.name} {s.model_name} top-{s.quota}" for s in stages))
+        out = write_bundle(data, *stages, args.out, index, args.quantize, source, trend)
+        online = f"; online item trend {list(trend.days)} days, '{trend.scale}' scale" if trend else ""
+        print(f"wrote {out} in {time.perf_counter() - start:.1f}s: " + ", ".join(f"{s.name} {s.model_name} top-{s.quota}" for s in stages) + online)
         service = CascadeService(out)
         if not isinstance(stages[2].model, Path):
-            report = parity(service, torch_cascade(data, stages), data)
+            report = parity(service, torch_cascade(data, stages, trend), data)
             print("parity against torch on " + " ".join(f"{k} {v:.6g}" for k, v in report.items()))
     except (BundleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -226,15 +227,22 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from export.bundle import BundleError
+    from export.online import SqliteJournal
     from export.runtime import CascadeService
     from export.serve import make_app
 
     try:
-        service = CascadeService(args.bundle, threads=args.threads)
-    except BundleError as e:
+        journal = SqliteJournal(args.state) if args.state is not None else None
+        service = CascadeService(args.bundle, threads=args.threads, journal=journal)
+    except (BundleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
-    print(f"serving {args.bundle} on http://{args.host}:{args.port} (POST /recommend, GET /health, GET /metrics)")
+    routes = "POST /recommend, GET /health, GET /metrics"
+    if service.online is not None:
+        routes += ", POST /events, GET /features"
+        kept = f"journalled in {args.state}" if journal is not None else "kept in memory only, lost on restart (give --state DIR)"
+        print(f"online item trend: {len(service.online.live):,} events, new ones {kept}")
+    print(f"serving {args.bundle} on http://{args.host}:{args.port} ({routes})")
     uvicorn.run(make_app(service), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -395,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per session")
+    serve.add_argument("--state", type=Path, default=None, help="directory of the online features' journal and snapshots (SQLite): events posted to /events are on disk before their 200 and survive a restart; without it they live in memory only")
     serve.set_defaults(run=_serve)
 
     ev = verbs.add_parser("eval", help="evaluate cascades offline: per-stage quality, recall-vs-rank consistency, baselines, cost; writes metrics.json, report.md, report.html", formatter_class=_Help, epilog="example: cascade eval runs/quickstart/cascade_independent runs/quickstart/cascade_distilled --out runs/report")

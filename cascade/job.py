@@ -36,7 +36,7 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
     """The steps of ``config``'s job, its cascades and the report directory."""
     from cascade.joint import train_experiment
     from cascade.models import MODELS
-    from cascade.pipeline import prepare_data, trend_spec
+    from cascade.pipeline import prepare_data
     from teachers import BOOSTED, TEACHERS
 
     exps = load_config(config)
@@ -50,11 +50,7 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
     for task in STEP_ORDER:
         for exp in (e for e in exps if e.task == task):
             steps.append(Step(f"train {exp.name} (task: {task})", lambda exp=exp: _finished(exp), lambda exp=exp: train_experiment(exp, config, models, BOOSTED)))
-    by_name = {e.name: e for e in exps}
     for exp in cascades:
-        if trend_spec(*(by_name[n] for n in (exp.cascade.prerank, exp.cascade.rank) if n in by_name)):
-            print(f"{exp.name}: its stages use the item trend, which a bundle cannot serve yet: not exported, evaluated in torch", flush=True)
-            continue
         steps.append(Step(f"export {exp.name}", lambda exp=exp: (exp.run_dir / "bundle" / "manifest.json").exists(), lambda exp=exp: export_run(exp.run_dir)))
     report = cascades[0].run_dir.parent / "report"
 
@@ -72,9 +68,9 @@ def export_run(run_dir: Path) -> Path:
     from export.runtime import CascadeService
     from export.stages import from_run, parity, torch_cascade
 
-    data, stages = from_run(run_dir)
-    out = write_bundle(data, *stages, run_dir / "bundle", IndexSpec("flat"), False, {"run_dir": str(Path(run_dir).resolve())})
-    report = parity(CascadeService(out), torch_cascade(data, stages), data)
+    data, stages, trend = from_run(run_dir)
+    out = write_bundle(data, *stages, run_dir / "bundle", IndexSpec("flat"), False, {"run_dir": str(Path(run_dir).resolve())}, trend)
+    report = parity(CascadeService(out), torch_cascade(data, stages, trend), data)
     print("  parity against torch: " + " ".join(f"{k} {v:.6g}" for k, v in report.items()), flush=True)
     return out
 
@@ -92,6 +88,7 @@ LATENCY_REQUESTS = 200  # test requests served one at a time for the latency fig
 
 def evaluate_path(path: Path, seed: int = 0) -> dict:
     """One evaluated run or bundle (``cascade.report``'s entry)."""
+    from cascade.cascade import Catalog
     from cascade.evaluate import evaluate, flops_per_candidate, flow_figures, latency, load_saved
     from cascade.joint import got_worse
     from cascade.models import MODELS
@@ -109,6 +106,8 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
         if source is None:
             raise ValueError(f"{path}: a bundle of named stages; evaluate their cascade run instead (it needs the logs)")
         saved, served, kind = load_saved(source, models=models), service.cascade, "bundle"
+        if service.online is not None:
+            service.catch_up(saved.data.trend())
         label = f"{path.parent.name if path.name == 'bundle' else path.name} (bundle)"
         latency_of = "onnxruntime bundle"
     elif (path / "stages.json").exists():
@@ -118,7 +117,10 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
         if (path / "bundle" / "manifest.json").exists():
             from export.runtime import CascadeService
 
-            served_latency, latency_of = CascadeService(path / "bundle").cascade, "onnxruntime bundle"
+            service = CascadeService(path / "bundle")
+            if service.online is not None:
+                service.catch_up(saved.data.trend())
+            served_latency, latency_of = service.cascade, "onnxruntime bundle"
         else:
             served_latency, latency_of = served, "torch"
     elif (path / "results.json").exists():  # one stage's run: its own test figures, as it reported them
@@ -137,7 +139,7 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     metrics = evaluate(served, saved.data, saved.world, seed=seed)
     done(f"quality and baselines on {metrics['requests']:,} test requests")
     first = saved.data.first("test", LATENCY_REQUESTS)
-    lists = served.catalog.add_trend(first)  # the torch cascade's catalog, or the bundle's (no trend)
+    lists = Catalog.from_dataset(saved.ds, saved.trend, saved.data.trend() if saved.trend else None).add_trend(first)  # the trend fields the torch models read
     catalog = len(saved.ds.items["item_id"])
     cost = {
         "flops_per_candidate": {role: flops_per_candidate(saved.models[role], lists, role, n) for role, n in (("recall", catalog), ("prerank", saved.quotas["recall"]), ("rank", saved.quotas["prerank"]))},

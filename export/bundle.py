@@ -13,7 +13,13 @@ BUNDLE/
   prerank/items.npy    the item side cached for the whole catalog (max id + 1, Hv, D), by id
   prerank/score.onnx   the score head, where the score is not a plain dot (MaxSim)
   rank/model.onnx      a neural ranker whole, or rank/model.txt (LightGBM's own model file)
+  online/events.npy    where a stage reads the item trend: the logged exposures before the test
+                       split, as sorted event keys (``cascade.data.trend.event_keys``); the
+                       manifest's ``online`` holds the trend's definition (``OnlineFeatures``)
 ```
+
+A pre-ranker whose item tower reads the trend has no cached item side: its item tower runs on the
+candidates at request time (``item_vectors: "live"``).
 
 ``write_bundle`` builds it from trained stages; ``verify_bundle`` refuses a missing, extra or
 altered file, naming it (``BundleError``).
@@ -40,13 +46,16 @@ from cascade.data.lists import ListBatch
 from cascade.data.schema import SCHEMA_FILE
 from cascade.data.store import Dataset, replacing_directory
 from cascade.eval_data import EvalData
+from cascade.data.trend import ItemTrend, TrendSpec, trend_field_name
 from cascade.recall import item_table, item_vectors
+from export.online import OnlineFeatures
 from export.onnx import export_ranker, export_tower, export_two_tower, flat_items, item_inputs, session, user_inputs
 
 FORMAT = "cascade-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CATALOG = "catalog.npz"
+EVENTS = "online/events.npy"
 INDEXES = ("flat", "ivf", "hnsw", "ivfpq")
 
 
@@ -160,17 +169,30 @@ def _quantize(path: Path) -> None:
     tmp.replace(path)
 
 
-def write_bundle(data: EvalData, recall: StageModel, prerank: StageModel, rank: StageModel, out: str | Path, index: IndexSpec = IndexSpec(), quantize: bool = False, source: dict[str, Any] | None = None) -> Path:
+def online_definition(data: EvalData, trend: TrendSpec) -> tuple[OnlineFeatures, ItemTrend]:
+    """The online features of stages trained on ``trend``, and the snapshot a bundle carries: the
+    logs' exposures strictly before the first test request (the test split is what a replay, or
+    live traffic, adds)."""
+    req = data.ds.requests
+    test_ts = req["ts"][req["split"] == "test"]
+    until = int(test_ts.min()) if len(test_ts) else int(req["ts"].max()) + 1
+    return OnlineFeatures(trend, until), data.trend().before(until)
+
+
+def write_bundle(data: EvalData, recall: StageModel, prerank: StageModel, rank: StageModel, out: str | Path, index: IndexSpec = IndexSpec(), quantize: bool = False, source: dict[str, Any] | None = None, trend: TrendSpec = TrendSpec()) -> Path:
     """Export the three stages over the catalog of the logs ``data`` (read whole or streamed) into
     the bundle ``out`` (whole or not at all). ``quantize``: int8 dynamic quantisation of the
-    pre-ranker's and ranker's graphs."""
+    pre-ranker's and ranker's graphs. ``trend``: the item trend the stages were trained with,
+    served as an online feature."""
     if not recall.quota > prerank.quota > rank.quota > 0:
         raise BundleError(f"quotas must shrink: recall {recall.quota}, prerank {prerank.quota}, rank {rank.quota}")
     ds = data.ds
-    catalog = Catalog.from_dataset(ds)
-    names = set(catalog.by_id)
+    catalog = Catalog.from_dataset(ds, trend, data.trend() if trend else None)
+    names = set(catalog.by_id) | {trend_field_name(d) for d in trend.days}
     for stage in (recall, prerank, rank):
         _check_catalog_fields(stage, names)
+    if trend and isinstance(rank.model, Path):
+        raise BundleError("rank: a LightGBM ranker cannot read the item trend in a bundle yet")
     # three real test requests as the example inputs the graphs are traced with
     requests = data.first("test", 3)
     example = catalog.attach(requests, np.resize(catalog.item_ids, (len(requests), 4)))
@@ -179,6 +201,12 @@ def write_bundle(data: EvalData, recall: StageModel, prerank: StageModel, rank: 
     with replacing_directory(out) as tmp:
         (tmp / SCHEMA_FILE).write_text(ds.schema.to_json())
         np.savez(tmp / CATALOG, **catalog.rows())
+        online = None
+        if trend:
+            definition, snapshot = online_definition(data, trend)
+            (tmp / EVENTS).parent.mkdir()
+            np.save(tmp / EVENTS, snapshot.keys)
+            online = definition.to_json() | {"events": EVENTS, "snapshot_events": int(len(snapshot.keys))}
         stages.append(_write_recall(recall, ds, example, tmp / "recall", index))
         stages.append(_write_prerank(prerank, catalog, example, tmp / "prerank", quantize))
         stages.append(_write_rank(rank, example, tmp / "rank", quantize))
@@ -190,6 +218,7 @@ def write_bundle(data: EvalData, recall: StageModel, prerank: StageModel, rank: 
             "dataset": ds.schema.name,
             "items": int(len(catalog.item_ids)),
             "stages": stages,
+            "online": online,
             "quantized": quantize,
             "libraries": library_versions(),
             "source": source or {},
@@ -218,6 +247,11 @@ def _write_prerank(stage: StageModel, catalog: Catalog, example: ListBatch, out:
     if quantize:
         for name in ("user", "item"):
             _quantize(out / files[name])
+    score = {"kind": "dot", "scale": float(model.dot_scale)} if model.dot_scale is not None else {"kind": "graph", "file": "score.onnx"}
+    described = {"name": "prerank", "kind": "two_tower", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "item_inputs": _slots(model.item_slots), "score": score, "source": stage.source}
+    if set(s.name for s in model.item_slots) - set(catalog.by_id):
+        # the item tower reads a per-request feature (the trend): no item side to cache
+        return described | {"item_vectors": "live", "item_file": files["item"]}
     # the item side of the whole catalog, computed by the exported item tower itself
     item_s = session(out / files["item"])
     ids = np.arange(len(catalog.by_id["item_id"]))
@@ -228,8 +262,7 @@ def _write_prerank(stage: StageModel, catalog: Catalog, example: ListBatch, out:
     cache = np.concatenate(rows)
     cache[0] = 0.0  # id 0 is padding
     np.save(out / "items.npy", cache.astype(np.float32))
-    score = {"kind": "dot", "scale": float(model.dot_scale)} if model.dot_scale is not None else {"kind": "graph", "file": "score.onnx"}
-    return {"name": "prerank", "kind": "two_tower", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "item_inputs": _slots(model.item_slots), "item_vectors": list(cache.shape[1:]), "score": score, "source": stage.source}
+    return described | {"item_vectors": list(cache.shape[1:])}
 
 
 def _write_rank(stage: StageModel, example: ListBatch, out: Path, quantize: bool) -> dict:

@@ -2,8 +2,9 @@
 one ``Cascade``, and ``CascadeService``, which checks each request and serves it.
 
 A request is a JSON object: the user's fields by name (ids as in the schema; a multi-valued one
-as a list), ``history`` (item ids, oldest first, most recent last) and optionally ``k`` (how many
-to return, at most the rank quota). A missing field or an id outside 1..vocab is the unknown id
+as a list), ``history`` (item ids, oldest first, most recent last), optionally ``k`` (how many
+to return, at most the rank quota) and ``ts`` (seconds, the time the online features are read
+at; the server's clock without one). A missing field or an id outside 1..vocab is the unknown id
 0 and is counted; a history longer than the schema's is cut to its most recent events and
 counted; anything else wrong (a key the schema does not have, a string where an id belongs, a
 nested list) raises ``RequestError`` naming the field, before any model runs.
@@ -15,6 +16,7 @@ import json
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,15 @@ import lightgbm as lgb
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cascade.cascade import Cascade, Catalog, Stage, requests_batch
+from cascade.cascade import Cascade, Catalog, Stage, StageOutput, requests_batch
 from cascade.data.lists import ListBatch
 from cascade.data.schema import SCHEMA_FILE, Schema
+from cascade.data.trend import ItemTrend
 from cascade.recall import ItemIndex
 from cascade.towers.embedding import Slot
-from export.bundle import CATALOG, set_search, verify_bundle
-from export.onnx import item_inputs, session, user_inputs
+from export.bundle import CATALOG, MANIFEST, set_search, sha256, verify_bundle
+from export.online import EventError, EventStore, FUTURE_SLACK, Journal, OnlineFeatures, parse_ts
+from export.onnx import flat_items, item_inputs, session, user_inputs
 from teachers.gbdt import GBDTConfig, GBDTTeacher
 
 
@@ -56,13 +60,19 @@ class OnnxRetriever:
 
 class TwoTowerScorer:
     """Pre-rank: the ONNX user tower once per request against the cached item side; the score
-    is a scaled dot, or the exported score head (MaxSim)."""
+    is a scaled dot, or the exported score head (MaxSim). An item tower that reads an online
+    feature (the trend) has no cache: it runs on the candidates (``item_vectors: "live"``)."""
 
     def __init__(self, root: Path, stage: dict, threads: int = 1):
         self.user = session(root / "prerank" / "user.onnx", threads)
         self.slots = _slots(stage["user_inputs"])
-        self.items = np.load(root / "prerank" / "items.npy")  # (max id + 1, Hv, D)
-        self.flat = np.ascontiguousarray(self.items.reshape(len(self.items), -1))  # (max id + 1, Hv * D)
+        self.live = stage["item_vectors"] == "live"
+        if self.live:
+            self.item = session(root / "prerank" / stage["item_file"], threads)
+            self.item_slots = _slots(stage["item_inputs"])
+        else:
+            self.items = np.load(root / "prerank" / "items.npy")  # (max id + 1, Hv, D)
+            self.flat = np.ascontiguousarray(self.items.reshape(len(self.items), -1))  # (max id + 1, Hv * D)
         score = stage["score"]
         self.scale = score.get("scale")
         self.head = session(root / "prerank" / score["file"], threads) if score["kind"] == "graph" else None
@@ -76,16 +86,23 @@ class TwoTowerScorer:
             # (gathering the rows first costs more than the arithmetic it saves)
             every = self.flat @ u[:, 0].T  # (max id + 1, B)
             return every[ids, np.arange(b)[:, None]] * np.float32(self.scale)
-        v = np.take(self.flat, ids.ravel(), axis=0).reshape(b, n, hv, d)  # take: ~3x a fancy index here
+        return self.score(u, np.take(self.flat, ids.ravel(), axis=0).reshape(b, n, hv, d))  # take: ~3x a fancy index here
+
+    def score(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """u (B, Hu, D), v (B, N, Hv, D) -> (B, N)."""
         if self.head is not None:
             return self.head.run(None, {"u": u, "v": v})[0]
-        if hv == 1:  # one head: a batched matrix-vector product
+        if v.shape[2] == 1:  # one head: a batched matrix-vector product
             return np.matmul(v[:, :, 0], u[:, 0, :, None])[..., 0] * np.float32(self.scale)
         return np.einsum("bhd,bnhd->bn", u, v) * np.float32(self.scale)
 
     def __call__(self, lists: ListBatch) -> np.ndarray:
         u = self.user.run(None, user_inputs(lists, self.slots))[0]
-        return self.score_vectors(u, lists.item["item_id"])
+        if not self.live:
+            return self.score_vectors(u, lists.item["item_id"])
+        b, n = lists.mask.shape
+        v = self.item.run(None, flat_items(item_inputs(lists, self.item_slots)))[0]  # (B * N, Hv, D)
+        return self.score(u, v.reshape(b, n, *v.shape[1:]))
 
 
 class OnnxRankScorer:
@@ -116,6 +133,13 @@ class BoosterScorer:
         return self.teacher.score(lists)
 
 
+def survivors(stage: StageOutput, row: int) -> list[int]:
+    """The items ``stage`` passed on for request ``row``, best first (ties to the earlier)."""
+    ids, scores, kept = stage.lists.item["item_id"][row], stage.scores[row], stage.kept[row]
+    order = np.argsort(-scores[kept], kind="stable")
+    return ids[kept][order].tolist()
+
+
 class RequestError(ValueError):
     """A request the service refuses, naming the field."""
 
@@ -128,19 +152,42 @@ def _is_id(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+@dataclass
+class ParsedRequest:
+    """A checked request: user field ids, history (history_max,), k, what was counted (unknown
+    ids, a cut history), its ts and whether each stage's survivors go back (``trace``)."""
+
+    user: dict[str, Any]
+    history: np.ndarray
+    k: int
+    counts: Counter
+    ts: int
+    trace: bool
+
+
 class CascadeService:
     """A verified bundle as a cascade: ``recommend(request)`` and ``recommend_batch(requests)``."""
 
-    def __init__(self, bundle: str | Path, threads: int = 1):
+    def __init__(self, bundle: str | Path, threads: int = 1, journal: Journal | None = None):
         """``threads``: per onnxruntime session, and the BLAS pool numpy uses for the scores (set
         for the whole process: left at the core count, a matrix-vector product of 10k cached items
-        wakes every core and waits for them, 8 ms at p50 against 0.15 ms on one)."""
+        wakes every core and waits for them, 8 ms at p50 against 0.15 ms on one). ``journal``:
+        where the online features' events are kept (``export.online``; None: in memory only)."""
         threadpool_limits(threads, user_api="blas")
         root = Path(bundle)
         self.manifest = verify_bundle(root)
         self.schema = Schema.from_json((root / SCHEMA_FILE).read_text())
         with np.load(root / CATALOG) as z:
-            self.catalog = Catalog(z["item_id"], {k: z[k] for k in z.files})
+            ids, fields = z["item_id"], {k: z[k] for k in z.files}
+        self.online: EventStore | None = None
+        if self.manifest.get("online"):
+            definition = OnlineFeatures.from_json(self.manifest["online"])
+            known = np.zeros(int(ids.max(initial=0)) + 1, bool)
+            known[ids] = True
+            self.online = EventStore(definition, np.load(root / self.manifest["online"]["events"]), known, journal, sha256(root / MANIFEST))
+            self.catalog = Catalog(ids, fields, self.online, definition.trend)
+        else:
+            self.catalog = Catalog(ids, fields)
         stages = {s["name"]: s for s in self.manifest["stages"]}
         rank = stages["rank"]
         ranker = BoosterScorer(root, rank, self.schema, self.catalog) if rank["kind"] == "lightgbm" else OnnxRankScorer(root, rank, threads)
@@ -178,11 +225,12 @@ class CascadeService:
         ids = np.array([x if 0 < x <= vocab else 0 for x in values], dtype=np.int64)
         return ids if width is not None else ids[0]
 
-    def parse(self, request: Any) -> tuple[dict[str, Any], np.ndarray, int, Counter]:
-        """A request object -> user field ids, history (history_max,), k and what was counted."""
+    def parse(self, request: Any, now: float | None = None) -> "ParsedRequest":
+        """A request object, checked (its ts ``now``, the server's clock, without one)."""
         if not isinstance(request, dict):
-            raise RequestError("request", "expected a JSON object of user fields, 'history' and optionally 'k'")
-        known = set(self.user_fields) | {"history", "k"}
+            raise RequestError("request", "expected a JSON object of user fields, 'history' and optionally 'k' and 'ts'")
+        now = time.time() if now is None else now
+        known = set(self.user_fields) | {"history", "k", "ts", "trace"}
         unknown = sorted(set(request) - known)
         if unknown:
             raise RequestError(str(unknown[0]), f"unknown field (known: {', '.join(sorted(known))})")
@@ -204,7 +252,13 @@ class CascadeService:
         k = request.get("k", self.k)
         if not _is_id(k) or not 1 <= k <= self.k:
             raise RequestError("k", f"expected an integer in 1..{self.k}, got {json.dumps(k)[:60]}")
-        return user, hist, k, counts
+        try:
+            ts = parse_ts(request["ts"], "ts", now + FUTURE_SLACK) if "ts" in request else int(now)
+        except EventError as e:
+            raise RequestError(e.field, e.message) from None
+        if not isinstance(request.get("trace", False), bool):
+            raise RequestError("trace", f"expected true or false, got {json.dumps(request['trace'])[:60]}")
+        return ParsedRequest(user, hist, k, counts, ts, request.get("trace", False))
 
     # ------------------------------------------------------------------ serving
 
@@ -213,28 +267,67 @@ class CascadeService:
         refuses the batch, naming it: ``requests[i].field``)."""
         if not isinstance(requests, list) or not requests:
             raise RequestError("requests", "expected a non-empty list of request objects")
-        parsed = []
+        parsed, now = [], time.time()
         for i, r in enumerate(requests):
             try:
-                parsed.append(self.parse(r))
+                parsed.append(self.parse(r, now))
             except RequestError as e:
                 raise RequestError(f"requests[{i}].{e.field}", e.message) from None
         start = time.perf_counter()
         user = {}
         for name, f in self.user_fields.items():
-            user[name] = np.stack([p[0][name] for p in parsed]) if f.multi else np.array([p[0][name] for p in parsed], np.int64)
-        batch = requests_batch(user, np.stack([p[1] for p in parsed]))
+            user[name] = np.stack([p.user[name] for p in parsed]) if f.multi else np.array([p.user[name] for p in parsed], np.int64)
+        batch = requests_batch(user, np.stack([p.history for p in parsed]), ts=np.array([p.ts for p in parsed], np.int64))
+        if self.online is not None:
+            self.online.sync()  # what other processes journalled since
         out = self.cascade.run(batch)
         total = time.perf_counter() - start
         timings = {name: round(s * 1000, 3) for name, s in out.seconds.items()} | {"total": round(total * 1000, 3)}
         with self._lock:
             for p in parsed:
-                self.counts.update(p[3])
+                self.counts.update(p.counts)
         results = []
-        for row, (_, _, k, counts) in enumerate(parsed):
-            keep = out.items[row, :k] > 0
-            results.append({"items": out.items[row, :k][keep].tolist(), "scores": [round(float(s), 6) for s in out.scores[row, :k][keep]], "timings_ms": timings, "counted": dict(counts)})
+        for row, p in enumerate(parsed):
+            keep = out.items[row, : p.k] > 0
+            results.append({"items": out.items[row, : p.k][keep].tolist(), "scores": [round(float(s), 6) for s in out.scores[row, : p.k][keep]], "timings_ms": timings, "counted": dict(p.counts)})
+            if p.trace:
+                results[-1]["stages"] = {s.name: survivors(s, row) for s in out.stages}
         return results
+
+    def ingest(self, payload: Any) -> int:
+        """``{"events": [...]}`` -> the number of events, durable once this returns;
+        ``RequestError`` naming the bad field (nothing is written then)."""
+        if self.online is None:
+            raise RequestError("events", "this bundle's stages read no online feature, so it takes no events")
+        try:
+            keys = self.online.parse_events(payload)
+        except EventError as e:
+            raise RequestError(e.field, e.message) from None
+        self.online.append(keys)
+        return len(keys)
+
+    def catch_up(self, logged: ItemTrend) -> int:
+        """Take the logged exposures the bundle's snapshot lacks (from its ``events_until`` on),
+        as a replay of the logs posts them: what serving the logged test requests offline needs.
+        A counter's window ends strictly before each request's ts, so later events change
+        nothing. Returns the events taken."""
+        if self.online is None:
+            return 0
+        keys = logged.keys[logged.ts >= self.online.definition.events_until]
+        self.online.append(keys)
+        return len(keys)
+
+    def features(self, item_id: Any, ts: Any) -> dict[str, Any]:
+        """One item's online counters at ``ts`` (``GET /features``)."""
+        if self.online is None:
+            raise RequestError("item_id", "this bundle's stages read no online feature")
+        if not _is_id(item_id) or not 0 < item_id < len(self.online.item_known) or not self.online.item_known[item_id]:
+            raise RequestError("item_id", f"unknown item {json.dumps(item_id)[:40]}")
+        try:
+            when = parse_ts(ts, "ts", time.time() + FUTURE_SLACK) if ts is not None else int(time.time())
+        except EventError as e:
+            raise RequestError(e.field, e.message) from None
+        return self.online.features(item_id, when)
 
     def recommend(self, request: Any) -> dict[str, Any]:
         """recall top-N (history excluded) -> pre-rank -> rank -> the top-k items, best first,

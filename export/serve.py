@@ -8,6 +8,10 @@ not block the event loop.
 
 - ``POST /recommend``: one request object -> ``{items, scores, timings_ms, counted}``; or
   ``{"requests": [...]}`` -> ``{"results": [...]}`` in one cascade run.
+- ``POST /events``: ``{"events": [{"item_id", "ts", "kind"}, ...]}`` -> ``{"accepted": n}``, once
+  the events are durable (``export.online``); a bundle whose stages read an online feature.
+- ``GET /features?item_id=..&ts=..``: one item's live counters at ``ts`` (the server's clock
+  without one), for debugging and tests.
 - ``GET /health``: ``{"status": "ok", ...}`` once the bundle is loaded.
 - ``GET /metrics``: requests, errors by status, counted unknown ids / cut histories, and latency
   percentiles per stage over the last ``WINDOW`` requests.
@@ -40,6 +44,7 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests = 0
         self.errors: Counter[str] = Counter()
+        self.events = 0
         self.latency: dict[str, deque] = {}
 
     def observe(self, timings: dict[str, float], n: int) -> None:
@@ -48,6 +53,10 @@ class Metrics:
             for stage, ms in timings.items():
                 self.latency.setdefault(stage, deque(maxlen=WINDOW)).append(ms)
 
+    def count_events(self, n: int) -> None:
+        with self.lock:
+            self.events += n
+
     def error(self, status: int) -> None:
         with self.lock:
             self.errors[str(status)] += 1
@@ -55,7 +64,7 @@ class Metrics:
     def snapshot(self, service: CascadeService) -> dict:
         with self.lock:
             latency = {s: {f"p{q}": float(np.percentile(list(v), q)) for q in (50, 95, 99)} | {"count": len(v)} for s, v in self.latency.items()}
-            return {"requests": self.requests, "errors": dict(self.errors), "counted": dict(service.counts), "latency_ms": latency}
+            return {"requests": self.requests, "events": self.events, "errors": dict(self.errors), "counted": dict(service.counts), "latency_ms": latency}
 
 
 def make_app(service: CascadeService) -> Starlette:
@@ -65,14 +74,19 @@ def make_app(service: CascadeService) -> Starlette:
         metrics.error(status)
         return JSONResponse({"error": message, "field": field}, status_code=status)
 
-    async def recommend(request: Request) -> JSONResponse:
+    async def read_json(request: Request) -> tuple[object, JSONResponse | None]:
         body = await request.body()
         if len(body) > MAX_BODY:
-            return refuse(413, f"body of {len(body)} bytes, at most {MAX_BODY}", None)
+            return None, refuse(413, f"body of {len(body)} bytes, at most {MAX_BODY}", None)
         try:
-            payload = json.loads(body)
+            return json.loads(body), None
         except (ValueError, UnicodeDecodeError) as e:
-            return refuse(400, f"body is not valid JSON: {e}", None)
+            return None, refuse(400, f"body is not valid JSON: {e}", None)
+
+    async def recommend(request: Request) -> JSONResponse:
+        payload, refused = await read_json(request)
+        if refused is not None:
+            return refused
         batch = isinstance(payload, dict) and "requests" in payload
         try:
             if batch:
@@ -88,11 +102,48 @@ def make_app(service: CascadeService) -> Starlette:
         metrics.observe(results[0]["timings_ms"], len(results))
         return JSONResponse({"results": results} if batch else results[0])
 
+    async def events(request: Request) -> JSONResponse:
+        payload, refused = await read_json(request)
+        if refused is not None:
+            return refused
+        try:
+            accepted = await run_in_threadpool(service.ingest, payload)
+        except RequestError as e:
+            return refuse(422, str(e), e.field)
+        except Exception as e:  # noqa: BLE001  a journal that fails refuses the batch, the server stays up
+            return refuse(500, f"{type(e).__name__}: {e}", None)
+        metrics.count_events(accepted)
+        return JSONResponse({"accepted": accepted})
+
+    async def features(request: Request) -> JSONResponse:
+        query = request.query_params
+        try:
+            item_id = _number(query.get("item_id"), "item_id")
+            ts = _number(query.get("ts"), "ts") if "ts" in query else None
+            return JSONResponse(await run_in_threadpool(service.features, item_id, ts))
+        except RequestError as e:
+            return refuse(422, str(e), e.field)
+
     async def health(request: Request) -> JSONResponse:
         m = service.manifest
-        return JSONResponse({"status": "ok", "dataset": m["dataset"], "items": m["items"], "stages": {s["name"]: {"model": s["model"], "quota": s["quota"]} for s in m["stages"]}})
+        online = service.online and {"features": m["online"], "events": len(service.online.live), "durable": service.online.journal is not None}
+        return JSONResponse({"status": "ok", "dataset": m["dataset"], "items": m["items"], "stages": {s["name"]: {"model": s["model"], "quota": s["quota"]} for s in m["stages"]}, "online": online or None})
 
     async def metrics_route(request: Request) -> JSONResponse:
         return JSONResponse(metrics.snapshot(service))
 
-    return Starlette(routes=[Route("/recommend", recommend, methods=["POST"]), Route("/health", health), Route("/metrics", metrics_route)])
+    routes = [Route("/recommend", recommend, methods=["POST"]), Route("/events", events, methods=["POST"]), Route("/features", features), Route("/health", health), Route("/metrics", metrics_route)]
+    return Starlette(routes=routes)
+
+
+def _number(text: str | None, field: str) -> int | float:
+    """A query parameter that must be a number (``/features?item_id=3&ts=...``)."""
+    if text is None:
+        raise RequestError(field, "missing (GET /features?item_id=ID&ts=SECONDS)")
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise RequestError(field, f"expected a number, got '{text[:40]}'") from None

@@ -1,6 +1,7 @@
 """The trained stages `cascade export` takes: those a ``task: cascade`` run saved
-(``stages.json``), or a recall, a pre-rank and a rank run named as ``CONFIG:EXPERIMENT``; and the
-parity of the served bundle against the same cascade in torch."""
+(``stages.json``), or a recall, a pre-rank and a rank run named as ``CONFIG:EXPERIMENT``, with the
+item trend their pre-ranker and ranker were trained on; and the parity of the served bundle
+against the same cascade in torch."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_confi
 from cascade.data.store import Dataset
 from cascade.eval_data import EvalData
 from cascade.joint import STAGES_FILE, STREAM_KEY
-from cascade.pipeline import streams
+from cascade.data.trend import TrendSpec
+from cascade.pipeline import streams, trend_spec, with_trend_fields
 from cascade.models import MODELS, build_model
 from export.bundle import BundleError, StageModel
 from teachers import TEACHERS
@@ -37,11 +39,8 @@ def _experiment(spec: str, where: str) -> ExperimentConfig:
 
 
 def _stage(role: str, exp: ExperimentConfig, ds: Dataset, quota: int, weights: Path | None = None) -> StageModel:
+    """``ds``: the logs, with the trend fields in its schema where the stages read the trend."""
     source = {"config": str(exp.run_dir), "experiment": exp.name}
-    days = exp.data.recall.get("trend_days")
-    if days:
-        # a served catalog has no exposure log to count from: the bundle has nowhere to get it
-        raise BundleError(f"{role}: '{exp.name}' was trained with the item trend (data.recall.trend_days {days}), which a bundle cannot serve yet; `cascade eval` takes the run itself")
     if exp.model.name == "gbdt":
         if role != "rank":
             raise BundleError(f"--{role}: a LightGBM model can only be the rank stage")
@@ -79,29 +78,52 @@ def from_run(run_dir: str | Path) -> tuple[EvalData, list[StageModel]]:
     saved = json.loads(path.read_text())
     exps = {role: _experiment(f"{saved[role]['config']}:{saved[role]['experiment']}", f"{path}: {role}") for role in ROLES}
     data = _data(replace(exps["recall"].data, stream=saved.get(STREAM_KEY, "auto")))
-    return data, [_stage(role, exps[role], data.ds, int(saved[role]["quota"]), run_dir / saved[role]["weights"]) for role in ROLES]
+    trend = _trend(exps)
+    return data, [_stage(role, exps[role], _logs(data, role, trend), int(saved[role]["quota"]), run_dir / saved[role]["weights"]) for role in ROLES], trend
 
 
-def from_named(specs: dict[str, str], quotas: tuple[int, int, int]) -> tuple[EvalData, list[StageModel]]:
+def from_named(specs: dict[str, str], quotas: tuple[int, int, int]) -> tuple[EvalData, list[StageModel], TrendSpec]:
     """Stages named ``CONFIG:EXPERIMENT`` each, with their quotas (recall, prerank, rank)."""
     exps = {role: _experiment(specs[role], f"--{role}") for role in ROLES}
     data = _data(exps["recall"].data)
-    return data, [_stage(role, exps[role], data.ds, q) for role, q in zip(ROLES, quotas)]
+    trend = _trend(exps)
+    return data, [_stage(role, exps[role], _logs(data, role, trend), q) for role, q in zip(ROLES, quotas)], trend
 
 
-def torch_cascade(data: EvalData, stages: list[StageModel]) -> Cascade:
-    """The same cascade with its torch models (the reference the bundle is checked against)."""
+def _trend(exps: dict[str, ExperimentConfig]) -> TrendSpec:
+    """The item trend the pre-ranker and ranker were trained on (what the bundle serves online)."""
+    try:
+        trend = trend_spec(exps["prerank"], exps["rank"])
+    except ConfigError as e:
+        raise BundleError(str(e)) from None
+    if trend and exps["recall"].data.recall.get("trend_days"):
+        raise BundleError(f"--recall: '{exps['recall'].name}' reads the item trend; recall retrieves from the whole catalog, which has none")
+    return trend
+
+
+def _logs(data: EvalData, role: str, trend: TrendSpec) -> Dataset:
+    """The logs a stage's model is built from: the trend's fields in the schema past recall."""
+    return data.ds if role == "recall" else with_trend_fields(data.ds, trend)
+
+
+def torch_cascade(data: EvalData, stages: list[StageModel], trend: TrendSpec = TrendSpec()) -> Cascade:
+    """The same cascade with its torch models (the reference the bundle is checked against), the
+    item trend counted from every logged exposure."""
     if isinstance(stages[2].model, Path):
         raise BundleError("a LightGBM rank stage has no torch reference")
-    return evaluate.torch_cascade(data.ds, {s.name: s.model for s in stages}, {s.name: s.quota for s in stages})
+    return evaluate.torch_cascade(data.ds, {s.name: s.model for s in stages}, {s.name: s.quota for s in stages}, trend, data.trend() if trend else None)
 
 
 def parity(service, reference: Cascade, data: EvalData, n: int = 256) -> dict[str, float]:
     """The bundle served against the torch cascade on the first ``n`` test requests: the share of
     requests whose recall set, pre-rank set and final top-k are the same, and the largest score
-    gap of the final items."""
+    gap of the final items. A bundle with online features first takes the logged exposures its
+    snapshot lacks (the test split's), as a replay would post them: the counters' windows end
+    strictly before each request's ts, so events past it change nothing."""
     requests = data.first("test", n)
     requests = requests.take_columns(np.zeros((len(requests), 0), int))
+    if service.online is not None:
+        service.catch_up(data.trend())
     want = reference.run(requests)
     got = service.cascade.run(requests)
     out = {"requests": len(requests)}

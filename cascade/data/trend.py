@@ -90,12 +90,52 @@ def trend_ids(counts: np.ndarray, group: np.ndarray, scale: str) -> np.ndarray:
     return bucket(counts) if scale == "count" else list_percentile(counts, group)
 
 
+TS_BITS = 34  # an event key: item id in the high bits, ts + TS_OFFSET in the low 34
+TS_OFFSET = 1 << 33  # so a ts may be any second within about 272 years of 1970, before or after
+MAX_ITEM = (1 << (63 - TS_BITS)) - 1
+
+
+def event_keys(item: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """item (E,) ids, ts (E,) seconds -> (E,) int64 keys that sort item-major, then by time: the
+    one encoding of an exposure offline (``ItemTrend``) and online (``export.online``)."""
+    item, ts = np.asarray(item, np.int64), np.asarray(ts, np.int64)
+    if item.size and (item.min() < 0 or item.max() > MAX_ITEM):
+        raise ValueError(f"item trend: item ids must be in 0..{MAX_ITEM}, got {int(item.min())}..{int(item.max())}")
+    if ts.size and (ts.min() < -TS_OFFSET or ts.max() >= TS_OFFSET):
+        raise ValueError(f"item trend: ts must be within ±{TS_OFFSET} s of 0, got {int(ts.min())}..{int(ts.max())}")
+    return (item << TS_BITS) + (ts + TS_OFFSET)
+
+
+def window_counts(keys: np.ndarray, item: np.ndarray, ts: np.ndarray, days: float) -> np.ndarray:
+    """THE trend feature: ``keys`` sorted event keys, item (B, N) ids, ts (B,) -> (B, N) int64:
+    each item's events in [ts - days, ts), strictly before the request. Serving calls it on the
+    live store's keys, training on the logs'."""
+    if days <= 0:
+        raise ValueError(f"trend window must be positive days, got {days}")
+    item = np.asarray(item, np.int64)
+    t = np.broadcast_to(np.asarray(ts, np.int64).reshape(-1, *([1] * (item.ndim - 1))), item.shape)
+    base = item << TS_BITS
+    # a time clipped to the key range still counts right: TS_OFFSET past an item's base is the
+    # next item's first key (every event of the item is before it), -TS_OFFSET its own first
+    at = lambda when: base + (np.clip(when, -TS_OFFSET, TS_OFFSET) + TS_OFFSET)  # noqa: E731
+    hi = np.searchsorted(keys, at(t), side="left")
+    lo = np.searchsorted(keys, at(t - int(days * DAY)), side="left")
+    return (hi - lo).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class ItemTrend:
-    """Exposure times, sorted by (item, ts): ``item (E,)``, ``ts (E,)`` int64 seconds."""
+    """Exposures as sorted ``event_keys`` (E,): item-major, then by time."""
 
-    item: np.ndarray
-    ts: np.ndarray
+    keys: np.ndarray
+
+    @property
+    def item(self) -> np.ndarray:
+        return self.keys >> TS_BITS
+
+    @property
+    def ts(self) -> np.ndarray:
+        return (self.keys & ((1 << TS_BITS) - 1)) - TS_OFFSET
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> "ItemTrend":
@@ -110,34 +150,21 @@ class ItemTrend:
 
     @classmethod
     def from_events(cls, item: np.ndarray, ts: np.ndarray) -> "ItemTrend":
-        order = np.lexsort((ts, item))
-        return cls(np.asarray(item, np.int64)[order], np.asarray(ts, np.int64)[order])
+        return cls(np.sort(event_keys(item, ts)))
 
     @classmethod
     def gather(cls, parts: Iterable["ItemTrend"]) -> "ItemTrend":
         """One trend of every part's exposures: logs streamed a row group at a time, each row
         group's ``from_dataset`` (the exposures are 2.5% of a synthetic world's candidates)."""
-        parts = list(parts)
-        empty = np.zeros(0, np.int64)
-        return cls.from_events(np.concatenate([p.item for p in parts] or [empty]), np.concatenate([p.ts for p in parts] or [empty]))
+        return cls(np.sort(np.concatenate([p.keys for p in parts] or [np.zeros(0, np.int64)])))
+
+    def before(self, ts: int) -> "ItemTrend":
+        """The exposures logged strictly before ``ts``."""
+        return ItemTrend(self.keys[self.ts < ts])
 
     def counts(self, item: np.ndarray, ts: np.ndarray, days: float) -> np.ndarray:
         """item (B, N) ids, ts (B,) -> (B, N) int64: exposures of each item in [ts - days, ts)."""
-        if days <= 0:
-            raise ValueError(f"trend window must be positive days, got {days}")
-        item = np.asarray(item, np.int64)
-        t = np.broadcast_to(np.asarray(ts, np.int64).reshape(-1, *([1] * (item.ndim - 1))), item.shape)
-        # one sorted key per event, item-major: item * span + (ts - first ts)
-        first, last = (int(self.ts.min()), int(self.ts.max())) if len(self.ts) else (0, 0)
-        span = last - first + 2
-        top = max(int(self.item.max(initial=0)), int(item.max(initial=0))) + 1
-        if top * span >= 2**62:
-            raise ValueError(f"item ids up to {top - 1} and a ts span of {span:,} s do not fit one 64-bit key")
-        keys = self.item * span + (self.ts - first)
-        at = lambda when: item * span + np.clip(when - first, 0, span - 1)  # noqa: E731
-        hi = np.searchsorted(keys, at(t), side="left")  # events strictly before t
-        lo = np.searchsorted(keys, at(t - int(days * DAY)), side="left")
-        return (hi - lo).astype(np.int64)
+        return window_counts(self.keys, item, ts, days)
 
 
 def request_ts(ds: Dataset, request_id: np.ndarray) -> np.ndarray:

@@ -1,31 +1,19 @@
 """The real server on a free localhost port, spoken to with a real HTTP client (urllib)."""
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 
 import pytest
-import uvicorn
 
 from export.runtime import CascadeService
-from export.serve import make_app
+from tests.export.conftest import serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(make_app(CascadeService(bundle)), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server, thread, url = serve_in_thread(CascadeService(bundle))
+    yield url
     server.should_exit = True
     thread.join(timeout=10)
 

@@ -1,0 +1,94 @@
+"""Replay parity: the logged test split through a running server, as live traffic would reach it.
+
+The test split's exposures go to ``POST /events`` in time order, interleaved with the test requests
+at their ``ts`` (each request is sent once every exposure logged before it has been posted, and
+none logged at or after it), with ``trace: true`` so the server returns each stage's survivors.
+The reference is the torch cascade of ``cascade eval``, whose item trend counts every logged
+exposure. The share of requests whose every stage keeps the same items is the parity.
+
+Ties: a stage keeps its top quota by score with ties to the earlier candidate, in torch and in the
+bundle alike (``cascade.top_mask``), so an exact tie never splits the two; a score that differs by
+rounding (onnxruntime against torch, ~1e-6) can still swap two candidates at a quota's edge. Such
+requests count as different: nothing here forgives a near-tie.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import Any, Callable
+
+import numpy as np
+
+from cascade.cascade import Cascade
+from cascade.data.lists import ListBatch
+from cascade.data.trend import ItemTrend
+from cascade.eval_data import EvalData
+from export.online import MAX_EVENTS
+
+Post = Callable[[str, dict], dict]
+STAGES = ("recall", "prerank", "rank")
+
+
+def http_post(base_url: str, timeout: float = 60) -> Post:
+    """``post(path, body) -> response`` against a server at ``base_url`` (urllib: no extra library)."""
+
+    def post(path: str, body: dict) -> dict:
+        req = urllib.request.Request(base_url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    return post
+
+
+def request_body(lists: ListBatch, row: int, user_fields: list[str]) -> dict[str, Any]:
+    """Logged request ``row`` as the JSON a client sends: its user fields, history (padding
+    dropped), ts, and ``trace``."""
+    body: dict[str, Any] = {}
+    for name in user_fields:
+        v = lists.user[name][row]
+        body[name] = [int(x) for x in v if x > 0] if np.ndim(v) else int(v)
+    h = lists.history[row]
+    return body | {"history": [int(x) for x in h[h > 0]], "ts": int(lists.ts[row]), "trace": True}
+
+
+def kept_set(stage, row: int) -> set[int]:
+    return set(stage.lists.item["item_id"][row][stage.kept[row]].tolist())
+
+
+def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend, events_until: int, user_fields: list[str], n: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Replay the first ``n`` test requests in time order (every one without ``n``) with the
+    exposures logged from ``events_until`` (the bundle's snapshot ends there) up to the last of
+    them; compare each stage's survivors with ``reference``'s on the same requests."""
+    requests = data.first("test", n or len(data.ds.requests["request_id"]))
+    requests = requests.take(np.argsort(requests.ts, kind="stable"))
+    requests = requests.take_columns(np.zeros((len(requests), 0), int))
+    want = reference.run(requests)
+    pending = (trend.ts >= events_until) & (trend.ts < requests.ts.max())
+    order = np.argsort(trend.ts[pending], kind="stable")
+    item, ts = trend.item[pending][order], trend.ts[pending][order]
+    sent, same = 0, {name: 0 for name in STAGES} | {"every_stage": 0, "final_order": 0}
+    seconds = {"events": 0.0, "requests": 0.0}
+    for row in range(len(requests)):
+        upto = int(np.searchsorted(ts, requests.ts[row], side="left"))  # strictly before the request
+        start = time.perf_counter()
+        for a in range(sent, upto, MAX_EVENTS):
+            b = min(a + MAX_EVENTS, upto)
+            post("/events", {"events": [{"item_id": int(i), "ts": int(t), "kind": "exposure"} for i, t in zip(item[a:b], ts[a:b])]})
+        sent = max(sent, upto)
+        seconds["events"] += time.perf_counter() - start
+        start = time.perf_counter()
+        got = post("/recommend", request_body(requests, row, user_fields))
+        seconds["requests"] += time.perf_counter() - start
+        stages = [set(got["stages"][name]) == kept_set(want.stages[i], row) for i, name in enumerate(STAGES)]
+        for name, ok in zip(STAGES, stages):
+            same[name] += ok
+        same["every_stage"] += all(stages)
+        same["final_order"] += got["items"] == want.items[row][want.items[row] > 0].tolist()
+        if progress is not None:
+            progress(row + 1)
+    r = len(requests)
+    out = {"requests": r, "events": sent} | {f"same_{name}_survivors": same[name] / r for name in STAGES}
+    out |= {"same_every_stage": same["every_stage"] / r, "same_final_order": same["final_order"] / r}
+    return out | {"seconds": {k: round(v, 2) for k, v in seconds.items()}}

@@ -1,0 +1,171 @@
+"""A cascade trained on the item trend, exported, served with live counters and replayed: the
+server's stages keep what the torch cascade keeps; acknowledged events survive SIGKILL."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cascade.cli import main
+from cascade.data.trend import event_keys
+from cascade.evaluate import load_saved
+from cascade.models import MODELS
+from export.bundle import MANIFEST
+from export.online import SqliteJournal
+from export.replay import http_post, replay
+from export.runtime import CascadeService
+from teachers import TEACHERS
+from tests.conftest import CONFIG
+from tests.export.conftest import serve_in_thread
+from tests.test_evaluate import TREND_DATA, TREND_STAGES
+
+
+@pytest.fixture(scope="module")
+def trend_run(tmp_path_factory):
+    """(run dir, bundle) of a cascade whose pre-ranker and ranker read the 1- and 7-day trend on
+    the list scale (the DSSM's item tower reads it too: no cached item side)."""
+    tmp = tmp_path_factory.mktemp("trend")
+    path = tmp / "c.yaml"
+    text = CONFIG.replace("experiments:", "experiments:" + TREND_STAGES.replace("TREND_DATA", TREND_DATA.replace("SCALE", "list")), 1)
+    path.write_text(text.replace("TRENDDATA", str(tmp / "trend_data")).replace("DATA", str(tmp / "data")).replace("OUT", str(tmp / "runs")).replace("CONFIG", str(path)))
+    assert main(["train", str(path), "--experiment", "frozen_trend"]) == 0
+    assert main(["export", str(tmp / "runs" / "frozen_trend"), "--out", str(tmp / "bundle")]) == 0
+    return tmp / "runs" / "frozen_trend", tmp / "bundle"
+
+
+def test_the_bundle_carries_the_trend_and_runs_the_item_tower_live(trend_run):
+    _, bundle = trend_run
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    assert manifest["online"]["trend"] == {"days": [1, 7], "scale": "list"}
+    prerank = next(s for s in manifest["stages"] if s["name"] == "prerank")
+    assert prerank["item_vectors"] == "live" and not (bundle / "prerank" / "items.npy").exists()
+    service = CascadeService(bundle)
+    keys = np.load(bundle / "online" / "events.npy")
+    # the snapshot is every logged exposure before the first test request, and nothing after
+    saved = load_saved(trend_run[0], models={**MODELS, **TEACHERS})
+    trend, until = saved.data.trend(), manifest["online"]["events_until"]
+    test_ts = saved.ds.requests["ts"][saved.ds.requests["split"] == "test"]
+    assert until == test_ts.min()
+    np.testing.assert_array_equal(keys, trend.keys[trend.ts < until])
+    assert 0 < len(keys) < len(trend.keys)
+    assert len(service.online.live) == len(keys)
+
+
+def test_a_replay_through_http_keeps_every_stage_as_the_torch_cascade(trend_run, tmp_path):
+    run, bundle = trend_run
+    saved = load_saved(run, models={**MODELS, **TEACHERS})
+    service = CascadeService(bundle, journal=SqliteJournal(tmp_path / "state"))
+    user_fields = list(service.user_fields)
+    server, thread, url = serve_in_thread(service)
+    try:
+        post = http_post(url)
+        report = replay(post, saved.data, saved.cascade(), saved.data.trend(), service.online.definition.events_until, user_fields)
+        assert report["requests"] == (saved.ds.requests["split"] == "test").sum()
+        assert report["events"] > 0
+        assert report["same_every_stage"] >= 0.99, report
+        assert report["same_final_order"] >= 0.99, report
+        # the live counters: one item's window counts over HTTP equal the offline counts
+        item = int(saved.ds.items["item_id"][0])
+        at = int(saved.ds.requests["ts"].max())
+        with urllib.request.urlopen(f"{url}/features?item_id={item}&ts={at}") as r:
+            shown = json.loads(r.read())
+        assert shown["counts"] == {f"{d}d": int(saved.data.trend().counts(np.array([[item]]), np.array([at]), d)[0, 0]) for d in (1, 7)}
+        # a bad batch: 422 naming the field
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post("/events", {"events": [{"item_id": item, "ts": "noon", "kind": "exposure"}]})
+        assert e.value.code == 422 and json.loads(e.value.read())["field"] == "events[0].ts"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_replay_without_the_events_does_not_keep_the_same_items(trend_run):
+    # the control: the same replay with every /events call dropped leaves the server on its
+    # snapshot, whose counts miss the test split's exposures: some stage keeps other items
+    run, bundle = trend_run
+    saved = load_saved(run, models={**MODELS, **TEACHERS})
+    service = CascadeService(bundle)
+    server, thread, url = serve_in_thread(service)
+    try:
+        real = http_post(url)
+        report = replay(lambda path, body: None if path == "/events" else real(path, body), saved.data, saved.cascade(), saved.data.trend(), service.online.definition.events_until, list(service.user_fields))
+        assert report["same_every_stage"] < 0.99, report
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(bundle: Path, state: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port), "--state", str(state)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1):
+                return proc, url
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not start in 60 s")
+
+
+def test_every_acknowledged_event_survives_sigkill_at_random_points(trend_run, tmp_path):
+    # A client posts batches of 50 events as fast as the server acknowledges them; the server is
+    # killed with SIGKILL at a random moment, three times, each restart on the same --state. The
+    # journal must then hold every acknowledged batch (and at most the one in flight besides).
+    _, bundle = trend_run
+    state = tmp_path / "state"
+    items = np.load(bundle / "catalog.npz")["item_id"]
+    rng = np.random.default_rng(11)
+    acked: list[list[dict]] = []
+    in_flight = 0
+    for _ in range(3):
+        proc, url = _start(bundle, state)
+        post = http_post(url, timeout=5)
+        stop = time.monotonic() + rng.uniform(0.3, 1.5)
+        killer = threading.Timer(stop - time.monotonic(), lambda: os.kill(proc.pid, signal.SIGKILL))
+        killer.start()
+        while True:
+            batch = [{"item_id": int(rng.choice(items)), "ts": int(rng.integers(0, 10**6)), "kind": "exposure"} for _ in range(50)]
+            try:
+                assert post("/events", {"events": batch}) == {"accepted": 50}
+            except (OSError, urllib.error.URLError):
+                in_flight += 1
+                break
+            acked.append(batch)
+        killer.join()
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+    assert len(acked) >= 3
+    snapshot = np.load(bundle / "online" / "events.npy")
+    _, _, have = SqliteJournal(state).read_after(0)  # the whole journal (no snapshot: SNAPSHOT_EVERY is far off)
+    want = event_keys(np.array([e["item_id"] for b in acked for e in b]), np.array([e["ts"] for b in acked for e in b]))
+    assert not Counter(want.tolist()) - Counter(have.tolist())  # every acknowledged event, as often as sent
+    assert len(want) <= len(have) <= len(want) + 50 * in_flight
+    # and a restarted server counts them: its /health shows the snapshot plus the journal
+    proc, url = _start(bundle, state)
+    try:
+        with urllib.request.urlopen(f"{url}/health") as r:
+            assert json.loads(r.read())["online"]["events"] == len(snapshot) + len(have)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
