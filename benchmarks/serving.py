@@ -53,7 +53,7 @@ from export.runtime import CascadeService, TwoTowerScorer
 from export.stages import from_run
 from teachers import TEACHERS
 
-from provenance import write_results
+from provenance import ROOT, write_results
 
 SIZES = {
     "dssm": {"hidden": [300, 300, 128], "dropout": 0.0},
@@ -409,7 +409,10 @@ def report(tower_rows, score_rows, peak, full, quant, args) -> None:
         for label in ("fp32", "int8"):
             q = quant[label]
             lines.append(f"| {label} | {q['prerank_auc']:.4f} | {q['rank_auc']:.4f} | {q['teacher_recall@10@50']:.4f} | {q['prerank_user_ms']:.3f} | {q['rank_200_ms']:.3f} |")
+    md = ROOT / "benchmarks" / "results" / "serving.md"
+    online = "".join(md.read_text().partition("\n## Online item features")[1:]) if md.exists() else ""  # online_features.py's section
     write_results("serving", lines, {"towers": tower_rows, "scoring": score_rows, "matmul_peak_gflops": peak, "full_request": full, "int8": quant})
+    md.write_text(md.read_text() + online)
     print("\n".join(lines))
 
 

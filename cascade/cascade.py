@@ -89,9 +89,10 @@ class Catalog:
         real = ids > 0
         row = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)[real]
         trend = {}
-        for d in self.trend_spec.days:
+        counts = self.trend.windows(ids, lists.ts, self.trend_spec.days)  # (W, B, N)
+        for d, c in zip(self.trend_spec.days, counts):
             values = np.zeros(ids.shape, np.int64)
-            values[real] = trend_ids(self.trend.counts(ids, lists.ts, d)[real], row, self.trend_spec.scale)
+            values[real] = trend_ids(c[real], row, self.trend_spec.scale)
             trend[trend_field_name(d)] = values
         return replace(lists, item={**lists.item, **trend})
 

@@ -9,7 +9,7 @@
     cascade distill CONFIG [--experiment NAME]
     cascade export RUN_DIR --out BUNDLE [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
     cascade export --recall CFG:EXP --prerank CFG:EXP --rank CFG:EXP [--quotas 200,50,10] --out BUNDLE
-    cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1 --state DIR]
+    cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1 --state DIR --workers N]
     cascade eval RUN_DIR [RUN_DIR ...] [--out runs/report]
     cascade run CONFIG
 
@@ -19,6 +19,7 @@ Exit status: 0 on success, 2 on bad input (each problem printed on stderr, nothi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -227,23 +228,29 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from export.bundle import BundleError
-    from export.online import SqliteJournal
-    from export.runtime import CascadeService
-    from export.serve import make_app
+    from export.serve import SERVE_ENV, make_app, service_from
 
+    settings = {"bundle": str(args.bundle), "threads": args.threads, "state": None if args.state is None else str(args.state)}
     try:
-        journal = SqliteJournal(args.state) if args.state is not None else None
-        service = CascadeService(args.bundle, threads=args.threads, journal=journal)
+        if args.workers > 1 and args.state is None:
+            raise ValueError(f"--workers {args.workers}: each worker keeps its own counters unless they share a journal; give --state DIR")
+        service = service_from(settings)  # checked here, before any worker starts
     except (BundleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     routes = "POST /recommend, GET /health, GET /metrics"
     if service.online is not None:
         routes += ", POST /events, GET /features"
-        kept = f"journalled in {args.state}" if journal is not None else "kept in memory only, lost on restart (give --state DIR)"
+        kept = f"journalled in {args.state}" if args.state is not None else "kept in memory only, lost on restart (give --state DIR)"
         print(f"online item trend: {len(service.online.live):,} events, new ones {kept}")
-    print(f"serving {args.bundle} on http://{args.host}:{args.port} ({routes})")
-    uvicorn.run(make_app(service), host=args.host, port=args.port, log_level="warning")
+    workers = f", {args.workers} worker processes" if args.workers > 1 else ""
+    print(f"serving {args.bundle} on http://{args.host}:{args.port}{workers} ({routes})", flush=True)
+    if args.workers == 1:
+        uvicorn.run(make_app(service), host=args.host, port=args.port, log_level="warning")
+        return 0
+    service.close()
+    os.environ[SERVE_ENV] = json.dumps(settings)  # each worker builds its own service from it
+    uvicorn.run("export.serve:app_from_env", factory=True, workers=args.workers, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -403,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per session")
+    serve.add_argument("--workers", type=_at_least(1), default=1, help="server processes sharing the port; with online features they share the --state journal, each tailing it")
     serve.add_argument("--state", type=Path, default=None, help="directory of the online features' journal and snapshots (SQLite): events posted to /events are on disk before their 200 and survive a restart; without it they live in memory only")
     serve.set_defaults(run=_serve)
 

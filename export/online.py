@@ -19,6 +19,7 @@ computed.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -92,11 +93,14 @@ class LiveTrend:
     def __len__(self) -> int:
         return len(self.base) + len(self.delta)
 
-    def counts(self, item: np.ndarray, ts: np.ndarray, days: float) -> np.ndarray:
-        """item (B, N), ts (B,) -> (B, N): each item's events in [ts - days, ts)."""
+    def windows(self, item: np.ndarray, ts: np.ndarray, days: Sequence[float]) -> np.ndarray:
+        """item (B, N), ts (B,) -> (W, B, N): each item's events in [ts - days[w], ts)."""
         base, delta = self.base, self.delta  # one consistent pair: add() replaces, never mutates
         out = window_counts(base, item, ts, days)
         return out + window_counts(delta, item, ts, days) if len(delta) else out
+
+    def counts(self, item: np.ndarray, ts: np.ndarray, days: float) -> np.ndarray:
+        return self.windows(item, ts, (days,))[0]
 
 
 class Journal(Protocol):
@@ -159,26 +163,30 @@ class SqliteJournal:
         with self._rlock:
             return int(self._read.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
 
-    def snapshot(self) -> tuple[int, np.ndarray] | None:
+    def _meta(self) -> dict[str, Any] | None:
         meta = self.dir / "snapshot.json"
-        if not meta.exists():
-            return None
-        info = json.loads(meta.read_text())
-        keys = np.load(self.dir / info["file"])
-        return int(info["seq"]), keys
+        return json.loads(meta.read_text()) if meta.exists() else None
+
+    def snapshot(self) -> tuple[int, np.ndarray] | None:
+        info = self._meta()
+        return None if info is None else (int(info["seq"]), np.load(self.dir / info["file"]))
 
     def save_snapshot(self, seq: int, keys: np.ndarray) -> None:
-        previous = self.snapshot()
-        name = f"snapshot-{seq}.npy"
-        with open(self.dir / name, "wb") as f:
-            np.save(f, keys)
-            f.flush()
-            os.fsync(f.fileno())
-        _write_synced(self.dir / "snapshot.json", json.dumps({"seq": seq, "file": name, "events": int(len(keys))}))
-        if previous is not None:
-            # rows the previous snapshot covers: a process still behind it reloads this one
-            with self._wlock:
-                self._write.execute("DELETE FROM events WHERE seq <= ?", (previous[0],))
+        with open(self.dir / "snapshot.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process at a time: another's files stay whole
+            previous = self._meta()
+            if previous is not None and previous["seq"] >= seq:
+                return  # another process wrote a newer one
+            name = f"snapshot-{seq}.npy"
+            with open(self.dir / name, "wb") as f:
+                np.save(f, keys)
+                f.flush()
+                os.fsync(f.fileno())
+            _write_synced(self.dir / "snapshot.json", json.dumps({"seq": seq, "file": name, "events": int(len(keys))}))
+            if previous is not None:
+                # rows the previous snapshot covers: a process still behind it reloads this one
+                with self._wlock:
+                    self._write.execute("DELETE FROM events WHERE seq <= ?", (previous["seq"],))
             for old in self.dir.glob("snapshot-*.npy"):
                 if old.name != name:
                     old.unlink(missing_ok=True)
@@ -248,6 +256,9 @@ class EventStore:
 
     def counts(self, item: np.ndarray, ts: np.ndarray, days: float) -> np.ndarray:
         return self.live.counts(item, ts, days)
+
+    def windows(self, item: np.ndarray, ts: np.ndarray, days: Sequence[float]) -> np.ndarray:
+        return self.live.windows(item, ts, days)
 
     def features(self, item_id: int, ts: int) -> dict[str, Any]:
         """One item's counters at ``ts`` (what ``GET /features`` shows)."""

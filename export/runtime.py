@@ -306,6 +306,10 @@ class CascadeService:
         self.online.append(keys)
         return len(keys)
 
+    def close(self) -> None:
+        if self.online is not None:
+            self.online.close()
+
     def catch_up(self, logged: ItemTrend) -> int:
         """Take the logged exposures the bundle's snapshot lacks (from its ``events_until`` on),
         as a replay of the logs posts them: what serving the logged test requests offline needs.

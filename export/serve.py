@@ -23,6 +23,7 @@ shape, counted, and the server stays up.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import Counter, deque
 
@@ -33,8 +34,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from export.online import SqliteJournal
 from export.runtime import CascadeService, RequestError
 
+SERVE_ENV = "CASCADE_SERVE"  # `cascade serve --workers N` hands each worker its settings here
 WINDOW = 10_000  # latencies kept for the percentiles
 MAX_BODY = 1 << 20  # bytes
 
@@ -127,7 +130,7 @@ def make_app(service: CascadeService) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         m = service.manifest
         online = service.online and {"features": m["online"], "events": len(service.online.live), "durable": service.online.journal is not None}
-        return JSONResponse({"status": "ok", "dataset": m["dataset"], "items": m["items"], "stages": {s["name"]: {"model": s["model"], "quota": s["quota"]} for s in m["stages"]}, "online": online or None})
+        return JSONResponse({"status": "ok", "pid": os.getpid(), "dataset": m["dataset"], "items": m["items"], "stages": {s["name"]: {"model": s["model"], "quota": s["quota"]} for s in m["stages"]}, "online": online or None})
 
     async def metrics_route(request: Request) -> JSONResponse:
         return JSONResponse(metrics.snapshot(service))
@@ -147,3 +150,15 @@ def _number(text: str | None, field: str) -> int | float:
             return float(text)
         except ValueError:
             raise RequestError(field, f"expected a number, got '{text[:40]}'") from None
+
+
+def service_from(settings: dict) -> CascadeService:
+    """The service ``cascade serve`` describes: ``{bundle, threads, state}``."""
+    journal = SqliteJournal(settings["state"]) if settings.get("state") else None
+    return CascadeService(settings["bundle"], threads=settings.get("threads", 1), journal=journal)
+
+
+def app_from_env() -> Starlette:
+    """One worker's app (uvicorn's factory under ``--workers``): its own service, reading the
+    shared journal."""
+    return make_app(service_from(json.loads(os.environ[SERVE_ENV])))

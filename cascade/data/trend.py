@@ -30,7 +30,7 @@ Two scales (``TREND_SCALES``):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -106,21 +106,24 @@ def event_keys(item: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return (item << TS_BITS) + (ts + TS_OFFSET)
 
 
-def window_counts(keys: np.ndarray, item: np.ndarray, ts: np.ndarray, days: float) -> np.ndarray:
-    """THE trend feature: ``keys`` sorted event keys, item (B, N) ids, ts (B,) -> (B, N) int64:
-    each item's events in [ts - days, ts), strictly before the request. Serving calls it on the
-    live store's keys, training on the logs'."""
-    if days <= 0:
-        raise ValueError(f"trend window must be positive days, got {days}")
+def window_counts(keys: np.ndarray, item: np.ndarray, ts: np.ndarray, days: Sequence[float]) -> np.ndarray:
+    """THE trend feature: ``keys`` sorted event keys, item (B, N) ids, ts (B,) -> (W, B, N) int64:
+    each item's events in [ts - days[w], ts), strictly before the request, per window. Serving
+    calls it on the live store's keys, training on the logs'. One search for every bound."""
+    if any(d <= 0 for d in days):
+        raise ValueError(f"trend windows must be positive days, got {list(days)}")
     item = np.asarray(item, np.int64)
     t = np.broadcast_to(np.asarray(ts, np.int64).reshape(-1, *([1] * (item.ndim - 1))), item.shape)
-    base = item << TS_BITS
+    starts = t[None] - np.array([int(d * DAY) for d in days], np.int64).reshape(-1, *([1] * item.ndim))
     # a time clipped to the key range still counts right: TS_OFFSET past an item's base is the
     # next item's first key (every event of the item is before it), -TS_OFFSET its own first
-    at = lambda when: base + (np.clip(when, -TS_OFFSET, TS_OFFSET) + TS_OFFSET)  # noqa: E731
-    hi = np.searchsorted(keys, at(t), side="left")
-    lo = np.searchsorted(keys, at(t - int(days * DAY)), side="left")
-    return (hi - lo).astype(np.int64)
+    bounds = (item << TS_BITS)[None] + (np.clip(np.concatenate([t[None], starts]), -TS_OFFSET, TS_OFFSET) + TS_OFFSET)
+    flat = bounds.ravel()
+    order = np.argsort(flat)  # sorted queries: numpy's search narrows from the last one, ~2.5x faster
+    found = np.empty(len(flat), np.int64)
+    found[order] = np.searchsorted(keys, flat[order], side="left")
+    found = found.reshape(bounds.shape)
+    return (found[:1] - found[1:]).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,10 @@ class ItemTrend:
 
     def counts(self, item: np.ndarray, ts: np.ndarray, days: float) -> np.ndarray:
         """item (B, N) ids, ts (B,) -> (B, N) int64: exposures of each item in [ts - days, ts)."""
+        return window_counts(self.keys, item, ts, (days,))[0]
+
+    def windows(self, item: np.ndarray, ts: np.ndarray, days: Sequence[float]) -> np.ndarray:
+        """item (B, N), ts (B,) -> (W, B, N): ``counts`` for every window of ``days`` at once."""
         return window_counts(self.keys, item, ts, days)
 
 

@@ -54,6 +54,8 @@ def test_live_counts_equal_the_offline_counts_however_the_events_arrive(events, 
     q_item = np.array([[q[0] for q in queries]])
     q_ts = np.array([queries[0][1]])
     np.testing.assert_array_equal(live.counts(q_item, q_ts, days), offline.counts(q_item, q_ts, days))
+    # every window in one search gives each window's own counts
+    np.testing.assert_array_equal(live.windows(q_item, q_ts, (days, 30, 0.5)), np.stack([offline.counts(q_item, q_ts, d) for d in (days, 30, 0.5)]))
     np.testing.assert_array_equal(live.keys(), offline.keys)
 
 

@@ -112,9 +112,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(bundle: Path, state: Path) -> tuple[subprocess.Popen, str]:
+def _start(bundle: Path, state: Path, *more: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port), "--state", str(state)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port), "--state", str(state), *more], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -169,3 +169,32 @@ def test_every_acknowledged_event_survives_sigkill_at_random_points(trend_run, t
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_worker_processes_see_the_same_counts_through_the_shared_journal(trend_run, tmp_path, capsys):
+    _, bundle = trend_run
+    assert main(["serve", str(bundle), "--workers", "2"]) == 2  # no shared journal: refused
+    assert "--state" in capsys.readouterr().err
+    proc, url = _start(bundle, tmp_path / "state", "--workers", "2")
+    try:
+        item = int(np.load(bundle / "catalog.npz")["item_id"][0])
+        at = 10**6
+        before = {_get(f"{url}/features?item_id={item}&ts={at}")["counts"]["1d"] for _ in range(20)}
+        assert len(before) == 1
+        # 5 events of the item in the day before `at`, posted to whichever worker takes them
+        for k in range(5):
+            assert http_post(url)("/events", {"events": [{"item_id": item, "ts": at - 100 - k, "kind": "exposure"}]}) == {"accepted": 1}
+        pids, seen = set(), set()
+        for _ in range(40):  # a new connection each: the kernel spreads them over the workers
+            pids.add(_get(f"{url}/health")["pid"])
+            seen.add(_get(f"{url}/features?item_id={item}&ts={at}")["counts"]["1d"])
+        assert len(pids) == 2, pids
+        assert seen == {before.pop() + 5}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
