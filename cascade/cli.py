@@ -9,7 +9,7 @@
     cascade distill CONFIG [--experiment NAME]
     cascade export RUN_DIR --out BUNDLE [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
     cascade export --recall CFG:EXP --prerank CFG:EXP --rank CFG:EXP [--quotas 200,50,10] --out BUNDLE
-    cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1 --state DIR --workers N]
+    cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1 --state DIR | --store redis://HOST:PORT, --workers N]
     cascade eval RUN_DIR [RUN_DIR ...] [--out runs/report]
     cascade run CONFIG
 
@@ -230,10 +230,10 @@ def _serve(args: argparse.Namespace) -> int:
     from export.bundle import BundleError
     from export.serve import SERVE_ENV, make_app, service_from
 
-    settings = {"bundle": str(args.bundle), "threads": args.threads, "state": None if args.state is None else str(args.state)}
+    settings = {"bundle": str(args.bundle), "threads": args.threads, "state": None if args.state is None else str(args.state), "store": args.store}
     try:
-        if args.workers > 1 and args.state is None:
-            raise ValueError(f"--workers {args.workers}: each worker keeps its own counters unless they share a journal; give --state DIR")
+        if args.workers > 1 and args.state is None and args.store is None:
+            raise ValueError(f"--workers {args.workers}: each worker keeps its own counters unless they share a journal; give --state DIR or --store redis://HOST:PORT")
         service = service_from(settings)  # checked here, before any worker starts
     except (BundleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -241,7 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
     routes = "POST /recommend, GET /health, GET /metrics"
     if service.online is not None:
         routes += ", POST /events, GET /features"
-        kept = f"journalled in {args.state}" if args.state is not None else "kept in memory only, lost on restart (give --state DIR)"
+        kept = f"journalled in {args.state or args.store}" if (args.state or args.store) else "kept in memory only, lost on restart (give --state DIR or --store redis://HOST:PORT)"
         print(f"online item trend: {len(service.online.live):,} events, new ones {kept}")
     workers = f", {args.workers} worker processes" if args.workers > 1 else ""
     print(f"serving {args.bundle} on http://{args.host}:{args.port}{workers} ({routes})", flush=True)
@@ -410,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per session")
+    serve.add_argument("--store", default=None, metavar="redis://HOST:PORT[/DB]", help="keep the online features' journal in Redis instead (shared by hosts; the Redis server must run with --appendonly yes --appendfsync always)")
     serve.add_argument("--workers", type=_at_least(1), default=1, help="server processes sharing the port; with online features they share the --state journal, each tailing it")
     serve.add_argument("--state", type=Path, default=None, help="directory of the online features' journal and snapshots (SQLite): events posted to /events are on disk before their 200 and survive a restart; without it they live in memory only")
     serve.set_defaults(run=_serve)

@@ -8,8 +8,9 @@ computed.
   sorted delta, folded into the base past ``MERGE_AT``. Its counts are ``window_counts`` of both,
   the very function training counts with, so a replay gives training's values exactly.
 - A journal makes events durable: ``SqliteJournal`` (the embedded default: one SQLite file in WAL
-  mode under ``--state DIR``; every server process on the host tails it) or ``RedisJournal`` (a
-  Redis stream, shared by hosts). An event is in the journal, committed and synced, before its
+  mode under ``--state DIR``; every server process on the host tails it) or ``RedisJournal``
+  (``--store redis://HOST:PORT``: a Redis stream, shared by hosts; the server must fsync its
+  append-only file on every write). An event is in the journal, committed and synced, before its
   acknowledgement; concurrent batches share one commit (``EventStore.append``: group commit).
   Snapshots of the keys, with the journal position they cover, bound a restart's work: the
   journal rows a snapshot covers are trimmed a snapshot later.
@@ -211,6 +212,78 @@ def _write_synced(path: Path, text: str) -> None:
         os.close(fd)
 
 
+class RedisJournal:
+    """A Redis stream ``PREFIX:events`` whose entry ids are ``seq-0`` (a script numbers each commit
+    group atomically, so every process tails the same order), the snapshot in the hash
+    ``PREFIX:snapshot``, the bundle's identity in ``PREFIX:bundle``. Acknowledged means fsynced:
+    the server must run with ``appendonly yes`` and ``appendfsync always`` (checked on open)."""
+
+    APPEND = "local n = redis.call('INCR', KEYS[1]) redis.call('XADD', KEYS[2], n .. '-0', 'k', ARGV[1]) return n"
+
+    def __init__(self, url: str, prefix: str = "cascade"):
+        import redis  # the Redis backend's own dependency
+
+        self.url, self.prefix = url, prefix
+        try:
+            self.redis = redis.Redis.from_url(url, socket_timeout=30)
+            config = self.redis.config_get("append*")
+        except redis.exceptions.ResponseError:  # CONFIG renamed away (a managed Redis): trust it
+            config = {"appendonly": "yes", "appendfsync": "always"}
+        except (redis.exceptions.ConnectionError, ValueError) as e:
+            raise ValueError(f"--store {url}: {e}") from None
+        if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
+            raise ValueError(f"--store {url}: the Redis server has appendonly {config.get('appendonly')}, appendfsync {config.get('appendfsync')}; an acknowledged event would not be on disk: run it with --appendonly yes --appendfsync always")
+        self.keys = {name: f"{prefix}:{name}" for name in ("seq", "events", "snapshot", "bundle", "lock")}
+        self._append = self.redis.register_script(self.APPEND)
+
+    def identity(self, bundle: str) -> None:
+        self.redis.set(self.keys["bundle"], bundle, nx=True)
+        have = self.redis.get(self.keys["bundle"]).decode()
+        if have != bundle:
+            raise ValueError(f"--store {self.url}: its '{self.prefix}' state belongs to another bundle; use another Redis database (redis://HOST:PORT/DB)")
+
+    def append(self, keys: np.ndarray) -> None:
+        self._append(keys=[self.keys["seq"], self.keys["events"]], args=[np.ascontiguousarray(keys, np.int64).tobytes()])
+
+    def read_after(self, seq: int) -> tuple[int, int, np.ndarray]:
+        rows = self.redis.xrange(self.keys["events"], min=f"({seq}-0", max="+")
+        if not rows:
+            return 0, seq, np.zeros(0, np.int64)
+        number = lambda entry_id: int(entry_id.split(b"-")[0])  # noqa: E731
+        return number(rows[0][0]), number(rows[-1][0]), np.concatenate([np.frombuffer(fields[b"k"], np.int64) for _, fields in rows])
+
+    def last_seq(self) -> int:
+        return int(self.redis.get(self.keys["seq"]) or 0)
+
+    def snapshot(self) -> tuple[int, np.ndarray] | None:
+        seq, keys = self.redis.hmget(self.keys["snapshot"], ["seq", "keys"])
+        return None if seq is None else (int(seq), np.frombuffer(keys, np.int64).copy())
+
+    def save_snapshot(self, seq: int, keys: np.ndarray) -> None:
+        lock = self.redis.lock(self.keys["lock"], timeout=120)
+        with lock:
+            previous = self.redis.hget(self.keys["snapshot"], "seq")
+            if previous is not None and int(previous) >= seq:
+                return
+            self.redis.hset(self.keys["snapshot"], mapping={"seq": seq, "keys": np.ascontiguousarray(keys, np.int64).tobytes()})
+            if previous is not None:  # entries the previous snapshot covers
+                self.redis.xtrim(self.keys["events"], minid=f"{int(previous) + 1}-0", approximate=False)
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def open_journal(state: str | Path | None, store: str | None) -> Journal | None:
+    """``--state DIR`` (SQLite) or ``--store redis://...``; neither: events in memory only."""
+    if state is not None and store is not None:
+        raise ValueError("give --state DIR (this host) or --store redis://HOST:PORT (shared), not both")
+    if store is not None:
+        if not store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"--store {store}: expected redis://HOST:PORT[/DB]")
+        return RedisJournal(store)
+    return SqliteJournal(state) if state is not None else None
+
+
 class EventStore:
     """The live counters of one bundle: ``parse_events`` -> ``append`` (durable, group commit) ->
     every process's ``LiveTrend`` through ``sync``; ``counts`` is what the catalog reads."""
@@ -245,10 +318,11 @@ class EventStore:
             return 0
         with self._sync_lock:
             first, last, keys = self.journal.read_after(self.seq)
-            if first and first != self.seq + 1:  # rows trimmed before this process read them
-                seq, snap = self.journal.snapshot()
-                self.live, self.seq = LiveTrend(snap), seq
-                first, last, keys = self.journal.read_after(self.seq)
+            if first and first != self.seq + 1:  # a gap: rows trimmed before this process read them?
+                snap = self.journal.snapshot()
+                if snap is not None and snap[0] > self.seq:  # they are in the snapshot
+                    self.seq, self.live = snap[0], LiveTrend(snap[1])
+                    first, last, keys = self.journal.read_after(self.seq)
             self.live.add(keys)
             self.seq = last
             self._since_snapshot += len(keys)

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from export.online import SqliteJournal
+from export.online import open_journal
 from export.runtime import CascadeService, RequestError
 
 SERVE_ENV = "CASCADE_SERVE"  # `cascade serve --workers N` hands each worker its settings here
@@ -153,8 +153,8 @@ def _number(text: str | None, field: str) -> int | float:
 
 
 def service_from(settings: dict) -> CascadeService:
-    """The service ``cascade serve`` describes: ``{bundle, threads, state}``."""
-    journal = SqliteJournal(settings["state"]) if settings.get("state") else None
+    """The service ``cascade serve`` describes: ``{bundle, threads, state, store}``."""
+    journal = open_journal(settings.get("state"), settings.get("store"))
     return CascadeService(settings["bundle"], threads=settings.get("threads", 1), journal=journal)
 
 

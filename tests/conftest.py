@@ -127,3 +127,58 @@ def run_in_memory_and_streamed(config: Path, command: str, in_memory: str, strea
     for key, value in weights[in_memory].items():
         torch.testing.assert_close(weights[streamed][key], value, atol=1e-5, rtol=1e-4, msg=key)
     return {name: json.loads((run / "results.json").read_text()) for name, run in runs.items()}
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free localhost port, its append-only file fsynced on every
+    write (what `cascade serve --store` requires), in ``directory``; ``kill`` is SIGKILL and
+    ``start`` brings it back from that file."""
+
+    def __init__(self, directory: Path):
+        import shutil
+        import socket
+
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir, self.proc = directory, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.url).flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.proc.terminate()
+    server.proc.wait(timeout=10)

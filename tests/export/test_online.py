@@ -10,10 +10,21 @@ from hypothesis import strategies as st
 
 from cascade.data.trend import DAY, TS_OFFSET, ItemTrend, TrendSpec, event_keys
 from export import online
-from export.online import EventError, EventStore, LiveTrend, OnlineFeatures, SqliteJournal
+from export.online import EventError, EventStore, LiveTrend, OnlineFeatures, RedisJournal, SqliteJournal, open_journal
 
 DEFINITION = OnlineFeatures(TrendSpec((1, 7), "list"), events_until=10 * DAY)
 KNOWN = np.array([False, True, True, True, False, True])  # items 1, 2, 3 and 5 are in the catalog
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def reopen(request, tmp_path):
+    """A journal factory: each call opens the same durable state again (a restart, or another
+    process); SQLite in a directory, or a real redis-server (flushed first)."""
+    if request.param == "sqlite":
+        return lambda: SqliteJournal(tmp_path / "state")
+    server = request.getfixturevalue("redis_server")
+    server.flush()
+    return lambda: RedisJournal(server.url)
 
 
 def event(item=1, ts=DAY, kind="exposure"):
@@ -78,7 +89,7 @@ def test_live_counts_equal_the_offline_counts_however_the_events_arrive(events, 
     ],
 )
 def test_a_bad_batch_names_its_field_and_nothing_reaches_the_journal(tmp_path, payload, field):
-    store = EventStore(DEFINITION, np.zeros(0, np.int64), KNOWN, SqliteJournal(tmp_path))
+    store = EventStore(DEFINITION, np.zeros(0, np.int64), KNOWN, SqliteJournal(tmp_path))  # the check is the journal's caller's
     with pytest.raises(EventError) as e:
         store.parse_events(payload, now=10**9)
     assert e.value.field == field
@@ -91,42 +102,43 @@ def test_a_whole_float_ts_is_taken_as_whole_seconds(tmp_path):
     np.testing.assert_array_equal(keys, event_keys(np.array([1, 5]), np.array([DAY, 3])))
 
 
-def test_events_survive_a_restart_and_a_second_process_sees_them(tmp_path):
+def test_events_survive_a_restart_and_a_second_process_sees_them(reopen):
     base = event_keys(np.array([1, 2]), np.array([DAY, DAY]))
-    first = EventStore(DEFINITION, base, KNOWN, SqliteJournal(tmp_path), bundle="b1")
+    first = EventStore(DEFINITION, base, KNOWN, reopen(), bundle="b1")
     first.append(first.parse_events({"events": [event(1, 2 * DAY), event(3, 2 * DAY + 5)]}))
-    second = EventStore(DEFINITION, base, KNOWN, SqliteJournal(tmp_path), bundle="b1")  # another worker, or a restart
+    second = EventStore(DEFINITION, base, KNOWN, reopen(), bundle="b1")  # another worker, or a restart
     # item 1: DAY and 2 * DAY are in the week before 3 * DAY; item 3 at 2 * DAY + 5
     assert second.features(1, 3 * DAY)["counts"] == {"1d": 1, "7d": 2}
     assert second.features(3, 3 * DAY)["counts"] == {"1d": 1, "7d": 1}
     first.append(first.parse_events({"events": [event(5, 2 * DAY)]}))
     assert second.features(5, 3 * DAY)["counts"]["1d"] == 1  # tailed from the journal
     with pytest.raises(ValueError, match="another bundle"):
-        EventStore(DEFINITION, base, KNOWN, SqliteJournal(tmp_path), bundle="b2")
+        EventStore(DEFINITION, base, KNOWN, reopen(), bundle="b2")
 
 
-def test_snapshots_trim_the_journal_and_a_restart_or_a_lagging_process_reads_them(tmp_path, monkeypatch):
+def test_snapshots_trim_the_journal_and_a_restart_or_a_lagging_process_reads_them(reopen, monkeypatch):
     monkeypatch.setattr(online, "SNAPSHOT_EVERY", 3)
     rng = np.random.default_rng(0)
-    writer = EventStore(DEFINITION, np.zeros(0, np.int64), KNOWN, SqliteJournal(tmp_path))
-    lagging = EventStore(DEFINITION, np.zeros(0, np.int64), KNOWN, SqliteJournal(tmp_path))
+    writer = EventStore(DEFINITION, np.zeros(0, np.int64), KNOWN, reopen())
+    lagging = EventStore(DEFINITION, np.zeros(0, np.int64), KNOWN, reopen())
     sent = []
     for _ in range(10):  # 2 events a batch: a snapshot every second batch, trimming the one before
         batch = [event(int(rng.choice([1, 2, 3, 5])), int(rng.integers(0, 5 * DAY))) for _ in range(2)]
         writer.append(writer.parse_events({"events": batch}))
         sent += batch
-    assert len(list(tmp_path.glob("snapshot-*.npy"))) == 1
-    first_seq = SqliteJournal(tmp_path)._read.execute("SELECT MIN(seq) FROM events").fetchone()[0]
-    assert first_seq > 1  # rows the previous snapshot covered are gone
+    # 10 commits, a snapshot after commits 2, 4, 6, 8, 10 (3 events since the last); the one
+    # at 10 trimmed what the one at 8 covered: commits 9 and 10 are left
+    assert reopen().snapshot()[0] == 10
+    assert reopen().read_after(0)[0] == 9
     want = np.sort(event_keys(np.array([e["item_id"] for e in sent]), np.array([e["ts"] for e in sent])))
-    restarted = EventStore(DEFINITION, np.zeros(0, np.int64), KNOWN, SqliteJournal(tmp_path))
+    restarted = EventStore(DEFINITION, np.zeros(0, np.int64), KNOWN, reopen())
     np.testing.assert_array_equal(restarted.live.keys(), want)
     lagging.sync()  # it read nothing since its start: its rows were trimmed, so it reloads the snapshot
     np.testing.assert_array_equal(lagging.live.keys(), want)
 
 
-def test_concurrent_batches_share_commits_and_every_one_is_kept(tmp_path, monkeypatch):
-    journal = SqliteJournal(tmp_path)
+def test_concurrent_batches_share_commits_and_every_one_is_kept(reopen, monkeypatch):
+    journal = reopen()
     commits = []
     write = journal.append
 
@@ -146,8 +158,8 @@ def test_concurrent_batches_share_commits_and_every_one_is_kept(tmp_path, monkey
     np.testing.assert_array_equal(store.live.keys(), np.sort(np.concatenate(batches)))
 
 
-def test_a_failed_commit_fails_every_batch_in_it_and_keeps_none(tmp_path, monkeypatch):
-    journal = SqliteJournal(tmp_path)
+def test_a_failed_commit_fails_every_batch_in_it_and_keeps_none(reopen, monkeypatch):
+    journal = reopen()
     store = EventStore(DEFINITION, np.zeros(0, np.int64), KNOWN, journal)
 
     def broken(keys):
@@ -157,3 +169,25 @@ def test_a_failed_commit_fails_every_batch_in_it_and_keeps_none(tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         store.append(store.parse_events({"events": [event()]}))
     assert len(store.live) == 0
+
+
+def test_a_redis_that_does_not_fsync_every_write_is_refused(redis_server):
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("appendfsync", "everysec")
+    try:
+        with pytest.raises(ValueError, match="appendfsync everysec"):
+            RedisJournal(redis_server.url)
+    finally:
+        client.config_set("appendfsync", "always")
+
+
+def test_the_store_option_is_one_journal_or_the_other(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        open_journal(tmp_path, "redis://127.0.0.1:1")
+    with pytest.raises(ValueError, match="expected redis://"):
+        open_journal(None, "http://127.0.0.1:6379")
+    with pytest.raises(ValueError, match="--store redis://127.0.0.1:1"):
+        open_journal(None, "redis://127.0.0.1:1")  # nothing listens there
+    assert open_journal(None, None) is None

@@ -22,7 +22,7 @@ from cascade.data.trend import event_keys
 from cascade.evaluate import load_saved
 from cascade.models import MODELS
 from export.bundle import MANIFEST
-from export.online import SqliteJournal
+from export.online import RedisJournal, SqliteJournal
 from export.replay import http_post, replay
 from export.runtime import CascadeService
 from teachers import TEACHERS
@@ -44,6 +44,18 @@ def trend_run(tmp_path_factory):
     return tmp / "runs" / "frozen_trend", tmp / "bundle"
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request, tmp_path):
+    """(the serve options of a durable journal, a function opening it here): a --state directory,
+    or --store on a real redis-server (flushed; the server itself, to kill and restart)."""
+    if request.param == "sqlite":
+        state = tmp_path / "state"
+        return ["--state", str(state)], lambda: SqliteJournal(state), None
+    server = request.getfixturevalue("redis_server")
+    server.flush()
+    return ["--store", server.url], lambda: RedisJournal(server.url), server
+
+
 def test_the_bundle_carries_the_trend_and_runs_the_item_tower_live(trend_run):
     _, bundle = trend_run
     manifest = json.loads((bundle / MANIFEST).read_text())
@@ -62,10 +74,10 @@ def test_the_bundle_carries_the_trend_and_runs_the_item_tower_live(trend_run):
     assert len(service.online.live) == len(keys)
 
 
-def test_a_replay_through_http_keeps_every_stage_as_the_torch_cascade(trend_run, tmp_path):
+def test_a_replay_through_http_keeps_every_stage_as_the_torch_cascade(trend_run, backend):
     run, bundle = trend_run
     saved = load_saved(run, models={**MODELS, **TEACHERS})
-    service = CascadeService(bundle, journal=SqliteJournal(tmp_path / "state"))
+    service = CascadeService(bundle, journal=backend[1]())
     user_fields = list(service.user_fields)
     server, thread, url = serve_in_thread(service)
     try:
@@ -112,9 +124,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(bundle: Path, state: Path, *more: str) -> tuple[subprocess.Popen, str]:
+def _start(bundle: Path, *more: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port), "--state", str(state), *more], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port), *more], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -128,41 +140,50 @@ def _start(bundle: Path, state: Path, *more: str) -> tuple[subprocess.Popen, str
     raise AssertionError("the server did not start in 60 s")
 
 
-def test_every_acknowledged_event_survives_sigkill_at_random_points(trend_run, tmp_path):
+def test_every_acknowledged_event_survives_sigkill_at_random_points(trend_run, backend):
     # A client posts batches of 50 events as fast as the server acknowledges them; the server is
-    # killed with SIGKILL at a random moment, three times, each restart on the same --state. The
-    # journal must then hold every acknowledged batch (and at most the one in flight besides).
+    # killed with SIGKILL at a random moment, three times, each restart on the same journal. With
+    # Redis, the second time redis-server is SIGKILLed first and restarted from its append-only
+    # file. The journal must then hold every acknowledged batch (and at most the one in flight).
     _, bundle = trend_run
-    state = tmp_path / "state"
+    options, journal, redis_server = backend
     items = np.load(bundle / "catalog.npz")["item_id"]
     rng = np.random.default_rng(11)
     acked: list[list[dict]] = []
     in_flight = 0
-    for _ in range(3):
-        proc, url = _start(bundle, state)
+    for round in range(3):
+        proc, url = _start(bundle, *options)
         post = http_post(url, timeout=5)
-        stop = time.monotonic() + rng.uniform(0.3, 1.5)
-        killer = threading.Timer(stop - time.monotonic(), lambda: os.kill(proc.pid, signal.SIGKILL))
+        kill_redis = redis_server is not None and round == 1
+
+        def kill(proc=proc, kill_redis=kill_redis):
+            if kill_redis:
+                redis_server.kill()
+            os.kill(proc.pid, signal.SIGKILL)
+
+        killer = threading.Timer(rng.uniform(0.3, 1.5), kill)
         killer.start()
         while True:
             batch = [{"item_id": int(rng.choice(items)), "ts": int(rng.integers(0, 10**6)), "kind": "exposure"} for _ in range(50)]
             try:
                 assert post("/events", {"events": batch}) == {"accepted": 50}
-            except (OSError, urllib.error.URLError):
+            except OSError:  # refused, reset, or a 500 once Redis is gone
                 in_flight += 1
                 break
             acked.append(batch)
         killer.join()
         proc.wait(timeout=10)
         assert proc.returncode == -signal.SIGKILL
+        if kill_redis:
+            redis_server.start()
     assert len(acked) >= 3
     snapshot = np.load(bundle / "online" / "events.npy")
-    _, _, have = SqliteJournal(state).read_after(0)  # the whole journal (no snapshot: SNAPSHOT_EVERY is far off)
+    _, _, have = journal().read_after(0)  # the whole journal (no snapshot: SNAPSHOT_EVERY is far off)
     want = event_keys(np.array([e["item_id"] for b in acked for e in b]), np.array([e["ts"] for b in acked for e in b]))
     assert not Counter(want.tolist()) - Counter(have.tolist())  # every acknowledged event, as often as sent
     assert len(want) <= len(have) <= len(want) + 50 * in_flight
     # and a restarted server counts them: its /health shows the snapshot plus the journal
-    proc, url = _start(bundle, state)
+    proc, url = _start(bundle, *options)
     try:
         with urllib.request.urlopen(f"{url}/health") as r:
             assert json.loads(r.read())["online"]["events"] == len(snapshot) + len(have)
@@ -176,11 +197,11 @@ def _get(url: str) -> dict:
         return json.loads(r.read())
 
 
-def test_worker_processes_see_the_same_counts_through_the_shared_journal(trend_run, tmp_path, capsys):
+def test_worker_processes_see_the_same_counts_through_the_shared_journal(trend_run, backend, capsys):
     _, bundle = trend_run
     assert main(["serve", str(bundle), "--workers", "2"]) == 2  # no shared journal: refused
     assert "--state" in capsys.readouterr().err
-    proc, url = _start(bundle, tmp_path / "state", "--workers", "2")
+    proc, url = _start(bundle, *backend[0], "--workers", "2")
     try:
         item = int(np.load(bundle / "catalog.npz")["item_id"][0])
         at = 10**6
