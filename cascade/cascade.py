@@ -118,6 +118,7 @@ class TorchScorer:
 
     def __init__(self, model: nn.Module, lists_per_batch: int = 64):
         self.model, self.lists_per_batch = model, lists_per_batch
+        self.list_dependent = getattr(model, "list_dependent", False)
 
     def __call__(self, lists: ListBatch) -> np.ndarray:
         return score_lists(self.model, lists, self.lists_per_batch)
@@ -170,11 +171,17 @@ def best_first(lists: ListBatch, scores: np.ndarray, kept: np.ndarray, width: in
     order = np.argsort(np.where(kept, -scores, np.inf), axis=1, kind="stable")[:, :width]
     cut = lists.take_columns(order)
     alive = np.take_along_axis(kept, order, 1)
-    return replace(cut, mask=cut.mask & alive), np.where(alive, np.take_along_axis(scores, order, 1), -np.inf)
+    # a column past the survivors is padding, id 0 included: a list-dependent scorer reads the ids
+    item = {**cut.item, "item_id": np.where(alive, cut.item["item_id"], 0)}
+    return replace(cut, mask=cut.mask & alive, item=item), np.where(alive, np.take_along_axis(scores, order, 1), -np.inf)
 
 
 class Cascade:
-    """recall (a retriever and its quota, optional) -> stages in order, each cutting to its quota."""
+    """recall (a retriever and its quota, optional) -> stages in order, each cutting to its quota.
+
+    A scorer whose scores depend on the list it is given (``list_dependent``: a blend standardises
+    each part over the list) cuts, in a ``full`` run too, the list it is served: what survived
+    the stages before it; its scores of the whole list are still what the figures read."""
 
     def __init__(self, stages: Sequence[Stage], retriever: Retriever | None = None, recall_quota: int = 0, catalog: Catalog | None = None):
         if retriever is not None and (recall_quota < 1 or catalog is None):
@@ -183,6 +190,22 @@ class Cascade:
         if any(q < 1 for q in quotas) or any(a <= b for a, b in zip(quotas, quotas[1:])):
             raise ValueError(f"quotas must be >= 1 and shrink from stage to stage, got {quotas}")
         self.stages, self.retriever, self.recall_quota, self.catalog = list(stages), retriever, recall_quota, catalog
+
+    @staticmethod
+    def _cut_as_served(stage: Stage, lists: ListBatch, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stage's top quota of the ``alive`` candidates, scored as a list of their own (in the
+        order of ``lists``, so ties still go to the earlier candidate): kept (B, N) bool, and
+        those scores at their columns (B, N; -inf elsewhere)."""
+        width = max(int(alive.sum(axis=1).max(initial=0)), 1)
+        cols = np.argsort(~alive, axis=1, kind="stable")[:, :width]  # each row's alive columns first, in order
+        sub = lists.take_columns(cols)
+        on = sub.mask & np.take_along_axis(alive, cols, 1)
+        sub = replace(sub, mask=on, item={**sub.item, "item_id": np.where(on, sub.item["item_id"], 0)})
+        scores = np.asarray(stage.scorer(sub), np.float32)
+        kept, served = np.zeros_like(alive), np.full(alive.shape, -np.inf, np.float32)
+        np.put_along_axis(kept, cols, top_mask(scores, on, stage.quota), axis=1)
+        np.put_along_axis(served, cols, np.where(on, scores, -np.inf), axis=1)
+        return kept & alive, served
 
     def run(self, requests: ListBatch, candidates: ListBatch | None = None, full: bool = False) -> CascadeOutput:
         """Serve ``requests`` (B, ...). ``candidates``: lists to start from instead of retrieving
@@ -200,11 +223,15 @@ class Cascade:
         else:
             lists = candidates
         current, alive = lists, lists.mask
-        for stage in self.stages:
+        order_by = None  # the last stage's scores as served, where they differ from its whole-list ones
+        for i, stage in enumerate(self.stages):
             start = time.perf_counter()
             if full:
                 scores = np.asarray(stage.scorer(lists), np.float32)
-                kept = top_mask(scores, alive, stage.quota)
+                if i and getattr(stage.scorer, "list_dependent", False):
+                    kept, order_by = self._cut_as_served(stage, lists, alive)
+                else:
+                    kept, order_by = top_mask(scores, alive, stage.quota), None
                 out.append(StageOutput(stage.name, lists, scores, kept, time.perf_counter() - start))
                 alive = kept
             else:
@@ -213,6 +240,6 @@ class Cascade:
                 out.append(StageOutput(stage.name, current, scores, kept, time.perf_counter() - start))
                 current, _ = best_first(current, scores, kept, stage.quota)
         last = out[-1]
-        final, final_scores = best_first(last.lists, last.scores, last.kept, self.stages[-1].quota if self.stages else self.recall_quota)
+        final, final_scores = best_first(last.lists, last.scores if order_by is None else order_by, last.kept, self.stages[-1].quota if self.stages else self.recall_quota)
         return CascadeOutput(out, np.where(final.mask, final.item["item_id"], 0), final_scores)
 

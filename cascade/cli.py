@@ -311,6 +311,8 @@ TASKS = """tasks (an experiment's 'task:'):
   pointwise  BCE on the logged exposures (any model; gbdt trains LightGBM)
   recall     a two-tower over the whole catalog, sampled softmax (the recall stage)
   distill    a model on the recall lists with a loss mix, against a frozen teacher ('distill.teacher')
+  blend      sum_i w_i z(score_i) per list over models and item fields ('model: {name: blend,
+             params: {parts: [din, item_trend_7d]}}'), the weights chosen on the validation lists
   cascade    recall -> pre-rank -> rank reported (and with 'method: rankflow|lcron' trained) as one;
              its run folder holds stages.json and stages/*.pt, what `cascade export` and `cascade eval` read
 `cascade train` runs every task; `cascade distill` only the 'task: distill' experiments."""

@@ -192,7 +192,8 @@ class ExperimentConfig:
     train: TrainConfig
     out: str = "runs"
     # pointwise: BCE on exposures | recall: retrieval over the catalog | distill: a pre-ranker on
-    # the flow's lists | cascade: recall -> pre-rank -> rank reported and trained as one
+    # the flow's lists | blend: a model's weights chosen on validation lists (model.name: blend) |
+    # cascade: recall -> pre-rank -> rank reported and trained as one
     task: str = "pointwise"
     recall: RecallConfig = field(default_factory=RecallConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -278,7 +279,7 @@ def _build(cls, raw: Any, where: str):
         raise ConfigError(f"{where}.{e}" if key in known else f"{where}: {e}") from None
 
 
-TASKS = ("pointwise", "recall", "distill", "cascade")
+TASKS = ("pointwise", "recall", "distill", "blend", "cascade")
 
 
 def _train(raw: Any, where: str) -> TrainConfig:
@@ -318,6 +319,9 @@ def monitors(exp: ExperimentConfig) -> tuple[str, ...] | None:
         return (f"teacher_recall@{k}@20", f"teacher_recall@{k}@{m}", f"recall@{k}", f"ndcg@{k}", "oracle_ratio")
     if exp.task == "pointwise" and exp.model.name != "gbdt":
         return ("auc", "gauc", "logloss")
+    if exp.task == "blend":
+        k = exp.distill.rank_quota
+        return (f"recall@{k}", f"ndcg@{k}")
     return None
 
 
@@ -396,6 +400,8 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
         missing = sorted({"config", "experiment"} - set(exp.cascade.recall))
         if exp.task == "cascade" and missing:
             raise ConfigError(f"{where}.cascade.recall: '{missing[0]}' is required (the recall experiment: {{config, experiment}})")
+        if (exp.model.name == "blend") != (exp.task == "blend") and exp.task != "cascade":
+            raise ConfigError(f"{where}: a blend is model.name 'blend' with task 'blend' (its weights are chosen, not trained), got model '{exp.model.name}' with task '{exp.task}'")
         if exp.data.stream == "always" and exp.model.name == "gbdt" and exp.task != "cascade":
             raise ConfigError(f"{where}.data.stream: 'always', but a LightGBM model (gbdt) reads its data whole; set stream: auto or never")
         allowed = monitors(exp)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cascade.blend import BLEND
 from cascade import metrics as M
 from cascade.config import ConfigError, DistillConfig
 from cascade.data.lists import ListBatch, build_lists, concat_lists
@@ -254,7 +255,7 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
         score = lambda model, split: score_lists(model, lists[split])  # noqa: E731
     if teacher_exp is None:
         teacher_scores = {split: np.zeros(lst.mask.shape, np.float32) for split, lst in lists.items()}
-    elif teacher_exp.model.name not in models:
+    elif teacher_exp.model.name not in models and teacher_exp.model.name != BLEND:  # a blend of torch models is one
         if train_teacher is None:
             raise ConfigError(f"distill.teacher: '{teacher_exp.name}' ({teacher_exp.model.name}) is not a torch model and nothing here can train it")
         if streamed:

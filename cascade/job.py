@@ -17,7 +17,7 @@ from typing import Callable
 from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.report import text_table
 
-STEP_ORDER = ("pointwise", "recall", "distill", "cascade")
+STEP_ORDER = ("pointwise", "recall", "blend", "distill", "cascade")  # a blend may teach a student
 
 
 @dataclass

@@ -59,7 +59,7 @@ from cascade.data.synth import WORLD_FILE, World
 from cascade.flow import DistillLoss, report_totals, train_distill
 from cascade.models import list_tensors, load_trained
 from cascade.distributed import barrier, data_parallel, world_size
-from cascade.pipeline import prepare_data, streams, tower_forward, train_pointwise, train_recall, trend_spec, with_trend_fields
+from cascade.pipeline import prepare_data, streams, tower_forward, train_blend, train_pointwise, train_recall, trend_spec, with_trend_fields
 from cascade.recall import RecallStep, item_table, streamed_training_data, training_pairs
 from cascade.losses.arf import UncertaintyWeights, e2e_loss, relax_bce
 from cascade.losses.sorting import neural_sort, top_k_indicator
@@ -221,6 +221,8 @@ def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Modul
         result = train_distill(exp, teacher, models, lambda e: train_experiment(e, config, models, boosted, named))
     elif exp.task == "recall":
         result = train_recall(exp, models)
+    elif exp.task == "blend":
+        result = train_blend(exp, models, lambda e: train_experiment(e, config, models, boosted, named))
     elif boosted and exp.model.name in boosted:
         result = boosted[exp.model.name](exp)
     else:

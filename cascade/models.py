@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cascade.config import ConfigError, ExperimentConfig
+from cascade.blend import BLEND, Blend
+from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch
 from cascade.data.store import Dataset, memory_bytes
 from cascade.towers.dat import DAT
 from cascade.towers.dssm import DSSM
-from cascade.towers.embedding import HISTORY, Embeddings, pack_items, pack_user
+from cascade.towers.embedding import HISTORY, Embeddings, Slot, pack_items, pack_user
 from cascade.towers.hit import HIT
 from cascade.towers.inttower import IntTower
 from cascade.towers.senet import SENetTwoTower
@@ -29,6 +30,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTo
 
 
 def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]] = MODELS) -> nn.Module:
+    if exp.model.name == BLEND:
+        return build_blend(exp, ds, models)
     if exp.model.name not in models:
         raise ConfigError(f"{exp.where}.model.name: unknown model '{exp.model.name}' (have: {', '.join(models)})")
     spec = ds.schema.features
@@ -45,6 +48,36 @@ def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[.
         return models[exp.model.name](user, item, embeddings, history_len=history_len, **exp.model.params)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{exp.where}.model: {exp.model.name} with params {exp.model.params}: {e}") from None
+
+
+def blend_parts(exp: ExperimentConfig, ds: Dataset) -> dict[str, ExperimentConfig | None]:
+    """A blend's parts by name: an experiment of its config file, or None for an item field."""
+    parts = exp.model.params.get("parts")
+    if not isinstance(parts, list) or len(parts) < 2 or not all(isinstance(p, str) for p in parts) or len(set(parts)) < len(parts):
+        raise ConfigError(f"{exp.where}.model.params.parts: expected a list of two or more distinct names (experiments of this file or item fields), got {parts!r}")
+    extra = sorted(set(exp.model.params) - {"parts"})
+    if extra:
+        raise ConfigError(f"{exp.where}.model.params: unknown key '{extra[0]}' (a blend has 'parts'; its weights are chosen on validation)")
+    experiments = {e.name: e for e in load_config(exp.source)} if exp.source else {}
+    fields = {f.name for f in ds.schema.features.side("item") if not f.multi}
+    out = {}
+    for name in parts:
+        if name in experiments and name != exp.name:
+            out[name] = experiments[name]
+        elif name in fields:
+            out[name] = None
+        else:
+            raise ConfigError(f"{exp.where}.model.params.parts: '{name}' is neither another experiment of {exp.source} nor an item field of {exp.data.dir} (fields: {', '.join(sorted(fields))})")
+    return out
+
+
+def build_blend(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]]) -> Blend:
+    """The blend of ``exp`` with its parts' architectures (their weights and the blend's are
+    loaded after); its weights start at the first part alone."""
+    parts = blend_parts(exp, ds)
+    built = {name: None if e is None else build_model(e, ds, models) for name, e in parts.items()}
+    fields = {name: Slot(name, 0, 1, name) for name, e in parts.items() if e is None}
+    return Blend(built, [1.0] + [0.0] * (len(parts) - 1), fields)
 
 
 TRAINING_COPIES = 4  # weights, gradients and Adam's two moments

@@ -19,9 +19,9 @@ from torch import nn
 
 from cascade import metrics as M
 from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_config
-from cascade.data.lists import ListBatch, pointwise_lists
+from cascade.data.lists import ListBatch, build_lists, pointwise_lists
 from cascade.data.schema import EXPOSED
-from cascade.data.store import Dataset, memory_bytes, read_dataset, write_dataset, write_text_atomic
+from cascade.data.store import Dataset, memory_bytes, read_dataset, write_atomic, write_dataset, write_text_atomic
 from cascade.data.stream import SampleStream, fits_in_memory, in_memory_bytes
 from cascade.data.trend import TREND_SCALES, ItemTrend, TrendSpec, trend_schema, with_trend
 from cascade.distributed import rank_zero_first
@@ -30,9 +30,10 @@ from cascade.losses.hit import generation
 from cascade.losses.inttower import contrastive_interaction
 from cascade.losses.pointwise import bce
 from cascade.recall import RecallStep, evaluate_recall, item_table, recall_output, streamed_training_data, training_pairs
-from cascade.models import MODELS, build_model, load_trained, predict
+from cascade.blend import BLEND, Blend, blend_weights, standardised
+from cascade.models import MODELS, blend_parts, build_model, load_trained, predict, score_lists
 from cascade.towers.dat import DAT
-from cascade.towers.embedding import pack_items, pack_user
+from cascade.towers.embedding import Slot, pack_items, pack_user
 from cascade.towers.hit import HIT
 from cascade.towers.inttower import IntTower
 from cascade.train import StreamedTensors, Tensors, Trainer
@@ -292,6 +293,50 @@ def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Mo
     write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result
+
+
+def train_blend(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Module]], train_part: Callable) -> dict:
+    """Choose a blend's weights (``cascade.blend``) on the validation lists of its data, never on
+    test: each model part trained first (``train_part``) if its run folder has none, every part
+    scored and standardised per list, the weights by ``blend_weights`` on ``train.monitor``
+    (Recall@k or NDCG@k of the logged positives). Writes ``best.pt`` (the blend with its parts'
+    weights) and ``results.json``: the weights, and the blend beside each part alone on valid and
+    test."""
+    if exp.model.name != BLEND:
+        raise ConfigError(f"{exp.where}.model.name: a 'task: blend' experiment's model is '{BLEND}', got '{exp.model.name}'")
+    if exp.data.stream == "always":
+        raise ConfigError(f"{exp.where}.data.stream: a blend reads its validation and test lists whole; set stream: auto or never")
+    ds = prepare_data(exp.data)
+    parts = blend_parts(exp, ds)
+    loaded = {name: None if e is None else load_trained(e, ds, models, train_part) for name, e in parts.items()}
+    lists = {split: build_lists(ds, split) for split in ("valid", "test")}
+    metric, k = exp.train.monitor.split("@")
+    quality = {"recall": M.recall_at_k, "ndcg": M.ndcg_at_k}[metric]
+    figures = lambda scores, lst: {f"recall@{k}": quality_of(M.recall_at_k, scores, lst, int(k)), f"ndcg@{k}": quality_of(M.ndcg_at_k, scores, lst, int(k))}  # noqa: E731
+    z = {}
+    for split, lst in lists.items():
+        raw = [lst.item[name].astype(np.float32) if m is None else score_lists(m, lst) for name, m in loaded.items()]
+        z[split] = [standardised(torch.from_numpy(r), torch.from_numpy(lst.mask)).numpy() for r in raw]
+    weights = blend_weights(z["valid"], lambda s: quality_of(quality, s, lists["valid"], int(k)))
+    fields = {name: Slot(name, 0, 1, name) for name, m in loaded.items() if m is None}
+    blend = Blend(loaded, weights, fields)
+    exp.run_dir.mkdir(parents=True, exist_ok=True)
+    state = {key: v.cpu() for key, v in blend.state_dict().items()}
+    write_atomic(exp.run_dir / "best.pt", lambda f: torch.save(state, f))
+    result = {"experiment": exp.name, "task": "blend", "model": BLEND, "weights": dict(zip(loaded, weights))}
+    for split, lst in lists.items():
+        blended = score_lists(blend, lst)
+        result[split] = figures(blended, lst)
+        result[f"{split}_parts"] = {name: figures(part, lst) for name, part in zip(loaded, z[split])}
+    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
+    print(f"{exp.name}: " + " + ".join(f"{w:g} z({name})" for name, w in result["weights"].items()) + f" (on valid {exp.train.monitor}); test " + " ".join(f"{key} {v:.4f}" for key, v in result["test"].items()) + "; alone: " + "; ".join(f"{name} " + " ".join(f"{v:.4f}" for v in f.values()) for name, f in result["test_parts"].items()), flush=True)
+    return result
+
+
+def quality_of(metric: Callable, scores: np.ndarray, lists: ListBatch, k: int) -> float:
+    """A list metric (``metrics.recall_at_k``, ``ndcg_at_k``) of ``scores`` against the lists'
+    logged positives, as one number."""
+    return float(metric(scores, lists.label, k, lists.mask))
 
 
 def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Module]] = MODELS) -> dict:

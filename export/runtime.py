@@ -111,6 +111,7 @@ class OnnxRankScorer:
     def __init__(self, root: Path, stage: dict, threads: int = 1):
         self.model = session(root / "rank" / "model.onnx", threads)
         self.user_slots, self.item_slots = _slots(stage["user_inputs"]), _slots(stage["item_inputs"])
+        self.list_dependent = stage.get("list_dependent", False)  # a blend: standardised per list
 
     def __call__(self, lists: ListBatch) -> np.ndarray:
         # a few thousand candidates a call: DIN's attention holds (B, N, L, hidden) floats, 6 GB

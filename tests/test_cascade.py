@@ -105,3 +105,35 @@ def test_the_catalog_gives_a_retrieved_item_the_trend_its_stored_list_has(small_
         assert len(np.unique(lists.item[name][lists.mask])) > 1  # the check is not over a constant
     with pytest.raises(ValueError, match="request's time"):
         Catalog.from_dataset(ds, TrendSpec((1,), scale)).attach(_requests(), np.array([[1, 2]]))
+
+
+class ZSum:
+    """z(id) + z(colour) over the list given (a blend's form): its order depends on the list."""
+
+    list_dependent = True
+
+    def __call__(self, lists):
+        from cascade.blend import standardised
+
+        m = torch.from_numpy(lists.item["item_id"] > 0)
+        z = lambda name: standardised(torch.tensor(lists.item[name], dtype=torch.float32), m)  # noqa: E731
+        return (z("item_id") + z("colour")).numpy()
+
+
+def test_a_list_dependent_ranker_cuts_in_full_mode_what_serving_cuts():
+    # ids 1..7, pre-rank by id keeps 7, 6, 5, 4 (colours id % 3 + 1: 2, 1, 3, 2).
+    # Served, the ranker sees those four: z(id) = (id - 5.5) / 1.118 -> 4: -1.342, 5: -0.447,
+    # 6: 0.447, 7: 1.342; z(colour) = (c - 2) / 0.707 -> 4: 0, 5: 1.414, 6: -1.414, 7: 0; sums
+    # 4: -1.342, 5: 0.967, 6: -0.967, 7: 1.342 -> it shows 7 then 5.
+    # Over the whole list 1..7 instead, z(id) = (id - 4) / 2 and z(colour) = (c - 2) / 0.756 give
+    # 5: 0.5 + 1.323 = 1.823 above 7: 1.5: 5 then 7, the order a full run would cut if it scored
+    # the whole list.
+    lists = _catalog().attach(_requests(), np.array([[1, 2, 3, 4, 5, 6, 7]]))
+    flow = Cascade([Stage("prerank", by_id, 4), Stage("rank", ZSum(), 2)])
+    served, full = flow.run(lists, candidates=lists), flow.run(lists, candidates=lists, full=True)
+    assert served.items.tolist() == full.items.tolist() == [[7, 5]]
+    assert full.stages[1].kept.tolist() == [[False, False, False, False, True, False, True]]
+    assert full.stages[1].scores.shape == (1, 7)  # the whole list still scored, for the figures
+    naive = ZSum()
+    naive.list_dependent = False
+    assert Cascade([Stage("prerank", by_id, 4), Stage("rank", naive, 2)]).run(lists, candidates=lists, full=True).items.tolist() == [[5, 7]]

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -211,9 +212,12 @@ def test_worker_processes_see_the_same_counts_through_the_shared_journal(trend_r
         for k in range(5):
             assert http_post(url)("/events", {"events": [{"item_id": item, "ts": at - 100 - k, "kind": "exposure"}]}) == {"accepted": 1}
         pids, seen = set(), set()
-        for _ in range(40):  # a new connection each: the kernel spreads them over the workers
-            pids.add(_get(f"{url}/health")["pid"])
-            seen.add(_get(f"{url}/features?item_id={item}&ts={at}")["counts"]["1d"])
+        deadline = time.monotonic() + 30
+        with ThreadPoolExecutor(8) as pool:  # concurrent connections: the kernel hands them to both workers
+            while len(pids) < 2 and time.monotonic() < deadline:
+                for health, features in pool.map(lambda _: (_get(f"{url}/health"), _get(f"{url}/features?item_id={item}&ts={at}")), range(16)):
+                    pids.add(health["pid"])
+                    seen.add(features["counts"]["1d"])
         assert len(pids) == 2, pids
         assert seen == {before.pop() + 5}
     finally:
