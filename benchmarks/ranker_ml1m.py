@@ -6,7 +6,7 @@ positives (rating >= 4) alone and as pre-rank top-50 -> rank top-10 flows (issue
 
 Rankers: each experiment named (trained first if missing), most-popular (training positives), and
 blends ``z(a) + w z(b)`` of two scorers (each list's scores standardised), ``w`` chosen on the
-validation lists, reported on test. Writes benchmarks/results/ranker_ml1m.{md,json}.
+validation lists as ``task: blend`` chooses it (``cascade.blend``), reported on test. Writes benchmarks/results/ranker_ml1m.{md,json}.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cascade import metrics as M
+from cascade.blend import GRID, blend_weights, standardised
 from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.data.schema import EXPOSED
@@ -31,22 +33,15 @@ from teachers import BOOSTED, TEACHERS
 from provenance import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-def standardised(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Each list's valid scores to mean 0, std 1 (padding 0)."""
-    s = np.where(mask, scores, np.nan).astype(np.float64)
-    mean = np.nanmean(s, axis=1, keepdims=True)
-    std = np.nanstd(s, axis=1, keepdims=True) + 1e-9
-    return np.where(mask, (s - mean) / std, 0.0)
+WEIGHTS = GRID  # the weights a blend tries (cascade.blend)
 
 
 def blend(a: dict[str, np.ndarray], b: dict[str, np.ndarray], lists: dict) -> tuple[float, dict[str, np.ndarray]]:
-    """``z(a) + w z(b)`` per split (each list's scores standardised), ``w`` the ``WEIGHTS`` one with
-    the best valid Recall@10; returns (w, the blend's scores per split)."""
-    z = {s: (standardised(a[s], lists[s].mask), standardised(b[s], lists[s].mask)) for s in lists}
-    w = max(WEIGHTS, key=lambda w: quality(z["valid"][0] + w * z["valid"][1], lists["valid"])["recall@10"])
+    """``z(a) + w z(b)`` per split, each list's scores standardised and ``w`` chosen on the
+    validation Recall@10, both as the tool's blended stage does (``cascade.blend``); returns (w,
+    the blend's scores per split)."""
+    z = {s: [standardised(torch.from_numpy(np.asarray(x[s], np.float32)), torch.from_numpy(lists[s].mask)).numpy() for x in (a, b)] for s in lists}
+    _, w = blend_weights(z["valid"], lambda scores: quality(scores, lists["valid"])["recall@10"])
     return w, {s: z[s][0] + w * z[s][1] for s in lists}
 
 

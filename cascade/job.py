@@ -51,7 +51,7 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
         for exp in (e for e in exps if e.task == task):
             steps.append(Step(f"train {exp.name} (task: {task})", lambda exp=exp: _finished(exp), lambda exp=exp: train_experiment(exp, config, models, BOOSTED)))
     for exp in cascades:
-        steps.append(Step(f"export {exp.name}", lambda exp=exp: (exp.run_dir / "bundle" / "manifest.json").exists(), lambda exp=exp: export_run(exp.run_dir)))
+        steps.append(Step(f"export {exp.name}", lambda exp=exp: exported(exp.run_dir), lambda exp=exp: export_run(exp.run_dir)))
     report = cascades[0].run_dir.parent / "report"
 
     def report_fresh() -> bool:
@@ -62,16 +62,31 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
     return steps, cascades, report
 
 
+def exported(run_dir: Path) -> bool:
+    """The run's bundle is written, and replayed where it serves online features."""
+    manifest = run_dir / "bundle" / "manifest.json"
+    return manifest.exists() and (not json.loads(manifest.read_text()).get("online") or (run_dir / "replay.json").exists())
+
+
 def export_run(run_dir: Path) -> Path:
-    """``cascade export RUN_DIR --out RUN_DIR/bundle`` (exact faiss index), with the parity check."""
+    """``cascade export RUN_DIR --out RUN_DIR/bundle`` (exact faiss index), with the parity check;
+    a bundle with online features is then served over HTTP and the whole test split replayed
+    through it (``RUN_DIR/replay.json``)."""
     from export.bundle import IndexSpec, write_bundle
     from export.runtime import CascadeService
+    from cascade.data.store import write_text_atomic
+    from export.replay import replay_served, summary
     from export.stages import from_run, parity, torch_cascade
 
     data, stages, trend = from_run(run_dir)
     out = write_bundle(data, *stages, run_dir / "bundle", IndexSpec("flat"), False, {"run_dir": str(Path(run_dir).resolve())}, trend)
-    report = parity(CascadeService(out), torch_cascade(data, stages, trend), data)
+    reference = torch_cascade(data, stages, trend)
+    report = parity(CascadeService(out), reference, data)
     print("  parity against torch: " + " ".join(f"{k} {v:.6g}" for k, v in report.items()), flush=True)
+    if trend:  # its online features: the whole test split replayed through the served bundle
+        replayed = replay_served(out, data, reference)
+        print("  " + summary(replayed), flush=True)
+        write_text_atomic(out.parent / "replay.json", json.dumps(replayed, indent=2) + "\n")
     return out
 
 
@@ -128,7 +143,8 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
         test = {k: v for k, v in results.get("test", {}).items() if isinstance(v, (int, float))}
         if not test:
             raise ValueError(f"{path}/results.json: no test figures (an unfinished run?)")
-        return {"label": results.get("experiment", path.name), "path": str(path), "kind": "stage", "task": results.get("task", "pointwise"), "metrics": {"test": test}, "notes": []}
+        parts = {name: {"test": figures} for name, figures in results.get("test_parts", {}).items()}  # a blend's parts alone
+        return {"label": results.get("experiment", path.name), "path": str(path), "kind": "stage", "task": results.get("task", "pointwise"), "metrics": {"test": test} | ({"parts": parts} if parts else {}), "notes": []}
     else:
         raise ValueError(f"{path}: neither a 'task: cascade' run (stages.json), a bundle (manifest.json) nor a trained stage (results.json)")
     print(f"evaluating {label}: {path}", flush=True)

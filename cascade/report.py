@@ -90,7 +90,12 @@ def tables(entries: list[dict]) -> dict[str, dict]:
     if stages:
         keys = sorted({k for e in stages for k in e["metrics"]["test"]})
         sg = _groups(stages)
-        out["Single-stage runs (test, as each run reported it)"] = _table(["run", "task", "seeds"] + keys, [[label, g[0]["task"], str(len(g))] + [_cell([_get(e, f"metrics/test/{k}") for e in g]) for k in keys] for label, g in sg.items()])
+        rows = []
+        for label, g in sg.items():
+            rows.append([label, g[0]["task"], str(len(g))] + [_cell([_get(e, f"metrics/test/{k}") for e in g]) for k in keys])
+            for part in g[0]["metrics"].get("parts", {}):  # a blend: each part alone, on the same lists
+                rows.append([f"{label}: {part} alone", "blend part", str(len(g))] + [_cell([_get(e, f"metrics/parts/{part}/test/{k}") for e in g]) for k in keys])
+        out["Single-stage runs (test, as each run reported it)"] = _table(["run", "task", "seeds"] + keys, rows)
     groups = _groups([e for e in entries if e["kind"] != "stage"])
     if not groups:
         return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -69,6 +70,7 @@ def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend, eve
     order = np.argsort(trend.ts[pending], kind="stable")
     item, ts = trend.item[pending][order], trend.ts[pending][order]
     sent, same = 0, {name: 0 for name in STAGES} | {"every_stage": 0, "final_order": 0}
+    example: dict[str, Any] = {}
     seconds = {"events": 0.0, "requests": 0.0}
     for row in range(len(requests)):
         upto = int(np.searchsorted(ts, requests.ts[row], side="left"))  # strictly before the request
@@ -79,8 +81,11 @@ def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend, eve
         sent = max(sent, upto)
         seconds["events"] += time.perf_counter() - start
         start = time.perf_counter()
-        got = post("/recommend", request_body(requests, row, user_fields))
+        body = request_body(requests, row, user_fields)
+        got = post("/recommend", body)
         seconds["requests"] += time.perf_counter() - start
+        if not example:
+            example = {"request": body, "response": {key: got[key] for key in ("items", "stages")}}
         stages = [set(got["stages"][name]) == kept_set(want.stages[i], row) for i, name in enumerate(STAGES)]
         for name, ok in zip(STAGES, stages):
             same[name] += ok
@@ -91,4 +96,41 @@ def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend, eve
     r = len(requests)
     out = {"requests": r, "events": sent} | {f"same_{name}_survivors": same[name] / r for name in STAGES}
     out |= {"same_every_stage": same["every_stage"] / r, "same_final_order": same["final_order"] / r}
-    return out | {"seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    return out | {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "example": example}
+
+
+def replay_served(bundle: str | Path, data: EvalData, reference: Cascade, n: int | None = None, every: float = 30.0) -> dict[str, Any]:
+    """``replay`` through the bundle served over HTTP on 127.0.0.1 (a fresh service: its snapshot
+    and nothing else), a progress line every ``every`` seconds."""
+    from export.runtime import CascadeService
+    from export.serve import serve_in_thread
+
+    service = CascadeService(bundle)
+    if service.online is None:
+        raise ValueError(f"{bundle}: its stages read no online feature; nothing to replay")
+    url, stop = serve_in_thread(service)
+    last = [time.monotonic()]
+
+    def progress(done: int) -> None:
+        if time.monotonic() - last[0] >= every:
+            last[0] = time.monotonic()
+            print(f"  replay: {done:,} requests served", flush=True)
+
+    try:
+        return replay(http_post(url), data, reference, data.trend(), service.online.definition.events_until, list(service.user_fields), n, progress)
+    finally:
+        stop()
+        service.close()
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The replay in one line, and the first replayed request with what each stage kept."""
+    same = " ".join(f"{name} {report[f'same_{name}_survivors']:.4f}" for name in STAGES)
+    ex = report["example"]
+    request = {k: (v[-5:] if k == "history" else v) for k, v in ex["request"].items()}
+    stages = ", ".join(f"{name} kept {len(ids)}" for name, ids in ex["response"]["stages"].items())
+    return (
+        f"replay of the test split through the served bundle (HTTP, exposures and requests in time order): {report['requests']:,} requests, {report['events']:,} events; "
+        f"same survivors: {same}; every stage {report['same_every_stage']:.4f}; final order {report['same_final_order']:.4f} ({sum(report['seconds'].values()):.0f}s)\n"
+        f"  a replayed request (history: its last 5): {json.dumps(request)}\n  -> {stages}; shown {ex['response']['items']}"
+    )

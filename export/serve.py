@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
+import time
 from collections import Counter, deque
+from typing import Callable
 
 import numpy as np
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -162,3 +166,25 @@ def app_from_env() -> Starlette:
     """One worker's app (uvicorn's factory under ``--workers``): its own service, reading the
     shared journal."""
     return make_app(service_from(json.loads(os.environ[SERVE_ENV])))
+
+
+def serve_in_thread(service: CascadeService) -> tuple[str, Callable[[], None]]:
+    """``service`` behind uvicorn on a free 127.0.0.1 port in a daemon thread, once it listens:
+    (its base URL, a function that stops it). What `cascade run` replays through, and tests use."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(make_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start listening within 30 s")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop

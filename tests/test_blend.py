@@ -164,3 +164,16 @@ def test_a_bad_blend_is_refused_naming_what_is_wrong(blended, params, task, mess
     with pytest.raises(ConfigError, match=message):
         (exp,) = load_config(bad, "din_blend")
         build_model(exp, prepare_data(exp.data), MODELS)
+
+
+def test_the_report_shows_a_blend_beside_its_parts(blended):
+    from cascade.job import evaluate_path
+    from cascade.report import tables
+
+    _, runs = blended
+    entry = evaluate_path(runs / "din_blend")
+    result = json.loads((runs / "din_blend" / "results.json").read_text())
+    table = tables([entry])["Single-stage runs (test, as each run reported it)"]
+    assert [row[0] for row in table["rows"]] == ["din_blend", "din_blend: din_trend alone", "din_blend: item_trend_7d alone"]
+    column = table["header"].index("recall@4")
+    assert table["rows"][2][column] == f"{result['test_parts']['item_trend_7d']['recall@4']:.4f}"

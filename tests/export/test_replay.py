@@ -26,9 +26,9 @@ from export.bundle import MANIFEST
 from export.online import RedisJournal, SqliteJournal
 from export.replay import http_post, replay
 from export.runtime import CascadeService
+from export.serve import serve_in_thread
 from teachers import TEACHERS
 from tests.conftest import CONFIG
-from tests.export.conftest import serve_in_thread
 from tests.test_evaluate import TREND_DATA, TREND_STAGES
 
 
@@ -80,7 +80,7 @@ def test_a_replay_through_http_keeps_every_stage_as_the_torch_cascade(trend_run,
     saved = load_saved(run, models={**MODELS, **TEACHERS})
     service = CascadeService(bundle, journal=backend[1]())
     user_fields = list(service.user_fields)
-    server, thread, url = serve_in_thread(service)
+    url, stop = serve_in_thread(service)
     try:
         post = http_post(url)
         report = replay(post, saved.data, saved.cascade(), saved.data.trend(), service.online.definition.events_until, user_fields)
@@ -99,8 +99,7 @@ def test_a_replay_through_http_keeps_every_stage_as_the_torch_cascade(trend_run,
             post("/events", {"events": [{"item_id": item, "ts": "noon", "kind": "exposure"}]})
         assert e.value.code == 422 and json.loads(e.value.read())["field"] == "events[0].ts"
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        stop()
 
 
 def test_a_replay_without_the_events_does_not_keep_the_same_items(trend_run):
@@ -109,14 +108,13 @@ def test_a_replay_without_the_events_does_not_keep_the_same_items(trend_run):
     run, bundle = trend_run
     saved = load_saved(run, models={**MODELS, **TEACHERS})
     service = CascadeService(bundle)
-    server, thread, url = serve_in_thread(service)
+    url, stop = serve_in_thread(service)
     try:
         real = http_post(url)
         report = replay(lambda path, body: None if path == "/events" else real(path, body), saved.data, saved.cascade(), saved.data.trend(), service.online.definition.events_until, list(service.user_fields))
         assert report["same_every_stage"] < 0.99, report
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        stop()
 
 
 def _free_port() -> int:

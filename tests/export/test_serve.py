@@ -7,15 +7,14 @@ import urllib.request
 import pytest
 
 from export.runtime import CascadeService
-from tests.export.conftest import serve_in_thread
+from export.serve import serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    server, thread, url = serve_in_thread(CascadeService(bundle))
+    url, stop = serve_in_thread(CascadeService(bundle))
     yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    stop()
 
 
 def call(url, body=None, raw=None):
