@@ -1,7 +1,7 @@
 """The whole cascade, trained jointly or not: one row per ``task: cascade`` experiment of a config
 (recall tower over the catalog -> pre-rank top-m -> rank top-k), compared on joint recall.
 
-    python benchmarks/distill_joint.py [--config configs/distill_synth.yaml] [--seeds 0] [--device cpu] [--only NAME[@SEEDS] ...]
+    python benchmarks/distill_joint.py [--config benchmarks/configs/distill_synth.yaml] [--seeds 0] [--device cpu] [--only NAME[@SEEDS] ...]
 
 A seed seeds the whole cascade but its recall tower: the warm-up pre-rank and rank stages (and a
 distilled pre-ranker's teacher) are the config's experiments at that seed (the config's own run
@@ -79,7 +79,7 @@ def write(rows: dict[str, list[dict]], name: str, config: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/distill_synth.yaml")
+    parser.add_argument("--config", default="benchmarks/configs/distill_synth.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="+", help="only these experiments; NAME@0,1 runs NAME at its own seeds")

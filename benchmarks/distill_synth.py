@@ -1,7 +1,7 @@
-"""Distillation on the synthetic world: one row per loss mix of configs/distill_synth.yaml
+"""Distillation on the synthetic world: one row per loss mix of benchmarks/configs/distill_synth.yaml
 (``distill_ml1m.py`` runs the same on MovieLens-1M).
 
-    python benchmarks/distill_synth.py [--config configs/distill_synth.yaml] [--seeds 0 1 2] [--runs runs/bench_NAME]
+    python benchmarks/distill_synth.py [--config benchmarks/configs/distill_synth.yaml] [--seeds 0 1 2] [--runs runs/bench_NAME]
         [--mixes EXPERIMENT ...] [--name NAME]
 
 (the enhanced towers alone and distilled, issue 12:
@@ -87,7 +87,7 @@ def write(rows: dict[str, list[dict]], args, name: str) -> None:
     write_results(name, lines, {"rows": rows})
 
 
-def main(name: str = "distill_synth", config: str = "configs/distill_synth.yaml") -> None:
+def main(name: str = "distill_synth", config: str = "benchmarks/configs/distill_synth.yaml") -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=config)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

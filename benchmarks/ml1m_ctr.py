@@ -1,4 +1,4 @@
-"""MovieLens-1M benchmark: every model of configs/ml1m_ctr.yaml over 3 seeds, in one table beside
+"""MovieLens-1M benchmark: every model of benchmarks/configs/ml1m_ctr.yaml over 3 seeds, in one table beside
 the published figures. (The recall tower's table is benchmarks/recall_ml1m.py's.)
 
     python benchmarks/ml1m_ctr.py [--seeds 0 1 2] [--models dssm inttower ...] [--runs runs/bench]

@@ -3,7 +3,7 @@
     python benchmarks/ml1m_tune.py [--models dssm inttower din] [--device cuda] [--jobs 4] [--seeds 0 1 2] [--ablation] [--bf16]
 
 Grid (the same six points for every model): lr in {1e-3, 3e-3} x dropout in {0, 0.1, 0.3},
-everything else as in configs/ml1m_ctr.yaml. Seed 0 screens the grid; the point with the best
+everything else as in benchmarks/configs/ml1m_ctr.yaml. Seed 0 screens the grid; the point with the best
 validation AUC is then trained with every seed in ``--seeds`` and scored on test. Test labels
 never choose anything. Runs are independent processes (``--jobs`` at a time; on a GPU several
 share it). Resumable: a finished run (its results.json) is read, not rerun.

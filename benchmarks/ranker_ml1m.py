@@ -1,8 +1,8 @@
 """Is the ranker worth copying on MovieLens-1M? Every trained ranker and pre-ranker of
-configs/ml1m.yaml ranks the same recall top-200 test lists; Recall@10 and NDCG@10 of the real
+benchmarks/configs/distill_ml1m.yaml ranks the same recall top-200 test lists; Recall@10 and NDCG@10 of the real
 positives (rating >= 4) alone and as pre-rank top-50 -> rank top-10 flows (issue 12, target 1).
 
-    python benchmarks/ranker_ml1m.py [--config configs/ml1m.yaml] [--names din ...] [--extra CONFIG:NAME ...]
+    python benchmarks/ranker_ml1m.py [--config benchmarks/configs/distill_ml1m.yaml] [--names din ...] [--extra CONFIG:NAME ...]
 
 Rankers: each experiment named (trained first if missing), most-popular (training positives), and
 blends ``z(a) + w z(b)`` of two scorers (each list's scores standardised), ``w`` chosen on the
@@ -64,7 +64,7 @@ def exposure_auc(scores: np.ndarray, lists) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/ml1m.yaml")
+    parser.add_argument("--config", default="benchmarks/configs/distill_ml1m.yaml")
     parser.add_argument("--names", nargs="+", default=["din", "exposure_bce", "listwise_kd"], help="experiments of --config")
     parser.add_argument("--extra", nargs="*", default=[], metavar="CONFIG:NAME", help="experiments of other configs whose models score the same lists (shown as CONFIG_STEM/NAME)")
     parser.add_argument("--out", default="ranker_ml1m", help="results name")
@@ -117,7 +117,7 @@ def main() -> None:
     lines = [
         f"# {args.out}: rankers on MovieLens-1M's recall top-200 test lists ({args.config})",
         "",
-        f"{len(test):,} test lists of up to {test.list_size} (configs/ml1m.yaml's frozen recall output); positives = rating >= 4. "
+        f"{len(test):,} test lists of up to {test.list_size} (benchmarks/configs/distill_ml1m.yaml's frozen recall output); positives = rating >= 4. "
         "Blends standardise each list's scores; their weight is chosen on validation Recall@10. AUC on rated: liked vs not among the logged (rated) items.",
         "",
         "| ranker (alone, top-10 of 200) | valid Recall@10 | test Recall@10 | test NDCG@10 | AUC on rated |",

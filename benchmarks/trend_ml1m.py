@@ -2,7 +2,7 @@
 
     python benchmarks/trend_ml1m.py [--seeds 0 1 2] [--name trend_ml1m] [--configs CONFIG[:RANKER,INDEPENDENT,DISTILLED[,DISTILLED...]][@SEEDS] ...]
 
-(``@0,1`` gives that config its own seeds, e.g. ``configs/ml1m.yaml@0`` to show a config's seed-0
+(``@0,1`` gives that config its own seeds, e.g. ``benchmarks/configs/distill_ml1m.yaml@0`` to show a config's seed-0
 runs beside another's three seeds.)
 
 For each config and seed, the ranker (``din``), the independent pre-ranker (``exposure_bce``) and
@@ -85,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default="trend_ml1m", help="the results' name: benchmarks/results/NAME.{md,json}")
-    parser.add_argument("--configs", nargs="+", default=["configs/ml1m_trend.yaml:din_oof,exposure_bce_oof,listwise_kd_oof", "configs/ml1m.yaml"], help="CONFIG[:RANKER,INDEPENDENT,DISTILLED[,DISTILLED...]][@SEED,SEED] (default names: din,exposure_bce,listwise_kd; default seeds: --seeds)")
+    parser.add_argument("--configs", nargs="+", default=["benchmarks/configs/ml1m_trend.yaml:din_oof,exposure_bce_oof,listwise_kd_oof", "benchmarks/configs/distill_ml1m.yaml"], help="CONFIG[:RANKER,INDEPENDENT,DISTILLED[,DISTILLED...]][@SEED,SEED] (default names: din,exposure_bce,listwise_kd; default seeds: --seeds)")
     args = parser.parse_args()
     alone: dict[str, list[dict]] = {}
     cascades: dict[str, list[dict]] = {}

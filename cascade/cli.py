@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--experiment", help="only this experiment of the config")
     train.set_defaults(run=_train)
 
-    distill = verbs.add_parser("distill", help="train only a config's 'task: distill' experiments (pre-rankers from their teacher)", parents=[knobs], formatter_class=_Help, description="As `cascade train`, restricted to 'task: distill' experiments; a missing teacher is trained first.", epilog=f"{TASKS}\nexample: cascade distill configs/distill_synth.yaml --experiment listwise_kd")
+    distill = verbs.add_parser("distill", help="train only a config's 'task: distill' experiments (pre-rankers from their teacher)", parents=[knobs], formatter_class=_Help, description="As `cascade train`, restricted to 'task: distill' experiments; a missing teacher is trained first.", epilog=f"{TASKS}\nexample: cascade distill benchmarks/configs/distill_synth.yaml --experiment listwise_kd")
     distill.add_argument("config", type=Path, help="a YAML config (see configs/)")
     distill.add_argument("--experiment", help="only this experiment of the config")
     distill.set_defaults(run=_train)
