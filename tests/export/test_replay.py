@@ -221,3 +221,17 @@ def test_worker_processes_see_the_same_counts_through_the_shared_journal(trend_r
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_the_job_exports_a_trend_cascade_and_replays_its_test_split_through_it(trend_run, capsys):
+    from cascade.job import export_run, exported
+
+    run, _ = trend_run
+    assert exported(run) is False  # the fixture's bundle went elsewhere: nothing under the run yet
+    export_run(run)
+    out = capsys.readouterr().out
+    replayed = json.loads((run / "replay.json").read_text())
+    assert exported(run) is True
+    assert replayed["requests"] == 30 and replayed["same_every_stage"] >= 0.99
+    assert "replay of the test split through the served bundle" in out and "a replayed request" in out
+    assert set(replayed["example"]["response"]["stages"]) == {"recall", "prerank", "rank"}
