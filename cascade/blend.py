@@ -80,6 +80,10 @@ class Blend(nn.Module):
             self.register_buffer(f"user_cols_{i}", cols, persistent=False)
         self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float32))
 
+    def describe(self) -> dict[str, float]:
+        """Each part's weight by name (what stages.json and a bundle's manifest show)."""
+        return dict(zip(self.names, (float(w) for w in self.weights)))
+
     def part_scores(self, user: torch.Tensor, items: torch.Tensor) -> list[torch.Tensor]:
         """Each part's raw scores (B, N): a model's logits, a field's value."""
         out = []

@@ -58,7 +58,8 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
         made = report / "metrics.json"
         return made.exists() and all(made.stat().st_mtime > (e.run_dir / "results.json").stat().st_mtime for e in cascades if (e.run_dir / "results.json").exists())
 
-    steps.append(Step(f"eval -> {report}", report_fresh, lambda: evaluate_runs([e.run_dir for e in cascades], report)))
+    blends = [e.run_dir for e in exps if e.task == "blend"]  # each shown beside its parts
+    steps.append(Step(f"eval -> {report}", report_fresh, lambda: evaluate_runs([e.run_dir for e in cascades] + blends, report)))
     return steps, cascades, report
 
 

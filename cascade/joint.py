@@ -54,6 +54,7 @@ from cascade.data.lists import ListBatch
 from cascade.data.stream import ListStream
 from cascade.data.store import write_atomic, write_text_atomic
 from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_config
+from cascade.blend import Blend
 from cascade.cascade import Cascade, Stage, TorchScorer
 from cascade.data.synth import WORLD_FILE, World
 from cascade.flow import DistillLoss, report_totals, train_distill
@@ -370,4 +371,6 @@ def save_stages(exp, stages: dict[str, tuple[Path, str, nn.Module]]) -> None:
         weights = {k: v.cpu() for k, v in model.state_dict().items()}
         write_atomic(out / f"{name}.pt", lambda f: torch.save(weights, f))
         manifest[name] = {"config": str(Path(config).resolve()), "experiment": experiment, "quota": quotas[name], "weights": f"stages/{name}.pt"}
+        if isinstance(model, Blend):  # its weights, as chosen on validation, in plain sight
+            manifest[name]["blend"] = model.describe()
     write_text_atomic(exp.run_dir / STAGES_FILE, json.dumps(manifest, indent=2) + "\n")

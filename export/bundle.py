@@ -274,7 +274,8 @@ def _write_rank(stage: StageModel, example: ListBatch, out: Path, quantize: bool
     export_ranker(model, example, out / "model.onnx")
     if quantize:
         _quantize(out / "model.onnx")
-    return {"name": "rank", "kind": "onnx", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "item_inputs": _slots(model.item_slots), "list_dependent": bool(getattr(model, "list_dependent", False)), "source": stage.source}
+    blend = {"blend": model.describe()} if hasattr(model, "describe") else {}  # a blend's weights by part
+    return {"name": "rank", "kind": "onnx", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "item_inputs": _slots(model.item_slots), "list_dependent": bool(getattr(model, "list_dependent", False)), "source": stage.source} | blend
 
 
 def verify_bundle(directory: str | Path) -> dict[str, Any]:

@@ -130,7 +130,10 @@ def test_a_blended_rank_stage_exports_serves_and_evaluates_as_served(blended, tm
     assert "rank blend top-4" in out
     assert "same_recall_survivors 1 same_prerank_survivors 1 same_rank_survivors 1 same_final_order 1" in out
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert next(s for s in manifest["stages"] if s["name"] == "rank")["list_dependent"] is True
+    rank = next(s for s in manifest["stages"] if s["name"] == "rank")
+    weights = json.loads((runs / "din_blend" / "results.json").read_text())["weights"]
+    assert rank["list_dependent"] is True and rank["blend"] == weights
+    assert json.loads((runs / "blended" / "stages.json").read_text())["rank"]["blend"] == weights
     # evaluation's full run (every stage scores the whole list) cuts what serving cuts
     saved = load_saved(runs / "blended", models={**MODELS, **TEACHERS})
     cascade = saved.cascade()
