@@ -9,7 +9,7 @@
     cascade distill CONFIG [--experiment NAME]
     cascade export RUN_DIR --out BUNDLE [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
     cascade export --recall CFG:EXP --prerank CFG:EXP --rank CFG:EXP [--quotas 200,50,10] --out BUNDLE
-    cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1 --state DIR | --store redis://HOST:PORT, --workers N]
+    cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1 --state DIR | --store redis://HOST:PORT, --workers N, --max-batch 256, --admin-token T]
     cascade eval RUN_DIR [RUN_DIR ...] [--out runs/report]
     cascade run CONFIG
 
@@ -225,12 +225,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import shutil
+    import socket
+
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from export.bundle import BundleError
-    from export.serve import SERVE_ENV, make_app, service_from
+    from export.serve import ServerMetrics, limits_from, make_app, service_from, uvicorn_config, workers_settings
 
-    settings = {"bundle": str(args.bundle), "threads": args.threads, "state": None if args.state is None else str(args.state), "store": args.store}
+    settings = {"bundle": str(args.bundle), "threads": args.threads, "state": None if args.state is None else str(args.state), "store": args.store, "max_batch": args.max_batch, "admin_token": args.admin_token}
     try:
         if args.workers > 1 and args.state is None and args.store is None:
             raise ValueError(f"--workers {args.workers}: each worker keeps its own counters unless they share a journal; give --state DIR or --store redis://HOST:PORT")
@@ -238,19 +242,31 @@ def _serve(args: argparse.Namespace) -> int:
     except (BundleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
-    routes = "POST /recommend, GET /health, GET /metrics"
+    try:  # bound before the banner: a port in use is an error, not a promise
+        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    except OSError as e:
+        service.close()
+        print(f"error: --host {args.host} --port {args.port}: cannot listen there: {e.strerror or e}", file=sys.stderr)
+        return BAD_INPUT
+    routes = "POST /recommend, GET /health, GET /metrics (Prometheus), GET /metrics.json, POST /admin/reload"
     if service.online is not None:
         routes += ", POST /events, GET /features"
         kept = f"journalled in {args.state or args.store}" if (args.state or args.store) else "kept in memory only, lost on restart (give --state DIR or --store redis://HOST:PORT)"
         print(f"online item trend: {len(service.online.live):,} events, new ones {kept}")
     workers = f", {args.workers} worker processes" if args.workers > 1 else ""
-    print(f"serving {args.bundle} on http://{args.host}:{args.port}{workers} ({routes})", flush=True)
+    print(f"serving {args.bundle} on http://{args.host}:{sock.getsockname()[1]}{workers} ({routes})", flush=True)
+    limits = limits_from(settings)
     if args.workers == 1:
-        uvicorn.run(make_app(service), host=args.host, port=args.port, log_level="warning")
+        metrics = ServerMetrics()
+        uvicorn.Server(uvicorn_config(make_app(service, limits, metrics, settings), limits, metrics)).run(sockets=[sock])
         return 0
     service.close()
-    os.environ[SERVE_ENV] = json.dumps(settings)  # each worker builds its own service from it
-    uvicorn.run("export.serve:app_from_env", factory=True, workers=args.workers, host=args.host, port=args.port, log_level="warning")
+    shared = workers_settings(settings)  # each worker builds its own service from the settings file
+    config = uvicorn.Config("export.serve:app_from_env", factory=True, workers=args.workers, http="export.http:GuardedHttpTools", timeout_keep_alive=limits.idle_timeout_s, log_level="warning")
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     return 0
 
 
@@ -272,6 +288,16 @@ def _overrides(args: argparse.Namespace) -> None:
     COMMAND_LINE.update({"train": train} if train else {})
     if getattr(args, "out_root", None) is not None:
         COMMAND_LINE["out"] = str(args.out_root)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got '{text}'") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {value}")
+    return value
 
 
 def _at_least(low: int):
@@ -410,11 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser("serve", help="serve a bundle over HTTP JSON", formatter_class=_Help, epilog="example: cascade serve runs/quickstart/cascade_distilled/bundle --port 8000\n  curl -s localhost:8000/recommend -d '{\"user_id\": 7, \"history\": [12, 40]}'")
     serve.add_argument("bundle", type=Path, help="a bundle written by `cascade export`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (0: any free port)")
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per session")
     serve.add_argument("--store", default=None, metavar="redis://HOST:PORT[/DB]", help="keep the online features' journal in Redis instead (shared by hosts; the Redis server must run with --appendonly yes --appendfsync always)")
     serve.add_argument("--workers", type=_at_least(1), default=1, help="server processes sharing the port; with online features they share the --state journal, each tailing it")
     serve.add_argument("--state", type=Path, default=None, help="directory of the online features' journal and snapshots (SQLite): events posted to /events are on disk before their 200 and survive a restart; without it they live in memory only")
+    serve.add_argument("--max-batch", type=_at_least(1), default=256, help="requests in one {\"requests\": [...]} body, and in one cascade run of the dynamic batcher")
+    serve.add_argument("--admin-token", default=None, help="POST /admin/reload then answers any client that sends 'Authorization: Bearer TOKEN' (without it: loopback clients only)")
     serve.set_defaults(run=_serve)
 
     ev = verbs.add_parser("eval", help="evaluate cascades offline: per-stage quality, recall-vs-rank consistency, baselines, cost; writes metrics.json, report.md, report.html", formatter_class=_Help, epilog="example: cascade eval runs/quickstart/cascade_independent runs/quickstart/cascade_distilled --out runs/report")

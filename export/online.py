@@ -291,7 +291,7 @@ class EventStore:
     def __init__(self, definition: OnlineFeatures, keys: np.ndarray, item_known: np.ndarray, journal: Journal | None = None, bundle: str = ""):
         """``keys``: the bundle's snapshot of logged events; ``item_known`` (max id + 1,) bool: the
         catalog's ids; ``journal``: None keeps events in memory only (lost on restart)."""
-        self.definition, self.item_known, self.journal = definition, item_known, journal
+        self.definition, self.item_known, self.journal, self.identity = definition, item_known, journal, bundle
         self.seq = 0
         self._sync_lock = threading.Lock()
         self._commit = threading.Condition()

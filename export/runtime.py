@@ -12,6 +12,7 @@ nested list) raises ``RequestError`` naming the field, before any model runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -31,7 +32,7 @@ from cascade.data.schema import SCHEMA_FILE, Schema
 from cascade.data.trend import ItemTrend
 from cascade.recall import ItemIndex
 from cascade.towers.embedding import Slot
-from export.bundle import CATALOG, MANIFEST, set_search, sha256, verify_bundle
+from export.bundle import CATALOG, MANIFEST, BundleError, set_search, sha256, verify_bundle
 from export.online import EventError, EventStore, FUTURE_SLACK, Journal, OnlineFeatures, parse_ts
 from export.onnx import flat_items, item_inputs, session, user_inputs
 from teachers.gbdt import GBDTConfig, GBDTTeacher
@@ -169,14 +170,18 @@ class ParsedRequest:
 class CascadeService:
     """A verified bundle as a cascade: ``recommend(request)`` and ``recommend_batch(requests)``."""
 
-    def __init__(self, bundle: str | Path, threads: int = 1, journal: Journal | None = None):
+    def __init__(self, bundle: str | Path, threads: int = 1, journal: Journal | None = None, online: EventStore | None = None):
         """``threads``: per onnxruntime session, and the BLAS pool numpy uses for the scores (set
         for the whole process: left at the core count, a matrix-vector product of 10k cached items
         wakes every core and waits for them, 8 ms at p50 against 0.15 ms on one). ``journal``:
-        where the online features' events are kept (``export.online``; None: in memory only)."""
+        where the online features' events are kept (``export.online``; None: in memory only).
+        ``online``: the live counters of the bundle this one replaces (a reload), shared when both
+        count the same events on the same snapshot; ``BundleError`` when they do not."""
         threadpool_limits(threads, user_api="blas")
         root = Path(bundle)
+        self.root = root
         self.manifest = verify_bundle(root)
+        self.sha256 = sha256(root / MANIFEST)  # the bundle's identity (/health, /metrics)
         self.schema = Schema.from_json((root / SCHEMA_FILE).read_text())
         with np.load(root / CATALOG) as z:
             ids, fields = z["item_id"], {k: z[k] for k in z.files}
@@ -185,10 +190,19 @@ class CascadeService:
             definition = OnlineFeatures.from_json(self.manifest["online"])
             known = np.zeros(int(ids.max(initial=0)) + 1, bool)
             known[ids] = True
-            self.online = EventStore(definition, np.load(root / self.manifest["online"]["events"]), known, journal, sha256(root / MANIFEST))
+            # a journal's events count on top of the snapshot they were posted to: bundles that
+            # share the definition and the snapshot (a retrained model) share a journal
+            state = json.dumps({"online": self.manifest["online"], "events": self.manifest["files"][self.manifest["online"]["events"]]}, sort_keys=True)
+            identity = hashlib.sha256(state.encode()).hexdigest()
+            if online is not None and online.identity != identity:
+                raise BundleError(f"{root}: its online features (definition or snapshot of events) differ from the bundle served, whose counters it would have to start again; serve it as a new server (a fresh --state)")
+            self.online = online or EventStore(definition, np.load(root / self.manifest["online"]["events"]), known, journal, identity)
             self.catalog = Catalog(ids, fields, self.online, definition.trend)
         else:
+            if online is not None:
+                raise BundleError(f"{root}: its stages read no online feature, unlike the bundle served; serve it as a new server")
             self.catalog = Catalog(ids, fields)
+        self.owns_online = online is None
         stages = {s["name"]: s for s in self.manifest["stages"]}
         rank = stages["rank"]
         ranker = BoosterScorer(root, rank, self.schema, self.catalog) if rank["kind"] == "lightgbm" else OnnxRankScorer(root, rank, threads)
@@ -263,9 +277,22 @@ class CascadeService:
 
     # ------------------------------------------------------------------ serving
 
-    def recommend_batch(self, requests: list[Any]) -> list[dict[str, Any]]:
-        """Serve several requests in one cascade run (each checked first; one bad request
-        refuses the batch, naming it: ``requests[i].field``)."""
+    def contract(self) -> dict[str, Any]:
+        """What a request may hold (``GET /health``): each user field with its vocabulary (ids
+        1..vocab; others are counted as unknown and read as 0) and width, the history's length,
+        ``k``'s range, ``ts`` and ``trace``."""
+        fields = {name: {"type": "list of ids" if f.multi else "id", "vocab": f.vocab} | ({"max_len": f.max_len} if f.multi else {}) for name, f in self.user_fields.items()}
+        return {
+            "fields": fields | {"history": {"type": "list of item ids, oldest first", "vocab": self.item_vocab, "max_len": self.history_max, "longer": "the most recent kept, counted"}},
+            "k": {"min": 1, "max": self.k, "default": self.k},
+            "ts": "seconds since the epoch, at most a day ahead of the server's clock; the server's clock without one",
+            "trace": "true: each stage's survivors go back too",
+            "missing fields": "read as 0 and counted",
+        }
+
+    def parse_batch(self, requests: Any) -> list[ParsedRequest]:
+        """``{"requests": [...]}``'s list, each request checked (one bad request refuses the
+        batch, naming it: ``requests[i].field``)."""
         if not isinstance(requests, list) or not requests:
             raise RequestError("requests", "expected a non-empty list of request objects")
         parsed, now = [], time.time()
@@ -274,6 +301,15 @@ class CascadeService:
                 parsed.append(self.parse(r, now))
             except RequestError as e:
                 raise RequestError(f"requests[{i}].{e.field}", e.message) from None
+        return parsed
+
+    def recommend_batch(self, requests: list[Any]) -> list[dict[str, Any]]:
+        """Serve several requests in one cascade run (each checked first; one bad request
+        refuses the batch, naming it: ``requests[i].field``)."""
+        return self.run_parsed(self.parse_batch(requests))
+
+    def run_parsed(self, parsed: list[ParsedRequest]) -> list[dict[str, Any]]:
+        """Checked requests through the cascade as one batch, a result per request."""
         start = time.perf_counter()
         user = {}
         for name, f in self.user_fields.items():
@@ -308,7 +344,7 @@ class CascadeService:
         return len(keys)
 
     def close(self) -> None:
-        if self.online is not None:
+        if self.online is not None and self.owns_online:
             self.online.close()
 
     def catch_up(self, logged: ItemTrend) -> int:

@@ -235,3 +235,31 @@ def test_the_job_exports_a_trend_cascade_and_replays_its_test_split_through_it(t
     assert replayed["requests"] == 30 and replayed["same_every_stage"] >= 0.99
     assert "replay of the test split through the served bundle" in out and "a replayed request" in out
     assert set(replayed["example"]["response"]["stages"]) == {"recall", "prerank", "rank"}
+
+
+def test_a_reload_keeps_the_live_counters_and_refuses_a_bundle_without_them(trend_run, bundle):
+    run, trend_bundle = trend_run
+    again = trend_bundle.parent / "bundle_again"  # the same run exported again: a new bundle, same snapshot
+    if not again.exists():
+        assert main(["export", str(run), "--out", str(again)]) == 0
+    service = CascadeService(trend_bundle)
+    url, stop = serve_in_thread(service)
+    try:
+        post = http_post(url)
+        item = int(np.flatnonzero(service.online.item_known)[0])
+        at = service.online.definition.events_until + 3600
+        post("/events", {"events": [{"item_id": item, "ts": at, "kind": "exposure"}] * 3})
+        probe = f"{url}/features?item_id={item}&ts={at + 60}"
+        with urllib.request.urlopen(probe) as r:
+            counted = json.loads(r.read())["counts"]
+        assert post("/admin/reload", {"bundle": str(again)})["bundle"] == str(again)
+        with urllib.request.urlopen(probe) as r:
+            assert json.loads(r.read())["counts"] == counted  # the 3 events posted before the swap
+        post("/events", {"events": [{"item_id": item, "ts": at, "kind": "exposure"}]})
+        with urllib.request.urlopen(probe) as r:
+            assert json.loads(r.read())["counts"]["1d"] == counted["1d"] + 1  # and the new store takes more
+        with pytest.raises(urllib.error.HTTPError) as e:  # a bundle with no online features: refused
+            post("/admin/reload", {"bundle": str(bundle)})
+        assert e.value.code == 422 and "no online feature" in json.loads(e.value.read())["error"]
+    finally:
+        stop()
