@@ -41,7 +41,7 @@ from cascade.cascade import Catalog, requests_batch
 from cascade.data.trend import DAY, TrendSpec, event_keys
 from export.online import EventStore, OnlineFeatures, SqliteJournal
 
-from provenance import ROOT, write_results
+from provenance import ROOT, replace_section, write_results
 
 WINDOWS = (1, 7, 30, 365)
 CATALOG = 100_000
@@ -190,14 +190,6 @@ def http_ingestion(seconds: float, rng: np.random.Generator, bundle: Path) -> li
     return rows
 
 
-def write_serving_section(lines: list[str]) -> None:
-    """Replace (or add) this benchmark's section at the end of serving.md."""
-    path = ROOT / "benchmarks" / "results" / "serving.md"
-    text = path.read_text() if path.exists() else "# Serving speed\n"
-    head = text.split("\n" + SECTION)[0].rstrip("\n")
-    path.write_text(head + "\n\n" + "\n".join([SECTION, "", *lines]) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="exposures in the live store")
@@ -239,7 +231,7 @@ def main() -> None:
             *[f"| {r['clients']} | {r['events_per_s']:,.0f} | {r['events']:,} | {r['seconds']:.1f} |" for r in http],
         ]
     write_results("online_features", ["# Online item features: cost", "", *lines], {"matmul_peak_gflops": peak, "counters": cost, "ingestion": ingest, "http_ingestion": http})
-    write_serving_section([*lines, "", "(from `benchmarks/online_features.py`; its own table: online_features.md)"])
+    replace_section(ROOT / "benchmarks" / "results" / "serving.md", SECTION, [*lines, "", "(from `benchmarks/online_features.py`; its own table: online_features.md)"])
 
 
 if __name__ == "__main__":

@@ -55,3 +55,16 @@ def write_results(name: str, lines: list[str], payload: dict) -> None:
     results.mkdir(exist_ok=True)
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     (results / f"{name}.json").write_text(json.dumps({**meta, **payload}, indent=2, default=float) + "\n")
+
+
+def replace_section(path: Path, title: str, lines: list[str]) -> None:
+    """Replace the section ``title`` (a ``## `` heading, up to the next one) of the markdown file
+    at ``path`` with ``lines``, or add it at the end: how several benchmarks share serving.md."""
+    text = path.read_text() if path.exists() else ""
+    parts = text.split("\n## ")
+    head, sections = parts[0], ["## " + p for p in parts[1:]]
+    mine = "\n".join([title, "", *lines]).rstrip("\n") + "\n"
+    kept = [s if s.splitlines()[0] != title else mine for s in sections]
+    if mine not in kept:
+        kept.append(mine)
+    path.write_text("\n".join(x.rstrip("\n") + "\n" for x in [head, *kept]))

@@ -53,7 +53,9 @@ from export.runtime import CascadeService, TwoTowerScorer
 from export.stages import from_run
 from teachers import TEACHERS
 
-from provenance import ROOT, write_results
+from provenance import ROOT, replace_section, write_results
+
+FOREIGN_SECTIONS = ("## Online item features", "## Server under load")  # written by other benchmarks
 
 SIZES = {
     "dssm": {"hidden": [300, 300, 128], "dropout": 0.0},
@@ -410,9 +412,12 @@ def report(tower_rows, score_rows, peak, full, quant, args) -> None:
             q = quant[label]
             lines.append(f"| {label} | {q['prerank_auc']:.4f} | {q['rank_auc']:.4f} | {q['teacher_recall@10@50']:.4f} | {q['prerank_user_ms']:.3f} | {q['rank_200_ms']:.3f} |")
     md = ROOT / "benchmarks" / "results" / "serving.md"
-    online = "".join(md.read_text().partition("\n## Online item features")[1:]) if md.exists() else ""  # online_features.py's section
+    # the sections other benchmarks write here (online_features.py, server_load.py) stay
+    kept = [("## " + part).split("\n", 1) for part in (md.read_text().split("\n## ")[1:] if md.exists() else [])]
     write_results("serving", lines, {"towers": tower_rows, "scoring": score_rows, "matmul_peak_gflops": peak, "full_request": full, "int8": quant})
-    md.write_text(md.read_text() + online)
+    for title, body in kept:
+        if title in FOREIGN_SECTIONS:
+            replace_section(md, title, body.strip("\n").splitlines())
     print("\n".join(lines))
 
 

@@ -236,9 +236,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = {"bundle": str(args.bundle), "threads": args.threads, "state": None if args.state is None else str(args.state), "store": args.store, "max_batch": args.max_batch, "admin_token": args.admin_token}
     try:
-        if args.workers > 1 and args.state is None and args.store is None:
-            raise ValueError(f"--workers {args.workers}: each worker keeps its own counters unless they share a journal; give --state DIR or --store redis://HOST:PORT")
         service = service_from(settings)  # checked here, before any worker starts
+        if args.workers > 1 and service.online is not None and args.state is None and args.store is None:
+            service.close()
+            raise ValueError(f"--workers {args.workers}: each worker would keep its own online counters unless they share a journal; give --state DIR or --store redis://HOST:PORT")
     except (BundleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT

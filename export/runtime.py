@@ -51,8 +51,10 @@ class OnnxRetriever:
     def __init__(self, root: Path, stage: dict, threads: int = 1):
         self.user = session(root / "recall" / "user.onnx", threads)
         self.slots = _slots(stage["user_inputs"])
+        # read whole: faiss can memory-map an IVF index's lists (IO_FLAG_MMAP), but searching them
+        # through its OnDiskInvertedLists took 5.9 ms a query against 0.67 (100k items, nprobe 128)
         index = set_search(faiss.read_index(str(root / "recall" / "index.faiss")), stage["index"]["search"])
-        self.index = ItemIndex(np.load(root / "recall" / "item_ids.npy"), index=index)
+        self.index = ItemIndex(np.load(root / "recall" / "item_ids.npy", mmap_mode="r"), index=index)
 
     def __call__(self, requests: ListBatch, n: int) -> tuple[np.ndarray, np.ndarray]:
         u = self.user.run(None, user_inputs(requests, self.slots))[0][:, 0]
@@ -72,7 +74,7 @@ class TwoTowerScorer:
             self.item = session(root / "prerank" / stage["item_file"], threads)
             self.item_slots = _slots(stage["item_inputs"])
         else:
-            self.items = np.load(root / "prerank" / "items.npy")  # (max id + 1, Hv, D)
+            self.items = np.load(root / "prerank" / "items.npy", mmap_mode="r")  # (max id + 1, Hv, D), shared by --workers
             self.flat = np.ascontiguousarray(self.items.reshape(len(self.items), -1))  # (max id + 1, Hv * D)
         score = stage["score"]
         self.scale = score.get("scale")

@@ -3,6 +3,7 @@ server's stages keep what the torch cascade keeps; acknowledged events survive S
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -263,3 +264,67 @@ def test_a_reload_keeps_the_live_counters_and_refuses_a_bundle_without_them(tren
         assert e.value.code == 422 and "no online feature" in json.loads(e.value.read())["error"]
     finally:
         stop()
+
+
+NGINX = """
+worker_processes 1;
+daemon off;
+pid PREFIX/nginx.pid;
+error_log PREFIX/error.log;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path PREFIX/body; proxy_temp_path PREFIX/proxy;
+    fastcgi_temp_path PREFIX/fcgi; uwsgi_temp_path PREFIX/uwsgi; scgi_temp_path PREFIX/scgi;
+    upstream cascade { server 127.0.0.1:PORT_A; server 127.0.0.1:PORT_B; keepalive 8; }
+    server {
+        listen 127.0.0.1:PORT;
+        location / { proxy_pass http://cascade; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+}
+"""
+
+
+def test_replicas_on_two_ports_behind_nginx_share_the_counters_through_redis(trend_run, redis_server, tmp_path):
+    # Two `cascade serve` replicas (as on two hosts: each its own copy of the bundle, one shared
+    # Redis journal) behind one nginx that balances them round robin, all on loopback. An event
+    # posted through the proxy lands on one replica; both count it, and requests reach both.
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("nginx not installed (the Debian package nginx-light; .ci/run installs it)")
+    _, bundle = trend_run
+    redis_server.flush()
+    copies = [shutil.copytree(bundle, tmp_path / f"host{i}" / "bundle") for i in (0, 1)]
+    replicas = [_start(copy, "--store", redis_server.url) for copy in copies]
+    port = _free_port()
+    conf = NGINX.replace("PREFIX", str(tmp_path)).replace("PORT_A", replicas[0][1].rsplit(":", 1)[1]).replace("PORT_B", replicas[1][1].rsplit(":", 1)[1]).replace("PORT", str(port))
+    (tmp_path / "nginx.conf").write_text(conf)
+    proxy = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _get(f"{url}/health")
+                break
+            except OSError:
+                assert proxy.poll() is None and time.monotonic() < deadline, proxy.stderr.read().decode()
+                time.sleep(0.1)
+        service = CascadeService(bundle)
+        item = int(np.flatnonzero(service.online.item_known)[0])
+        at = service.online.definition.events_until + 3600
+        before = [_get(f"{r[1]}/features?item_id={item}&ts={at + 60}")["counts"]["1d"] for r in replicas]
+        assert http_post(url)("/events", {"events": [{"item_id": item, "ts": at, "kind": "exposure"}] * 2}) == {"accepted": 2}
+        after = [_get(f"{r[1]}/features?item_id={item}&ts={at + 60}")["counts"]["1d"] for r in replicas]
+        assert after == [b + 2 for b in before]  # both replicas count the 2 events
+        pids = {_get(f"{url}/health")["pid"] for _ in range(8)}
+        assert pids == {_get(f"{r[1]}/health")["pid"] for r in replicas}  # the proxy reaches both
+        body = {"user_id": 1, "history": [item], "ts": at + 60}
+        answers = [http_post(url)("/recommend", body)["items"] for _ in range(4)]
+        assert all(a == answers[0] for a in answers)  # the same answer, whichever replica serves it
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)
+        for proc, _ in replicas:
+            proc.terminate()
+            proc.wait(timeout=10)
