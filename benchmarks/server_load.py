@@ -6,9 +6,9 @@
    -> rank 20, untrained towers at their serving sizes) served by this tree and by ``--baseline``
    (a git ref checked out in a temporary worktree, its own `cascade serve`), each loaded at
    concurrency 1 and 8 over loopback, alternating, two rounds: p50 / p99 and requests/s.
-2. Memory per process: one server, and ``--workers 2`` (RSS and PSS: PSS splits the pages the
-   workers share, such as the memory-mapped index and item vectors, between them).
-3. A soak: ``--soak-s`` seconds at concurrency 8 of valid requests with one hostile request in
+   The same for this tree with ``--workers 2``, and the memory of every process after the load
+   (RSS and PSS: PSS splits the pages processes share, such as the memory-mapped item vectors).
+2. A soak: ``--soak-s`` seconds at concurrency 8 of valid requests with one hostile request in
    ten (an oversized batch, a declared 200 MiB body, JSON nested 100,000 levels, not JSON, an
    unknown field), the server's RSS sampled every 5 s: errors on valid requests and the drift
    from the RSS after the warm-up.
@@ -79,14 +79,19 @@ def memory(pid: int) -> dict[str, float]:
     return {"rss_mib": get("Rss"), "pss_mib": get("Pss")}
 
 
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+def workers(pid: int) -> list[dict]:
+    """The memory of each worker process of a ``--workers`` server (its children, less
+    multiprocessing's resource tracker)."""
+    out = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        if "resource_tracker" not in Path(f"/proc/{child}/cmdline").read_text():
+            out.append({"process": f"worker {len(out) + 1}", **memory(int(child))})
+    return out
 
 
-def load_rounds(bundle: Path, trees: dict[str, Path], reqs: list[dict], rounds: int) -> list[dict]:
+def load_rounds(bundle: Path, trees: dict[str, tuple[Path, list[str]]], reqs: list[dict], rounds: int) -> list[dict]:
     rows = []
-    servers = {name: start(bundle, cwd) for name, cwd in trees.items()}
+    servers = {name: start(bundle, cwd, *more) for name, (cwd, more) in trees.items()}
     try:
         for name, (_, port) in servers.items():  # warm-up: sessions, allocator pools
             http_load(port, reqs[:100], 8, 30)
@@ -97,20 +102,11 @@ def load_rounds(bundle: Path, trees: dict[str, Path], reqs: list[dict], rounds: 
                     rows.append({"server": name, "round": r + 1, **got})
                     print(f"  round {r + 1} {name} c={c}: p50 {got['p50_ms']:.2f} p99 {got['p99_ms']:.2f} ms, {got['requests_per_s']:.0f} req/s, errors {got['errors']}", flush=True)
         for name, (proc, _) in servers.items():
-            rows.append({"server": name, "memory": memory(proc.pid)})
+            rows.append({"server": name, "memory": memory(proc.pid)} | ({"workers": workers(proc.pid)} if "workers" in name else {}))
     finally:
         for proc, _ in servers.values():
             stop(proc)
     return rows
-
-
-def workers_memory(bundle: Path, tree: Path, reqs: list[dict]) -> list[dict]:
-    proc, port = start(bundle, tree, "--workers", "2")
-    try:
-        http_load(port, reqs[:400], 8, 60)  # every worker has served
-        return [{"process": "supervisor", **memory(proc.pid)}] + [{"process": f"worker {i + 1}", **memory(pid)} for i, pid in enumerate(children(proc.pid))]
-    finally:
-        stop(proc)
 
 
 HOSTILE = [
@@ -220,21 +216,19 @@ def main() -> None:
         bundles, ds, _ = catalog_bundles(args, tmp)
         bundle = bundles["ivf"]
         reqs = bodies(ds, args.requests)
-        print("[1/3] load, baseline against this tree", flush=True)
-        rows = load_rounds(bundle, {"baseline": baseline_tree, "this tree": ROOT}, reqs, args.rounds)
-        print("[2/3] memory per worker", flush=True)
-        workers = workers_memory(bundle, ROOT, reqs)
-        print(workers, flush=True)
-        print(f"[3/3] soak, {args.soak_s:.0f} s", flush=True)
+        print("[1/2] load, baseline against this tree (one process, and --workers 2)", flush=True)
+        trees = {"baseline": (baseline_tree, []), "this tree": (ROOT, []), "this tree, --workers 2": (ROOT, ["--workers", "2"])}
+        rows = load_rounds(bundle, trees, reqs, args.rounds)
+        print(f"[2/2] soak, {args.soak_s:.0f} s", flush=True)
         soaked = soak(bundle, reqs, args.soak_s)
         print({k: v for k, v in soaked.items() if k != "rss_samples"}, flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(baseline_tree)], cwd=ROOT, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    report(args, peak, rows, workers, soaked)
+    report(args, peak, rows, soaked)
 
 
-def report(args, peak: float, rows: list[dict], workers: list[dict], soaked: dict) -> None:
+def report(args, peak: float, rows: list[dict], soaked: dict) -> None:
     loads = [r for r in rows if "concurrency" in r]
     lines = [
         f"The {args.catalog:,}-item benchmark bundle (recall 1000 over IVF1024 nprobe 128 -> pre-rank 200 -> rank 20), "
@@ -247,21 +241,24 @@ def report(args, peak: float, rows: list[dict], workers: list[dict], soaked: dic
         *[f"| {r['round']} | {r['server']} | {r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['requests_per_s']:.0f} | {r['errors']} | {r['n']} |" for r in loads],
         "",
     ]
-    for c in (1, 8):
-        get = lambda server, key: float(np.median([r[key] for r in loads if r["server"] == server and r["concurrency"] == c]))  # noqa: E731
-        lines.append(
-            f"- concurrency {c} (median of rounds): {get('this tree', 'requests_per_s'):.0f} req/s against {get('baseline', 'requests_per_s'):.0f} "
-            f"(x{get('this tree', 'requests_per_s') / get('baseline', 'requests_per_s'):.2f}); p99 {get('this tree', 'p99_ms'):.1f} ms against {get('baseline', 'p99_ms'):.1f}"
-        )
+    for server in ("this tree", "this tree, --workers 2"):
+        for c in (1, 8):
+            get = lambda name, key: float(np.median([r[key] for r in loads if r["server"] == name and r["concurrency"] == c]))  # noqa: E731
+            lines.append(
+                f"- {server}, concurrency {c} (median of rounds): {get(server, 'requests_per_s'):.0f} req/s against the baseline's {get('baseline', 'requests_per_s'):.0f} "
+                f"(x{get(server, 'requests_per_s') / get('baseline', 'requests_per_s'):.2f}); p99 {get(server, 'p99_ms'):.1f} ms against {get('baseline', 'p99_ms'):.1f}"
+            )
     mem = {r["server"]: r["memory"] for r in rows if "memory" in r}
+    pool = next(r["workers"] for r in rows if "workers" in r)
     lines += [
         "",
         "Memory after the load (MiB; PSS counts a page shared by n processes as 1/n):",
         "",
         "| process | RSS | PSS |",
         "|---|---:|---:|",
-        *[f"| one server, {name} | {m['rss_mib']:.0f} | {m['pss_mib']:.0f} |" for name, m in mem.items()],
-        *[f"| --workers 2: {w['process']} | {w['rss_mib']:.0f} | {w['pss_mib']:.0f} |" for w in workers],
+        *[f"| one server, {name} | {m['rss_mib']:.0f} | {m['pss_mib']:.0f} |" for name, m in mem.items() if "workers" not in name],
+        f"| --workers 2: the supervisor | {mem['this tree, --workers 2']['rss_mib']:.0f} | {mem['this tree, --workers 2']['pss_mib']:.0f} |",
+        *[f"| --workers 2: {w['process']} | {w['rss_mib']:.0f} | {w['pss_mib']:.0f} |" for w in pool],
         "",
         f"Soak: {soaked['seconds']:.0f} s at concurrency 8, one request in ten hostile (oversized batch, declared 200 MiB body, JSON nested 100,000 levels, not JSON, an unknown field):",
         "",
@@ -269,7 +266,7 @@ def report(args, peak: float, rows: list[dict], workers: list[dict], soaked: dic
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {soaked['valid']:,} | {soaked['valid_errors']} | {soaked['valid_p50_ms']:.2f} / {soaked['valid_p99_ms']:.2f} | {soaked['hostile']:,} | {soaked['hostile_wrong']} | {soaked['rss_after_warmup_mib']:.0f} | {soaked['rss_max_mib']:.0f} | {soaked['rss_final_mib']:.0f} | {soaked['rss_drift']:+.1%} |",
     ]
-    write_results("server_load", ["# cascade serve under load", "", *lines], {"matmul_peak_gflops": peak, "baseline": args.baseline, "load": rows, "workers": workers, "soak": soaked})
+    write_results("server_load", ["# cascade serve under load", "", *lines], {"matmul_peak_gflops": peak, "baseline": args.baseline, "load": rows, "soak": soaked})
     replace_section(ROOT / "benchmarks" / "results" / "serving.md", SECTION, [*lines, "", "(from `benchmarks/server_load.py`; its own table: server_load.md)"])
     print("\n".join(lines))
 
