@@ -138,6 +138,24 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._in_headers, self._raw_bytes = False, 0
         self._disarm()
         super().on_headers_complete()
+        if getattr(self, "_draining", False) and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered, then closed: the server is stopping
+
+    def shutdown(self) -> None:
+        """A graceful stop (a reload under --workers replaces each worker): uvicorn closes every
+        connection with no request under way, and a client whose request was already on the wire
+        to a connection just accepted saw its connection reset. Such a connection gets a second
+        to send its request, which is answered and then closed."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            return super().shutdown()
+        self._draining = True
+        self._disarm()
+        self._header_timer = self.loop.call_later(min(1.0, self.limits.header_timeout_s), self._drained)
+
+    def _drained(self) -> None:
+        self._header_timer = None
+        if self._in_headers and not self.transport.is_closing():
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # the next request's headers are already in

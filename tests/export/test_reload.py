@@ -2,10 +2,15 @@
 refused with the old one still serving, and the admin route closed to other clients."""
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
 
 import pytest
 
@@ -13,6 +18,14 @@ from export.runtime import CascadeService
 from export.serve import serve_in_thread
 
 REQUEST = {"user_id": 3, "segment": 1, "history": [1, 2]}
+
+
+def request_status(url, body):
+    """A load client's view: the status, or the error that stopped the request."""
+    try:
+        return call(url, body)[0]
+    except OSError as e:
+        return type(e).__name__
 
 
 def call(url, body=None, headers=None):
@@ -38,7 +51,7 @@ def test_a_reload_swaps_the_bundle_while_requests_keep_being_answered(served, bu
 
     def load():  # requests in flight across the swap
         while not stop.is_set():
-            statuses.append(call(f"{served}/recommend", REQUEST)[0])
+            statuses.append(request_status(f"{served}/recommend", REQUEST))
 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
@@ -75,3 +88,43 @@ def test_with_a_token_the_admin_route_wants_it(bundle):
         assert call(f"{url}/admin/reload", {"bundle": str(bundle)}, {"Authorization": "Bearer s3cret"})[0] == 200
     finally:
         stop()
+
+
+def test_under_workers_a_reload_replaces_every_worker_with_no_failed_request(bundle, tmp_path):
+    copy = shutil.copytree(bundle, tmp_path / "next")
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", "0", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = re.search(r"(http://127\.0\.0\.1:\d+)", proc.stdout.readline()).group(1)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                old_pids = {call(f"{url}/health")[1]["pid"] for _ in range(20)}
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        statuses, stop = [], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                statuses.append(request_status(f"{url}/recommend", REQUEST))
+
+        clients = [threading.Thread(target=load) for _ in range(2)]
+        for t in clients:
+            t.start()
+        status, body = call(f"{url}/admin/reload", {"bundle": str(copy)})
+        assert status == 202, body
+        deadline = time.monotonic() + 90
+        while True:  # until every worker answering is a new one serving the copy
+            seen = [call(f"{url}/health")[1] for _ in range(10)]
+            if all(h["bundle"]["path"] == str(copy) and h["pid"] not in old_pids for h in seen):
+                break
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.5)
+        stop.set()
+        for t in clients:
+            t.join()
+        assert statuses and set(statuses) == {200}, Counter(statuses)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
