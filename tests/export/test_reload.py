@@ -1,6 +1,7 @@
 """POST /admin/reload on a real server: a verified bundle swapped in while requests run, a bad one
 refused with the old one still serving, and the admin route closed to other clients."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -28,6 +29,27 @@ def request_status(url, body):
         return type(e).__name__
 
 
+@contextlib.contextmanager
+def under_load(url, clients):
+    """``clients`` threads posting REQUEST to ``url`` until the block ends; yields the list of
+    their statuses (or the error that stopped a request)."""
+    statuses, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            statuses.append(request_status(f"{url}/recommend", REQUEST))
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
 def call(url, body=None, headers=None):
     req = urllib.request.Request(url, None if body is None else json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})})
     try:
@@ -47,19 +69,8 @@ def served(bundle):
 def test_a_reload_swaps_the_bundle_while_requests_keep_being_answered(served, bundle, tmp_path):
     copy = shutil.copytree(bundle, tmp_path / "next")
     before = call(f"{served}/recommend", REQUEST)[1]
-    statuses, stop = [], threading.Event()
-
-    def load():  # requests in flight across the swap
-        while not stop.is_set():
-            statuses.append(request_status(f"{served}/recommend", REQUEST))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    status, swapped = call(f"{served}/admin/reload", {"bundle": str(copy)})
-    stop.set()
-    for t in threads:
-        t.join()
+    with under_load(served, 4) as statuses:  # requests in flight across the swap
+        status, swapped = call(f"{served}/admin/reload", {"bundle": str(copy)})
     assert status == 200 and swapped["bundle"] == str(copy), swapped
     assert statuses and set(statuses) == {200}, statuses
     health = call(f"{served}/health")[1]
@@ -103,27 +114,16 @@ def test_under_workers_a_reload_replaces_every_worker_with_no_failed_request(bun
             except OSError:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
-        statuses, stop = [], threading.Event()
-
-        def load():
-            while not stop.is_set():
-                statuses.append(request_status(f"{url}/recommend", REQUEST))
-
-        clients = [threading.Thread(target=load) for _ in range(2)]
-        for t in clients:
-            t.start()
-        status, body = call(f"{url}/admin/reload", {"bundle": str(copy)})
-        assert status == 202, body
-        deadline = time.monotonic() + 90
-        while True:  # until every worker answering is a new one serving the copy
-            seen = [call(f"{url}/health")[1] for _ in range(10)]
-            if all(h["bundle"]["path"] == str(copy) and h["pid"] not in old_pids for h in seen):
-                break
-            assert time.monotonic() < deadline, seen
-            time.sleep(0.5)
-        stop.set()
-        for t in clients:
-            t.join()
+        with under_load(url, 2) as statuses:
+            status, body = call(f"{url}/admin/reload", {"bundle": str(copy)})
+            assert status == 202, body
+            deadline = time.monotonic() + 90
+            while True:  # until every worker answering is a new one serving the copy
+                seen = [call(f"{url}/health")[1] for _ in range(10)]
+                if all(h["bundle"]["path"] == str(copy) and h["pid"] not in old_pids for h in seen):
+                    break
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.5)
         assert statuses and set(statuses) == {200}, Counter(statuses)
     finally:
         proc.terminate()
