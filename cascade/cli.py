@@ -225,45 +225,78 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import shutil
+    settings = {"bundle": str(args.bundle), "threads": args.threads, "state": None if args.state is None else str(args.state), "store": args.store, "max_batch": args.max_batch, "admin_token": args.admin_token}
+    if args.workers == 1:
+        return _serve_one(args, settings)
+    return _serve_workers(args, settings)
+
+
+def _listen(args: argparse.Namespace):
+    """The socket bound before the banner: a port in use is an error, not a promise."""
     import socket
+
+    try:
+        return socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    except OSError as e:
+        print(f"error: --host {args.host} --port {args.port}: cannot listen there: {e.strerror or e}", file=sys.stderr)
+        return None
+
+
+def _banner(args: argparse.Namespace, port: int, online_events: int | None) -> None:
+    routes = "POST /recommend, GET /health, GET /metrics (Prometheus), GET /metrics.json, POST /admin/reload"
+    if online_events is not None:
+        routes += ", POST /events, GET /features"
+        kept = f"journalled in {args.state or args.store}" if (args.state or args.store) else "kept in memory only, lost on restart (give --state DIR or --store redis://HOST:PORT)"
+        print(f"online item trend: {online_events:,} events, new ones {kept}")
+    workers = f", {args.workers} worker processes" if args.workers > 1 else ""
+    print(f"serving {args.bundle} on http://{args.host}:{port}{workers} ({routes})", flush=True)
+
+
+def _serve_one(args: argparse.Namespace, settings: dict) -> int:
+    import uvicorn
+
+    from export.bundle import BundleError
+    from export.serve import ServerMetrics, limits_from, make_app, uvicorn_config
+    from export.supervisor import service_from
+
+    try:
+        service = service_from(settings)
+    except (BundleError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    sock = _listen(args)
+    if sock is None:
+        service.close()
+        return BAD_INPUT
+    _banner(args, sock.getsockname()[1], None if service.online is None else len(service.online.live))
+    limits, metrics = limits_from(settings), ServerMetrics()
+    uvicorn.Server(uvicorn_config(make_app(service, limits, metrics, settings), limits, metrics)).run(sockets=[sock])
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, settings: dict) -> int:
+    """The parent of ``--workers``: it checks the bundle in a spawned process and holds none of
+    it (``export.supervisor``), then runs uvicorn's supervisor over the workers."""
+    import shutil
 
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    from export.bundle import BundleError
-    from export.serve import ServerMetrics, limits_from, make_app, service_from, uvicorn_config, workers_settings
+    from export.http import limits_from
+    from export.supervisor import check, workers_settings
 
-    settings = {"bundle": str(args.bundle), "threads": args.threads, "state": None if args.state is None else str(args.state), "store": args.store, "max_batch": args.max_batch, "admin_token": args.admin_token}
-    try:
-        service = service_from(settings)  # checked here, before any worker starts
-        if args.workers > 1 and service.online is not None and args.state is None and args.store is None:
-            service.close()
-            raise ValueError(f"--workers {args.workers}: each worker would keep its own online counters unless they share a journal; give --state DIR or --store redis://HOST:PORT")
-    except (BundleError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    error, online_events = check(settings)
+    if error is None and online_events is not None and args.state is None and args.store is None:
+        error = f"--workers {args.workers}: each worker would keep its own online counters unless they share a journal; give --state DIR or --store redis://HOST:PORT"
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return BAD_INPUT
-    try:  # bound before the banner: a port in use is an error, not a promise
-        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    except OSError as e:
-        service.close()
-        print(f"error: --host {args.host} --port {args.port}: cannot listen there: {e.strerror or e}", file=sys.stderr)
+    sock = _listen(args)
+    if sock is None:
         return BAD_INPUT
-    routes = "POST /recommend, GET /health, GET /metrics (Prometheus), GET /metrics.json, POST /admin/reload"
-    if service.online is not None:
-        routes += ", POST /events, GET /features"
-        kept = f"journalled in {args.state or args.store}" if (args.state or args.store) else "kept in memory only, lost on restart (give --state DIR or --store redis://HOST:PORT)"
-        print(f"online item trend: {len(service.online.live):,} events, new ones {kept}")
-    workers = f", {args.workers} worker processes" if args.workers > 1 else ""
-    print(f"serving {args.bundle} on http://{args.host}:{sock.getsockname()[1]}{workers} ({routes})", flush=True)
-    limits = limits_from(settings)
-    if args.workers == 1:
-        metrics = ServerMetrics()
-        uvicorn.Server(uvicorn_config(make_app(service, limits, metrics, settings), limits, metrics)).run(sockets=[sock])
-        return 0
-    service.close()
+    _banner(args, sock.getsockname()[1], online_events)
     shared = workers_settings(settings)  # each worker builds its own service from the settings file
-    config = uvicorn.Config("export.serve:app_from_env", factory=True, workers=args.workers, http="export.http:GuardedHttpTools", timeout_keep_alive=limits.idle_timeout_s, log_level="warning")
+    config = uvicorn.Config("export.serve:app_from_env", factory=True, workers=args.workers, http="export.http:GuardedHttpTools", timeout_keep_alive=limits_from(settings).idle_timeout_s, log_level="warning")
     try:
         Multiprocess(config, sockets=[sock]).run()
     finally:

@@ -52,6 +52,11 @@ class Limits:
         return asdict(self)
 
 
+def limits_from(settings: dict[str, Any]) -> Limits:
+    """The limits `cascade serve`'s options set (``max_batch``); the others are fixed."""
+    return Limits(max_batch=settings.get("max_batch", Limits.max_batch))
+
+
 class Refused(Exception):
     """A request refused before it reached the service: its status, message and field."""
 

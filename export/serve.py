@@ -34,7 +34,6 @@ import logging
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -52,11 +51,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from export.bundle import BundleError
-from export.http import GuardedHttpTools, Limits, Refused, guarded_protocol, parse_json, read_body
-from export.online import open_journal
+from export.http import GuardedHttpTools, Limits, Refused, guarded_protocol, limits_from, parse_json, read_body
 from export.runtime import CascadeService, ParsedRequest, RequestError
+from export.supervisor import SERVE_ENV, service_from, write_settings
 
-SERVE_ENV = "CASCADE_SERVE"  # `cascade serve --workers N`: the settings file each worker reads
 WINDOW = 10_000  # latencies kept for /metrics.json's percentiles
 CONCURRENT_BATCHES = os.cpu_count() or 1  # cascade batches at once, each single-threaded: one a core (3 on 2 cores: slower)
 ROUTES = ("/recommend", "/events", "/features", "/health", "/metrics", "/metrics.json", "/admin/reload")
@@ -346,7 +344,7 @@ def make_app(service: CascadeService, limits: Limits = Limits(), metrics: Server
         try:
             if settings.get("file"):  # --workers: this worker checks it; the supervisor replaces each worker
                 await run_in_threadpool(lambda: serving.load(payload["bundle"]).close())
-                _write_settings(Path(settings["file"]), json.loads(Path(settings["file"]).read_text()) | {"bundle": payload["bundle"]})
+                write_settings(Path(settings["file"]), json.loads(Path(settings["file"]).read_text()) | {"bundle": payload["bundle"]})
                 os.kill(os.getppid(), signal.SIGHUP)
                 return JSONResponse({"bundle": payload["bundle"], "workers": "each replaced in turn (uvicorn starts the new one before it stops the old)"}, status_code=202)
             return JSONResponse(await serving.reload(payload["bundle"]))
@@ -402,22 +400,6 @@ def _number(text: str | None, field: str) -> int | float:
             raise RequestError(field, f"expected a number, got '{text[:40]}'") from None
 
 
-def _write_settings(path: Path, settings: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings))
-    os.replace(tmp, path)
-
-
-def service_from(settings: dict[str, Any]) -> CascadeService:
-    """The service ``cascade serve`` describes: ``{bundle, threads, state, store}``."""
-    journal = open_journal(settings.get("state"), settings.get("store"))
-    return CascadeService(settings["bundle"], threads=settings.get("threads", 1), journal=journal)
-
-
-def limits_from(settings: dict[str, Any]) -> Limits:
-    return Limits(max_batch=settings.get("max_batch", Limits.max_batch))
-
-
 def uvicorn_config(app: Any, limits: Limits, metrics: ServerMetrics, **kwargs: Any) -> uvicorn.Config:
     """uvicorn with the header limits and timeouts of ``limits`` (``export.http``)."""
     protocol = guarded_protocol(limits, metrics.response)
@@ -433,19 +415,6 @@ def app_from_env() -> _Counted:
     # uvicorn imports the worker's protocol by name: its limits are set on the class itself
     GuardedHttpTools.limits, GuardedHttpTools.refused = limits, staticmethod(metrics.response)
     return make_app(service_from(settings), limits, metrics, settings)
-
-
-def workers_settings(settings: dict[str, Any]) -> Path:
-    """A fresh directory where ``--workers`` keep their settings (``settings.json``) and their
-    Prometheus files (``PROMETHEUS_MULTIPROC_DIR``, so one scrape of any worker sums them all);
-    the caller removes it."""
-    directory = Path(tempfile.mkdtemp(prefix="cascade-serve-"))
-    (directory / "prometheus").mkdir()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory / "prometheus")
-    path = directory / "settings.json"
-    _write_settings(path, settings)
-    os.environ[SERVE_ENV] = str(path)
-    return directory
 
 
 def serve_in_thread(service: CascadeService, limits: Limits = Limits(), settings: dict[str, Any] | None = None) -> tuple[str, Callable[[], None]]:
