@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from provenance import ROOT, replace_section, write_results
-from serving import bodies, catalog_bundles, http_load, matmul_peak, percentiles
+from serving import bodies, catalog_bundles, http_load, matmul_peak, percentiles, post_recommend
 
 SECTION = "## Server under load"
 BASELINE = "1d606ad"  # the last commit before cascade serve's limits, Prometheus metrics and batching
@@ -149,7 +149,8 @@ def soak(bundle: Path, reqs: list[dict], seconds: float) -> dict:
 
         def client(seed: int) -> None:
             rng = random.Random(seed)
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connect = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # noqa: E731
+            conn = connect()
             while time.monotonic() < deadline:
                 if rng.random() < 0.1:
                     case = rng.randrange(len(HOSTILE))
@@ -160,15 +161,7 @@ def soak(bundle: Path, reqs: list[dict], seconds: float) -> dict:
                     continue
                 body = json.dumps(reqs[rng.randrange(len(reqs))])
                 t = time.perf_counter()
-                try:
-                    conn.request("POST", "/recommend", body, {"Content-Type": "application/json"})
-                    r = conn.getresponse()
-                    r.read()
-                    ok = r.status == 200
-                except (OSError, http.client.HTTPException):
-                    ok = False
-                    conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                ok, conn = post_recommend(conn, body, connect)
                 with lock:
                     stats["valid"] += 1
                     stats["valid_errors"] += not ok

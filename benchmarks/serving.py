@@ -238,6 +238,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def post_recommend(conn: http.client.HTTPConnection, body: str, reconnect) -> tuple[bool, http.client.HTTPConnection]:
+    """POST ``body`` to /recommend on a keep-alive connection: (answered 200, the connection to
+    use next: ``reconnect()``'s after a failure)."""
+    try:
+        conn.request("POST", "/recommend", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        return r.status == 200, conn
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        return False, reconnect()
+
+
 def http_load(port: int, requests: list[dict], concurrency: int, budget_s: float) -> dict:
     """``requests`` POSTed by ``concurrency`` threads (keep-alive connections), stopping at the
     end of the list or after ``budget_s``."""
@@ -261,15 +274,7 @@ def http_load(port: int, requests: list[dict], concurrency: int, budget_s: float
                 body = json.dumps(requests[nxt[0]])
                 nxt[0] += 1
             t = time.perf_counter()
-            try:
-                conn.request("POST", "/recommend", body, {"Content-Type": "application/json"})
-                r = conn.getresponse()
-                r.read()
-                ok = r.status == 200
-            except (OSError, http.client.HTTPException):
-                ok = False
-                conn.close()
-                conn = connect()
+            ok, conn = post_recommend(conn, body, connect)
             dt = time.perf_counter() - t
             with lock:
                 lat.append(dt)

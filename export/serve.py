@@ -130,7 +130,7 @@ class Batcher:
     that finds a free runner starts at once; ones that arrive while ``CONCURRENT_BATCHES`` run
     queue (at most ``limits.max_queue`` requests, then 503) and go together, up to
     ``limits.max_batch`` requests, as the next batch. A request's result does not depend on its
-    batch (``tests/export/test_serve.py`` checks it)."""
+    batch (``tests/export/test_hostile.py`` checks it)."""
 
     def __init__(self, service: CascadeService, limits: Limits, metrics: ServerMetrics):
         self.service, self.limits, self.metrics = service, limits, metrics
