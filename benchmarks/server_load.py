@@ -33,7 +33,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
 
 import numpy as np
 
@@ -192,14 +195,20 @@ def soak(bundle: Path, reqs: list[dict], seconds: float) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser_for(doc: str) -> argparse.ArgumentParser:
+    """The options every load benchmark of the benchmark bundle against a baseline takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--baseline", default=BASELINE, help="git ref of the server to compare against")
     parser.add_argument("--requests", type=int, default=2000, help="requests per load measurement")
     parser.add_argument("--catalog", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--soak-s", type=float, default=600.0)
-    args = parser.parse_args()
+    return parser
+
+
+@contextmanager
+def bundle_and_baseline(args) -> Iterator[tuple[Path, Path, list[dict], float]]:
+    """(the baseline's tree checked out in a temporary worktree, the IVF benchmark bundle, the
+    request bodies, the fp32 matmul peak of one thread), all removed afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="server-load."))
     baseline_tree = tmp / "baseline"
     subprocess.run(["git", "worktree", "add", "--detach", str(baseline_tree), args.baseline], cwd=ROOT, check=True, capture_output=True)
@@ -207,17 +216,23 @@ def main() -> None:
         peak = matmul_peak(1)
         print(f"fp32 matmul peak (1 thread): {peak:.1f} GFLOP/s", flush=True)
         bundles, ds, _ = catalog_bundles(args, tmp)
-        bundle = bundles["ivf"]
-        reqs = bodies(ds, args.requests)
+        yield baseline_tree, bundles["ivf"], bodies(ds, args.requests), peak
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(baseline_tree)], cwd=ROOT, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = parser_for(__doc__)
+    parser.add_argument("--soak-s", type=float, default=600.0)
+    args = parser.parse_args()
+    with bundle_and_baseline(args) as (baseline_tree, bundle, reqs, peak):
         print("[1/2] load, baseline against this tree (one process, and --workers 2)", flush=True)
         trees = {"baseline": (baseline_tree, []), "this tree": (ROOT, []), "this tree, --workers 2": (ROOT, ["--workers", "2"])}
         rows = load_rounds(bundle, trees, reqs, args.rounds)
         print(f"[2/2] soak, {args.soak_s:.0f} s", flush=True)
         soaked = soak(bundle, reqs, args.soak_s)
         print({k: v for k, v in soaked.items() if k != "rss_samples"}, flush=True)
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(baseline_tree)], cwd=ROOT, capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
     report(args, peak, rows, soaked)
 
 

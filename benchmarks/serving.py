@@ -55,7 +55,7 @@ from teachers import TEACHERS
 
 from provenance import ROOT, replace_section, write_results
 
-FOREIGN_SECTIONS = ("## Online item features", "## Server under load")  # written by other benchmarks
+FOREIGN_SECTIONS = ("## Online item features", "## Server under load", "## The compute ceiling")  # written by other benchmarks
 
 SIZES = {
     "dssm": {"hidden": [300, 300, 128], "dropout": 0.0},
