@@ -37,7 +37,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 import numpy as np
 
 from provenance import ROOT, replace_section, write_results
