@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cascade.data.store import DataError, check_output_dir, read_dataset, warnings, write_dataset
+from cascade.saved import STAGE_NAMES
 
 BAD_INPUT = 2
 
@@ -168,7 +169,7 @@ def _export(args: argparse.Namespace) -> int:
     from export.runtime import CascadeService
     from export.stages import from_named, from_run, parity, torch_cascade
 
-    named = {role: getattr(args, role) for role in ("recall", "prerank", "rank")}
+    named = {name: getattr(args, name) for name in STAGE_NAMES}
     try:
         if (args.run_dir is None) == all(v is None for v in named.values()):
             raise BundleError("give RUN_DIR (a 'task: cascade' run) or all of --recall, --prerank and --rank")
@@ -454,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = verbs.add_parser("export", help="export a trained cascade to a bundle: ONNX towers, cached item side, faiss index, manifest", formatter_class=_Help, epilog="example: cascade export runs/quickstart/cascade_distilled --out runs/bundles/quickstart --index ivf")
     export.add_argument("run_dir", nargs="?", type=Path, help="a finished 'task: cascade' run")
     export.add_argument("--out", required=True, type=Path, help="the bundle directory to write (replaced whole)")
-    for role in ("recall", "prerank", "rank"):
-        export.add_argument(f"--{role}", metavar="CONFIG:EXPERIMENT", help=f"the {role} stage's trained run (instead of RUN_DIR)")
+    for name in STAGE_NAMES:
+        export.add_argument(f"--{name}", metavar="CONFIG:EXPERIMENT", help=f"the {name} stage's trained run (instead of RUN_DIR)")
     export.add_argument("--quotas", default="200,50,10", help="recall,prerank,rank quotas with named stages")
     export.add_argument("--index", default="flat", help="faiss index over the recall item vectors: flat (exact) | ivf | hnsw | ivfpq")
     export.add_argument("--nlist", type=int, default=1024, help="ivf/ivfpq: inverted lists")

@@ -18,7 +18,6 @@ what each reported name means.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,18 +32,16 @@ from cascade import metrics as M
 from cascade.cascade import Cascade, CascadeOutput, Catalog, Stage, TorchScorer, top_mask
 from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch
+from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset
 from cascade.data.trend import ItemTrend, TrendSpec
 from cascade.data.synth import WORLD_FILE, World
 from cascade.eval_data import EvalData
-from cascade.joint import STAGES_FILE, STREAM_KEY
 from cascade.models import MODELS, build_model, list_tensors
 from cascade.pipeline import streams, trend_spec, with_trend_fields
 from cascade.recall import TowerRetriever
+from cascade.saved import STAGE_NAMES, SavedError, read_stages
 
-ROLES = ("recall", "prerank", "rank")
-
-EXPOSED = 3  # candidates.stage code of an item the live system showed
 K_GRID = (10, 20)
 M_GRID = (10, 20, 50, 100, 200)
 
@@ -182,7 +179,7 @@ def blame(lists: ListBatch, kept: list[np.ndarray], k: int, world, best: np.ndar
     utility = np.where(lists.mask, world.click_prob(lists.request_id, ids), 0.0)
     within = [(-np.sort(-np.where(keep, utility, 0.0), axis=1)[:, :k]).sum(axis=1) for keep in kept]
     total = float(best.sum())
-    names = ["recall", "prerank", "rank"]
+    names = STAGE_NAMES
     out = {f"blame_{names[0]}": (float((best - within[0]).sum()), total)}
     for i in range(1, len(kept)):
         out[f"blame_{names[i]}"] = (float((within[i - 1] - within[i]).sum()), total)
@@ -436,23 +433,23 @@ def load_saved(run_dir: str | Path, untrained: bool = False, models: dict | None
     initial weights (seeded as in training), the baseline a trained cascade must beat. Its logs
     (``data``, when the caller has read them) are read whole, or streamed where the cascade run
     streamed, or would have (its ``data.stream``)."""
-    path = Path(run_dir) / STAGES_FILE
-    if not path.exists():
-        raise ConfigError(f"{path}: missing; not a finished 'task: cascade' run")
-    saved = json.loads(path.read_text())
-    exps = {role: load_config(saved[role]["config"], saved[role]["experiment"])[0] for role in ROLES}
+    try:
+        saved = read_stages(run_dir)
+    except SavedError as e:
+        raise ConfigError(str(e)) from None
+    exps = {name: load_config(saved[name].config, saved[name].experiment)[0] for name in STAGE_NAMES}
     logs = exps["recall"].data
     if data is None:
-        data = EvalData.read(logs.dir, streams(replace(logs, stream=saved.get(STREAM_KEY, "auto"))))
+        data = EvalData.read(logs.dir, streams(replace(logs, stream=saved.data_stream)))
     ds = data.ds
     world = World.load(logs.dir) if (Path(logs.dir) / WORLD_FILE).exists() else None
     stage_trend = trend_spec(exps["prerank"], exps["rank"])
     stage_ds = with_trend_fields(ds, stage_trend)
     built = {}
-    for role in ROLES:
-        torch.manual_seed(exps[role].train.seed)
-        model = build_model(exps[role], ds if role == "recall" else stage_ds, models or MODELS)
+    for name in STAGE_NAMES:
+        torch.manual_seed(exps[name].train.seed)
+        model = build_model(exps[name], ds if name == "recall" else stage_ds, models or MODELS)
         if not untrained:
-            model.load_state_dict(torch.load(Path(run_dir) / saved[role]["weights"], weights_only=True, map_location="cpu"))
-        built[role] = model.eval()
-    return SavedCascade(data, world, exps, built, {role: int(saved[role]["quota"]) for role in ROLES}, stage_trend)
+            model.load_state_dict(torch.load(saved.weights(name), weights_only=True, map_location="cpu"))
+        built[name] = model.eval()
+    return SavedCascade(data, world, exps, built, {name: saved[name].quota for name in STAGE_NAMES}, stage_trend)

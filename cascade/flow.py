@@ -33,6 +33,7 @@ from cascade.losses.rankflow import tutor
 from cascade.losses.sorting import hard_sort, neural_sort, top_k_indicator
 from cascade.data.synth import WORLD_FILE, World
 from cascade.distributed import rank_zero_first
+from cascade.saved import finished, write_results
 from cascade.models import build_model, list_tensors, load_trained, score_lists
 from cascade.pipeline import prepare_data, streams, tower_forward, train_pointwise
 from cascade.train import StreamedTensors, Tensors, Trainer
@@ -213,7 +214,7 @@ def boosted_scores(teacher_exp, lists: dict[str, ListBatch], train: Callable) ->
     (``train``, run first if its folder has no ``results.json``) writes them to
     ``scores/SPLIT.npy`` for the same lists."""
     with rank_zero_first():  # in a data-parallel run the others wait for rank 0's scores
-        if not (teacher_exp.run_dir / "results.json").exists():
+        if not finished(teacher_exp.run_dir):
             train(teacher_exp)
     out = {}
     for split, lst in lists.items():
@@ -308,6 +309,6 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
         "logged_preranker": cascade_report(lists["test"].stage.astype(np.float32) + np.random.default_rng(0).random(lists["test"].stage.shape, dtype=np.float32) * 0.5, teacher_scores["test"], lists["test"], cfg, world),
     }
     result = {"experiment": exp.name, "model": exp.model.name, "teacher": teacher_name, "task": "distill", "distill": asdict(cfg), "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith(("teacher_recall", "recall", "ndcg"))}, "test": test, "reference": reference, "seconds_per_epoch": best.get("seconds"), **trainer.parallel}
-    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2, default=float) + "\n")  # last: the mark of a complete run
+    write_results(exp.run_dir, result)  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(test)}")
     return result

@@ -16,6 +16,7 @@ from typing import Callable
 
 from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.report import text_table
+from cascade.saved import RESULTS_FILE, STAGE_NAMES, STAGES_FILE, finished, read_results
 
 STEP_ORDER = ("pointwise", "recall", "blend", "distill", "cascade")  # a blend may teach a student
 
@@ -28,8 +29,7 @@ class Step:
 
 
 def _finished(exp: ExperimentConfig) -> bool:
-    need = ["results.json"] + (["stages.json"] if exp.task == "cascade" else [])
-    return all((exp.run_dir / f).exists() for f in need)
+    return finished(exp.run_dir) and (exp.task != "cascade" or (exp.run_dir / STAGES_FILE).exists())
 
 
 def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
@@ -56,7 +56,7 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
 
     def report_fresh() -> bool:
         made = report / "metrics.json"
-        return made.exists() and all(made.stat().st_mtime > (e.run_dir / "results.json").stat().st_mtime for e in cascades if (e.run_dir / "results.json").exists())
+        return made.exists() and all(made.stat().st_mtime > (e.run_dir / RESULTS_FILE).stat().st_mtime for e in cascades if finished(e.run_dir))
 
     blends = [e.run_dir for e in exps if e.task == "blend"]  # each shown beside its parts
     steps.append(Step(f"eval -> {report}", report_fresh, lambda: evaluate_runs([e.run_dir for e in cascades] + blends, report)))
@@ -126,10 +126,10 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
             service.catch_up(saved.data.trend())
         label = f"{path.parent.name if path.name == 'bundle' else path.name} (bundle)"
         latency_of = "onnxruntime bundle"
-    elif (path / "stages.json").exists():
+    elif (path / STAGES_FILE).exists():
         saved = load_saved(path, models=models)
         served, kind = saved.cascade(), "run"
-        label = json.loads((path / "results.json").read_text())["experiment"] if (path / "results.json").exists() else path.name
+        label = read_results(path)["experiment"] if finished(path) else path.name
         if (path / "bundle" / "manifest.json").exists():
             from export.runtime import CascadeService
 
@@ -139,8 +139,8 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
             served_latency, latency_of = service.cascade, "onnxruntime bundle"
         else:
             served_latency, latency_of = served, "torch"
-    elif (path / "results.json").exists():  # one stage's run: its own test figures, as it reported them
-        results = json.loads((path / "results.json").read_text())
+    elif finished(path):  # one stage's run: its own test figures, as it reported them
+        results = read_results(path)
         test = {k: v for k, v in results.get("test", {}).items() if isinstance(v, (int, float))}
         if not test:
             raise ValueError(f"{path}/results.json: no test figures (an unfinished run?)")
@@ -169,8 +169,7 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
         untrained = load_saved(path, untrained=True, models=models, data=saved.data)
         entry["untrained"] = flow_figures(untrained.cascade(), untrained.data, untrained.world)
         done("the untrained cascade")
-        results = path / "results.json"
-        worse = got_worse(json.loads(results.read_text()).get("rounds", [])) if results.exists() else None
+        worse = got_worse(read_results(path).get("rounds", [])) if finished(path) else None
         if worse:
             entry["notes"].append(f"training {worse}")
     if saved.world is None:
@@ -207,6 +206,6 @@ def comparison(entries: list[dict]) -> str:
     for e in entries:
         flow, lat = e["metrics"]["flow"], e["cost"]["latency_ms"]
         figures = [flow["joint_recall"], flow.get(tr, float("nan")), flow.get("oracle_ratio", float("nan"))]
-        rows.append([e["label"]] + [f"{x:.4f}" for x in figures] + [f"{lat.get(s, float('nan')):.2f}" for s in ("recall", "prerank", "rank")])
+        rows.append([e["label"]] + [f"{x:.4f}" for x in figures] + [f"{lat.get(s, float('nan')):.2f}" for s in STAGE_NAMES])
     of = entries[0]["cost"]["latency_of"]
     return text_table({"header": header, "rows": rows}) + f"\n(ms: p50 per request and stage, {of}; the terms are explained at the end of the report)"

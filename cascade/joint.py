@@ -39,7 +39,6 @@ schedule gives, no early stopping, in its own folder under ``run_dir``: a stoppe
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -52,10 +51,11 @@ from torch import nn
 from cascade import metrics as M
 from cascade.data.lists import ListBatch
 from cascade.data.stream import ListStream
-from cascade.data.store import write_atomic, write_text_atomic
+from cascade.data.store import write_atomic
+from cascade.saved import SavedStage, SavedStages, write_results, write_stages
 from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_config
 from cascade.blend import Blend
-from cascade.cascade import Cascade, Stage, TorchScorer
+from cascade.cascade import Cascade, Stage, TorchScorer, top_mask
 from cascade.data.synth import WORLD_FILE, World
 from cascade.flow import DistillLoss, report_totals, train_distill
 from cascade.models import list_tensors, load_trained
@@ -72,12 +72,9 @@ from cascade.train import StreamedTensors, Tensors, Trainer
 
 
 def top_of(lists: ListBatch, scores: np.ndarray, m: int, also: np.ndarray | None = None) -> ListBatch:
-    """Each list cut to its top-m by ``scores`` (B, N), best first, plus the items ``also``
-    (B, N) marks (padding where a row keeps fewer)."""
-    order = np.argsort(np.where(lists.mask, -scores, np.inf), axis=1, kind="stable")
-    keep = np.zeros_like(lists.mask)
-    np.put_along_axis(keep, order[:, :m], True, axis=1)
-    keep &= lists.mask
+    """Each list cut to its top-m by ``scores`` (B, N) (``cascade.top_mask``) plus the items
+    ``also`` (B, N) marks, in their list order (padding where a row keeps fewer)."""
+    keep = top_mask(scores, lists.mask, m)
     if also is not None:
         keep |= also & lists.mask
     cols = np.argsort(~keep, axis=1, kind="stable")[:, : int(keep.sum(1).max())]
@@ -339,8 +336,7 @@ def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]]
         print(f"warning: {exp.name} {worse}; its warm-up stages are better kept", flush=True)
     save_stages(exp, {"recall": (recall_config, recall_exp.name, recall), "prerank": (config, cfg.prerank, prerank), "rank": (config, cfg.rank, rank)})
     result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds, "world_size": world_size() if data_parallel() else 1}
-    exp.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2, default=float) + "\n")  # last: the mark of a complete run
+    write_results(exp.run_dir, result)  # last: the mark of a complete run
     return result
 
 
@@ -355,22 +351,17 @@ def got_worse(rounds: list[dict]) -> str | None:
     return f"made the cascade worse than it started: test joint recall {start:.4f} at the start, {end:.4f} after {rounds[-1]['after']}"
 
 
-STAGES_FILE = "stages.json"
-STREAM_KEY = "data_stream"  # stages.json: the cascade's data.stream, which `cascade eval` follows too
-
-
 def save_stages(exp, stages: dict[str, tuple[Path, str, nn.Module]]) -> None:
     """The cascade as trained, for `cascade export`: each stage's weights (``stages/NAME.pt``) and
-    ``stages.json`` naming its config file (absolute), experiment and quota, and the cascade's
-    ``data.stream``."""
+    ``stages.json`` (``saved.write_stages``) naming its config file (absolute), experiment and
+    quota, and the cascade's ``data.stream``."""
     out = exp.run_dir / "stages"
     out.mkdir(parents=True, exist_ok=True)
     quotas = {"recall": exp.cascade.recall_quota, "prerank": exp.cascade.prerank_quota, "rank": exp.cascade.rank_quota}
-    manifest: dict = {STREAM_KEY: exp.data.stream}
+    saved = {}
     for name, (config, experiment, model) in stages.items():
         weights = {k: v.cpu() for k, v in model.state_dict().items()}
         write_atomic(out / f"{name}.pt", lambda f: torch.save(weights, f))
-        manifest[name] = {"config": str(Path(config).resolve()), "experiment": experiment, "quota": quotas[name], "weights": f"stages/{name}.pt"}
-        if isinstance(model, Blend):  # its weights, as chosen on validation, in plain sight
-            manifest[name]["blend"] = model.describe()
-    write_text_atomic(exp.run_dir / STAGES_FILE, json.dumps(manifest, indent=2) + "\n")
+        # a blend's weights, as chosen on validation, in plain sight
+        saved[name] = SavedStage(str(Path(config).resolve()), experiment, quotas[name], f"stages/{name}.pt", model.describe() if isinstance(model, Blend) else None)
+    write_stages(exp.run_dir, SavedStages(saved, exp.data.stream))

@@ -18,6 +18,7 @@ from cascade.blend import BLEND, Blend
 from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch
 from cascade.data.store import Dataset, memory_bytes
+from cascade.saved import finished
 from cascade.towers.dat import DAT
 from cascade.towers.dssm import DSSM
 from cascade.towers.embedding import HISTORY, Embeddings, Slot, pack_items, pack_user
@@ -96,7 +97,7 @@ def _check_embedding_memory(spec_fields, dim: int, where: str) -> None:
 def load_trained(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]], train: Callable) -> nn.Module:
     """The frozen model of ``exp`` (a teacher, a recall tower): trained first (by ``train``)
     unless its run folder already holds ``best.pt`` and ``results.json``."""
-    if not ((exp.run_dir / "results.json").exists() and (exp.run_dir / "best.pt").exists()):
+    if not (finished(exp.run_dir) and (exp.run_dir / "best.pt").exists()):
         train(exp)
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)

@@ -29,6 +29,7 @@ from cascade.losses.dat import adaptive_mimic
 from cascade.losses.hit import generation
 from cascade.losses.inttower import contrastive_interaction
 from cascade.losses.pointwise import bce
+from cascade.saved import write_results
 from cascade.recall import RecallStep, evaluate_recall, item_table, recall_output, streamed_training_data, training_pairs
 from cascade.blend import BLEND, Blend, blend_weights, standardised
 from cascade.models import MODELS, blend_parts, build_model, load_trained, predict, score_lists
@@ -290,7 +291,7 @@ def train_pointwise(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Mo
     trainer.log(f"{exp.name}: {exp.model.name} on {exp.data.dir}{' (streamed)' if streamed else ''}: train {len(train):,} valid {len(held_out['valid']):,} test {len(held_out['test']):,} samples; {sum(p.numel() for p in model.parameters()):,} parameters")
     best = trainer.fit(train, step_loss=lambda b: step(model, b), evaluate=lambda: score("valid"), resolved_config=exp.to_dict())
     result = {"experiment": exp.name, "model": exp.model.name, "parameters": sum(p.numel() for p in model.parameters()), "best_epoch": best.get("epoch"), "valid": {k: best[k] for k in ("auc", "logloss", "gauc")}, "test": score("test"), "seconds_per_epoch": best.get("seconds"), "train_samples_per_s": best.get("samples_per_s"), **trainer.parallel}
-    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
+    write_results(exp.run_dir, result)  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result
 
@@ -328,7 +329,7 @@ def train_blend(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Module
         blended = score_lists(blend, lst)
         result[split] = figures(blended, lst)
         result[f"{split}_parts"] = {name: figures(part, lst) for name, part in zip(loaded, z[split])}
-    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
+    write_results(exp.run_dir, result)  # last: the mark of a complete run
     print(f"{exp.name}: " + " + ".join(f"{w:g} z({name})" for name, w in result["weights"].items()) + f" (on valid {exp.train.monitor}); test " + " ".join(f"{key} {v:.4f}" for key, v in result["test"].items()) + "; alone: " + "; ".join(f"{name} " + " ".join(f"{v:.4f}" for v in f.values()) for name, f in result["test_parts"].items()), flush=True)
     return result
 
@@ -361,7 +362,7 @@ def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Modul
     trainer.log(f"{exp.name}: recall with {exp.model.name} on {exp.data.dir}{' (streamed)' if streamed else ''}: {len(train):,} training pairs, {len(ds.items['item_id']):,} items")
     best = trainer.fit(train, step_loss=lambda b: step(model, b), evaluate=lambda: evaluate_recall(model, ds, "valid"), resolved_config=exp.to_dict())
     result = {"experiment": exp.name, "model": exp.model.name, "task": "recall", "best_epoch": best.get("epoch"), "valid": {k: v for k, v in best.items() if k.startswith("recall@")}, "test": evaluate_recall(model, ds, "test"), "seconds_per_epoch": best.get("seconds"), **trainer.parallel}
-    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
+    write_results(exp.run_dir, result)  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(result['test'])}")
     return result
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from cascade.evaluate import GLOSSARY
 from cascade.data.store import replacing_directory
+from cascade.saved import STAGE_NAMES
 
-STAGES = ("recall", "prerank", "rank")
 
 
 def _groups(entries: list[dict]) -> dict[str, list[dict]]:
@@ -105,7 +105,7 @@ def tables(entries: list[dict]) -> dict[str, dict]:
     )
     for label, g in groups.items():
         rows = []
-        for stage in STAGES:
+        for stage in STAGE_NAMES:
             cells = [_cell([_get(e, f"metrics/stages/{stage}/{key}") for e in g]) for _, key in STAGE_COLUMNS]
             flops = _cell([_get(e, f"cost/flops_per_candidate/{stage}") for e in g], 0)
             lat = _cell([_get(e, f"cost/latency_ms/{stage}") for e in g], 2)
@@ -192,7 +192,7 @@ def plots(entries: list[dict]) -> dict[str, str]:
         axes[0, 0].scatter([x], [y])
         axes[0, 0].annotate(label, (x, y), fontsize=8)
         if has_latency:
-            lat = np.nansum([np.nanmean([_get(e, f"cost/latency_ms/{s}") for e in g]) for s in STAGES])
+            lat = np.nansum([np.nanmean([_get(e, f"cost/latency_ms/{s}") for e in g]) for s in STAGE_NAMES])
             axes[0, 1].scatter([lat], [y])
             axes[0, 1].annotate(label, (lat, y), fontsize=8)
     for name, style in (("random_prerank", "--"), ("popularity_prerank", "-.")):

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from torch import nn
 
 from cascade.data.lists import ListBatch, build_lists
+from cascade.data.schema import SPLITS
 from cascade.data.store import Dataset, to_arrow
 from cascade.data.stream import ListStream, RowGroups
 from cascade.data.trend import ItemTrend, TrendSpec, trend_schema, with_trend
@@ -33,7 +34,6 @@ from cascade.flow import stream_score_lookup, write_stream_scores
 from cascade.models import score_lists
 from cascade.recall import TowerRetriever, recall_output
 
-SPLITS = ("train", "valid", "test")
 Source = ListBatch | ListStream  # one split of a stage's data
 
 

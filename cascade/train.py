@@ -37,6 +37,7 @@ from tqdm import tqdm
 from cascade import distributed
 from cascade.data.lists import ListBatch
 from cascade.data.store import write_atomic, write_text_atomic
+from cascade.saved import finished
 from cascade.data.stream import SampleStream
 
 PIPED_EVERY = 30.0  # seconds between progress lines when stdout is not a terminal
@@ -533,7 +534,7 @@ def clear_run(run_dir: Path) -> bool:
     """Remove a run folder to train it from the start (``--restart``); only a folder that holds
     a run (config.json or results.json), never anything else."""
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and ((run_dir / "config.json").exists() or (run_dir / "results.json").exists()):
+    if run_dir.is_dir() and ((run_dir / "config.json").exists() or finished(run_dir)):
         shutil.rmtree(run_dir)
         return True
     return False

@@ -26,10 +26,10 @@ from cascade.cascade import Cascade
 from cascade.data.lists import ListBatch
 from cascade.data.trend import ItemTrend
 from cascade.eval_data import EvalData
+from cascade.saved import STAGE_NAMES
 from export.online import MAX_EVENTS
 
 Post = Callable[[str, dict], dict]
-STAGES = ("recall", "prerank", "rank")
 
 
 def http_post(base_url: str, timeout: float = 60) -> Post:
@@ -69,7 +69,7 @@ def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend, eve
     pending = (trend.ts >= events_until) & (trend.ts < requests.ts.max())
     order = np.argsort(trend.ts[pending], kind="stable")
     item, ts = trend.item[pending][order], trend.ts[pending][order]
-    sent, same = 0, {name: 0 for name in STAGES} | {"every_stage": 0, "final_order": 0}
+    sent, same = 0, {name: 0 for name in STAGE_NAMES} | {"every_stage": 0, "final_order": 0}
     example: dict[str, Any] = {}
     seconds = {"events": 0.0, "requests": 0.0}
     for row in range(len(requests)):
@@ -86,15 +86,15 @@ def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend, eve
         seconds["requests"] += time.perf_counter() - start
         if not example:
             example = {"request": body, "response": {key: got[key] for key in ("items", "stages")}}
-        stages = [set(got["stages"][name]) == kept_set(want.stages[i], row) for i, name in enumerate(STAGES)]
-        for name, ok in zip(STAGES, stages):
+        stages = [set(got["stages"][name]) == kept_set(want.stages[i], row) for i, name in enumerate(STAGE_NAMES)]
+        for name, ok in zip(STAGE_NAMES, stages):
             same[name] += ok
         same["every_stage"] += all(stages)
         same["final_order"] += got["items"] == want.items[row][want.items[row] > 0].tolist()
         if progress is not None:
             progress(row + 1)
     r = len(requests)
-    out = {"requests": r, "events": sent} | {f"same_{name}_survivors": same[name] / r for name in STAGES}
+    out = {"requests": r, "events": sent} | {f"same_{name}_survivors": same[name] / r for name in STAGE_NAMES}
     out |= {"same_every_stage": same["every_stage"] / r, "same_final_order": same["final_order"] / r}
     return out | {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "example": example}
 
@@ -125,7 +125,7 @@ def replay_served(bundle: str | Path, data: EvalData, reference: Cascade, n: int
 
 def summary(report: dict[str, Any]) -> str:
     """The replay in one line, and the first replayed request with what each stage kept."""
-    same = " ".join(f"{name} {report[f'same_{name}_survivors']:.4f}" for name in STAGES)
+    same = " ".join(f"{name} {report[f'same_{name}_survivors']:.4f}" for name in STAGE_NAMES)
     ex = report["example"]
     request = {k: (v[-5:] if k == "history" else v) for k, v in ex["request"].items()}
     stages = ", ".join(f"{name} kept {len(ids)}" for name, ids in ex["response"]["stages"].items())

@@ -5,7 +5,6 @@ against the same cascade in torch."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,15 +16,12 @@ from cascade.cascade import Cascade
 from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_config
 from cascade.data.store import Dataset
 from cascade.eval_data import EvalData
-from cascade.joint import STAGES_FILE, STREAM_KEY
 from cascade.data.trend import TrendSpec
 from cascade.pipeline import streams, trend_spec, with_trend_fields
 from cascade.models import MODELS, build_model
+from cascade.saved import STAGE_NAMES, STAGES_FILE, SavedError, read_stages
 from export.bundle import BundleError, StageModel
 from teachers import TEACHERS
-
-ROLES = ("recall", "prerank", "rank")
-
 
 def _experiment(spec: str, where: str) -> ExperimentConfig:
     config, sep, name = spec.rpartition(":")
@@ -71,23 +67,23 @@ def _data(cfg: DataConfig) -> EvalData:
 def from_run(run_dir: str | Path) -> tuple[EvalData, list[StageModel]]:
     """The stages a ``task: cascade`` run saved, over the recall experiment's logs (read as the
     cascade's ``data.stream`` says: an export reads the catalog and a few test requests)."""
-    run_dir = Path(run_dir)
-    path = run_dir / STAGES_FILE
-    if not path.exists():
-        raise BundleError(f"{path}: missing; RUN_DIR must be a finished 'task: cascade' run (or name the stages with --recall, --prerank and --rank)")
-    saved = json.loads(path.read_text())
-    exps = {role: _experiment(f"{saved[role]['config']}:{saved[role]['experiment']}", f"{path}: {role}") for role in ROLES}
-    data = _data(replace(exps["recall"].data, stream=saved.get(STREAM_KEY, "auto")))
+    try:
+        saved = read_stages(run_dir)
+    except SavedError as e:
+        raise BundleError(f"{e} (RUN_DIR must be a finished 'task: cascade' run, or name the stages with --recall, --prerank and --rank)") from None
+    path = Path(run_dir) / STAGES_FILE
+    exps = {name: _experiment(f"{saved[name].config}:{saved[name].experiment}", f"{path}: {name}") for name in STAGE_NAMES}
+    data = _data(replace(exps["recall"].data, stream=saved.data_stream))
     trend = _trend(exps)
-    return data, [_stage(role, exps[role], _logs(data, role, trend), int(saved[role]["quota"]), run_dir / saved[role]["weights"]) for role in ROLES], trend
+    return data, [_stage(name, exps[name], _logs(data, name, trend), saved[name].quota, saved.weights(name)) for name in STAGE_NAMES], trend
 
 
 def from_named(specs: dict[str, str], quotas: tuple[int, int, int]) -> tuple[EvalData, list[StageModel], TrendSpec]:
     """Stages named ``CONFIG:EXPERIMENT`` each, with their quotas (recall, prerank, rank)."""
-    exps = {role: _experiment(specs[role], f"--{role}") for role in ROLES}
+    exps = {name: _experiment(specs[name], f"--{name}") for name in STAGE_NAMES}
     data = _data(exps["recall"].data)
     trend = _trend(exps)
-    return data, [_stage(role, exps[role], _logs(data, role, trend), q) for role, q in zip(ROLES, quotas)], trend
+    return data, [_stage(role, exps[role], _logs(data, role, trend), q) for role, q in zip(STAGE_NAMES, quotas)], trend
 
 
 def _trend(exps: dict[str, ExperimentConfig]) -> TrendSpec:
@@ -127,7 +123,7 @@ def parity(service, reference: Cascade, data: EvalData, n: int = 256) -> dict[st
     want = reference.run(requests)
     got = service.cascade.run(requests)
     out = {"requests": len(requests)}
-    for i, name in enumerate(["recall", "prerank", "rank"]):
+    for i, name in enumerate(STAGE_NAMES):
         w, g = want.stages[i], got.stages[i]
         ws = [set(r[k].tolist()) for r, k in zip(w.lists.item["item_id"], w.kept)]
         gs = [set(r[k].tolist()) for r, k in zip(g.lists.item["item_id"], g.kept)]

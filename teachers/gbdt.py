@@ -23,6 +23,7 @@ import numpy as np
 from cascade.data.lists import ListBatch
 from cascade.data.store import write_atomic, write_text_atomic
 from cascade.features import FeatureSpec
+from cascade.saved import write_results
 
 MULTI_HOT_MAX = 64
 CROSS_MAX = 1000
@@ -180,7 +181,6 @@ def train_gbdt(exp) -> dict:
     exposures, early stopping on validation AUC, scored on test like the neural models.
     ``task: distill`` (with ``distill.teacher: null``): a ranker on the flow's lists, see
     ``train_gbdt_lists``."""
-    import json
     import time
 
     from cascade.config import ConfigError
@@ -215,7 +215,7 @@ def train_gbdt(exp) -> dict:
     }
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(exp.run_dir / "model.txt", teacher.booster.model_to_string())
-    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
+    write_results(exp.run_dir, result)  # last: the mark of a complete run
     return result
 
 
@@ -225,7 +225,6 @@ def train_gbdt_lists(exp) -> dict:
     default (an order-only teacher), early stopping on validation NDCG@10. Writes ``model.txt``,
     its scores of every split's lists to ``scores/SPLIT.npy`` (what ``flow.train_distill`` reads)
     and ``results.json`` with the flow's report of itself as its own pre-ranker."""
-    import json
     import time
 
     from cascade.config import ConfigError
@@ -253,5 +252,5 @@ def train_gbdt_lists(exp) -> dict:
     write_text_atomic(exp.run_dir / "model.txt", teacher.booster.model_to_string())
     test = cascade_report(scores["test"], scores["test"], lists["test"], exp.distill)
     result = {"experiment": exp.name, "model": "gbdt", "task": "distill", "objective": cfg.objective, "trees": teacher.booster.best_iteration, "valid": best, "test": test, "train_seconds": seconds}
-    write_text_atomic(exp.run_dir / "results.json", json.dumps(result, indent=2) + "\n")  # last: the mark of a complete run
+    write_results(exp.run_dir, result)  # last: the mark of a complete run
     return result

@@ -51,7 +51,7 @@ def _lists(label, mask):
     return ListBatch(np.arange(b), {}, np.zeros((b, 0)), {"item_id": np.arange(1, b * n + 1).reshape(b, n)}, label, np.zeros((b, n), np.int8), mask)
 
 
-def test_top_of_keeps_the_top_m_best_first_plus_the_marked_items():
+def test_top_of_keeps_the_top_m_plus_the_marked_items_in_list_order():
     scores = np.array([[0.1, 0.9, 0.5, 0.7], [3.0, 1.0, 2.0, 0.0]])
     mask = np.array([[True, True, True, True], [True, True, True, False]])
     label = np.array([[1.0, 0, 0, 0], [0, 0, 0, 0]])
@@ -60,6 +60,7 @@ def test_top_of_keeps_the_top_m_best_first_plus_the_marked_items():
     # row 1: top-2 are items 5 (3.0) and 7 (2.0); nothing marked: its third slot is padding.
     assert set(cut.item["item_id"][0][cut.mask[0]].tolist()) == {1, 2, 4}
     assert cut.item["item_id"][1][cut.mask[1]].tolist() == [5, 7]
+    assert cut.item["item_id"][0][cut.mask[0]].tolist() == [1, 2, 4]  # list order, not score order
     assert cut.label[0][cut.mask[0]].sum() == 1  # labels travel with their items
 
 
