@@ -108,7 +108,7 @@ import json, sys, time
 from pathlib import Path
 start = time.perf_counter()
 from cascade.cli import main
-import cascade.pipeline, torch  # the baseline (no arguments) holds what a run imports
+import cascade.tasks.cascade, torch  # the baseline (no arguments) holds what a run imports
 code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
 hwm = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
 print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "peak_rss": hwm}))
@@ -144,7 +144,7 @@ def main() -> None:
         if not data.exists():
             start = time.perf_counter()
             from cascade.config import load_config
-            from cascade.pipeline import make_data
+            from cascade.prepare import make_data
 
             make_data(load_config(config, "memory")[0].data)
             print(f"world {scale}x written in {time.perf_counter() - start:.0f}s", flush=True)
@@ -208,7 +208,7 @@ def write(rows: list[dict], baseline: int, args) -> None:
     model = {
         "pointwise": f"A pointwise DSSM (quickstart size), {args.epochs} epochs, batch 1,024,",
         "distill": f"A DSSM pre-ranker (quickstart size) distilled with listwise KD from a DSSM teacher (trained first,\non the exposures), {args.epochs} epochs, 32 lists of 200 a batch; the teacher scores each path's lists once, into\nits cache (in memory: one array; streamed: a file written a row group at a time and read memory-mapped a batch at a time), in the path's first run;",
-        "cascade": f"A joint cascade (RankFlow, one round, the pre-ranker trained: {args.epochs} epoch(s) of self-learning on recall's\ntop-200 with every positive, {args.epochs} of tutor learning from the ranker, 32 lists a batch) over a DSSM recall tower, DSSM\npre-ranker and a larger DSSM ranker trained first; the run regenerates recall's output (faiss over the catalog) three\ntimes, in memory or, streamed, written a row group at a time to parquet and read back (``cascade.stage_data``);\nlists/s is over both phases' epochs\n('epochs 2+': the tutor phase alone);",
+        "cascade": f"A joint cascade (RankFlow, one round, the pre-ranker trained: {args.epochs} epoch(s) of self-learning on recall's\ntop-200 with every positive, {args.epochs} of tutor learning from the ranker, 32 lists a batch) over a DSSM recall tower, DSSM\npre-ranker and a larger DSSM ranker trained first; the run regenerates recall's output (faiss over the catalog) three\ntimes, in memory or, streamed, written a row group at a time to parquet and read back (``cascade.tasks.stage_data``);\nlists/s is over both phases' epochs\n('epochs 2+': the tutor phase alone);",
         "recall": f"The quickstart's recall tower (DSSM, sampled softmax with 256 popularity and 4 hard negatives a pair),\n{args.epochs} epochs, batch 1,024 pairs; streamed, the candidates are read a row group at a time once, keeping\nthe positives and the training pairs (so its epochs read nothing);",
     }[args.task]
     lines = [

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cascade.config import load_config
-from cascade.joint import train_experiment
+from cascade.tasks import train_experiment
 from cascade.models import MODELS
 from teachers import TEACHERS
 

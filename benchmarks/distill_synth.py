@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cascade.config import load_config
-from cascade.flow import train_distill
+from cascade.tasks.distill import train_distill
 from cascade.models import MODELS
 from teachers import TEACHERS
 

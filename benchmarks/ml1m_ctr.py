@@ -19,7 +19,7 @@ import numpy as np
 
 from cascade.config import load_config
 from cascade.models import MODELS
-from cascade.pipeline import train_pointwise
+from cascade.tasks.pointwise import train_pointwise
 from teachers import BOOSTED, TEACHERS
 
 from provenance import mean_std, provenance

@@ -46,7 +46,7 @@ def train_one(model: str, lr: float, dropout: float, seed: int, device: str, run
 
     from cascade.config import load_config
     from cascade.models import MODELS
-    from cascade.pipeline import train_pointwise
+    from cascade.tasks.pointwise import train_pointwise
     from teachers import TEACHERS
 
     torch.set_num_threads(threads)

@@ -24,10 +24,10 @@ from cascade.blend import GRID, blend_weights, standardised
 from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.data.schema import EXPOSED
-from cascade.joint import train_experiment
-from cascade.flow import cached_scores
+from cascade.tasks import train_experiment
+from cascade.tasks.distill import cached_scores
 from cascade.models import MODELS, load_trained
-from cascade.pipeline import prepare_data
+from cascade.tasks.recall import task_logs
 from teachers import BOOSTED, TEACHERS
 
 from provenance import write_results
@@ -76,7 +76,7 @@ def main() -> None:
         (e,) = load_config(ROOT / config, name)
         exps[f"{Path(config).stem}/{name}"] = e
     first = exps[args.names[0]]
-    ds = prepare_data(first.data)
+    ds = task_logs(first.data, whole=True)[0]
     lists = {split: build_lists(ds, split) for split in ("valid", "test")}
     print(f"lists: valid {lists['valid'].mask.shape}, test {lists['test'].mask.shape}", flush=True)
     scores: dict[str, dict[str, np.ndarray]] = {}

@@ -24,7 +24,7 @@ from cascade.data.lists import build_lists
 from cascade.data.trend import ItemTrend
 from cascade.eval_data import popularity
 from cascade.evaluate import most_popular, trending, trending_days
-from cascade.pipeline import prepare_data, train_recall
+from cascade.tasks.recall import task_logs, train_recall
 
 from provenance import mean_std, provenance
 
@@ -36,7 +36,7 @@ KS = (50, 200)
 def baselines(exp) -> dict[str, dict]:
     """Most-popular and trending recall on ``exp``'s data, valid and test, scored as
     ``recall.evaluate_recall`` scores a tower (history excluded, mean over requests)."""
-    ds = prepare_data(exp.data)
+    ds = task_logs(exp.data, whole=True)[0]
     trend, catalog = ItemTrend.from_dataset(ds), ds.items["item_id"]
     split = {s: build_lists(ds, s) for s in ("valid", "test")}
     truth = {s: lists.positive_ids for s, lists in split.items()}

@@ -16,7 +16,8 @@ import json
 import time
 from pathlib import Path
 
-from export.replay import STAGES, replay_served
+from cascade.saved import STAGE_NAMES as STAGES
+from export.replay import replay_served
 from export.stages import from_run, torch_cascade
 
 from provenance import write_results

@@ -19,7 +19,7 @@ import argparse
 import json
 
 from cascade.config import load_config
-from cascade.joint import train_experiment
+from cascade.tasks import train_experiment
 from cascade.models import MODELS
 from teachers import TEACHERS
 

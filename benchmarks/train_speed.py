@@ -36,7 +36,8 @@ import cascade.towers.hit
 import cascade.towers.inttower
 from cascade.config import load_config
 from cascade.models import build_model
-from cascade.pipeline import exposures, pointwise_step, prepare_data
+from cascade.tasks.pointwise import exposures, pointwise_step
+from cascade.tasks.recall import task_logs
 from cascade.towers import base
 
 from provenance import provenance
@@ -84,7 +85,7 @@ class Variant:
                 self.model.forward = types.MethodType(base.TwoTower.forward, self.model)
         self.model.train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.step_loss = pointwise_step(model_name)
+        self.step_loss = pointwise_step
         self.batches = train_batches
         self.rounds: list[float] = []
 
@@ -120,7 +121,7 @@ def profile(steps: int) -> None:
     lines = ["# Where a training step's time goes (lean variant, fp32, batch 2048, ML-1M `ctr`)", ""]
     for model_name in ("dssm", "inttower"):
         exp = experiments[model_name]
-        ds = prepare_data(exp.data)
+        ds = task_logs(exp.data, whole=True)[0]
         _, train = exposures(ds, "train", build_model(exp, ds))
         batches = list(train.batches(2048, torch.Generator().manual_seed(0)))[:steps]
         v = Variant("lean", model_name, exp, ds, batches, stock=False, bf16=False)
@@ -167,7 +168,7 @@ def main() -> None:
     rows = []
     for model_name in ("dssm", "inttower"):
         exp = experiments[model_name]
-        ds = prepare_data(exp.data)
+        ds = task_logs(exp.data, whole=True)[0]
         probe = build_model(exp, ds)
         _, train = exposures(ds, "train", probe)
         batches = list(train.batches(2048, torch.Generator().manual_seed(0)))[: args.steps]

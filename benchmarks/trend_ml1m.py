@@ -36,11 +36,11 @@ from cascade import metrics as M
 from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.data.trend import ItemTrend
-from cascade.flow import cached_scores, train_distill
-from cascade.joint import train_experiment
-from cascade.stage_data import StageData
+from cascade.tasks.distill import cached_scores, train_distill
+from cascade.tasks import train_experiment
+from cascade.tasks.stage_data import StageData
 from cascade.models import MODELS, load_trained
-from cascade.pipeline import prepare_data
+from cascade.tasks.recall import task_logs
 from teachers import BOOSTED, TEACHERS
 
 from provenance import mean_std, seeded, write_results
@@ -97,10 +97,10 @@ def main() -> None:
         config = Path(config)
         names = tuple(picked.split(",")) if picked else NAMES
         first = next(e for e in load_config(ROOT / config) if e.name == names[0])
-        ds = prepare_data(first.data)
+        ds = task_logs(first.data, whole=True)[0]
         lists = {s: build_lists(ds, s) for s in ("valid", "test")}
         (recall_exp,) = load_config(ROOT / config.parent / first.data.recall["config"], first.data.recall["experiment"])
-        base = prepare_data(recall_exp.data)
+        base = task_logs(recall_exp.data, whole=True)[0]
         n_pos = StageData(base).positives(lists["test"].request_id)  # every logged positive, retrieved or not
         if not fixed:  # the scorers with no training, once (both configs hold the same lists)
             tr = base.candidates

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 from cascade.data.store import DataError, check_output_dir, read_dataset, warnings, write_dataset
 from cascade.saved import STAGE_NAMES
+from cascade.tasks import tasks_help
 
 BAD_INPUT = 2
 
@@ -99,18 +100,16 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cascade.config import ConfigError
+    from cascade.config import ConfigError, command_line, load_config
     from cascade.job import run_job
     from cascade.train import RunError
     from export.bundle import BundleError
 
-    _overrides(args)
     try:
-        if args.restart:
-            from cascade.config import load_config
-
-            _restart(load_config(args.config))
-        run_job(args.config)
+        with command_line(_overrides(args)):
+            if args.restart:
+                _restart(load_config(args.config))
+            run_job(args.config)
     except (ConfigError, BundleError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
@@ -126,14 +125,20 @@ LEGEND = {
 
 
 def _train(args: argparse.Namespace) -> int:
-    _overrides(args)
+    from cascade.config import command_line
+
+    with command_line(_overrides(args)):
+        return _train_experiments(args)
+
+
+def _train_experiments(args: argparse.Namespace) -> int:
     from cascade.distributed import init_from_env, is_writer
 
     init_from_env()  # under torchrun: join the group (every trainer then runs data-parallel)
     if not is_writer():  # one copy of the summary, rank 0's
         sys.stdout = open(os.devnull, "w")
     from cascade.config import ConfigError, load_config
-    from cascade.joint import train_experiment
+    from cascade.tasks import train_experiment
     from cascade.models import MODELS
     from cascade.train import RunError
     from teachers import BOOSTED, TEACHERS
@@ -186,7 +191,7 @@ def _export(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         data, stages, trend = from_run(args.run_dir) if args.run_dir is not None else from_named(named, quotas)
         source = {"run_dir": str(args.run_dir.resolve())} if args.run_dir is not None else {"stages": named}
-        out = write_bundle(data, *stages, args.out, index, args.quantize, source, trend)
+        out = write_bundle(data, *stages, args.out, index, quantize=args.quantize, source=source, trend=trend)
         online = f"; online item trend {list(trend.days)} days, '{trend.scale}' scale" if trend else ""
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s: " + ", ".join(f"{s.name} {s.model_name} top-{s.quota}" for s in stages) + online)
         service = CascadeService(out)
@@ -314,15 +319,14 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
         return super()._get_help_string(action)
 
 
-def _overrides(args: argparse.Namespace) -> None:
-    """--epochs, --seed, --device, --out: into every experiment this command loads."""
-    from cascade.config import COMMAND_LINE
-
+def _overrides(args: argparse.Namespace) -> dict:
+    """--epochs, --seed, --device, --out in config form: what ``config.command_line`` applies to
+    every experiment this command loads."""
     train = {k: getattr(args, k) for k in ("epochs", "seed", "device") if getattr(args, k, None) is not None}
-    COMMAND_LINE.clear()
-    COMMAND_LINE.update({"train": train} if train else {})
+    out: dict = {"train": train} if train else {}
     if getattr(args, "out_root", None) is not None:
-        COMMAND_LINE["out"] = str(args.out_root)
+        out["out"] = str(args.out_root)
+    return out
 
 
 def _port(text: str) -> int:
@@ -368,15 +372,7 @@ def _restart(experiments) -> None:
 
 
 MODEL_LIST = "pre-rankers and recall: dssm, senet, dat, inttower, hit; rankers: din, gbdt (LightGBM)"
-TASKS = """tasks (an experiment's 'task:'):
-  pointwise  BCE on the logged exposures (any model; gbdt trains LightGBM)
-  recall     a two-tower over the whole catalog, sampled softmax (the recall stage)
-  distill    a model on the recall lists with a loss mix, against a frozen teacher ('distill.teacher')
-  blend      sum_i w_i z(score_i) per list over models and item fields ('model: {name: blend,
-             params: {parts: [din, item_trend_7d]}}'), the weights chosen on the validation lists
-  cascade    recall -> pre-rank -> rank reported (and with 'method: rankflow|lcron' trained) as one;
-             its run folder holds stages.json and stages/*.pt, what `cascade export` and `cascade eval` read
-`cascade train` runs every task; `cascade distill` only the 'task: distill' experiments."""
+TASKS = tasks_help() + "\n`cascade train` runs every task; `cascade distill` only the 'task: distill' experiments."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import",
         help="turn your own logs (CSV or parquet: one row per user-item event) into a checked log directory",
         formatter_class=_Help,
-        description="Events (and optional users and items tables) -> a cascade log directory: ids mapped to 1..V (vocabularies saved in OUT/vocab), requests, labels, history, splits, features. Give a mapping YAML (see the README), options, or both (options win).",
+        description="Events (and optional users and items tables) -> a cascade log directory: ids mapped to 1..V (vocabularies saved in OUT/vocab), requests, labels, history, splits, features. Give a mapping YAML (docs/reference.md: Your own logs), options, or both (options win).",
         epilog="example: cascade data import --events ratings.csv --user userId --item movieId --time timestamp --label 'rating >= 4' --out runs/data/mine\n"
         "         cascade data import --mapping my_logs.yaml --out runs/data/mine",
     )

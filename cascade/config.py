@@ -2,8 +2,9 @@
 
 A config file holds a ``base`` block and named ``experiments``; each experiment is ``base`` with
 its own keys merged over it (FuxiCTR style). Unknown keys are errors that name the key. Models
-are found through the explicit ``MODELS`` registry in ``cascade.pipeline``, never by name lookup
-in modules.
+are found through the explicit ``MODELS`` registry in ``cascade.models``, tasks through
+``cascade.tasks.TASKS`` (names, help and monitors; that package's ``__init__`` imports nothing of
+the package, so this module may read it), never by name lookup in modules.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import math
 import re
 import types
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterator, Union, get_args, get_origin, get_type_hints
 
 import torch
 
+from cascade.tasks import TASKS
 from cascade.train import TrainConfig, above, at_least
 from cascade.yamlfile import YamlError, read_yaml
 
@@ -153,7 +157,7 @@ class DataConfig:
     synth: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides
     # recall_output: {config, experiment, n, folds, trend_days, trend_scale}: a recall experiment (trained first if needed)
     # whose top-n per request, labelled from its data's logs, becomes this directory's candidates;
-    # folds > 1 cross-fits the training requests' lists (pipeline.frozen_recall_output)
+    # folds > 1 cross-fits the training requests' lists (tasks.recall.frozen_recall_output)
     recall: dict[str, Any] = field(default_factory=dict)
     # pointwise, distill and recall training: read the candidates a row group at a time (cascade.data.stream)
     # rather than whole; auto streams logs whose in-memory copies would not fit (stream.fits_in_memory)
@@ -279,9 +283,6 @@ def _build(cls, raw: Any, where: str):
         raise ConfigError(f"{where}.{e}" if key in known else f"{where}: {e}") from None
 
 
-TASKS = ("pointwise", "recall", "distill", "blend", "cascade")
-
-
 def _train(raw: Any, where: str) -> TrainConfig:
     cfg = _build(TrainConfig, raw, where)
     try:
@@ -294,35 +295,30 @@ def _train(raw: Any, where: str) -> TrainConfig:
 
 
 def _task(value: str, where: str) -> str:
-    if value not in TASKS:
+    if value not in TASKS:  # the registry of cascade.tasks, which imports nothing of the package
         raise ConfigError(f"{where}.task: '{value}' is not one of {', '.join(TASKS)}")
     return value
 
 
 # What the command line overrides (``--epochs``, ``--seed``, ``--device``, ``--out``), in config
-# form ({"train": {...}, "out": ...}): applied to every experiment loaded in this process, so the
-# stages a cascade loads by name get them too. Set only by ``cascade.cli``.
-COMMAND_LINE: dict[str, Any] = {}
+# form ({"train": {...}, "out": ...}), for the command running: every experiment loaded inside
+# ``command_line``'s block gets them, so the stages a cascade loads by name get them too.
+_COMMAND_LINE: ContextVar[dict[str, Any]] = ContextVar("command_line", default={})
+
+
+@contextmanager
+def command_line(overrides: dict[str, Any]) -> Iterator[None]:
+    """Apply ``overrides`` (config form: ``{"train": {"epochs": 3}, "out": "runs/x"}``) to every
+    experiment ``load_config`` returns inside the block, then forget them."""
+    token = _COMMAND_LINE.set(dict(overrides))
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
 
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SECTIONS = {"data", "model", "train", "out", "task", "recall", "distill", "cascade"}
-
-
-def monitors(exp: ExperimentConfig) -> tuple[str, ...] | None:
-    """The validation metrics ``train.monitor`` may name for this experiment's task (None: the
-    task trains a fixed schedule or its own way, and ignores it)."""
-    if exp.task == "recall":
-        return ("recall@50", "recall@200")
-    if exp.task == "distill":
-        k, m = exp.distill.rank_quota, exp.distill.prerank_quota
-        return (f"teacher_recall@{k}@20", f"teacher_recall@{k}@{m}", f"recall@{k}", f"ndcg@{k}", "oracle_ratio")
-    if exp.task == "pointwise" and exp.model.name != "gbdt":
-        return ("auc", "gauc", "logloss")
-    if exp.task == "blend":
-        k = exp.distill.rank_quota
-        return (f"recall@{k}", f"ndcg@{k}")
-    return None
 
 
 def _output_path(value: Any, where: str) -> str:
@@ -350,7 +346,7 @@ def _inputs_relative_to(exp: ExperimentConfig, base: Path) -> ExperimentConfig:
 
 def load_config(path: str | Path, experiment: str | None = None) -> list[ExperimentConfig]:
     """The experiments of a config file (one when ``experiment`` names it), with the command
-    line's overrides (``COMMAND_LINE``). Every key is type- and range-checked here, before any
+    line's overrides (``command_line``). Every key is type- and range-checked here, before any
     work: errors name the file and the key."""
     path = Path(path)
     try:
@@ -383,7 +379,7 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
         if extra:
             raise ConfigError(f"{where}: unknown key '{extra[0]}' (known: {', '.join(sorted(SECTIONS))})")
         _output_path(from_file.get("out", "runs"), where)
-        raw = _merge(from_file, COMMAND_LINE)
+        raw = _merge(from_file, _COMMAND_LINE.get())
         exp = ExperimentConfig(
             name=name,
             data=_build(DataConfig, raw.get("data"), f"{where}.data"),
@@ -404,7 +400,7 @@ def load_config(path: str | Path, experiment: str | None = None) -> list[Experim
             raise ConfigError(f"{where}: a blend is model.name 'blend' with task 'blend' (its weights are chosen, not trained), got model '{exp.model.name}' with task '{exp.task}'")
         if exp.data.stream == "always" and exp.model.name == "gbdt" and exp.task != "cascade":
             raise ConfigError(f"{where}.data.stream: 'always', but a LightGBM model (gbdt) reads its data whole; set stream: auto or never")
-        allowed = monitors(exp)
+        allowed = TASKS[exp.task].monitors(exp)
         if allowed is not None and exp.train.monitor not in allowed:
             raise ConfigError(f"{where}.train.monitor: '{exp.train.monitor}' is not a validation metric of a '{exp.task}' task (it has: {', '.join(allowed)})")
         if exp.data.kind == "logs" and not (Path(exp.data.dir) / "schema.json").is_file():

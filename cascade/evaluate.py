@@ -38,7 +38,7 @@ from cascade.data.trend import ItemTrend, TrendSpec
 from cascade.data.synth import WORLD_FILE, World
 from cascade.eval_data import EvalData
 from cascade.models import MODELS, build_model, list_tensors
-from cascade.pipeline import streams, trend_spec, with_trend_fields
+from cascade.prepare import streams, trend_spec, with_trend_fields
 from cascade.recall import TowerRetriever
 from cascade.saved import STAGE_NAMES, SavedError, read_stages
 

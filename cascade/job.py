@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from cascade.config import ConfigError, ExperimentConfig, load_config
-from cascade.report import text_table
+from cascade.tasks import TASKS
+from cascade.report import METRICS_FILE, read_entries, text_table
 from cascade.saved import RESULTS_FILE, STAGE_NAMES, STAGES_FILE, finished, read_results
 
-STEP_ORDER = ("pointwise", "recall", "blend", "distill", "cascade")  # a blend may teach a student
 
 
 @dataclass
@@ -34,9 +34,10 @@ def _finished(exp: ExperimentConfig) -> bool:
 
 def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
     """The steps of ``config``'s job, its cascades and the report directory."""
-    from cascade.joint import train_experiment
+    from cascade.tasks import train_experiment
     from cascade.models import MODELS
-    from cascade.pipeline import prepare_data
+    from cascade.prepare import prepare_data
+    from cascade.tasks.recall import frozen_recall_output
     from teachers import BOOSTED, TEACHERS
 
     exps = load_config(config)
@@ -46,8 +47,8 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
     if not cascades:
         raise ConfigError(f"{config}: no 'task: cascade' experiment, so nothing to export or evaluate; `cascade train` trains single stages")
     models = {**MODELS, **TEACHERS}
-    steps = [Step(f"data {exps[0].data.dir}", lambda: Path(exps[0].data.dir).exists(), lambda: prepare_data(exps[0].data, candidates=False))]  # made and its tables checked; each run reads the candidates its own way
-    for task in STEP_ORDER:
+    steps = [Step(f"data {exps[0].data.dir}", lambda: Path(exps[0].data.dir).exists(), lambda: prepare_data(exps[0].data, candidates=False, recall_output=frozen_recall_output))]  # made and its tables checked; each run reads the candidates its own way
+    for task in TASKS:  # in their training order
         for exp in (e for e in exps if e.task == task):
             steps.append(Step(f"train {exp.name} (task: {task})", lambda exp=exp: _finished(exp), lambda exp=exp: train_experiment(exp, config, models, BOOSTED)))
     for exp in cascades:
@@ -55,7 +56,7 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
     report = cascades[0].run_dir.parent / "report"
 
     def report_fresh() -> bool:
-        made = report / "metrics.json"
+        made = report / METRICS_FILE
         return made.exists() and all(made.stat().st_mtime > (e.run_dir / RESULTS_FILE).stat().st_mtime for e in cascades if finished(e.run_dir))
 
     blends = [e.run_dir for e in exps if e.task == "blend"]  # each shown beside its parts
@@ -65,8 +66,11 @@ def plan(config: Path) -> tuple[list[Step], list[ExperimentConfig], Path]:
 
 def exported(run_dir: Path) -> bool:
     """The run's bundle is written, and replayed where it serves online features."""
-    manifest = run_dir / "bundle" / "manifest.json"
-    return manifest.exists() and (not json.loads(manifest.read_text()).get("online") or (run_dir / "replay.json").exists())
+    from export.bundle import MANIFEST, read_manifest
+
+    if not (run_dir / "bundle" / MANIFEST).exists():
+        return False
+    return not read_manifest(run_dir / "bundle").get("online") or (run_dir / "replay.json").exists()
 
 
 def export_run(run_dir: Path) -> Path:
@@ -80,7 +84,7 @@ def export_run(run_dir: Path) -> Path:
     from export.stages import from_run, parity, torch_cascade
 
     data, stages, trend = from_run(run_dir)
-    out = write_bundle(data, *stages, run_dir / "bundle", IndexSpec("flat"), False, {"run_dir": str(Path(run_dir).resolve())}, trend)
+    out = write_bundle(data, *stages, run_dir / "bundle", IndexSpec("flat"), source={"run_dir": str(Path(run_dir).resolve())}, trend=trend)
     reference = torch_cascade(data, stages, trend)
     report = parity(CascadeService(out), reference, data)
     print("  parity against torch: " + " ".join(f"{k} {v:.6g}" for k, v in report.items()), flush=True)
@@ -102,52 +106,61 @@ def evaluate_runs(paths: list[Path], out: Path, seed: int = 0) -> list[dict]:
 LATENCY_REQUESTS = 200  # test requests served one at a time for the latency figures
 
 
+def _stage_entry(path: Path) -> dict:
+    """One stage's run: its own test figures, as it reported them (a blend's parts beside it)."""
+    results = read_results(path)
+    test = {k: v for k, v in results.get("test", {}).items() if isinstance(v, (int, float))}
+    if not test:
+        raise ValueError(f"{path}/{RESULTS_FILE}: no test figures (an unfinished run?)")
+    parts = {name: {"test": figures} for name, figures in results.get("test_parts", {}).items()}  # a blend's parts alone
+    return {"label": results.get("experiment", path.name), "path": str(path), "kind": "stage", "task": results.get("task", "pointwise"), "metrics": {"test": test} | ({"parts": parts} if parts else {}), "notes": []}
+
+
+def _cascade_to_evaluate(path: Path, models: dict):
+    """(the saved cascade, what serves it, what its latency is measured on, which that is, the
+    entry's kind, its label) for a bundle of a cascade run or a cascade run itself (its bundle's
+    onnxruntime latency when it was exported, else torch's)."""
+    from cascade.evaluate import load_saved
+    from export.runtime import CascadeService
+
+    if (path / "manifest.json").exists():
+        service = CascadeService(path)
+        source = service.manifest.get("source", {}).get("run_dir")
+        if source is None:
+            raise ValueError(f"{path}: a bundle of named stages; evaluate their cascade run instead (it needs the logs)")
+        saved = load_saved(source, models=models)
+        if service.online is not None:
+            service.catch_up(saved.data.trend())
+        label = f"{path.parent.name if path.name == 'bundle' else path.name} (bundle)"
+        return saved, service.cascade, service.cascade, "onnxruntime bundle", "bundle", label
+    saved = load_saved(path, models=models)
+    label = read_results(path)["experiment"] if finished(path) else path.name
+    if not (path / "bundle" / "manifest.json").exists():
+        served = saved.cascade()
+        return saved, served, served, "torch", "run", label
+    service = CascadeService(path / "bundle")
+    if service.online is not None:
+        service.catch_up(saved.data.trend())
+    return saved, saved.cascade(), service.cascade, "onnxruntime bundle", "run", label
+
+
 def evaluate_path(path: Path, seed: int = 0) -> dict:
-    """One evaluated run or bundle (``cascade.report``'s entry)."""
+    """One evaluated run or bundle (``cascade.report``'s entry): a bundle, a cascade run
+    (``stages.json``) or one stage's run (``results.json``)."""
     from cascade.cascade import Catalog
     from cascade.evaluate import evaluate, flops_per_candidate, flow_figures, latency, load_saved
-    from cascade.joint import got_worse
     from cascade.models import MODELS
+    from cascade.tasks.cascade import got_worse
     from teachers import TEACHERS
 
     models = {**MODELS, **TEACHERS}
     if not path.is_dir():
         raise ValueError(f"{path}: no such directory")
-    bundle = path / "manifest.json"
-    if bundle.exists():
-        from export.runtime import CascadeService
-
-        service = CascadeService(path)
-        source = service.manifest.get("source", {}).get("run_dir")
-        if source is None:
-            raise ValueError(f"{path}: a bundle of named stages; evaluate their cascade run instead (it needs the logs)")
-        saved, served, kind = load_saved(source, models=models), service.cascade, "bundle"
-        if service.online is not None:
-            service.catch_up(saved.data.trend())
-        label = f"{path.parent.name if path.name == 'bundle' else path.name} (bundle)"
-        latency_of = "onnxruntime bundle"
-    elif (path / STAGES_FILE).exists():
-        saved = load_saved(path, models=models)
-        served, kind = saved.cascade(), "run"
-        label = read_results(path)["experiment"] if finished(path) else path.name
-        if (path / "bundle" / "manifest.json").exists():
-            from export.runtime import CascadeService
-
-            service = CascadeService(path / "bundle")
-            if service.online is not None:
-                service.catch_up(saved.data.trend())
-            served_latency, latency_of = service.cascade, "onnxruntime bundle"
-        else:
-            served_latency, latency_of = served, "torch"
-    elif finished(path):  # one stage's run: its own test figures, as it reported them
-        results = read_results(path)
-        test = {k: v for k, v in results.get("test", {}).items() if isinstance(v, (int, float))}
-        if not test:
-            raise ValueError(f"{path}/results.json: no test figures (an unfinished run?)")
-        parts = {name: {"test": figures} for name, figures in results.get("test_parts", {}).items()}  # a blend's parts alone
-        return {"label": results.get("experiment", path.name), "path": str(path), "kind": "stage", "task": results.get("task", "pointwise"), "metrics": {"test": test} | ({"parts": parts} if parts else {}), "notes": []}
-    else:
-        raise ValueError(f"{path}: neither a 'task: cascade' run (stages.json), a bundle (manifest.json) nor a trained stage (results.json)")
+    if not (path / "manifest.json").exists() and not (path / STAGES_FILE).exists():
+        if finished(path):
+            return _stage_entry(path)
+        raise ValueError(f"{path}: neither a 'task: cascade' run ({STAGES_FILE}), a bundle (manifest.json) nor a trained stage ({RESULTS_FILE})")
+    saved, served, served_latency, latency_of, kind, label = _cascade_to_evaluate(path, models)
     print(f"evaluating {label}: {path}", flush=True)
     if saved.data.streamed:
         print(f"  {saved.data.directory}: streamed (data.stream), read a row group at a time", flush=True)
@@ -160,7 +173,7 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     catalog = len(saved.ds.items["item_id"])
     cost = {
         "flops_per_candidate": {role: flops_per_candidate(saved.models[role], lists, role, n) for role, n in (("recall", catalog), ("prerank", saved.quotas["recall"]), ("rank", saved.quotas["prerank"]))},
-        "latency_ms": latency(served if kind == "bundle" else served_latency, first),
+        "latency_ms": latency(served_latency, first),
         "latency_of": latency_of,
     }
     done(f"cost: FLOPs and latency ({latency_of})")
@@ -189,7 +202,7 @@ def run_job(config: Path) -> Path:
         step.do()
         print(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - start:.0f}s", flush=True)
     print()
-    print(comparison(json.loads((report / "metrics.json").read_text())["entries"]))
+    print(comparison(read_entries(report)))
     print(f"\nreport: {(report / 'report.html').resolve()}")
     return report
 

@@ -105,6 +105,16 @@ def load_trained(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[
     return model.eval()
 
 
+def training_forward(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, N) of ``batch`` and the model's own regulariser () from one forward pass: its
+    ``regularised`` where it has one (DAT's mimic, HIT's generation, IntTower's CIR), else 0.
+    A task adds the regulariser to its own loss (BCE on exposures, a distillation mix)."""
+    own = getattr(model, "regularised", None)
+    if own is None:
+        return model(batch.user, batch.items), batch.label.new_zeros(())
+    return own(batch.user, batch.items, batch.label, batch.mask)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Tensors, batch_size: int = 8192) -> np.ndarray:
     """Logits (R, N) of ``model`` on ``data``, computed on the model's device."""

@@ -22,6 +22,7 @@ from cascade.evaluate import GLOSSARY
 from cascade.data.store import replacing_directory
 from cascade.saved import STAGE_NAMES
 
+METRICS_FILE = "metrics.json"
 
 
 def _groups(entries: list[dict]) -> dict[str, list[dict]]:
@@ -265,13 +266,18 @@ def notes(entries: list[dict]) -> list[str]:
     return out
 
 
+def read_entries(out: str | Path) -> list[dict]:
+    """The evaluated entries of the report in ``out`` (its ``metrics.json``)."""
+    return json.loads((Path(out) / METRICS_FILE).read_text())["entries"]
+
+
 def write_report(entries: list[dict], out: str | Path) -> Path:
     """``metrics.json``, ``report.md`` and ``report.html`` in ``out`` (replaced whole)."""
     tabs = tables(entries)
     figs = plots(entries)
     lines = notes(entries)
     with replacing_directory(Path(out)) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps({"entries": entries, "glossary": GLOSSARY}, indent=2, default=float) + "\n")
+        (tmp / METRICS_FILE).write_text(json.dumps({"entries": entries, "glossary": GLOSSARY}, indent=2, default=float) + "\n")
         md = ["# cascade evaluation report", ""]
         md += [f"- {n}" for n in lines] + ([""] if lines else [])
         for title, t in tabs.items():

@@ -179,7 +179,7 @@ def online_definition(data: EvalData, trend: TrendSpec) -> tuple[OnlineFeatures,
     return OnlineFeatures(trend, until), data.trend().before(until)
 
 
-def write_bundle(data: EvalData, recall: StageModel, prerank: StageModel, rank: StageModel, out: str | Path, index: IndexSpec = IndexSpec(), quantize: bool = False, source: dict[str, Any] | None = None, trend: TrendSpec = TrendSpec()) -> Path:
+def write_bundle(data: EvalData, recall: StageModel, prerank: StageModel, rank: StageModel, out: str | Path, index: IndexSpec = IndexSpec(), *, quantize: bool = False, source: dict[str, Any] | None = None, trend: TrendSpec = TrendSpec()) -> Path:
     """Export the three stages over the catalog of the logs ``data`` (read whole or streamed) into
     the bundle ``out`` (whole or not at all). ``quantize``: int8 dynamic quantisation of the
     pre-ranker's and ranker's graphs. ``trend``: the item trend the stages were trained with,
@@ -278,9 +278,9 @@ def _write_rank(stage: StageModel, example: ListBatch, out: Path, quantize: bool
     return {"name": "rank", "kind": "onnx", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "item_inputs": _slots(model.item_slots), "list_dependent": bool(getattr(model, "list_dependent", False)), "source": stage.source} | blend
 
 
-def verify_bundle(directory: str | Path) -> dict[str, Any]:
-    """The manifest of the bundle at ``directory``, once every file is there, unaltered, and
-    nothing else is; ``BundleError`` naming the first file that is not."""
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of the bundle at ``directory`` as written (no file checked against it:
+    ``verify_bundle`` does that); ``BundleError`` naming it when it is missing or not ours."""
     root = Path(directory)
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle directory")
@@ -294,6 +294,14 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
         raise BundleError(f"{root / MANIFEST}: not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{root / MANIFEST}: format_version {manifest.get('format_version')!r}, this cascade reads {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_bundle(directory: str | Path) -> dict[str, Any]:
+    """The manifest of the bundle at ``directory``, once every file is there, unaltered, and
+    nothing else is; ``BundleError`` naming the first file that is not."""
+    root = Path(directory)
+    manifest = read_manifest(root)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{root / MANIFEST}: no 'files' table")

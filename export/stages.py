@@ -17,7 +17,7 @@ from cascade.config import ConfigError, DataConfig, ExperimentConfig, load_confi
 from cascade.data.store import Dataset
 from cascade.eval_data import EvalData
 from cascade.data.trend import TrendSpec
-from cascade.pipeline import streams, trend_spec, with_trend_fields
+from cascade.prepare import streams, trend_spec, with_trend_fields
 from cascade.models import MODELS, build_model
 from cascade.saved import STAGE_NAMES, STAGES_FILE, SavedError, read_stages
 from export.bundle import BundleError, StageModel

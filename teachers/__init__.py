@@ -1,6 +1,6 @@
 """Rankers that teach the pre-rankers.
 
-``TEACHERS``: neural teachers trained through ``cascade.pipeline`` like the pre-rankers;
+``TEACHERS``: neural teachers trained through ``cascade.tasks`` like the pre-rankers;
 ``BOOSTED``: teachers with their own training function (LightGBM).
 """
 

@@ -186,13 +186,14 @@ def train_gbdt(exp) -> dict:
     from cascade.config import ConfigError
     from cascade.data.schema import EXPOSED
     from cascade.data.lists import pointwise_lists
-    from cascade.pipeline import pointwise_metrics, prepare_data
+    from cascade.tasks.pointwise import pointwise_metrics
+    from cascade.tasks.recall import task_logs
 
     if exp.task == "distill":
         return train_gbdt_lists(exp)
     if exp.task != "pointwise":
         raise ConfigError(f"{exp.where}.task: model 'gbdt' trains as 'pointwise' or 'distill', not '{exp.task}'")
-    ds = prepare_data(exp.data)
+    ds, _ = task_logs(exp.data, whole=True)
     try:
         cfg = GBDTConfig(**{"objective": "binary", "seed": exp.train.seed, **exp.model.params})
     except TypeError as e:
@@ -229,12 +230,12 @@ def train_gbdt_lists(exp) -> dict:
 
     from cascade.config import ConfigError
     from cascade.data.lists import build_lists
-    from cascade.flow import cascade_report
-    from cascade.pipeline import prepare_data
+    from cascade.tasks.distill import cascade_report
+    from cascade.tasks.recall import task_logs
 
     if exp.distill.teacher is not None:
         raise ConfigError(f"{exp.where}.distill.teacher: a 'gbdt' ranker trains on labels only, so it takes no teacher (got '{exp.distill.teacher}')")
-    ds = prepare_data(exp.data)
+    ds, _ = task_logs(exp.data, whole=True)
     try:
         cfg = GBDTConfig(**{"seed": exp.train.seed, **exp.model.params})
     except TypeError as e:

@@ -99,7 +99,7 @@ def blended(tmp_path_factory):
 def test_the_blend_task_chooses_its_weights_on_validation_and_reports_its_parts(blended):
     from cascade.config import load_config
     from cascade.models import MODELS, load_trained
-    from cascade.pipeline import prepare_data
+    from cascade.prepare import prepare_data
     from teachers import TEACHERS
 
     path, runs = blended
@@ -158,7 +158,7 @@ def test_a_blended_rank_stage_exports_serves_and_evaluates_as_served(blended, tm
 def test_a_bad_blend_is_refused_naming_what_is_wrong(blended, params, task, message):
     from cascade.config import ConfigError, load_config
     from cascade.models import MODELS, build_model
-    from cascade.pipeline import prepare_data
+    from cascade.prepare import prepare_data
 
     path, _ = blended
     text = path.read_text().replace("model: {name: blend, params: {parts: [din_trend, item_trend_7d]}}", "model: {name: blend, params: " + json.dumps(params) + "}").replace("    task: blend\n", f"    task: {task}\n")

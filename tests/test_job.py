@@ -68,15 +68,12 @@ def test_a_bad_override_is_refused_before_anything_runs(tmp_path, capsys):
 
 
 def test_epochs_and_out_override_reach_every_experiment(tmp_path):
-    from cascade.config import COMMAND_LINE, load_config
+    from cascade.config import command_line, load_config
 
     path = tmp_path / "c.yaml"
     path.write_text(CONFIG.replace("DATA", str(tmp_path / "data")).replace("OUT", str(tmp_path / "runs")).replace("CONFIG", str(path)))
-    try:
-        COMMAND_LINE.update({"train": {"epochs": 7, "seed": 3}, "out": str(tmp_path / "elsewhere")})
+    with command_line({"train": {"epochs": 7, "seed": 3}, "out": str(tmp_path / "elsewhere")}):
         exps = load_config(path)
-    finally:
-        COMMAND_LINE.clear()
     assert {e.train.epochs for e in exps} == {7} and {e.train.seed for e in exps} == {3}
     assert {e.run_dir.parent for e in exps} == {tmp_path / "elsewhere"}
-    assert load_config(path)[0].train.epochs == 1  # cleared again
+    assert load_config(path)[0].train.epochs == 1  # gone after the block

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cascade.features import Field
+from cascade.losses.dat import adaptive_mimic
 from cascade.towers.base import TwoTower, dot_score, mlp
 from cascade.towers.embedding import Embeddings, Slot
 
@@ -60,7 +61,7 @@ class DAT(TwoTower):
         self.user = DATSide(embeddings, self.user_slots, user_id, hidden, dropout)
         self.item = DATSide(embeddings, self.item_slots, item_id, hidden, dropout)
         self.temperature = temperature
-        self.mimic_weight = mimic_weight  # read by the training step, not by forward
+        self.mimic_weight = mimic_weight  # weighs the regulariser, not read by forward
 
     @property
     def dot_scale(self) -> float:
@@ -68,3 +69,15 @@ class DAT(TwoTower):
 
     def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dot_score(u, v) / self.temperature
+
+    def regularised(self, user: torch.Tensor, items: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """user (B, Wu), items (B, N, Wi), label and mask (B, N) -> logits (B, N) and the weighted
+        adaptive-mimic loss on the positives, from one forward pass."""
+        b, n, w = items.shape
+        p_u = self.user(user)  # (B, 1, D)
+        flat_items = items.reshape(b * n, w)
+        p_v = self.item(flat_items).reshape(b, n, 1, -1)
+        logits = self.score(p_u, p_v)
+        a_u = self.user.augmented(user)
+        a_v = self.item.augmented(flat_items).reshape(b, n, -1)
+        return logits, self.mimic_weight * adaptive_mimic(a_u, a_v, p_u[:, 0], p_v[:, :, 0], label, mask)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cascade.features import Field
+from cascade.losses.hit import generation
 from cascade.towers.base import TwoTower, maxsim_score, mlp
 from cascade.towers.embedding import HISTORY, Embeddings, Slot
 
@@ -85,3 +86,16 @@ class HIT(TwoTower):
 
     def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return maxsim_score(u, v) + self.bias
+
+    def regularised(self, user: torch.Tensor, items: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """user (B, Wu), items (B, N, Wi), label and mask (B, N) -> logits (B, N) and the weighted
+        four generation terms (user and item tower, target and non-target), one forward pass."""
+        b, n, w = items.shape
+        u, p_u, gt_u, gn_u = self.user.parts(user)
+        v, p_v, gt_v, gn_v = self.item.parts(items.reshape(b * n, w))
+        logits = self.score(u, v.reshape(b, n, *v.shape[1:]))
+        expand = lambda x: x.unsqueeze(1).expand(b, n, x.shape[-1])  # noqa: E731  user side to (B, N, P)
+        per_item = lambda x: x.reshape(b, n, -1)  # noqa: E731
+        gen = generation(expand(gt_u), expand(gn_u), per_item(p_v), label, mask)
+        gen = gen + generation(per_item(gt_v), per_item(gn_v), expand(p_u), label, mask)
+        return logits, self.generation_weight * gen

@@ -6,7 +6,7 @@ H heads of size D. Item tower: the same up to its last layer, whose output one h
 Score = sum over user heads (all layers) of the max over item heads of their dot product, plus
 a bias: the authors' ``fe_score`` with their prediction layer's bias. No normalisation. The
 optional CIR term (``losses.inttower.contrastive_interaction``) works on the towers' last-layer
-outputs; ``pipeline.inttower_forward`` adds it when ``cir_weight > 0``.
+outputs; ``IntTower.regularised`` adds it when ``cir_weight > 0``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cascade.features import Field
+from cascade.losses.inttower import contrastive_interaction
 from cascade.towers.base import TwoTower, maxsim_score, mlp
 from cascade.towers.embedding import Embeddings, Slot
 
@@ -115,3 +116,17 @@ class IntTower(TwoTower):
         b, n, w = items.shape
         v = self.item(items.reshape(b * n, w))
         return self.layer_score(self.user.layer_heads(user)[0], v.reshape(b, n, *v.shape[1:]))
+
+    def regularised(self, user: torch.Tensor, items: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """user (B, Wu), items (B, N, Wi), label and mask (B, N) -> logits (B, N) and, when
+        ``cir_weight > 0``, the weighted CIR regulariser on the positive pairs (else 0)."""
+        if self.cir_weight == 0:
+            return self(user, items), label.new_zeros(())
+        b, n, w = items.shape
+        layers, u_last = self.user.layer_heads(user)
+        v, v_last = self.item.encode(items.reshape(b * n, w))
+        logits = self.layer_score(layers, v.reshape(b, n, *v.shape[1:]))
+        user_rows = u_last.repeat_interleave(n, dim=0)  # (B * N, D): one row per (user, item) pair
+        valid = mask.reshape(-1)
+        cir = contrastive_interaction(user_rows[valid], v_last[valid], label.reshape(-1)[valid], self.cir_temperature)
+        return logits, self.cir_weight * cir

@@ -10,7 +10,8 @@ from cascade.data.lists import build_lists
 from cascade.data.schema import EXPOSED
 from cascade.data.store import validate
 from cascade.data.trend import DAY, TREND_BUCKETS, ItemTrend, TrendSpec, bucket, list_percentile, trend_field_name, with_trend
-from cascade.pipeline import frozen_recall_output, trend_spec
+from cascade.prepare import trend_spec
+from cascade.tasks.recall import frozen_recall_output
 
 
 def test_counts_take_the_window_before_the_request_and_never_the_request_itself():
@@ -133,7 +134,7 @@ def test_a_recall_output_made_earlier_must_hold_the_trend_the_config_asks_for(sm
     # the trend) must not be trained on as if it held the list scale
     from cascade.config import DataConfig
     from cascade.data.store import write_dataset
-    from cascade.pipeline import prepare_data
+    from cascade.prepare import prepare_data
 
     ds, _ = small_world
     write_dataset(with_trend(ds, ItemTrend.from_dataset(ds), TrendSpec((1, 7))), tmp_path / "counted")

@@ -1,6 +1,7 @@
 import torch
 
-from cascade.pipeline import pointwise_step
+from cascade.losses.pointwise import bce
+from cascade.tasks.pointwise import pointwise_step
 from cascade.towers.dat import DAT
 from cascade.towers.embedding import Embeddings
 from cascade.train import Tensors
@@ -17,8 +18,8 @@ def test_mimic_loss_reaches_only_the_augmented_vectors():
     m = _model().train()
     batch = Tensors(user=torch.tensor([[1, 2, 3, 0, 0], [2, 4, 0, 0, 0]]), items=torch.tensor([[[1, 1, 2, 0]], [[3, 4, 0, 0]]]), label=torch.tensor([[1.0], [1.0]]), mask=torch.ones(2, 1, dtype=torch.bool))
     trained = [(name, p) for name, p in m.named_parameters() if p.requires_grad]  # not the biases BatchNorm cancels
-    bce_only = torch.autograd.grad(pointwise_step("dssm")(m, batch), [p for _, p in trained], allow_unused=True)
-    both = torch.autograd.grad(pointwise_step("dat")(m, batch), [p for _, p in trained], allow_unused=True)
+    bce_only = torch.autograd.grad(bce(m(batch.user, batch.items), batch.label, batch.mask), [p for _, p in trained], allow_unused=True)
+    both = torch.autograd.grad(pointwise_step(m, batch), [p for _, p in trained], allow_unused=True)
     for (name, _), g1, g2 in zip(trained, bce_only, both):
         g1 = torch.zeros(1) if g1 is None else g1
         g2 = torch.zeros(1) if g2 is None else g2

@@ -1,4 +1,4 @@
-"""The cascade as a flow of stages, and distillation of a pre-ranker from the ranker after it.
+"""``task: distill``: a pre-ranker distilled from the ranker after it, on the lists it serves.
 
 The recall output is frozen: every stage-0 candidate a request logged (the synthetic world's
 200 recalled items; see DESIGN.md, "Lists, stages and teachers"). The pre-ranker scores that
@@ -21,10 +21,9 @@ from torch import nn
 
 from cascade.blend import BLEND
 from cascade import metrics as M
-from cascade.config import ConfigError, DistillConfig
+from cascade.config import ConfigError, DistillConfig, load_config
 from cascade.data.lists import ListBatch, build_lists, concat_lists
 from cascade.data.schema import EXPOSED
-from cascade.data.store import write_text_atomic
 from cascade.data.stream import ListStream
 from cascade.losses.arf import UncertaintyWeights, global_loss, relax_bce
 from cascade.losses.distill import listwise_kd, logit_mse, soft_bce
@@ -34,8 +33,9 @@ from cascade.losses.sorting import hard_sort, neural_sort, top_k_indicator
 from cascade.data.synth import WORLD_FILE, World
 from cascade.distributed import rank_zero_first
 from cascade.saved import finished, write_results
-from cascade.models import build_model, list_tensors, load_trained, score_lists
-from cascade.pipeline import prepare_data, streams, tower_forward, train_pointwise
+from cascade.models import build_model, list_tensors, load_trained, score_lists, training_forward
+from cascade.tasks.pointwise import train_pointwise
+from cascade.tasks.recall import task_logs
 from cascade.train import StreamedTensors, Tensors, Trainer
 
 
@@ -236,6 +236,32 @@ def check_order_only(cfg: DistillConfig, teacher_exp) -> None:
         raise ConfigError(f"distill: teacher '{teacher_exp.name}' is order-only (LightGBM lambdarank): it feeds only tutor at tutor_alpha 1 and arf, not {used[0]}")
 
 
+def teacher_of(exp, teacher_exp, ds, lists: dict[str, ListBatch], stream: dict[str, ListStream] | None, models: dict[str, Callable[..., nn.Module]], train_teacher: Callable | None) -> tuple[dict[str, np.ndarray], Callable[[ListBatch], np.ndarray]]:
+    """The frozen teacher of ``teacher_exp`` (None: no teacher, zeros) as ``train_distill`` reads
+    it: its scores (B, N) of each split's ``lists``, and its scores of any pool of training lists
+    (looked up in the cache when the lists ``stream``). A torch model (or a blend of them) is
+    trained first if it has no run, by ``train_teacher`` or as its task says, and its scores
+    cached in its run folder; a LightGBM teacher writes its own (``boosted_scores``), scores only
+    whole in-memory lists and, as lambdarank, feeds only the order-based terms."""
+    zeros = lambda pool: np.zeros(pool.mask.shape, np.float32)  # noqa: E731
+    if teacher_exp is None:
+        return {split: zeros(lst) for split, lst in lists.items()}, zeros
+    if teacher_exp.model.name not in models and teacher_exp.model.name != BLEND:  # a blend of torch models is one
+        if train_teacher is None:
+            raise ConfigError(f"distill.teacher: '{teacher_exp.name}' ({teacher_exp.model.name}) is not a torch model and nothing here can train it")
+        if stream is not None:
+            raise ConfigError(f"distill.teacher: '{teacher_exp.name}' ({teacher_exp.model.name}) scores whole in-memory lists, and {exp.data.dir} is streamed; set data.stream: never (or use a torch teacher)")
+        if teacher_exp.model.params.get("objective", "lambdarank") == "lambdarank":
+            check_order_only(exp.distill, teacher_exp)
+        return boosted_scores(teacher_exp, lists, train_teacher), zeros  # the pool lookup is only read when streamed
+    default = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
+    teacher = load_trained(teacher_exp, ds, models, train_teacher or default).to(exp.train.device)
+    if stream is None:
+        return {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}, zeros
+    teach = {split: cached_stream_scores(teacher, st, teacher_exp.run_dir / "scores" / f"{split}.streamed.npy") for split, st in stream.items()}
+    return {split: teach[split](lst) for split, lst in lists.items()}, teach["train"]
+
+
 def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]], train_teacher: Callable | None = None) -> dict:
     """Train the model of ``exp`` on the frozen recall output with ``exp.distill``'s loss mix
     against the frozen teacher of ``teacher_exp`` (None for a teacher-free mix, e.g. a ranker's
@@ -245,8 +271,7 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
     outside ``models`` (LightGBM) must come with it."""
 
     cfg: DistillConfig = exp.distill
-    streamed = streams(exp.data)
-    ds = prepare_data(exp.data, candidates=not streamed)
+    ds, streamed = task_logs(exp.data)
     if streamed:  # the lists a row group at a time; held-out scores and slim lists in memory
         stream = {split: ListStream.open(exp.data.dir, split, ds, cfg.min_history if split == "train" else 0) for split in ("train", "valid", "test")}
         score = lambda model, split: streamed_scores(model, stream[split])  # noqa: E731
@@ -254,24 +279,7 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
     else:
         lists = {split: build_lists(ds, split) for split in ("train", "valid", "test")}
         score = lambda model, split: score_lists(model, lists[split])  # noqa: E731
-    if teacher_exp is None:
-        teacher_scores = {split: np.zeros(lst.mask.shape, np.float32) for split, lst in lists.items()}
-    elif teacher_exp.model.name not in models and teacher_exp.model.name != BLEND:  # a blend of torch models is one
-        if train_teacher is None:
-            raise ConfigError(f"distill.teacher: '{teacher_exp.name}' ({teacher_exp.model.name}) is not a torch model and nothing here can train it")
-        if streamed:
-            raise ConfigError(f"distill.teacher: '{teacher_exp.name}' ({teacher_exp.model.name}) scores whole in-memory lists, and {exp.data.dir} is streamed; set data.stream: never (or use a torch teacher)")
-        if teacher_exp.model.params.get("objective", "lambdarank") == "lambdarank":
-            check_order_only(cfg, teacher_exp)
-        teacher_scores = boosted_scores(teacher_exp, lists, train_teacher)
-    else:
-        default = (lambda e: train_distill(e, None, models)) if teacher_exp.task == "distill" else (lambda e: train_pointwise(e, models))
-        teacher = load_trained(teacher_exp, ds, models, train_teacher or default).to(exp.train.device)
-        if streamed:
-            teach = {split: cached_stream_scores(teacher, st, teacher_exp.run_dir / "scores" / f"{split}.streamed.npy") for split, st in stream.items()}
-            teacher_scores = {split: teach[split](lst) for split, lst in lists.items()}
-        else:
-            teacher_scores = {split: cached_scores(teacher, lst, teacher_exp.run_dir / "scores" / f"{split}.npy") for split, lst in lists.items()}
+    teacher_scores, teach_train = teacher_of(exp, teacher_exp, ds, lists, stream if streamed else None, models, train_teacher)
     if cfg.min_history and not streamed:  # after the teacher's scores, so its cache stays that of every list
         keep = np.flatnonzero((lists["train"].history > 0).sum(axis=1) >= cfg.min_history)
         lists["train"], teacher_scores["train"] = lists["train"].take(keep), teacher_scores["train"][keep]
@@ -279,7 +287,6 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
     model = build_model(exp, ds, models)
     loss = DistillLoss(cfg)
     if streamed:  # each pool of training lists takes its teacher scores from the cache
-        teach_train = (lambda pool: np.zeros(pool.mask.shape, np.float32)) if teacher_exp is None else teach["train"]  # noqa: E731
         train = StreamedTensors(stream["train"], lambda pool: list_tensors(pool, model, teach_train(pool)))
         list_size = stream["train"].list_size
     else:
@@ -294,10 +301,8 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
         # without a teacher the model is its own ranker: the report is its own Recall@k
         return cascade_report(student, student if teacher_exp is None else teacher_scores[split], lists[split], cfg, world)
 
-    forward = tower_forward(exp.model.name)
-
     def step_loss(batch: Tensors) -> torch.Tensor:
-        logits, regulariser = forward(model, batch)  # the tower's own: DAT's mimic, HIT's generation, IntTower's CIR
+        logits, regulariser = training_forward(model, batch)  # the tower's own: DAT's mimic, HIT's generation, IntTower's CIR
         return loss(logits, batch) + regulariser
 
     best = trainer.fit(train, step_loss=step_loss, evaluate=lambda: report("valid"), resolved_config=exp.to_dict())
@@ -312,3 +317,10 @@ def train_distill(exp, teacher_exp, models: dict[str, Callable[..., nn.Module]],
     write_results(exp.run_dir, result)  # last: the mark of a complete run
     trainer.log(f"test: {json.dumps(test)}")
     return result
+
+
+def run(exp, context) -> dict:
+    """``task: distill`` (``cascade.tasks.TASKS``): the teacher is ``distill.teacher`` of the same
+    config file (as ``context.named`` maps it), trained first if it has no run."""
+    teacher = None if exp.distill.teacher is None else context.named(load_config(context.config, exp.distill.teacher)[0])
+    return train_distill(exp, teacher, context.models, context.train)

@@ -7,7 +7,7 @@ import torch
 from cascade.cli import main
 from cascade.config import ConfigError, load_config
 from cascade.data.lists import ListBatch
-from cascade.joint import LcronLoss, StackedStages, top_of
+from cascade.tasks.cascade import LcronLoss, StackedStages, top_of
 from cascade.losses.arf import e2e_loss, relax_bce
 from cascade.losses.sorting import neural_sort, top_k_indicator
 from cascade.train import Tensors
@@ -156,15 +156,15 @@ def test_cascade_train_runs_each_method_and_a_rerun_resumes_to_the_same_result(t
 
 
 def test_a_cascade_phase_adds_the_towers_own_regulariser(tmp_path):
-    # the same DAT model and seed, one phase run as plain logits ("dssm": no regulariser) and as
-    # DAT (its mimic loss, weight 1): if _fit adds the mimic term they end apart
+    # the same DAT model and seed, one phase run with its mimic loss at weight 0 and at weight 1
+    # (twice): if fit_phase adds the model's regulariser the two weights end apart
     from dataclasses import replace
 
     from cascade.config import DistillConfig
     from cascade.data.lists import build_lists
-    from cascade.joint import _fit
+    from cascade.tasks.cascade import fit_phase
     from cascade.models import build_model, list_tensors
-    from cascade.pipeline import prepare_data
+    from cascade.prepare import prepare_data
 
     (exp,) = load_config(_write(tmp_path), "rankflow")
     dat = replace(exp, model=replace(exp.model, name="dat", params={"hidden": [16, 8], "dropout": 0.0, "mimic_weight": 1.0}))
@@ -172,14 +172,15 @@ def test_a_cascade_phase_adds_the_towers_own_regulariser(tmp_path):
     lists = build_lists(ds, "train")
     self_loss = DistillConfig(teacher=None, exposure_bce=0, rankflow_bce=1.0, prerank_quota=10, rank_quota=4)
     trained = {}
-    for name in ("dssm", "dat", "dat_again"):
+    for name in ("no_mimic", "dat", "dat_again"):
         torch.manual_seed(0)
         model = build_model(dat, ds)
-        _fit(model, name.removesuffix("_again"), lists, lambda lst: list_tensors(lst, model), self_loss, exp, tmp_path / f"phase_{name}", 1)
+        model.mimic_weight = 0.0 if name == "no_mimic" else 1.0
+        fit_phase(model, lists, lambda lst: list_tensors(lst, model), self_loss, exp, tmp_path / f"phase_{name}", 1)
         trained[name] = {k: v for k, v in model.state_dict().items() if ".augment." in k}
     assert trained["dat"]
     assert all(torch.equal(trained["dat"][k], trained["dat_again"][k]) for k in trained["dat"])  # seeded: the gap is the mimic term
-    assert any(not torch.equal(trained["dat"][k], trained["dssm"][k]) for k in trained["dat"])
+    assert any(not torch.equal(trained["dat"][k], trained["no_mimic"][k]) for k in trained["dat"])
 
 
 def test_a_cascade_takes_its_stages_and_their_teacher_as_named(tmp_path):
@@ -188,7 +189,7 @@ def test_a_cascade_takes_its_stages_and_their_teacher_as_named(tmp_path):
     # lists the stages learn from: so only the mapped folders and recall's may appear
     from dataclasses import replace
 
-    from cascade.joint import train_experiment
+    from cascade.tasks import train_experiment
     from cascade.models import MODELS
     from teachers import TEACHERS
 

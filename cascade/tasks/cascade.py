@@ -2,7 +2,7 @@
 as one (``task: cascade``, what `cascade train` runs for such an experiment).
 
 Each request's recall stage is the recall tower's top-``recall_quota`` of the catalog (history
-excluded; ``flow.recall_output``): a retrieved item the request logged keeps its label, any other
+excluded; ``cascade.recall.recall_output``): a retrieved item the request logged keeps its label, any other
 is an unexposed negative. The pre-ranker passes its top ``prerank_quota`` on, the ranker shows its
 top ``rank_quota``. ``joint_report`` says how much of each request's real positives survives every
 quota (positives recall never retrieved count as lost), and on the synthetic world the oracle
@@ -40,7 +40,7 @@ schedule gives, no early stopping, in its own folder under ``run_dir``: a stoppe
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,22 +49,23 @@ import torch
 from torch import nn
 
 from cascade import metrics as M
-from cascade.data.lists import ListBatch
-from cascade.data.stream import ListStream
-from cascade.data.store import write_atomic
-from cascade.saved import SavedStage, SavedStages, write_results, write_stages
-from cascade.config import CascadeConfig, ConfigError, DistillConfig, load_config
 from cascade.blend import Blend
 from cascade.cascade import Cascade, Stage, TorchScorer, top_mask
+from cascade.config import CascadeConfig, ConfigError, DistillConfig, ExperimentConfig, load_config
+from cascade.data.lists import ListBatch
+from cascade.data.store import write_atomic
+from cascade.data.stream import ListStream
 from cascade.data.synth import WORLD_FILE, World
-from cascade.flow import DistillLoss, report_totals, train_distill
-from cascade.models import list_tensors, load_trained
-from cascade.distributed import barrier, data_parallel, world_size
-from cascade.pipeline import prepare_data, streams, tower_forward, train_blend, train_pointwise, train_recall, trend_spec, with_trend_fields
-from cascade.recall import RecallStep, item_table, streamed_training_data, training_pairs
+from cascade.distributed import data_parallel, world_size
 from cascade.losses.arf import UncertaintyWeights, e2e_loss, relax_bce
 from cascade.losses.sorting import neural_sort, top_k_indicator
-from cascade.stage_data import Source, StageData, parts
+from cascade.models import list_tensors, load_trained, training_forward
+from cascade.prepare import trend_spec, with_trend_fields
+from cascade.recall import RecallStep, item_table, streamed_training_data, training_pairs
+from cascade.saved import SavedStage, SavedStages, write_results, write_stages
+from cascade.tasks.distill import DistillLoss, report_totals
+from cascade.tasks.recall import task_logs
+from cascade.tasks.stage_data import Source, StageData, parts
 from cascade.train import StreamedTensors, Tensors, Trainer
 
 
@@ -124,27 +125,26 @@ def as_training(source: Source, pack: Callable[[ListBatch], Tensors]) -> Tensors
     return pack(source) if isinstance(source, ListBatch) else StreamedTensors(source, pack)
 
 
-def _fit(model: nn.Module, model_name: str, lists: Source, pack: Callable[[ListBatch], Tensors], loss_cfg: DistillConfig, exp, run_dir: Path, epochs: int, lr: float | None = None) -> float:
+def fit_phase(model: nn.Module, lists: Source, pack: Callable[[ListBatch], Tensors], loss_cfg: DistillConfig, exp, run_dir: Path, epochs: int, lr: float | None = None) -> float:
     """One phase: ``epochs`` of ``loss_cfg``'s mix on ``lists`` packed by ``pack`` (at ``lr``,
-    default ``exp.train.lr``), plus the tower's own regulariser (``pipeline.tower_forward`` of
-    ``model_name``: DAT's mimic, HIT's generation, IntTower's CIR); returns its seconds."""
+    default ``exp.train.lr``), plus the model's own regulariser (``models.training_forward``:
+    DAT's mimic, HIT's generation, IntTower's CIR); returns its seconds."""
     start = time.perf_counter()
     loss = DistillLoss(loss_cfg)
     trainer = Trainer(model, replace(exp.train, epochs=epochs, batch_size=exp.cascade.lists_per_batch, lr=lr or exp.train.lr), run_dir, loss=loss, unit="lists")
     streamed = " (streamed)" if isinstance(lists, ListStream) else ""
     trainer.log(f"{run_dir.name}: {len(lists):,} lists of up to {lists.list_size} candidates{streamed}, {epochs} epoch(s)")
-    forward = tower_forward(model_name)
 
     def step(b: Tensors) -> torch.Tensor:
         keep_norm_statistics(model)
-        logits, regulariser = forward(model, b)
+        logits, regulariser = training_forward(model, b)
         return loss(logits, b) + regulariser
 
     trainer.fit(as_training(lists, pack), step, None, resolved_config=exp.to_dict())
     return time.perf_counter() - start
 
 
-def _fit_retrieval(recall: nn.Module, stages: StageData, recall_exp, exp, run_dir: Path, epochs: int, lr: float | None) -> float:
+def fit_retrieval(recall: nn.Module, stages: StageData, recall_exp, exp, run_dir: Path, epochs: int, lr: float | None) -> float:
     """Recall's self-learning with its own warm-up objective (``recall.RecallStep`` over the
     logged (request, positive) pairs of the train split, made a row group at a time when the
     logs stream) for ``epochs``; returns its seconds."""
@@ -204,140 +204,168 @@ class LcronLoss(nn.Module):
         return self.weights(e2e_loss(p_hats, list(self.quotas), g, mask), *singles)
 
 
-def train_experiment(exp, config: Path, models: dict[str, Callable[..., nn.Module]], boosted: dict[str, Callable] | None = None, named: Callable = lambda e: e) -> dict:
-    """Train one experiment of the config file ``config`` by its task (what `cascade train`
-    runs); ``boosted``: models with their own training function (LightGBM), for any task.
-    ``named``: what an experiment this one names in ``config`` (a student's teacher, a cascade's
-    pre-rank and rank stages) becomes before use, e.g. the same experiment at another seed
-    (benchmarks/distill_joint.py); a cascade's recall tower is not mapped, for it made the
-    lists its stages were trained on. In a data-parallel run every rank returns once rank 0 has
-    written the results."""
-    if exp.task == "cascade":
-        result = train_cascade(exp, config, models, named)
-    elif exp.task == "distill" and not (boosted and exp.model.name in boosted):
-        teacher = None if exp.distill.teacher is None else named(load_config(config, exp.distill.teacher)[0])
-        result = train_distill(exp, teacher, models, lambda e: train_experiment(e, config, models, boosted, named))
-    elif exp.task == "recall":
-        result = train_recall(exp, models)
-    elif exp.task == "blend":
-        result = train_blend(exp, models, lambda e: train_experiment(e, config, models, boosted, named))
-    elif boosted and exp.model.name in boosted:
-        result = boosted[exp.model.name](exp)
-    else:
-        result = train_pointwise(exp, models)
-    barrier()  # no rank looks for this run's results.json before rank 0 has written it
-    return result
+@dataclass
+class JointRun:
+    """A joint cascade as it trains: its experiment, the three stages' models and experiments,
+    their stage data, and the report rows after each phase (``report``)."""
+
+    exp: ExperimentConfig
+    recall_exp: ExperimentConfig
+    stage_exps: list[ExperimentConfig]  # pre-rank, rank
+    recall: nn.Module
+    prerank: nn.Module
+    rank: nn.Module
+    stage_data: StageData
+    streamed: bool
+    world: World | None
+    rounds: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> CascadeConfig:
+        return self.exp.cascade
+
+    def report(self, label: str) -> dict[str, Source]:
+        """Recall's top-n with the current recall tower (the next phase's stage data), and the
+        cascade over it reported on valid and test (a row of ``rounds``)."""
+        cfg = self.cfg
+        lists = self.stage_data(self.recall, cfg.recall_quota)
+        row = {"after": label}
+        flow = Cascade([Stage("prerank", TorchScorer(self.prerank), cfg.prerank_quota), Stage("rank", TorchScorer(self.rank), cfg.rank_quota)])
+        for split in ("valid", "test"):
+            total: M.Totals = {}
+            for lst in parts(lists[split]):
+                run = flow.run(lst, candidates=lst, full=True)  # the ranker scores the whole list for consistency
+                M.add_totals(total, joint_totals(lst, run.stages[0].scores, run.stages[1].scores, self.stage_data.positives(lst.request_id), cfg, self.world if split == "test" else None))
+            row[split] = M.means(total)
+        self.rounds.append(row)
+        print(f"{self.exp.name} after {label}: test " + " ".join(f"{key} {v:.4f}" for key, v in row["test"].items()))
+        return lists
 
 
-def train_cascade(exp, config: Path, models: dict[str, Callable[..., nn.Module]], named: Callable = lambda e: e) -> dict:
-    """Run ``exp.cascade``'s method from the warm-up stages (each ``named`` as in
-    ``train_experiment``, and trained first if its run folder has no ``best.pt``); report the
-    cascade on valid and test before training and after each round. Writes ``results.json``
-    in ``exp.run_dir``."""
+def rankflow_round(joint: JointRun, r: int, lists: dict[str, Source]) -> None:
+    """RankFlow's round ``r`` on ``lists`` (recall's top-n as the round starts): self-learning of
+    each trained stage, ranker first, then tutor learning (the ranker teaches the pre-ranker, the
+    pre-ranker recall), each phase in ``run_dir/roundR/PHASE``."""
+    exp, cfg, stage_data = joint.exp, joint.cfg, joint.stage_data
+    recall, prerank, rank = joint.recall, joint.prerank, joint.rank
+    n, m, k = cfg.recall_quota, cfg.prerank_quota, cfg.rank_quota
+    self_loss = DistillConfig(teacher=None, exposure_bce=0, rankflow_bce=1.0, prerank_quota=m, rank_quota=k)
+    pre_tutor = DistillConfig(exposure_bce=0, tutor=1.0, tutor_alpha=cfg.tutor_alpha, prerank_quota=m, rank_quota=k)
+    recall_tutor = DistillConfig(exposure_bce=0, tutor=1.0, tutor_alpha=cfg.recall_tutor_alpha, prerank_quota=n, rank_quota=m)
+    here = exp.run_dir / f"round{r}"
+    served = lists["train"]  # recall's top-n with the current recall tower
+    every_positive = cfg.self_positives == "all"
+    with_positives = stage_data(recall, n, keep_positives=True, splits=("train",), name="with_positives")["train"] if every_positive else served
+    if "recall" in cfg.trained:  # recall's lists, from the tower as the round starts
+        recall_served = stage_data(recall, n, keep_positives=False, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed * 100 + r, splits=("train",), name="recall_served")["train"]
+
+    if "rank" in cfg.trained:
+        chooser = stage_data.scores(prerank, with_positives, "prerank_of_with_positives")
+
+        def ranker_lists(lst: ListBatch) -> ListBatch:  # the pre-ranker's top-m (and, with every_positive, each positive)
+            return top_of(lst, chooser(lst), m, also=(lst.label > 0) & lst.mask if every_positive else None)
+
+        fit_phase(rank, with_positives, lambda lst: list_tensors(ranker_lists(lst), rank), self_loss, exp, here / "rank_self", cfg.self_epochs)
+    if "prerank" in cfg.trained:
+        fit_phase(prerank, with_positives, lambda lst: list_tensors(lst, prerank), self_loss, exp, here / "prerank_self", cfg.self_epochs)
+    if "recall" in cfg.trained and cfg.recall_self == "retrieval":
+        fit_retrieval(recall, stage_data, joint.recall_exp, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
+    elif "recall" in cfg.trained:
+        recall_self = stage_data(recall, n, keep_positives=every_positive, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed * 100 + r, splits=("train",), name="recall_self")["train"] if every_positive else recall_served
+        fit_phase(recall, recall_self, lambda lst: list_tensors(lst, recall), self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
+    if "prerank" in cfg.trained:
+        tutor = stage_data.scores(rank, served, "rank_of_served")
+        fit_phase(prerank, served, lambda lst: list_tensors(lst, prerank, tutor(lst)), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
+    if "recall" in cfg.trained:
+        recall_tutor_scores = stage_data.scores(prerank, recall_served, "prerank_of_recall_served")  # the pre-ranker as it now is
+        fit_phase(recall, recall_served, lambda lst: list_tensors(lst, recall, recall_tutor_scores(lst)), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs, cfg.recall_lr)
+
+
+def lcron(joint: JointRun) -> None:
+    """LCRON: recall and the pre-ranker (those of ``cascade.trained``) as one network on the
+    warm-up recall's lists plus catalog draws, against the frozen ranker's top-k, in
+    ``run_dir/lcron``."""
+    exp, cfg, stage_data = joint.exp, joint.cfg, joint.stage_data
+    n, m, k = cfg.recall_quota, cfg.prerank_quota, cfg.rank_quota
+    train = stage_data(joint.recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",), name="lcron")["train"]
+    stacked = StackedStages(joint.recall, joint.prerank)
+    stages = {"recall": joint.recall, "prerank": joint.prerank}
+    kept = [name for name in stages if name not in cfg.trained]
+    frozen = [stages[name] for name in kept]
+    for model in frozen:
+        model.requires_grad_(False)
+    loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
+    trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss, unit="lists")
+    trainer.log(f"lcron: recall + pre-ranker{''.join(f' ({name} frozen)' for name in kept)} on {len(train):,} lists of {train.list_size}{' (streamed)' if joint.streamed else ''}, against {cfg.rank}'s top-{k}")
+
+    def step(b: Tensors) -> torch.Tensor:
+        keep_norm_statistics(stacked)
+        for model in frozen:
+            model.eval()  # a frozen stage scores as it serves: no dropout
+        return loss(stacked(b.user, b.items), b)
+
+    teacher = stage_data.scores(joint.rank, train, "rank_of_lcron")
+    trainer.fit(as_training(train, lambda lst: stacked.pack(lst, teacher(lst))), step, None, resolved_config=exp.to_dict())
+
+
+def warm_up(exp: ExperimentConfig, context) -> JointRun:
+    """The cascade's warm-up stages, each ``context.named`` and trained with its own config on
+    this experiment's device when it has no run (the recall experiment of its own config file,
+    not mapped), over the recall's logs streamed as this experiment says."""
     cfg: CascadeConfig = exp.cascade
     recall_config = Path(cfg.recall["config"])
     (recall_exp,) = load_config(recall_config, cfg.recall["experiment"])
     if recall_exp.task != "recall":
         raise ConfigError(f"{exp.where}.cascade.recall: experiment '{recall_exp.name}' of {recall_config} is not a recall task")
     data = replace(recall_exp.data, stream=exp.data.stream)  # the recall's logs, streamed as this experiment says
-    streamed = streams(data)
-    ds = prepare_data(data, candidates=not streamed)
+    ds, streamed = task_logs(data)
     world = World.load(data.dir) if (Path(data.dir) / WORLD_FILE).exists() else None
-    # the warm-up stages, each trained with its own config on this experiment's device if missing
     on_device = lambda e: replace(e, train=replace(e.train, device=exp.train.device))  # noqa: E731
-    recall = load_trained(on_device(recall_exp), ds, models, lambda e: train_experiment(e, recall_config, models))
-    stage_exps = [named(load_config(config, name)[0]) for name in (cfg.prerank, cfg.rank)]
+    recall = load_trained(on_device(recall_exp), ds, context.models, lambda e: context.train(e, recall_config))
+    stage_exps = [context.named(load_config(context.config, name)[0]) for name in (cfg.prerank, cfg.rank)]
     stage_trend = trend_spec(*stage_exps)  # the stages' item trend, computed on every regenerated list
     stage_ds = with_trend_fields(ds, stage_trend)
-    prerank, rank = (load_trained(on_device(e), stage_ds, models, lambda e: train_experiment(e, config, models, named=named)) for e in stage_exps)
+    prerank, rank = (load_trained(on_device(e), stage_ds, context.models, context.train) for e in stage_exps)
     for model in (recall, prerank, rank):
         model.to(exp.train.device)
-    n, m, k = cfg.recall_quota, cfg.prerank_quota, cfg.rank_quota
     stage_data = StageData(ds, stage_trend, data.dir if streamed else None, exp.run_dir / "stage_data")
     if streamed:
         print(f"{exp.name}: {data.dir} streams: each round's stage data is written under {stage_data.spill} a row group at a time", flush=True)
-    rounds: list[dict] = []
-    seconds: dict[str, float] = {}
+    return JointRun(exp, recall_exp, stage_exps, recall, prerank, rank, stage_data, streamed, world)
 
-    def report(label: str) -> dict[str, Source]:
-        lists = stage_data(recall, n)
-        row = {"after": label}
-        flow = Cascade([Stage("prerank", TorchScorer(prerank), m), Stage("rank", TorchScorer(rank), k)])
-        for split in ("valid", "test"):
-            total: M.Totals = {}
-            for lst in parts(lists[split]):
-                run = flow.run(lst, candidates=lst, full=True)  # the ranker scores the whole list for consistency
-                M.add_totals(total, joint_totals(lst, run.stages[0].scores, run.stages[1].scores, stage_data.positives(lst.request_id), cfg, world if split == "test" else None))
-            row[split] = M.means(total)
-        rounds.append(row)
-        print(f"{exp.name} after {label}: test " + " ".join(f"{key} {v:.4f}" for key, v in row["test"].items()))
-        return lists
 
-    lists = report("start")
+def train_cascade(exp: ExperimentConfig, context) -> dict:
+    """Run ``exp.cascade``'s method from the warm-up stages (``warm_up``); report the cascade on
+    valid and test before training and after each round. Saves the stages (``save_stages``) and
+    writes ``results.json`` in ``exp.run_dir``."""
+    joint = warm_up(exp, context)
+    cfg = joint.cfg
+    lists = joint.report("start")
     if cfg.method == "rankflow":
-        self_loss = DistillConfig(teacher=None, exposure_bce=0, rankflow_bce=1.0, prerank_quota=m, rank_quota=k)
-        pre_tutor = DistillConfig(exposure_bce=0, tutor=1.0, tutor_alpha=cfg.tutor_alpha, prerank_quota=m, rank_quota=k)
-        recall_tutor = DistillConfig(exposure_bce=0, tutor=1.0, tutor_alpha=cfg.recall_tutor_alpha, prerank_quota=n, rank_quota=m)
         for r in range(1, cfg.rounds + 1):
-            start, here = time.perf_counter(), exp.run_dir / f"round{r}"
-            served = lists["train"]  # recall's top-n with the current recall tower
-            every_positive = cfg.self_positives == "all"
-            with_positives = stage_data(recall, n, keep_positives=True, splits=("train",), name="with_positives")["train"] if every_positive else served
-            if "recall" in cfg.trained:  # recall's lists, from the tower as the round starts
-                recall_served = stage_data(recall, n, False, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), name="recall_served")["train"]
-
-            if "rank" in cfg.trained:
-                chooser = stage_data.scores(prerank, with_positives, "prerank_of_with_positives")
-
-                def ranker_lists(lst: ListBatch) -> ListBatch:  # the pre-ranker's top-m (and, with every_positive, each positive)
-                    return top_of(lst, chooser(lst), m, also=(lst.label > 0) & lst.mask if every_positive else None)
-
-                _fit(rank, stage_exps[1].model.name, with_positives, lambda lst: list_tensors(ranker_lists(lst), rank), self_loss, exp, here / "rank_self", cfg.self_epochs)
-            if "prerank" in cfg.trained:
-                _fit(prerank, stage_exps[0].model.name, with_positives, lambda lst: list_tensors(lst, prerank), self_loss, exp, here / "prerank_self", cfg.self_epochs)
-            if "recall" in cfg.trained and cfg.recall_self == "retrieval":
-                _fit_retrieval(recall, stage_data, recall_exp, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
-            elif "recall" in cfg.trained:
-                recall_self = stage_data(recall, n, every_positive, cfg.catalog_negatives, exp.train.seed * 100 + r, ("train",), name="recall_self")["train"] if every_positive else recall_served
-                _fit(recall, recall_exp.model.name, recall_self, lambda lst: list_tensors(lst, recall), self_loss, exp, here / "recall_self", cfg.self_epochs, cfg.recall_lr)
-            if "prerank" in cfg.trained:
-                tutor = stage_data.scores(rank, served, "rank_of_served")
-                _fit(prerank, stage_exps[0].model.name, served, lambda lst: list_tensors(lst, prerank, tutor(lst)), pre_tutor, exp, here / "prerank_tutor", cfg.tutor_epochs)
-            if "recall" in cfg.trained:
-                recall_tutor_scores = stage_data.scores(prerank, recall_served, "prerank_of_recall_served")  # the pre-ranker as it now is
-                _fit(recall, recall_exp.model.name, recall_served, lambda lst: list_tensors(lst, recall, recall_tutor_scores(lst)), recall_tutor, exp, here / "recall_tutor", cfg.tutor_epochs, cfg.recall_lr)
-            seconds[f"round{r}"] = time.perf_counter() - start
-            lists = report(f"round {r}")  # the next round's stage data, from the updated recall tower
+            start = time.perf_counter()
+            rankflow_round(joint, r, lists)
+            joint.seconds[f"round{r}"] = time.perf_counter() - start
+            lists = joint.report(f"round {r}")  # the next round's stage data, from the updated recall tower
     elif cfg.method == "lcron":
         start = time.perf_counter()
-        train = stage_data(recall, n, catalog_negatives=cfg.catalog_negatives, seed=exp.train.seed, splits=("train",), name="lcron")["train"]
-        stacked = StackedStages(recall, prerank)
-        stages = {"recall": recall, "prerank": prerank}
-        kept = [name for name in stages if name not in cfg.trained]
-        frozen = [stages[name] for name in kept]
-        for model in frozen:
-            model.requires_grad_(False)
-        loss = LcronLoss((cfg.lcron_recall_quota, m), k, cfg.tau)
-        trainer = Trainer(stacked, replace(exp.train, epochs=cfg.lcron_epochs, batch_size=cfg.lists_per_batch), exp.run_dir / "lcron", loss=loss, unit="lists")
-        trainer.log(f"lcron: recall + pre-ranker{''.join(f' ({name} frozen)' for name in kept)} on {len(train):,} lists of {train.list_size}{' (streamed)' if streamed else ''}, against {cfg.rank}'s top-{k}")
-        def step(b: Tensors) -> torch.Tensor:
-            keep_norm_statistics(stacked)
-            for model in frozen:
-                model.eval()  # a frozen stage scores as it serves: no dropout
-            return loss(stacked(b.user, b.items), b)
-
-        teacher = stage_data.scores(rank, train, "rank_of_lcron")
-        trainer.fit(as_training(train, lambda lst: stacked.pack(lst, teacher(lst))), step, None, resolved_config=exp.to_dict())
-        seconds["lcron"] = time.perf_counter() - start
-        report("lcron")
-    stage_data.clear()
-    worse = got_worse(rounds)
+        lcron(joint)
+        joint.seconds["lcron"] = time.perf_counter() - start
+        joint.report("lcron")
+    joint.stage_data.clear()
+    worse = got_worse(joint.rounds)
     if worse:
         print(f"warning: {exp.name} {worse}; its warm-up stages are better kept", flush=True)
-    save_stages(exp, {"recall": (recall_config, recall_exp.name, recall), "prerank": (config, cfg.prerank, prerank), "rank": (config, cfg.rank, rank)})
-    result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": rounds, "test": rounds[-1]["test"], "seconds": seconds, "world_size": world_size() if data_parallel() else 1}
+    save_stages(exp, {"recall": (Path(cfg.recall["config"]), joint.recall_exp.name, joint.recall), "prerank": (context.config, cfg.prerank, joint.prerank), "rank": (context.config, cfg.rank, joint.rank)})
+    result = {"experiment": exp.name, "method": cfg.method, "stages": {"recall": joint.recall_exp.name, "prerank": cfg.prerank, "rank": cfg.rank}, "cascade": exp.to_dict()["cascade"], "rounds": joint.rounds, "test": joint.rounds[-1]["test"], "seconds": joint.seconds, "world_size": world_size() if data_parallel() else 1}
     write_results(exp.run_dir, result)  # last: the mark of a complete run
     return result
+
+
+def run(exp: ExperimentConfig, context) -> dict:
+    """``task: cascade`` (``cascade.tasks.TASKS``)."""
+    return train_cascade(exp, context)
 
 
 def got_worse(rounds: list[dict]) -> str | None:

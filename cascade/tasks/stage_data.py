@@ -1,6 +1,6 @@
 """A joint cascade's stage data: recall's output per request, made in memory or spilled to parquet.
 
-Every round of a joint cascade (``joint.train_cascade``) regenerates its stages' data from the
+Every round of a joint cascade (``tasks.cascade.train_cascade``) regenerates its stages' data from the
 current recall tower: each request's top-n of the catalog (``recall.recall_output``), R x n
 candidates, about as many as the logs hold (the 10x world: 200,000 requests x 200). Logs that
 fit (``data.stream``) make it in memory. Otherwise ``StageData`` makes it a row group of the logs
@@ -10,7 +10,7 @@ the stage's own ``candidates.parquet``, which a ``ListStream`` reads back a row 
 Memory holds the users, items and requests tables, the index and a few row groups.
 
 A stage's split is then a ``ListBatch`` (in memory) or a ``ListStream`` (spilled); ``parts``
-walks either, and a phase trains on either (``joint._fit``).
+walks either, and a phase trains on either (``tasks.cascade.fit_phase``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from cascade.data.store import Dataset, to_arrow
 from cascade.data.stream import ListStream, RowGroups
 from cascade.data.trend import ItemTrend, TrendSpec, trend_schema, with_trend
 from cascade.distributed import barrier, broadcast, is_writer
-from cascade.flow import stream_score_lookup, write_stream_scores
+from cascade.tasks.distill import stream_score_lookup, write_stream_scores
 from cascade.models import score_lists
 from cascade.recall import TowerRetriever, recall_output
 
@@ -119,7 +119,7 @@ class StageData:
     def scores(self, model: nn.Module, source: Source, name: str) -> Callable[[ListBatch], np.ndarray]:
         """``model``'s scores of a stage's lists (a frozen stage teaching, or choosing, in a phase):
         lists (b, N) -> scores (b, N). In memory, scored when asked; streamed, written once a row
-        group at a time beside the stages (``flow.write_stream_scores``) and looked up per pool, so
+        group at a time beside the stages (``tasks.distill.write_stream_scores``) and looked up per pool, so
         a phase's epochs never rescore (as in memory, where the phase's one pack scores once)."""
         if isinstance(source, ListBatch):
             return lambda lst: score_lists(model, lst)

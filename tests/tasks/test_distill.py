@@ -11,7 +11,7 @@ from cascade.cli import main
 from cascade.config import ConfigError, load_config
 from cascade.data.lists import build_lists
 from cascade.config import DistillConfig
-from cascade.flow import DistillLoss, cascade_report
+from cascade.tasks.distill import DistillLoss, cascade_report
 from cascade.train import Tensors
 from tests.conftest import run_in_memory_and_streamed
 
@@ -98,7 +98,7 @@ def test_cascade_report_is_the_same_whatever_rows_it_reads_at_once(small_world, 
     # every metric is a mean over its own rows (teacher consistency over rows with a candidate,
     # Recall and NDCG over rows with a positive) and the oracle ratio a ratio of sums: the parts
     # must add up to the whole, also where a part has no positive at all
-    import cascade.flow as flow
+    import cascade.tasks.distill as flow
 
     ds, world = small_world
     lists = build_lists(ds, "test").take(np.arange(40))
@@ -159,7 +159,7 @@ def test_recall_output_is_the_retrieved_items_labelled_from_the_logs(small_world
 
 
 def test_recall_output_data_needs_a_recall_experiment(tmp_path):
-    from cascade.pipeline import frozen_recall_output
+    from cascade.tasks.recall import frozen_recall_output
 
     with pytest.raises(ConfigError, match="data.recall: 'experiment' is required for kind 'recall_output'"):
         frozen_recall_output({"config": "configs/ml1m_recall.yaml"})
@@ -208,7 +208,7 @@ def test_min_history_trains_on_returning_users_lists_only(tmp_path):
     assert main(["distill", str(path), "--experiment", "exposure"]) == 0
     assert main(["distill", str(path), "--experiment", "returning"]) == 0
     (exp,) = load_config(path, "exposure")
-    from cascade.pipeline import prepare_data
+    from cascade.prepare import prepare_data
 
     lists = build_lists(prepare_data(exp.data), "train")
     n_all, n_returning = len(lists), int(((lists.history > 0).sum(axis=1) >= 8).sum())
@@ -259,7 +259,7 @@ def test_a_streamed_distill_run_learns_what_the_in_memory_one_learns(tmp_path, m
     from dataclasses import replace
 
     from cascade.data.stream import ListStream
-    from cascade.flow import cached_stream_scores
+    from cascade.tasks.distill import cached_stream_scores
 
     stream = ListStream.open(tmp_path / "data", "train")
     lookup = cached_stream_scores(None, stream, cache)  # fresh: nothing to score

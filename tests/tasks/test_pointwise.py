@@ -1,7 +1,7 @@
 import numpy as np
 
 from cascade.data.store import read_dataset, validate
-from cascade.pipeline import frozen_recall_output
+from cascade.tasks.recall import frozen_recall_output
 
 
 def test_cross_fitted_recall_output_gives_each_training_request_a_recall_that_never_saw_it(trained):
@@ -73,7 +73,7 @@ def test_a_typo_in_data_stream_is_named(tmp_path, capsys):
 def test_a_whole_read_of_logs_that_would_stream_is_warned_of(small_dir, monkeypatch, capsys):
     from cascade.config import DataConfig
     from cascade.data import stream
-    from cascade.pipeline import prepare_data
+    from cascade.prepare import prepare_data
 
     # the small world's 24,000 candidates at this schema's bytes each pass a share of 1e-9 of any machine
     monkeypatch.setattr(stream, "MEMORY_SHARE", 1e-9)
