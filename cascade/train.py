@@ -292,22 +292,7 @@ class Trainer:
         parallel = distributed.data_parallel()
         world, rank = (distributed.world_size(), distributed.rank()) if parallel else (1, 0)
         state = {"epoch": -1, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}, "rows_per_rank": [0] * world}
-        best_weights = None
-        ckpt = self._resume()
-        if ckpt is not None:
-            changed = config_changes(json.loads(ckpt["config"]), resolved) if "config" in ckpt else []
-            if changed:
-                raise RunError(f"{self.run_dir}: its checkpoint was trained with another config ({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); run with --restart to train it from the start, or restore the config")
-            self.model.load_state_dict(ckpt["model"])
-            if "loss" in ckpt:  # runs saved before losses had parameters have none
-                self.loss.load_state_dict(ckpt["loss"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["rng"].cpu())
-            state = ckpt["state"]
-            best_weights = ckpt.get("best_model")
-            if best_weights is not None:  # best.pt may be from an epoch whose checkpoint was lost
-                write_atomic(self.run_dir / "best.pt", lambda f: torch.save(best_weights, f))
-            self.log(f"resumed from {self.resumed_from} after epoch {state['epoch'] + 1}")
+        state, best_weights = self._restore(resolved, state)
         write_text_atomic(self.run_dir / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
         self._keep_metrics_through(state["epoch"] + 1)
         if len(state.get("rows_per_rank", ())) != world:  # a run resumed on another world size
@@ -317,38 +302,11 @@ class Trainer:
         if parallel:  # DDP averages the ranks' gradients during backward, as one process would
             norms = global_batch_norm(self.model)
             step = nn.parallel.DistributedDataParallel(_Step(self.model, self.loss, step_loss), find_unused_parameters=True)
-        show = None if distributed.is_writer() else True  # tqdm: None = a bar on terminals only
         for epoch in range(state["epoch"] + 1, cfg.epochs):
             if state["bad_epochs"] >= cfg.patience:
                 break
-            self.model.train()
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            start, seen, total = time.perf_counter(), 0, 0.0
-            bar = tqdm(train.batches(cfg.batch_size, gen), total=train.steps(cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=show)
-            shown = time.perf_counter()  # piped output has no bar: a line every PIPED_EVERY seconds
-            for i, batch in enumerate(bar, 1):
-                weight = 1.0
-                if parallel and not train.sharded:  # (a sharded input gives each rank its own rows)
-                    if len(batch) < world:  # a last global batch too small to share: every rank skips it
-                        continue
-                    # this rank's share of the global batch; weighted so that DDP's mean over ranks
-                    # is the mean over the global batch's rows
-                    rows = torch.tensor_split(torch.arange(len(batch), device=batch.user.device), world)[rank]
-                    weight = len(rows) * world / len(batch)
-                    batch = batch._map(lambda t: t[rows])
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    loss = step(batch)
-                    if weight != 1.0:
-                        loss = loss * weight
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                seen += len(batch)
-                total += float(loss.detach()) / weight * len(batch)
-                bar.set_postfix(loss=f"{total / seen:.4f}")
-                if bar.disable and show is None and time.perf_counter() - shown > PIPED_EVERY:
-                    shown = time.perf_counter()
-                    print(f"  epoch {epoch + 1}/{cfg.epochs}: batch {i:,}/{bar.total:,} ({i / bar.total:.0%}), {seen / (shown - start):,.0f} {self.unit}/s, loss {total / seen:.4f}", flush=True)
+            start = time.perf_counter()
+            seen, total = self._epoch(train, step, epoch, (world, rank) if parallel else None)
             seconds = time.perf_counter() - start
             per_rank = distributed.gather((seen, total)) if parallel else [(seen, total)]
             state["rows_per_rank"] = [n + s for n, (s, _) in zip(state["rows_per_rank"], per_rank)]
@@ -382,6 +340,64 @@ class Trainer:
         # no results.json here: the task writes it last, with its test figures, as the mark that
         # the run is complete (what `cascade run` and load_trained look for)
         return state["best_metrics"]
+
+    def _restore(self, resolved: dict, state: dict) -> tuple[dict, dict | None]:
+        """The training state and best weights of the newest readable checkpoint, loaded into the
+        model, loss and optimizer (``state`` and None when there is none); ``RunError`` naming the
+        keys when it was trained with another config."""
+        ckpt = self._resume()
+        if ckpt is None:
+            return state, None
+        changed = config_changes(json.loads(ckpt["config"]), resolved) if "config" in ckpt else []
+        if changed:
+            raise RunError(f"{self.run_dir}: its checkpoint was trained with another config ({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); run with --restart to train it from the start, or restore the config")
+        self.model.load_state_dict(ckpt["model"])
+        if "loss" in ckpt:  # runs saved before losses had parameters have none
+            self.loss.load_state_dict(ckpt["loss"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"].cpu())
+        best_weights = ckpt.get("best_model")
+        if best_weights is not None:  # best.pt may be from an epoch whose checkpoint was lost
+            write_atomic(self.run_dir / "best.pt", lambda f: torch.save(best_weights, f))
+        self.log(f"resumed from {self.resumed_from} after epoch {ckpt['state']['epoch'] + 1}")
+        return ckpt["state"], best_weights
+
+    def _epoch(self, train: Tensors | StreamedTensors, step: Callable[[Tensors], torch.Tensor], epoch: int, ranks: tuple[int, int] | None) -> tuple[int, float]:
+        """One epoch of optimizer steps over ``train``'s batches (seeded by the epoch), with a bar
+        on a terminal or a line every ``PIPED_EVERY`` seconds when piped; ``ranks`` (world size,
+        this rank) in a data-parallel run. Returns (rows this rank trained on, their summed loss)."""
+        cfg = self.cfg
+        self.model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        start, seen, total = time.perf_counter(), 0, 0.0
+        show = None if distributed.is_writer() else True  # tqdm: None = a bar on terminals only
+        bar = tqdm(train.batches(cfg.batch_size, gen), total=train.steps(cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=show)
+        shown = time.perf_counter()  # piped output has no bar: a line every PIPED_EVERY seconds
+        for i, batch in enumerate(bar, 1):
+            weight = 1.0
+            if ranks is not None and not train.sharded:  # (a sharded input gives each rank its own rows)
+                world, rank = ranks
+                if len(batch) < world:  # a last global batch too small to share: every rank skips it
+                    continue
+                # this rank's share of the global batch; weighted so that DDP's mean over ranks
+                # is the mean over the global batch's rows
+                rows = torch.tensor_split(torch.arange(len(batch), device=batch.user.device), world)[rank]
+                weight = len(rows) * world / len(batch)
+                batch = batch._map(lambda t: t[rows])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = step(batch)
+                if weight != 1.0:
+                    loss = loss * weight
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            seen += len(batch)
+            total += float(loss.detach()) / weight * len(batch)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+            if bar.disable and show is None and time.perf_counter() - shown > PIPED_EVERY:
+                shown = time.perf_counter()
+                print(f"  epoch {epoch + 1}/{cfg.epochs}: batch {i:,}/{bar.total:,} ({i / bar.total:.0%}), {seen / (shown - start):,.0f} {self.unit}/s, loss {total / seen:.4f}", flush=True)
+        return seen, total
 
     # ----------------------------------------------------------------------------------------
     # checkpoints: last.pt (the newest) and prev.pt (the one before), each with a checksum
