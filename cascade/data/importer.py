@@ -326,15 +326,9 @@ def _key_type(col: pa.ChunkedArray, file: str, name: str) -> pa.ChunkedArray:
     raise DataError([Problem(file, name, None, None, f"has type {col.type}; ids are whole numbers or text")])
 
 
-def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, bytes]]:
-    """Read and convert; returns (dataset, the import's record for ``import.json``, the extra
-    files: ``import.json`` and ``vocab/*.parquet``). Raises DataError naming file, column, row."""
-    events = read_table(spec.events, "events")
-    ev_file = Path(spec.events).name
-    users = read_table(spec.users, "users") if spec.users else None
-    items = read_table(spec.items, "items") if spec.items else None
-    counts: dict[str, Any] = {"events_read": events.num_rows}
-
+def _event_columns(events: pa.Table, spec: ImportSpec, ev_file: str) -> tuple[pa.ChunkedArray, pa.ChunkedArray, np.ndarray, np.ndarray, np.ndarray, pa.ChunkedArray | None]:
+    """The events' user and item keys, time in seconds (-1 unknown), label (NaN unknown), stage
+    code (-1 unknown) and request key (None: grouped by time window); bad types refused."""
     user_col = _key_type(_column(events, spec.user, ev_file, "user"), ev_file, spec.user)
     item_col = _key_type(_column(events, spec.item, ev_file, "item"), ev_file, spec.item)
     ts = seconds(_column(events, spec.time, ev_file, "time"), spec.time_unit, ev_file, spec.time)
@@ -346,11 +340,14 @@ def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, by
             raise DataError([Problem(ev_file, spec.stage, None, None, f"has type {col.type}; stage codes are whole numbers {sorted(STAGES)}")])
         stage = col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         _refuse_rows(ev_file, spec.stage, ~np.isin(stage, list(STAGES)) & (stage != -1), stage, f"stage is not one of {sorted(STAGES)}")
-    request_key = None
-    if spec.request:
-        request_key = _key_type(_column(events, spec.request, ev_file, "request"), ev_file, spec.request)
+    request_key = _key_type(_column(events, spec.request, ev_file, "request"), ev_file, spec.request) if spec.request else None
+    return user_col, item_col, ts, label, stage, request_key
 
-    # ids: every value seen in the events or the side tables, sorted, -> 1..V
+
+def _id_vocabularies(spec: ImportSpec, user_col: pa.ChunkedArray, item_col: pa.ChunkedArray, users: pa.Table | None, items: pa.Table | None) -> tuple[dict[str, pa.Array], dict[str, pa.ChunkedArray]]:
+    """(``user_id`` and ``item_id`` vocabularies: every value seen in the events or the side
+    tables, sorted, whose positions are the ids 1..V; the side tables' keys, cast to the events'
+    key type)."""
     side_keys = {}
     for side, table, key, file in (("user", users, spec.user, spec.users), ("item", items, spec.item, spec.items)):
         if table is not None:
@@ -366,6 +363,30 @@ def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, by
                 raise DataError([Problem(file, spec.user if side == "user" else spec.item, None, None, f"has type {side_keys[side].type} but the events' {side} ids are {col.type}")]) from None
             both = pa.chunked_array([*col.chunks, *side_keys[side].chunks], col.type)
         vocabs[f"{side}_id"] = vocabulary(both)[0]
+    return vocabs, side_keys
+
+
+def _splits(spec: ImportSpec, req_ts: np.ndarray, counts: dict[str, Any]) -> np.ndarray:
+    """Each request's split: by time (the last ``test`` share of requests test, the ``valid``
+    share before it validation; the cut times go to ``counts``) or drawn with ``seed``."""
+    if spec.split == "time":
+        cut_valid, cut_test = np.quantile(req_ts, [1 - spec.valid - spec.test, 1 - spec.test])
+        counts["valid_from_ts"], counts["test_from_ts"] = int(cut_valid), int(cut_test)
+        return np.where(req_ts >= cut_test, "test", np.where(req_ts >= cut_valid, "valid", "train"))
+    u = np.random.default_rng(spec.seed).random(len(req_ts))
+    return np.where(u < spec.test, "test", np.where(u < spec.test + spec.valid, "valid", "train"))
+
+
+def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, bytes]]:
+    """Read and convert; returns (dataset, the import's record for ``import.json``, the extra
+    files: ``import.json`` and ``vocab/*.parquet``). Raises DataError naming file, column, row."""
+    events = read_table(spec.events, "events")
+    ev_file = Path(spec.events).name
+    users = read_table(spec.users, "users") if spec.users else None
+    items = read_table(spec.items, "items") if spec.items else None
+    counts: dict[str, Any] = {"events_read": events.num_rows}
+    user_col, item_col, ts, label, stage, request_key = _event_columns(events, spec, ev_file)
+    vocabs, side_keys = _id_vocabularies(spec, user_col, item_col, users, items)
     user = _keys(user_col, vocabs["user_id"])
     item = _keys(item_col, vocabs["item_id"])
 
@@ -415,15 +436,7 @@ def import_logs(spec: ImportSpec) -> tuple[Dataset, dict[str, Any], dict[str, by
         counts["repeated_item_in_request_merged"] = int(dup.sum())
         user, item, ts, label, stage, request_index = (a[~dup] for a in (user, item, ts, label, stage, request_index))
 
-    # splits
-    if spec.split == "time":
-        cut_valid, cut_test = np.quantile(req_ts, [1 - spec.valid - spec.test, 1 - spec.test])
-        split = np.where(req_ts >= cut_test, "test", np.where(req_ts >= cut_valid, "valid", "train"))
-        counts["valid_from_ts"], counts["test_from_ts"] = int(cut_valid), int(cut_test)
-    else:
-        rng = np.random.default_rng(spec.seed)
-        u = rng.random(R)
-        split = np.where(u < spec.test, "test", np.where(u < spec.test + spec.valid, "valid", "train"))
+    split = _splits(spec, req_ts, counts)
     # history: the user's positives strictly before the request, oldest first
     pos = np.flatnonzero(label == 1)
     pos = pos[np.lexsort((item[pos], ts[pos], user[pos]))]
