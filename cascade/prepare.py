@@ -53,9 +53,9 @@ def make_data(cfg: DataConfig, recall_output: RecallOutputMaker | None = None) -
     out = Path(cfg.dir)
     if not out.exists():
         if cfg.kind == "synth":
-            from cascade.data.synth import WORLD_FILE, WorldConfig, generate
+            from cascade.data.synth import WORLD_FILE, generate, world_config
 
-            ds, world = generate(WorldConfig(**cfg.synth))
+            ds, world = generate(world_config(cfg.synth))
             write_dataset(ds, out, {WORLD_FILE: world.to_bytes()})
         elif cfg.kind == "movielens":
             from cascade.data.movielens import convert

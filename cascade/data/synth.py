@@ -51,6 +51,8 @@ class WorldConfig:
     categories: int = 20
     dim: int = 16
     style_dim: int = 8
+    style_noise: float = 0.6  # spread of an item's style around its category's: lower, categories further apart
+    taste_alpha: float = 0.3  # Dirichlet concentration of a user's category taste: higher, more interests
     history_max: int = 50
     ta_window: int = 10  # the target-attention term looks at this many most recent items
     quotas: tuple[int, int, int, int] = (200, 50, 10, 5)
@@ -75,6 +77,44 @@ class WorldConfig:
             raise ValueError(f"recall quota {q[0]} needs more than {self.items} items (history excluded)")
         if min(self.users, self.items, self.requests, self.categories) < 1:
             raise ValueError("users, items, requests and categories must be positive")
+
+
+TARGET_ATTENTION_KNOB = "target_attention"  # data.synth's key for target_attention_world's knob
+
+
+# target_attention_world's two ends: knob 0 and knob 1; a knob in between interpolates each
+TA_LOW = dict(stay=0.9, taste_alpha=0.1, ta_window=10, style_dim=8, style_noise=0.6, c_ta=1.5, c_aff=1.0, c0=-5.5)
+TA_HIGH = dict(stay=0.1, taste_alpha=1.0, ta_window=20, style_dim=32, style_noise=0.2, c_ta=6.0, c_aff=0.5, c0=-7.0)
+
+
+def target_attention_world(knob: float, **overrides) -> WorldConfig:
+    """A world on one knob from 0 to 1: how much a ranker loses that scores a candidate against
+    one user vector rather than against each recent history item (``World.oracle_ratios``).
+
+    At 0 (``TA_LOW``) a user keeps to one interest (a stream that stays in its category with
+    probability 0.9, a taste concentrated on few categories: Dirichlet 0.1) and the
+    target-attention term is weak (``c_ta`` 1.5): one user vector is enough. At 1 (``TA_HIGH``)
+    interests interleave (``stay`` 0.1, Dirichlet 1.0), the window holds the last 20 items,
+    categories' styles lie far apart (``style_dim`` 32, ``style_noise`` 0.2) and the term weighs
+    more than affinity (``c_ta`` 6.0, ``c_aff`` 0.5; ``c0`` -7.0 keeps the click rate near the
+    default world's): the target matches one of several interests in the window, and a single
+    vector averages them. Every setting in between is the straight line between the two (the
+    window and style width rounded); ``overrides`` set any other ``WorldConfig`` key."""
+    k = float(knob)
+    if not 0.0 <= k <= 1.0:
+        raise ValueError(f"{TARGET_ATTENTION_KNOB}: expected a number from 0 to 1, got {knob!r}")
+    settings = {name: (1 - k) * TA_LOW[name] + k * TA_HIGH[name] for name in TA_LOW}  # exact at both ends
+    settings["ta_window"], settings["style_dim"] = int(round(settings["ta_window"])), int(round(settings["style_dim"]))
+    return WorldConfig(**{**settings, **overrides})
+
+
+def world_config(synth: dict) -> WorldConfig:
+    """``data.synth`` as a ``WorldConfig``: its keys, or ``target_attention: KNOB`` with any
+    other key overriding what the knob sets."""
+    rest = {k: v for k, v in synth.items() if k != TARGET_ATTENTION_KNOB}
+    if TARGET_ATTENTION_KNOB in synth:
+        return target_attention_world(synth[TARGET_ATTENTION_KNOB], **rest)
+    return WorldConfig(**rest)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -151,6 +191,53 @@ class World:
             probs.append(_sigmoid(np.take_along_axis(logit, top, 1)))
         return np.concatenate(ids), np.concatenate(probs)
 
+    def _window_centres(self, request_ids: np.ndarray) -> np.ndarray:
+        """(B, S): the normalised mean style of each request's target-attention window (0 when empty)."""
+        hist = self.request_history[np.asarray(request_ids) - 1]
+        centre = np.where((hist > 0)[:, :, None], self.item_style[np.maximum(hist, 1) - 1], 0.0).sum(axis=1)
+        norm = np.linalg.norm(centre, axis=1, keepdims=True)
+        return np.divide(centre, norm, out=np.zeros_like(centre), where=norm > 0)
+
+    def oracle_ratios(self, request_ids: np.ndarray, k: int = 10, exclude: np.ndarray | None = None, chunk: int = 256) -> dict[str, float]:
+        """What a ranker keeps of the best achievable top-k utility (the sum of true click
+        probabilities; the catalog's best top-k = 1) when its score lacks the target-attention
+        term's interaction, over the whole catalog minus ``exclude`` (B, L):
+
+        - ``no_target_attention``: ranked by the two-tower part of the truth alone;
+        - ``one_user_vector``: the target-attention term replaced by its least-squares fit on one
+          vector per request, the normalised mean style of its window (``a + b <centre, w_i>``,
+          fitted over these requests and the catalog): what a two-tower model keeps if it learns
+          the term as well as one vector allows.
+
+        1 minus either is the headroom an interaction can win back; ``one_user_vector`` is the
+        sharper of the two (a single vector already carries one interest)."""
+        request_ids = np.asarray(request_ids)
+        items = np.arange(1, len(self.item_bias) + 1)
+        parts = [slice(a, a + chunk) for a in range(0, len(request_ids), chunk)]
+        sums = np.zeros(5)  # n, sum x, sum y, sum xx, sum xy of (x = <centre, w_i>, y = the term)
+        for part in parts:
+            r = request_ids[part]
+            _, ta = self.terms(r, np.broadcast_to(items, (len(r), len(items))))
+            x = self._window_centres(r) @ self.item_style.T
+            sums += [x.size, x.sum(), ta.sum(), (x * x).sum(), (x * ta).sum()]
+        n, sx, sy, sxx, sxy = sums
+        slope = (n * sxy - sx * sy) / max(n * sxx - sx * sx, 1e-12)
+        kept = {"full": 0.0, "no_target_attention": 0.0, "one_user_vector": 0.0}
+        for part in parts:
+            r = request_ids[part]
+            two_tower, ta = self.terms(r, np.broadcast_to(items, (len(r), len(items))))
+            truth = _sigmoid(two_tower + ta)
+            scores = {"full": two_tower + ta, "no_target_attention": two_tower, "one_user_vector": two_tower + slope * (self._window_centres(r) @ self.item_style.T)}
+            if exclude is not None:
+                ex = exclude[part]
+                rows = np.repeat(np.arange(len(r)), ex.shape[1])
+                keep = ex.ravel() > 0
+                for v in scores.values():
+                    v[rows[keep], ex.ravel()[keep] - 1] = -np.inf
+            for name, v in scores.items():
+                kept[name] += float(np.take_along_axis(truth, _top(v, k), 1).sum())
+        return {name: kept[name] / kept["full"] for name in ("no_target_attention", "one_user_vector")}
+
     def to_bytes(self) -> bytes:
         """An .npz whose bytes depend only on the arrays (fixed zip timestamps)."""
         buf = io.BytesIO()
@@ -207,12 +294,12 @@ def generate(cfg: WorldConfig = WorldConfig()) -> tuple[Dataset, World]:
     centre = rng.normal(size=(C, D)) / np.sqrt(D) * 1.5
     item_vec = centre[item_cat] + rng.normal(size=(I, D)) / np.sqrt(D) * 0.8
     style_centre = _normalise(rng.normal(size=(C, cfg.style_dim)))
-    item_style = _normalise(style_centre[item_cat] + rng.normal(size=(I, cfg.style_dim)) * 0.6)
+    item_style = _normalise(style_centre[item_cat] + rng.normal(size=(I, cfg.style_dim)) * cfg.style_noise)
     item_bias = rng.normal(size=I)
     item_pop = np.exp(0.8 * item_bias)
 
     # --- users: sparse category tastes, latent vectors from the tastes
-    taste = rng.dirichlet(np.full(C, 0.3), size=U)
+    taste = rng.dirichlet(np.full(C, cfg.taste_alpha), size=U)
     user_vec = taste @ centre * 1.5 + rng.normal(size=(U, D)) / np.sqrt(D) * 0.5
     activity = rng.lognormal(0.0, 0.8, size=U)
     req_user = rng.choice(U, size=R, p=activity / activity.sum())

@@ -118,3 +118,61 @@ def test_impossible_config_is_refused(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "w"), "--items", "100"]) == 2
     assert "recall quota 200 needs more than 100 items" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def _hand_world() -> World:
+    # one request whose window holds items 1 and 2 (styles (1, 0) and (0, 1)); item 3 has item 1's
+    # style, item 4 lies between them and has a popularity bias of 0.1; only c_pop and c_ta are on
+    r = np.sqrt(0.5)
+    return World(
+        user_vec=np.zeros((1, 1)),
+        item_vec=np.zeros((4, 1)),
+        item_style=np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [r, r]]),
+        item_bias=np.array([0.0, 0.0, 0.0, 0.1]),
+        coef=np.array([0.0, 0.0, 1.0, 1.0]),
+        request_user=np.array([1]),
+        request_history=np.array([[1, 2]]),
+    )
+
+
+def test_oracle_ratios_hand_worked():
+    # the history (1, 2) excluded, the catalog is items 3 and 4; k = 1.
+    # full truth: item 3 = 0 + max(1, 0) = 1, item 4 = 0.1 + max(r, r) = 0.8071: item 3, p = sigmoid(1)
+    # no target attention: item 3 = 0, item 4 = 0.1: item 4, p = sigmoid(0.8071) -> ratio 0.9458
+    # one user vector: centre = (r, r); x = <centre, w> = r, r, r, 1 for items 1-4 and the term
+    # y = 1, 1, 1, r: the least-squares slope is (r - 1) / (1 - r) = -1, so item 3 scores -r and
+    # item 4 0.1 - 1 = -0.9: item 3, ratio 1
+    world = _hand_world()
+    got = world.oracle_ratios(np.array([1]), k=1, exclude=np.array([[1, 2]]))
+    assert got["no_target_attention"] == pytest.approx(_sigmoid(0.1 + np.sqrt(0.5)) / _sigmoid(1.0))
+    assert got["no_target_attention"] == pytest.approx(0.9458, abs=1e-4)
+    assert got["one_user_vector"] == pytest.approx(1.0)
+
+
+def test_without_target_attention_nothing_is_left_to_win_back():
+    from dataclasses import replace
+
+    ds, world = generate(WorldConfig(users=80, items=500, requests=300, history_max=10, quotas=(40, 10, 4, 2), c_ta=0.0, seed=5))
+    test = ds.requests["split"] == "test"
+    got = world.oracle_ratios(ds.requests["request_id"][test], k=10, exclude=ds.requests["history"][test])
+    assert got == {"no_target_attention": pytest.approx(1.0), "one_user_vector": pytest.approx(1.0)}
+    assert replace(world, coef=world.coef + [0, 0, 0, 3.0]).oracle_ratios(ds.requests["request_id"][test], k=10, exclude=ds.requests["history"][test])["no_target_attention"] < 1.0
+
+
+def test_the_target_attention_knob_runs_from_one_vector_enough_to_not():
+    from cascade.data.synth import TA_HIGH, TA_LOW, target_attention_world, world_config
+
+    low, high = target_attention_world(0.0), target_attention_world(1.0)
+    assert all(getattr(low, k) == v for k, v in TA_LOW.items()) and all(getattr(high, k) == v for k, v in TA_HIGH.items())
+    assert target_attention_world(0.5, requests=77).requests == 77  # other keys pass through
+    assert world_config({"target_attention": 1.0, "c_ta": 2.0}).c_ta == 2.0  # and override the knob
+    assert world_config({"items": 900}) == WorldConfig(items=900)
+    with pytest.raises(ValueError, match="target_attention: expected a number from 0 to 1, got 1.5"):
+        target_attention_world(1.5)
+    kept = []
+    for knob in (0.0, 1.0):
+        ds, world = generate(target_attention_world(knob, users=300, items=1500, requests=1000, seed=2))
+        test = ds.requests["split"] == "test"
+        kept.append(world.oracle_ratios(ds.requests["request_id"][test], k=10, exclude=ds.requests["history"][test])["one_user_vector"])
+    # measured on this small world: about 0.96 at knob 0 and 0.6 at knob 1 (benchmarks/results/ta_worlds.md at full size)
+    assert kept[0] > 0.9 and kept[1] < 0.75
