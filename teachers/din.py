@@ -5,6 +5,10 @@ For each candidate, an attention unit scores every history item against it from
 positions (id 0) get weight 0. The weighted sum of history embeddings joins the user and item
 field embeddings in an MLP head. Unlike a two-tower model it sees the target and the history
 together, which is what it has to teach.
+
+``pooling: mean`` replaces the attention by the plain mean of the history's embeddings (padding
+left out): the same ranker without the interaction, the control that shows whether a world's
+target attention is something the DIN uses (``benchmarks/ta_worlds.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from cascade.towers.base import mlp
 from cascade.towers.embedding import HISTORY, Embeddings, layout
 
 
+POOLINGS = ("attention", "mean")
+
+
 class DIN(nn.Module):
     """forward(user (B, Wu), items (B, N, Wi)) -> logits (B, N)."""
 
@@ -31,10 +38,14 @@ class DIN(nn.Module):
         attention_hidden: Sequence[int] = (80, 40),
         hidden: Sequence[int] = (200, 80),
         dropout: float = 0.0,
+        pooling: str = "attention",
     ):
         super().__init__()
         if history_len < 1:
             raise ValueError("DIN needs a history (history_len >= 1)")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: '{pooling}' is not one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
         self.user_slots = layout(user_fields, history_len)
         self.item_slots = layout(item_fields)
         self.embeddings = embeddings
@@ -50,6 +61,10 @@ class DIN(nn.Module):
         """history (B, L) ids, target (B, N) ids -> (B, N, E) attention-pooled history."""
         table = self.embeddings.tables["item_id"]
         k = table(history)  # (B, L, E)
+        if self.pooling == "mean":  # the control: every (real) history item weighs the same
+            real = (history > 0).unsqueeze(-1).to(k.dtype)
+            mean = (k * real).sum(1) / real.sum(1).clamp(min=1)  # (B, E)
+            return mean.unsqueeze(1).expand(target.shape[0], target.shape[1], mean.shape[-1])
         q = table(target)  # (B, N, E)
         # The first attention layer on [q, k, q - k, q * k] is W [q; k; q - k; q * k] + c
         # = (W_q + W_d) q + (W_k - W_d) k + W_p (q * k) + c: the q part once per candidate, the k

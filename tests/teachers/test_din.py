@@ -49,3 +49,25 @@ def test_split_first_attention_layer_equals_the_concatenated_one():
         table.weight[4:9] = k[0]  # history ids 4..8 embed as k[0]
     pooled = m.attend(torch.tensor([[4, 5, 6, 7, 8]]), torch.tensor([[1, 2, 3]]))
     torch.testing.assert_close(pooled, torch.einsum("nl,le->ne", want[0], k[0]).unsqueeze(0))
+
+
+def test_mean_pooling_is_the_same_history_vector_for_every_candidate():
+    # the control without the interaction: the pooled history is the plain mean of the real
+    # history items' embeddings, whatever the target, and padding is left out
+    torch.manual_seed(0)
+    m = DIN(SPEC.side("user"), SPEC.side("item"), Embeddings(SPEC, 8), history_len=4, attention_hidden=(16, 8), hidden=(16, 8), pooling="mean").eval()
+    history, targets = torch.tensor([[3, 5, 0, 0]]), torch.tensor([[1, 2, 4]])
+    pooled = m.attend(history, targets)  # (1, 3, 8)
+    table = m.embeddings.tables["item_id"].weight
+    want = (table[3] + table[5]) / 2
+    for n in range(3):
+        torch.testing.assert_close(pooled[0, n], want)
+    att = _din().attend(history, targets)
+    assert not torch.allclose(att[0, 0], att[0, 1])  # attention pools differently per target
+
+
+def test_an_unknown_pooling_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="pooling: 'max' is not one of attention, mean"):
+        DIN(SPEC.side("user"), SPEC.side("item"), Embeddings(SPEC, 8), history_len=4, pooling="max")
