@@ -1,7 +1,7 @@
 """Worlds where target attention matters: the headroom each setting of the knob leaves, and
 whether a DIN teacher uses it.
 
-    python benchmarks/ta_worlds.py [--requests 8000] [--items 8000] [--seeds 0] [--epochs 3]
+    python benchmarks/ta_worlds.py [--requests 8000] [--items 8000] [--seeds 0] [--epochs 3] [--settings low middle high] [--name ta_worlds]
 
 1. The truth alone (``cascade.data.synth.target_attention_world``, knob 0, 0.25, 0.5, 0.75, 1):
    on the test requests, the share of the catalog's best top-10 utility kept by ranking without
@@ -67,7 +67,7 @@ def truth(args) -> list[dict]:
 def teachers(args, tmp: Path) -> list[dict]:
     rows = []
     models = {**MODELS, **TEACHERS}
-    for setting, knob in TEACHER_KNOBS.items():
+    for setting, knob in ((s, TEACHER_KNOBS[s]) for s in args.settings):
         for seed in args.seeds:
             path = tmp / f"{setting}_{seed}.yaml"
             path.write_text(CONFIG.format(data=tmp / f"data_{setting}_{seed}", knob=knob, users=args.users, items=args.items, requests=args.requests, seed=seed, epochs=args.epochs, out=tmp / f"runs_{setting}_{seed}"))
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--settings", nargs="+", choices=tuple(TEACHER_KNOBS), default=list(TEACHER_KNOBS), help="the teacher comparison's settings")
+    parser.add_argument("--name", default="ta_worlds", help="benchmarks/results/NAME.{md,json}")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ta-worlds."))
     try:
@@ -118,11 +120,11 @@ def report(args, headroom: list[dict], din: list[dict]) -> None:
         "| setting | knob | DIN oracle ratio | mean-pooled oracle ratio | DIN Recall@10 | mean-pooled Recall@10 | DIN NDCG@10 | mean-pooled NDCG@10 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for setting, knob in TEACHER_KNOBS.items():
+    for setting, knob in ((s, TEACHER_KNOBS[s]) for s in args.settings):
         of = lambda model, key: mean_std([r[key] for r in din if r["setting"] == setting and r["model"] == model])  # noqa: E731
         lines.append(f"| {setting} | {knob} | {of('din', 'oracle_ratio')} | {of('din_mean', 'oracle_ratio')} | {of('din', 'recall@10')} | {of('din_mean', 'recall@10')} | {of('din', 'ndcg@10')} | {of('din_mean', 'ndcg@10')} |")
     print("\n".join(lines))
-    write_results("ta_worlds", ["# Worlds where target attention matters", "", *lines], {"headroom": headroom, "teachers": din, "ta_low": TA_LOW, "ta_high": TA_HIGH})
+    write_results(args.name, ["# Worlds where target attention matters", "", *lines], {"headroom": headroom, "teachers": din, "ta_low": TA_LOW, "ta_high": TA_HIGH})
 
 
 if __name__ == "__main__":
