@@ -198,45 +198,53 @@ class World:
         norm = np.linalg.norm(centre, axis=1, keepdims=True)
         return np.divide(centre, norm, out=np.zeros_like(centre), where=norm > 0)
 
-    def oracle_ratios(self, request_ids: np.ndarray, k: int = 10, exclude: np.ndarray | None = None, chunk: int = 256) -> dict[str, float]:
+    def oracle_ratios(self, request_ids: np.ndarray, k: int = 10, exclude: np.ndarray | None = None, candidates: np.ndarray | None = None, chunk: int = 256) -> dict[str, float]:
         """What a ranker keeps of the best achievable top-k utility (the sum of true click
-        probabilities; the catalog's best top-k = 1) when its score lacks the target-attention
-        term's interaction, over the whole catalog minus ``exclude`` (B, L):
+        probabilities over the catalog minus ``exclude`` (B, L): the catalog's best top-k = 1)
+        when it ranks the whole catalog, or only each request's ``candidates`` (B, N) item ids
+        (0 = padding), by:
 
-        - ``no_target_attention``: ranked by the two-tower part of the truth alone;
+        - ``truth``: the true logit (1 over the catalog; less within lists that miss the best);
+        - ``no_target_attention``: the two-tower part of the truth alone;
         - ``one_user_vector``: the target-attention term replaced by its least-squares fit on one
           vector per request, the normalised mean style of its window (``a + b <centre, w_i>``,
-          fitted over these requests and the catalog): what a two-tower model keeps if it learns
-          the term as well as one vector allows.
+          fitted over the same requests and items): what a two-tower model keeps if it learns the
+          term as well as one vector allows.
 
-        1 minus either is the headroom an interaction can win back; ``one_user_vector`` is the
-        sharper of the two (a single vector already carries one interest)."""
+        ``truth`` minus ``one_user_vector`` is the headroom an interaction can win back."""
         request_ids = np.asarray(request_ids)
-        items = np.arange(1, len(self.item_bias) + 1)
+        catalog = np.arange(1, len(self.item_bias) + 1)
         parts = [slice(a, a + chunk) for a in range(0, len(request_ids), chunk)]
+        items_of = lambda part: np.broadcast_to(catalog, (len(request_ids[part]), len(catalog))) if candidates is None else np.asarray(candidates)[part]  # noqa: E731
         sums = np.zeros(5)  # n, sum x, sum y, sum xx, sum xy of (x = <centre, w_i>, y = the term)
         for part in parts:
-            r = request_ids[part]
-            _, ta = self.terms(r, np.broadcast_to(items, (len(r), len(items))))
-            x = self._window_centres(r) @ self.item_style.T
+            r, items = request_ids[part], items_of(part)
+            _, ta = self.terms(r, items)
+            x = np.einsum("bs,bns->bn", self._window_centres(r), self.item_style[np.maximum(items, 1) - 1])
+            real = items > 0
+            x, ta = x[real], ta[real]
             sums += [x.size, x.sum(), ta.sum(), (x * x).sum(), (x * ta).sum()]
         n, sx, sy, sxx, sxy = sums
         slope = (n * sxy - sx * sy) / max(n * sxx - sx * sx, 1e-12)
-        kept = {"full": 0.0, "no_target_attention": 0.0, "one_user_vector": 0.0}
+        kept = {"truth": 0.0, "no_target_attention": 0.0, "one_user_vector": 0.0}
         for part in parts:
-            r = request_ids[part]
-            two_tower, ta = self.terms(r, np.broadcast_to(items, (len(r), len(items))))
+            r, items = request_ids[part], items_of(part)
+            two_tower, ta = self.terms(r, items)
             truth = _sigmoid(two_tower + ta)
-            scores = {"full": two_tower + ta, "no_target_attention": two_tower, "one_user_vector": two_tower + slope * (self._window_centres(r) @ self.item_style.T)}
-            if exclude is not None:
+            x = np.einsum("bs,bns->bn", self._window_centres(r), self.item_style[np.maximum(items, 1) - 1])
+            scores = {"truth": two_tower + ta, "no_target_attention": two_tower, "one_user_vector": two_tower + slope * x}
+            out = items <= 0  # padding, and the excluded items of the catalog
+            if exclude is not None and candidates is None:
                 ex = exclude[part]
                 rows = np.repeat(np.arange(len(r)), ex.shape[1])
                 keep = ex.ravel() > 0
-                for v in scores.values():
-                    v[rows[keep], ex.ravel()[keep] - 1] = -np.inf
+                out = out.copy()
+                out[rows[keep], ex.ravel()[keep] - 1] = True
             for name, v in scores.items():
-                kept[name] += float(np.take_along_axis(truth, _top(v, k), 1).sum())
-        return {name: kept[name] / kept["full"] for name in ("no_target_attention", "one_user_vector")}
+                top = _top(np.where(out, -np.inf, v), k)
+                kept[name] += float(np.where(np.take_along_axis(out, top, 1), 0.0, np.take_along_axis(truth, top, 1)).sum())
+        best = float(self.best_topk(request_ids, k, exclude=exclude, chunk=chunk)[1].sum())
+        return {name: value / best for name, value in kept.items()}
 
     def to_bytes(self) -> bytes:
         """An .npz whose bytes depend only on the arrays (fixed zip timestamps)."""

@@ -146,7 +146,12 @@ def test_oracle_ratios_hand_worked():
     got = world.oracle_ratios(np.array([1]), k=1, exclude=np.array([[1, 2]]))
     assert got["no_target_attention"] == pytest.approx(_sigmoid(0.1 + np.sqrt(0.5)) / _sigmoid(1.0))
     assert got["no_target_attention"] == pytest.approx(0.9458, abs=1e-4)
-    assert got["one_user_vector"] == pytest.approx(1.0)
+    assert got["one_user_vector"] == pytest.approx(1.0) and got["truth"] == pytest.approx(1.0)
+    # the same within a list of items 3 and 4 (and padding): the fit over these two alone has the
+    # same slope, (r - 1) / (1 - r) = -1, and the catalog's best is in the list
+    assert world.oracle_ratios(np.array([1]), k=1, exclude=np.array([[1, 2]]), candidates=np.array([[4, 0, 3]])) == pytest.approx(got)
+    # a list without item 3: every ranking takes item 4, sigmoid(0.8071) / sigmoid(1) of the best
+    assert world.oracle_ratios(np.array([1]), k=1, exclude=np.array([[1, 2]]), candidates=np.array([[4, 0]]))["truth"] == pytest.approx(0.9458, abs=1e-4)
 
 
 def test_without_target_attention_nothing_is_left_to_win_back():
@@ -155,7 +160,7 @@ def test_without_target_attention_nothing_is_left_to_win_back():
     ds, world = generate(WorldConfig(users=80, items=500, requests=300, history_max=10, quotas=(40, 10, 4, 2), c_ta=0.0, seed=5))
     test = ds.requests["split"] == "test"
     got = world.oracle_ratios(ds.requests["request_id"][test], k=10, exclude=ds.requests["history"][test])
-    assert got == {"no_target_attention": pytest.approx(1.0), "one_user_vector": pytest.approx(1.0)}
+    assert got == {"truth": pytest.approx(1.0), "no_target_attention": pytest.approx(1.0), "one_user_vector": pytest.approx(1.0)}
     assert replace(world, coef=world.coef + [0, 0, 0, 3.0]).oracle_ratios(ds.requests["request_id"][test], k=10, exclude=ds.requests["history"][test])["no_target_attention"] < 1.0
 
 
