@@ -125,6 +125,15 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def _marked(ids: np.ndarray, width: int) -> np.ndarray:
+    """ids (B, L) 1-based, 0 = none -> (B, width) bool, True in each id's column."""
+    out = np.zeros((len(ids), width), dtype=bool)
+    rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+    keep = ids.ravel() > 0
+    out[rows[keep], ids.ravel()[keep] - 1] = True
+    return out
+
+
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Column indices of each row's k highest scores, best first. (B, N) -> (B, k)."""
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -182,10 +191,7 @@ class World:
             r = request_ids[a : a + chunk]
             logit = self.true_logit(r, np.broadcast_to(all_items, (len(r), n_items)))
             if exclude is not None:
-                ex = exclude[a : a + chunk]
-                rows = np.repeat(np.arange(len(r)), ex.shape[1])
-                keep = ex.ravel() > 0
-                logit[rows[keep], ex.ravel()[keep] - 1] = -np.inf
+                logit[_marked(exclude[a : a + chunk], n_items)] = -np.inf
             top = _top(logit, k)
             ids.append(top + 1)
             probs.append(_sigmoid(np.take_along_axis(logit, top, 1)))
@@ -213,37 +219,36 @@ class World:
 
         ``truth`` minus ``one_user_vector`` is the headroom an interaction can win back."""
         request_ids = np.asarray(request_ids)
-        catalog = np.arange(1, len(self.item_bias) + 1)
-        parts = [slice(a, a + chunk) for a in range(0, len(request_ids), chunk)]
-        items_of = lambda part: np.broadcast_to(catalog, (len(request_ids[part]), len(catalog))) if candidates is None else np.asarray(candidates)[part]  # noqa: E731
+        n_items = len(self.item_bias)
+        centres = self._window_centres(request_ids)
+
+        def chunks():
+            """Per chunk of requests: (its rows, the items ranked (B, N), the truth's two parts and
+            x = <centre, w_i>, each (B, N)); computed again on each pass rather than held for all."""
+            for a in range(0, len(request_ids), chunk):
+                part = slice(a, a + chunk)
+                r = request_ids[part]
+                items = np.broadcast_to(np.arange(1, n_items + 1), (len(r), n_items)) if candidates is None else np.asarray(candidates)[part]
+                two_tower, ta = self.terms(r, items)
+                yield part, items, two_tower, ta, np.einsum("bs,bns->bn", centres[part], self.item_style[np.maximum(items, 1) - 1])
+
         sums = np.zeros(5)  # n, sum x, sum y, sum xx, sum xy of (x = <centre, w_i>, y = the term)
-        for part in parts:
-            r, items = request_ids[part], items_of(part)
-            _, ta = self.terms(r, items)
-            x = np.einsum("bs,bns->bn", self._window_centres(r), self.item_style[np.maximum(items, 1) - 1])
-            real = items > 0
-            x, ta = x[real], ta[real]
+        for _, items, _, ta, x in chunks():
+            x, ta = x[items > 0], ta[items > 0]
             sums += [x.size, x.sum(), ta.sum(), (x * x).sum(), (x * ta).sum()]
         n, sx, sy, sxx, sxy = sums
         slope = (n * sxy - sx * sy) / max(n * sxx - sx * sx, 1e-12)
         kept = {"truth": 0.0, "no_target_attention": 0.0, "one_user_vector": 0.0}
-        for part in parts:
-            r, items = request_ids[part], items_of(part)
-            two_tower, ta = self.terms(r, items)
+        for part, items, two_tower, ta, x in chunks():
             truth = _sigmoid(two_tower + ta)
-            x = np.einsum("bs,bns->bn", self._window_centres(r), self.item_style[np.maximum(items, 1) - 1])
-            scores = {"truth": two_tower + ta, "no_target_attention": two_tower, "one_user_vector": two_tower + slope * x}
             out = items <= 0  # padding, and the excluded items of the catalog
             if exclude is not None and candidates is None:
-                ex = exclude[part]
-                rows = np.repeat(np.arange(len(r)), ex.shape[1])
-                keep = ex.ravel() > 0
-                out = out.copy()
-                out[rows[keep], ex.ravel()[keep] - 1] = True
-            for name, v in scores.items():
+                out = out | _marked(exclude[part], n_items)
+            for name, v in (("truth", two_tower + ta), ("no_target_attention", two_tower), ("one_user_vector", two_tower + slope * x)):
                 top = _top(np.where(out, -np.inf, v), k)
                 kept[name] += float(np.where(np.take_along_axis(out, top, 1), 0.0, np.take_along_axis(truth, top, 1)).sum())
-        best = float(self.best_topk(request_ids, k, exclude=exclude, chunk=chunk)[1].sum())
+        # over the catalog the truth's own top-k is the best; within lists, the catalog's best is another pass
+        best = kept["truth"] if candidates is None else float(self.best_topk(request_ids, k, exclude=exclude, chunk=chunk)[1].sum())
         return {name: value / best for name, value in kept.items()}
 
     def to_bytes(self) -> bytes:
