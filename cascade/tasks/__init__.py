@@ -20,10 +20,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from cascade.config import ExperimentConfig
+# a cascade.config.ExperimentConfig: not imported, not even for type checking, since config reads
+# this registry and imports flow one way
+ExperimentConfig = Any
 
 
 def _pointwise_monitors(exp: ExperimentConfig) -> tuple[str, ...] | None:
