@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import random
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -40,38 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from provenance import ROOT, replace_section, write_results
-from serving import bodies, catalog_bundles, http_load, matmul_peak, percentiles, post_recommend
+from serving import bodies, catalog_bundles, http_load, matmul_peak, percentiles, post_recommend, start_server, stop_server
 
 SECTION = "## Server under load"
 BASELINE = "1d606ad"  # the last commit before cascade serve's limits, Prometheus metrics and batching
-
-
-def start(bundle: Path, cwd: Path, *more: str) -> tuple[subprocess.Popen, int]:
-    """`cascade serve` from the tree at ``cwd`` (its own packages first on the path), once it
-    answers /health: (the process, its port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port), *more], cwd=cwd, env={**os.environ, "PYTHONPATH": str(cwd)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"the server at {cwd} did not answer: {proc.stderr.read().decode()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -93,7 +63,7 @@ def workers(pid: int) -> list[dict]:
 
 def load_rounds(bundle: Path, trees: dict[str, tuple[Path, list[str]]], reqs: list[dict], rounds: int) -> list[dict]:
     rows = []
-    servers = {name: start(bundle, cwd, *more) for name, (cwd, more) in trees.items()}
+    servers = {name: start_server(bundle, cwd, *more) for name, (cwd, more) in trees.items()}
     try:
         for name, (_, port) in servers.items():  # warm-up: sessions, allocator pools
             http_load(port, reqs[:100], 8, 30)
@@ -107,7 +77,7 @@ def load_rounds(bundle: Path, trees: dict[str, tuple[Path, list[str]]], reqs: li
             rows.append({"server": name, "memory": memory(proc.pid)} | ({"workers": workers(proc.pid)} if "workers" in name else {}))
     finally:
         for proc, _ in servers.values():
-            stop(proc)
+            stop_server(proc)
     return rows
 
 
@@ -140,7 +110,7 @@ def hostile(port: int, case: int) -> int | None:
 
 
 def soak(bundle: Path, reqs: list[dict], seconds: float) -> dict:
-    proc, port = start(bundle, ROOT)
+    proc, port = start_server(bundle, ROOT)
     lock, stats = threading.Lock(), {"valid": 0, "valid_errors": 0, "hostile": 0, "hostile_wrong": 0, "latency": []}
     samples: list[tuple[float, float]] = []
     try:
@@ -180,7 +150,7 @@ def soak(bundle: Path, reqs: list[dict], seconds: float) -> dict:
             t.join()
         final = memory(proc.pid)["rss_mib"]
     finally:
-        stop(proc)
+        stop_server(proc)
     lat = stats.pop("latency")
     return {
         "seconds": seconds,

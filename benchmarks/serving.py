@@ -291,28 +291,43 @@ def http_load(port: int, requests: list[dict], concurrency: int, budget_s: float
     return {"concurrency": concurrency, **percentiles(lat), "requests_per_s": len(lat) / wall, "errors": errors[0]}
 
 
+def start_server(bundle: Path, cwd: Path = ROOT, *more: str) -> tuple[subprocess.Popen, int]:
+    """`cascade serve BUNDLE` from the tree at ``cwd`` (its own packages first on the path) on a
+    free port, once it answers /health: (the process, its port)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port), *more], cwd=cwd, env={**os.environ, "PYTHONPATH": str(cwd)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"the server at {cwd} did not answer: {proc.stderr.read().decode()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def serve_and_load(bundle: Path, reqs: list[dict]) -> list[dict]:
     """`cascade serve BUNDLE` in a subprocess on a free port, loaded at concurrency 1 and 8."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server, port = start_server(bundle)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
         runs = []
         for c in (1, 8):
             http_load(port, reqs[:50], c, 30)  # warm-up
             runs.append(http_load(port, reqs, c, 120))
             print(f"  {bundle.name} over HTTP, concurrency {c}: p50 {runs[-1]['p50_ms']:.2f} p99 {runs[-1]['p99_ms']:.2f} ms, {runs[-1]['requests_per_s']:.0f} req/s, errors {runs[-1]['errors']}", flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server)
     return runs
 
 

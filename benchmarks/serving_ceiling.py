@@ -24,8 +24,8 @@ from pathlib import Path
 
 from export.runtime import CascadeService
 from provenance import ROOT, replace_section, write_results
-from server_load import bundle_and_baseline, parser_for, start, stop
-from serving import http_load
+from server_load import bundle_and_baseline, parser_for
+from serving import http_load, start_server, stop_server
 
 SECTION = "## The compute ceiling"
 BATCHES = (1, 2, 4, 8, 16)
@@ -65,7 +65,7 @@ def main() -> None:
         print("[1/2] the cascade in process", flush=True)
         alone = in_process(bundle, reqs, min(args.requests, 800))
         print("[2/2] the servers at concurrency 8", flush=True)
-        servers = {"baseline": start(bundle, baseline_tree), "this tree": start(bundle, ROOT)}
+        servers = {"baseline": start_server(bundle, baseline_tree), "this tree": start_server(bundle, ROOT)}
         loads = []
         try:
             for _, port in servers.values():
@@ -79,7 +79,7 @@ def main() -> None:
                     print(f"  round {r + 1} {name}: {got['requests_per_s']:.0f} req/s, p99 {got['p99_ms']:.1f} ms, errors {got['errors']}; CPU ms a request: server {loads[-1]['server_cpu_ms_per_request']:.2f}, client {loads[-1]['client_cpu_ms_per_request']:.2f}", flush=True)
         finally:
             for proc, _ in servers.values():
-                stop(proc)
+                stop_server(proc)
     report(args, peak, alone, loads)
 
 
