@@ -10,6 +10,16 @@ from cascade.data.store import write_dataset
 from cascade.data.synth import WORLD_FILE, WorldConfig, generate
 
 SMALL = WorldConfig(users=120, items=600, requests=400, history_max=20, quotas=(60, 20, 8, 4), seed=7)
+
+# the base block of the task tests' configs (tests/tasks/): a 300-request world, a small DSSM
+# student, a DIN teacher; DATA and OUT are replaced by each test's folders
+SMALL_DISTILL_BASE = """  data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
+  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
+  train: {epochs: 2, batch_size: 64, seed: 1, lr: 0.01, monitor: teacher_recall@4@10}
+  out: OUT
+  task: distill
+  distill: {teacher: din, prerank_quota: 10, rank_quota: 4, lists_per_batch: 16}
+"""
 ML1M = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-1m"
 
 

@@ -11,17 +11,11 @@ from cascade.tasks.cascade import LcronLoss, StackedStages, top_of
 from cascade.losses.arf import e2e_loss, relax_bce
 from cascade.losses.sorting import neural_sort, top_k_indicator
 from cascade.train import Tensors
-from tests.conftest import one_thread
+from tests.conftest import SMALL_DISTILL_BASE, one_thread
 
 CONFIG = """
 base:
-  data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
-  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
-  train: {epochs: 2, batch_size: 64, seed: 1, lr: 0.01, monitor: teacher_recall@4@10}
-  out: OUT
-  task: distill
-  distill: {teacher: din, prerank_quota: 10, rank_quota: 4, lists_per_batch: 16}
-  cascade: {recall: {config: CONFIG, experiment: recall}, recall_quota: 40, prerank_quota: 10, rank_quota: 4, lcron_recall_quota: 20, rounds: 1, self_epochs: 1, tutor_epochs: 1, lcron_epochs: 1, tau: 20.0, catalog_negatives: 20}
+""" + SMALL_DISTILL_BASE + """  cascade: {recall: {config: CONFIG, experiment: recall}, recall_quota: 40, prerank_quota: 10, rank_quota: 4, lcron_recall_quota: 20, rounds: 1, self_epochs: 1, tutor_epochs: 1, lcron_epochs: 1, tau: 20.0, catalog_negatives: 20}
 experiments:
   recall:
     task: recall

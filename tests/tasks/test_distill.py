@@ -13,17 +13,11 @@ from cascade.data.lists import build_lists
 from cascade.config import DistillConfig
 from cascade.tasks.distill import DistillLoss, cascade_report
 from cascade.train import Tensors
-from tests.conftest import run_in_memory_and_streamed
+from tests.conftest import SMALL_DISTILL_BASE, run_in_memory_and_streamed
 
 CONFIG = """
 base:
-  data: {kind: synth, dir: DATA, synth: {users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}
-  model: {embedding_dim: 8, name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
-  train: {epochs: 2, batch_size: 64, seed: 1, lr: 0.01, monitor: teacher_recall@4@10}
-  out: OUT
-  task: distill
-  distill: {teacher: din, prerank_quota: 10, rank_quota: 4, lists_per_batch: 16}
-experiments:
+""" + SMALL_DISTILL_BASE + """experiments:
   din:
     task: pointwise
     model: {name: din, params: {attention_hidden: [8], hidden: [16], dropout: 0.0}}
