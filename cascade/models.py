@@ -25,9 +25,10 @@ from cascade.towers.embedding import HISTORY, Embeddings, Slot, pack_items, pack
 from cascade.towers.hit import HIT
 from cascade.towers.inttower import IntTower
 from cascade.towers.senet import SENetTwoTower
+from cascade.towers.tarq import TARQ
 from cascade.train import Tensors
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower, "hit": HIT}
+MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower, "hit": HIT, "tarq": TARQ}
 
 
 def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]] = MODELS) -> nn.Module:

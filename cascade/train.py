@@ -316,7 +316,8 @@ class Trainer:
                 metrics = {} if evaluate is None else distributed.broadcast(evaluate() if rank == 0 else None)
             if evaluate is not None and cfg.monitor not in metrics:
                 raise RunError(f"train.monitor: '{cfg.monitor}' is not among this run's validation metrics ({', '.join(metrics)})")
-            row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "seconds": seconds, f"{self.unit}_per_s": seen / seconds, **metrics}
+            own = getattr(self.model, "epoch_stats", None)  # a model's own figures of the epoch (TARQ's code usage; rank 0's in a parallel run)
+            row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "seconds": seconds, f"{self.unit}_per_s": seen / seconds, **(own() if own else {}), **metrics}
             if distributed.is_writer():
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")

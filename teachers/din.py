@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cascade.features import Field
+from cascade.towers.attention import attention_unit, target_attention
 from cascade.towers.base import mlp
 from cascade.towers.embedding import HISTORY, Embeddings, layout
 
@@ -53,7 +54,7 @@ class DIN(nn.Module):
         self._history = next(s for s in self.user_slots if s.name == HISTORY)
         self._target = next(s for s in self.item_slots if s.name == "item_id")
         dim = embeddings.dim
-        self.attention = nn.Sequential(mlp(4 * dim, attention_hidden, 0.0, batch_norm=False), nn.Linear(attention_hidden[-1], 1))
+        self.attention = attention_unit(dim, attention_hidden)
         head_in = (len(self._fields) + len(self.item_slots) + 1) * dim
         self.head = nn.Sequential(mlp(head_in, hidden, dropout), nn.Linear(hidden[-1], 1))
 
@@ -65,17 +66,7 @@ class DIN(nn.Module):
             real = (history > 0).unsqueeze(-1).to(k.dtype)
             mean = (k * real).sum(1) / real.sum(1).clamp(min=1)  # (B, E)
             return mean.unsqueeze(1).expand(target.shape[0], target.shape[1], mean.shape[-1])
-        q = table(target)  # (B, N, E)
-        # The first attention layer on [q, k, q - k, q * k] is W [q; k; q - k; q * k] + c
-        # = (W_q + W_d) q + (W_k - W_d) k + W_p (q * k) + c: the q part once per candidate, the k
-        # part once per history item, and only W_p per (candidate, history) pair, a quarter of
-        # the concatenated layer's work (and no (B, N, L, 4E) concatenation).
-        first = self.attention[0][0]
-        w_q, w_k, w_d, w_p = first.weight.split(q.shape[-1], dim=1)
-        pre = (q @ (w_q + w_d).T).unsqueeze(2) + (k @ (w_k - w_d).T).unsqueeze(1) + (q.unsqueeze(2) * k.unsqueeze(1)) @ w_p.T + first.bias
-        w = self.attention[1](self.attention[0][1:](pre)).squeeze(-1)  # (B, N, L)
-        w = w * (history > 0).unsqueeze(1).to(w.dtype)  # padding never contributes
-        return torch.einsum("bnl,ble->bne", w, k)
+        return target_attention(self.attention, table(target), k, history > 0)
 
     def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         b, n, width = items.shape

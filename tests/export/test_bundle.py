@@ -98,6 +98,25 @@ def test_named_stages_with_a_lightgbm_ranker_an_hnsw_index_and_int8(trained, tmp
     assert got["scores"] == sorted(got["scores"], reverse=True)
 
 
+def test_a_tarq_preranker_distils_exports_with_parity_and_serves(trained, tmp_path, capsys):
+    config, runs = trained
+    assert main(["train", str(config), "--experiment", "tarq"]) == 0  # distilled from the DIN
+    epochs = [json.loads(line) for line in (runs / "tarq" / "metrics.jsonl").read_text().splitlines()]
+    # the code usage of each epoch's training candidates: 2 levels of 8 codes
+    assert epochs and all(0 < e["codebook_utilisation"] <= 1 and 0 <= e["token_entropy"] <= np.log(8) + 1e-6 for e in epochs)
+    out = tmp_path / "tarq"
+    assert main(["export", "--recall", f"{config}:recall", "--prerank", f"{config}:tarq", "--rank", f"{config}:din", "--quotas", "40,10,4", "--out", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parity"))
+    figures = dict(zip(line.split()[4::2], map(float, line.split()[5::2])))
+    assert figures["same_prerank_survivors"] == figures["same_final_order"] == 1.0
+    stages = {s["name"]: s for s in verify_bundle(out)["stages"]}
+    assert stages["prerank"]["score"] == {"kind": "graph", "file": "score.onnx"} and stages["prerank"]["item_vectors"] == [2, 8]
+    codes = np.load(out / "prerank" / "items.npy")[1:, 1, :2]  # every item's 2 codes: rows 0..7 of level 0, 8..15 of level 1
+    assert np.array_equal(codes, np.round(codes)) and (codes[:, 0] < 8).all() and ((codes[:, 1] >= 8) & (codes[:, 1] < 16)).all()
+    got = CascadeService(out).recommend({"user_id": 5, "segment": 1, "history": [7, 8, 9]})
+    assert len(got["items"]) == 4 and got["scores"] == sorted(got["scores"], reverse=True)
+
+
 @pytest.mark.parametrize("kind, refine", [("flat", 0), ("ivf", 0), ("hnsw", 0), ("ivfpq", 0), ("ivfpq", 4)])
 def test_each_index_kind_finds_the_exact_top_1_on_separated_vectors(kind, refine, tmp_path):
     rng = np.random.default_rng(0)
