@@ -19,6 +19,7 @@ from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch
 from cascade.data.store import Dataset, memory_bytes
 from cascade.saved import finished
+from cascade.towers.cold import COLD
 from cascade.towers.dat import DAT
 from cascade.towers.dssm import DSSM
 from cascade.towers.embedding import HISTORY, Embeddings, Slot, pack_items, pack_user
@@ -28,7 +29,7 @@ from cascade.towers.senet import SENetTwoTower
 from cascade.towers.tarq import TARQ
 from cascade.train import Tensors
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower, "hit": HIT, "tarq": TARQ}
+MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower, "hit": HIT, "tarq": TARQ, "cold": COLD}
 
 
 def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]] = MODELS) -> nn.Module:

@@ -243,6 +243,8 @@ def _write_recall(stage: StageModel, ds: Dataset, example: ListBatch, out: Path,
 @torch.no_grad()
 def _write_prerank(stage: StageModel, catalog: Catalog, example: ListBatch, out: Path, quantize: bool) -> dict:
     model = stage.model.eval()
+    if not hasattr(model, "dot_scale"):  # no towers (COLD, a DIN): the whole model runs on every candidate, as a ranker does
+        return _write_rank(stage, example, out, quantize, name="prerank")
     files = export_two_tower(model, example, out)
     if quantize:
         for name in ("user", "item"):
@@ -265,7 +267,8 @@ def _write_prerank(stage: StageModel, catalog: Catalog, example: ListBatch, out:
     return described | {"item_vectors": list(cache.shape[1:])}
 
 
-def _write_rank(stage: StageModel, example: ListBatch, out: Path, quantize: bool) -> dict:
+def _write_rank(stage: StageModel, example: ListBatch, out: Path, quantize: bool, name: str = "rank") -> dict:
+    """A whole model (or a LightGBM file) as the stage ``name``: ``model.onnx`` under ``out``."""
     out.mkdir()
     if isinstance(stage.model, Path):  # LightGBM ships as its own model file
         shutil.copyfile(stage.model, out / "model.txt")
@@ -275,7 +278,7 @@ def _write_rank(stage: StageModel, example: ListBatch, out: Path, quantize: bool
     if quantize:
         _quantize(out / "model.onnx")
     blend = {"blend": model.describe()} if hasattr(model, "describe") else {}  # a blend's weights by part
-    return {"name": "rank", "kind": "onnx", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "item_inputs": _slots(model.item_slots), "list_dependent": bool(getattr(model, "list_dependent", False)), "source": stage.source} | blend
+    return {"name": name, "kind": "onnx", "model": stage.model_name, "quota": stage.quota, "user_inputs": _slots(model.user_slots), "item_inputs": _slots(model.item_slots), "list_dependent": bool(getattr(model, "list_dependent", False)), "source": stage.source} | blend
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

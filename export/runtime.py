@@ -109,10 +109,11 @@ class TwoTowerScorer:
 
 
 class OnnxRankScorer:
-    """Rank: a whole ONNX ranker (DIN) over the user's fields and the candidates' fields."""
+    """A whole ONNX model over the user's fields and the candidates' fields: the rank stage (DIN),
+    or a pre-ranker that is no two-tower (COLD)."""
 
     def __init__(self, root: Path, stage: dict, threads: int = 1):
-        self.model = session(root / "rank" / "model.onnx", threads)
+        self.model = session(root / stage["name"] / "model.onnx", threads)
         self.user_slots, self.item_slots = _slots(stage["user_inputs"]), _slots(stage["item_inputs"])
         self.list_dependent = stage.get("list_dependent", False)  # a blend: standardised per list
 
@@ -122,6 +123,10 @@ class OnnxRankScorer:
         step = max(1, CANDIDATES_PER_CALL // max(lists.list_size, 1))
         parts = [self.model.run(None, user_inputs(part, self.user_slots) | item_inputs(part, self.item_slots))[0] for part in lists.batches(step)]
         return np.concatenate(parts) if parts else np.zeros(lists.mask.shape, np.float32)
+
+
+def _prerank_scorer(root: Path, stage: dict, threads: int) -> "TwoTowerScorer | OnnxRankScorer":
+    return TwoTowerScorer(root, stage, threads) if stage["kind"] == "two_tower" else OnnxRankScorer(root, stage, threads)
 
 
 class BoosterScorer:
@@ -209,7 +214,7 @@ class CascadeService:
         rank = stages["rank"]
         ranker = BoosterScorer(root, rank, self.schema, self.catalog) if rank["kind"] == "lightgbm" else OnnxRankScorer(root, rank, threads)
         self.cascade = Cascade(
-            [Stage("prerank", TwoTowerScorer(root, stages["prerank"], threads), stages["prerank"]["quota"]), Stage("rank", ranker, rank["quota"])],
+            [Stage("prerank", _prerank_scorer(root, stages["prerank"], threads), stages["prerank"]["quota"]), Stage("rank", ranker, rank["quota"])],
             OnnxRetriever(root, stages["recall"], threads),
             stages["recall"]["quota"],
             self.catalog,

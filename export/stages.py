@@ -53,8 +53,8 @@ def _stage(role: str, exp: ExperimentConfig, ds: Dataset, quota: int, weights: P
     except ConfigError as e:
         raise BundleError(f"{role}: {e}") from None
     model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
-    if role != "rank" and not hasattr(model, "dot_scale"):
-        raise BundleError(f"{role}: model '{exp.model.name}' is not a two-tower model")
+    if role == "recall" and not hasattr(model, "dot_scale"):  # a pre-ranker may be any model: without towers it scores each candidate whole
+        raise BundleError(f"{role}: model '{exp.model.name}' is not a two-tower model (recall searches an index of item vectors)")
     return StageModel(role, exp.model.name, model.eval(), quota, source | {"weights": str(weights)})
 
 

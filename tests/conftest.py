@@ -81,6 +81,8 @@ experiments:
     model: {name: inttower, params: {hidden: [16, 8], heads: 2, head_dim: 4, dropout: 0.0}}
   tarq:
     model: {name: tarq, params: {hidden: [16, 8], levels: 2, codes: 8, attention_hidden: [8], dropout: 0.0}}
+  cold:
+    model: {name: cold, params: {hidden: [16, 8], dropout: 0.0}}
   exposure:
     model: {name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
   frozen: {task: cascade, cascade: {method: frozen, prerank: exposure}}

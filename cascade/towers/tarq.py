@@ -181,7 +181,7 @@ class TARQ(TwoTower):
         levels = self.codebooks.levels
         rows = v[:, :, 1, :levels].to(torch.int64).reshape(b, n * levels, 1).expand(-1, -1, u.shape[-1])
         picked = torch.gather(u[:, 1:], 1, rows).reshape(b, n, levels, -1).sum(2)  # (B, N, D)
-        return ((u[:, :1] + picked) * v[:, :, 0]).sum(-1)
+        return torch.einsum("bnd,bnd->bn", u[:, :1] + picked, v[:, :, 0])  # an einsum, so FLOP counters see the dot
 
     def regularised(self, user: torch.Tensor, items: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """user (B, Wu), items (B, N, Wi), label and mask (B, N) -> the quantised logits (B, N)

@@ -33,8 +33,7 @@ def test_export_prints_parity_with_the_torch_cascade(trained, tmp_path, capsys, 
         (run / "stages.json").write_text(json.dumps(json.loads((run / "stages.json").read_text()) | {"data_stream": stream}))
     assert from_run(run)[0].streamed == (stream == "always")
     assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parity"))
-    figures = dict(zip(line.split()[4::2], map(float, line.split()[5::2])))
+    figures = parity_figures(capsys)
     # onnxruntime and torch agree to ~1e-7 here, so every stage keeps the same items
     assert figures["same_recall_survivors"] == figures["same_prerank_survivors"] == figures["same_final_order"] == 1.0
     assert figures["max_final_score_gap"] < 1e-5
@@ -73,8 +72,8 @@ def test_export_errors_exit_2_and_leave_an_older_bundle_whole(trained, bundle, t
     assert "--prerank is required" in capsys.readouterr().err
     assert main(["export", "--recall", f"{config}:recall", "--prerank", f"{config}:exposure", "--rank", f"{config}:din", "--quotas", "10,40,4", "--out", str(tmp_path / "x")]) == 2
     assert "quotas must shrink" in capsys.readouterr().err
-    assert main(["export", "--recall", f"{config}:recall", "--prerank", f"{config}:din", "--rank", f"{config}:din", "--out", str(tmp_path / "x")]) == 2
-    assert "prerank: model 'din' is not a two-tower model" in capsys.readouterr().err
+    assert main(["export", "--recall", f"{config}:din", "--prerank", f"{config}:exposure", "--rank", f"{config}:din", "--out", str(tmp_path / "x")]) == 2
+    assert "recall: model 'din' is not a two-tower model" in capsys.readouterr().err
     assert main(["export", "--recall", f"{config}:recall", "--prerank", f"{config}:exposure", "--rank", f"{config}:din", "--index", "annoy", "--out", str(tmp_path / "x")]) == 2
     assert "index 'annoy' is not one of flat, ivf, hnsw, ivfpq" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -98,21 +97,43 @@ def test_named_stages_with_a_lightgbm_ranker_an_hnsw_index_and_int8(trained, tmp
     assert got["scores"] == sorted(got["scores"], reverse=True)
 
 
+def parity_figures(capsys) -> dict[str, float]:
+    """The figures of `cascade export`'s parity line."""
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parity"))
+    return dict(zip(line.split()[4::2], map(float, line.split()[5::2])))
+
+
+def _export_with_parity(config, prerank: str, tmp_path, capsys):
+    """Export recall -> ``prerank`` -> DIN of the trained config; every request keeps torch's
+    pre-rank set and final order."""
+    out = tmp_path / prerank
+    assert main(["export", "--recall", f"{config}:recall", "--prerank", f"{config}:{prerank}", "--rank", f"{config}:din", "--quotas", "40,10,4", "--out", str(out)]) == 0
+    figures = parity_figures(capsys)
+    assert figures["same_prerank_survivors"] == figures["same_final_order"] == 1.0
+    return out
+
+
 def test_a_tarq_preranker_distils_exports_with_parity_and_serves(trained, tmp_path, capsys):
     config, runs = trained
     assert main(["train", str(config), "--experiment", "tarq"]) == 0  # distilled from the DIN
     epochs = [json.loads(line) for line in (runs / "tarq" / "metrics.jsonl").read_text().splitlines()]
     # the code usage of each epoch's training candidates: 2 levels of 8 codes
     assert epochs and all(0 < e["codebook_utilisation"] <= 1 and 0 <= e["token_entropy"] <= np.log(8) + 1e-6 for e in epochs)
-    out = tmp_path / "tarq"
-    assert main(["export", "--recall", f"{config}:recall", "--prerank", f"{config}:tarq", "--rank", f"{config}:din", "--quotas", "40,10,4", "--out", str(out)]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parity"))
-    figures = dict(zip(line.split()[4::2], map(float, line.split()[5::2])))
-    assert figures["same_prerank_survivors"] == figures["same_final_order"] == 1.0
+    out = _export_with_parity(config, "tarq", tmp_path, capsys)
     stages = {s["name"]: s for s in verify_bundle(out)["stages"]}
     assert stages["prerank"]["score"] == {"kind": "graph", "file": "score.onnx"} and stages["prerank"]["item_vectors"] == [2, 8]
     codes = np.load(out / "prerank" / "items.npy")[1:, 1, :2]  # every item's 2 codes: rows 0..7 of level 0, 8..15 of level 1
     assert np.array_equal(codes, np.round(codes)) and (codes[:, 0] < 8).all() and ((codes[:, 1] >= 8) & (codes[:, 1] < 16)).all()
+    got = CascadeService(out).recommend({"user_id": 5, "segment": 1, "history": [7, 8, 9]})
+    assert len(got["items"]) == 4 and got["scores"] == sorted(got["scores"], reverse=True)
+
+
+def test_a_cold_preranker_runs_whole_on_every_candidate_with_parity(trained, tmp_path, capsys):
+    config, runs = trained
+    assert main(["train", str(config), "--experiment", "cold"]) == 0  # distilled from the DIN
+    out = _export_with_parity(config, "cold", tmp_path, capsys)
+    stages = {s["name"]: s for s in verify_bundle(out)["stages"]}
+    assert stages["prerank"]["kind"] == "onnx" and (out / "prerank" / "model.onnx").exists() and not (out / "prerank" / "items.npy").exists()
     got = CascadeService(out).recommend({"user_id": 5, "segment": 1, "history": [7, 8, 9]})
     assert len(got["items"]) == 4 and got["scores"] == sorted(got["scores"], reverse=True)
 
