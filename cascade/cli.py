@@ -371,7 +371,7 @@ def _restart(experiments) -> None:
             print(f"--restart: removed {exp.run_dir}")
 
 
-MODEL_LIST = "pre-rankers and recall: dssm, senet, dat, inttower, hit; pre-rankers: tarq (needs the history), cold (no cache: scored whole per candidate); rankers: din, gbdt (LightGBM)"
+MODEL_LIST = "pre-rankers and recall: dssm, senet, dat, inttower, hit; pre-rankers: poly, mvke, tarq (needs the history), cold (no cache: scored whole per candidate); rankers: din, gbdt (LightGBM)"
 TASKS = tasks_help() + "\n`cascade train` runs every task; `cascade distill` only the 'task: distill' experiments."
 
 

@@ -25,11 +25,12 @@ from cascade.towers.dssm import DSSM
 from cascade.towers.embedding import HISTORY, Embeddings, Slot, pack_items, pack_user
 from cascade.towers.hit import HIT
 from cascade.towers.inttower import IntTower
+from cascade.towers.poly import MVKE, PolyEncoder
 from cascade.towers.senet import SENetTwoTower
 from cascade.towers.tarq import TARQ
 from cascade.train import Tensors
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower, "hit": HIT, "tarq": TARQ, "cold": COLD}
+MODELS: dict[str, Callable[..., nn.Module]] = {"dssm": DSSM, "senet": SENetTwoTower, "dat": DAT, "inttower": IntTower, "hit": HIT, "poly": PolyEncoder, "mvke": MVKE, "tarq": TARQ, "cold": COLD}
 
 
 def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[..., nn.Module]] = MODELS) -> nn.Module:

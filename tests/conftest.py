@@ -83,6 +83,10 @@ experiments:
     model: {name: tarq, params: {hidden: [16, 8], levels: 2, codes: 8, attention_hidden: [8], dropout: 0.0}}
   cold:
     model: {name: cold, params: {hidden: [16, 8], dropout: 0.0}}
+  poly:
+    model: {name: poly, params: {hidden: [16, 8], dropout: 0.0, codes: 4}}
+  mvke:
+    model: {name: mvke, params: {hidden: [16, 8], dropout: 0.0, kernels: 3}}
   exposure:
     model: {name: dssm, params: {hidden: [16, 8], dropout: 0.0}}
   frozen: {task: cascade, cascade: {method: frozen, prerank: exposure}}

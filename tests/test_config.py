@@ -81,7 +81,7 @@ def test_resuming_with_a_changed_config_exits_2_naming_the_key(tmp_path, capsys)
 
 def test_unknown_model_and_bad_params_exit_2(tmp_path, capsys):
     assert main(["train", str(_write(tmp_path, CONFIG.replace("name: dssm", "name: dsm")))]) == 2
-    assert "unknown model 'dsm' (have: dssm, senet, dat, inttower, hit, tarq, cold, din)" in capsys.readouterr().err
+    assert "unknown model 'dsm' (have: dssm, senet, dat, inttower, hit, poly, mvke, tarq, cold, din)" in capsys.readouterr().err
     assert main(["train", str(_write(tmp_path, CONFIG.replace("dropout: 0.0", "dropuot: 0.0")))]) == 2
     err = capsys.readouterr().err
     assert "c.yaml: experiments.small.model: dssm with params" in err and "dropuot" in err

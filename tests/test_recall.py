@@ -3,6 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cascade.cli import main
 from cascade import recall
 from cascade.data.lists import pointwise_lists
 from cascade.data.synth import WorldConfig, generate
@@ -191,3 +192,20 @@ def test_a_streamed_recall_run_learns_what_the_in_memory_one_learns(tmp_path, mo
     assert pq.ParquetFile(tmp_path / "data" / "candidates.parquet").metadata.num_row_groups == 12
     for split in ("valid", "test"):
         assert results["always"][split] == pytest.approx(results["never"][split], abs=1e-9)
+
+
+def test_a_model_without_a_plain_dot_is_refused_as_recall(tmp_path, capsys):
+    config = tmp_path / "r.yaml"
+    config.write_text(f"""
+base:
+  data: {{kind: synth, dir: {tmp_path / 'data'}, synth: {{users: 60, items: 400, requests: 300, history_max: 10, quotas: [40, 10, 4, 2], seed: 3}}}}
+  train: {{epochs: 1, monitor: recall@50}}
+  out: {tmp_path / 'runs'}
+  task: recall
+experiments:
+  r: {{model: {{name: poly, params: {{hidden: [16, 8], dropout: 0.0}}}}}}
+""")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "model.name: 'poly' cannot be a recall model" in err and "(recall: dssm, senet, dat)" in err
+    assert not (tmp_path / "runs" / "r" / "best.pt").exists()

@@ -99,6 +99,8 @@ def train_recall(exp: ExperimentConfig, models: dict[str, Callable[..., nn.Modul
     ds, streamed = task_logs(exp.data)
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, ds, models)
+    if getattr(model, "dot_scale", None) is None:  # recall searches the catalog's item vectors by inner product
+        raise ConfigError(f"{exp.where}.model.name: '{exp.model.name}' cannot be a recall model: it does not score by one dot of a user and an item vector (recall: {', '.join(n for n, m in models.items() if isinstance(getattr(m, 'dot_scale', None), property))})")
     try:
         table = item_table(ds, model.item_slots)
     except ValueError as e:

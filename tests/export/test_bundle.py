@@ -138,6 +138,16 @@ def test_a_cold_preranker_runs_whole_on_every_candidate_with_parity(trained, tmp
     assert len(got["items"]) == 4 and got["scores"] == sorted(got["scores"], reverse=True)
 
 
+@pytest.mark.parametrize("prerank, item_side", [("poly", [1, 8]), ("mvke", [2, 8])])
+def test_poly_encoder_and_mvke_distil_export_with_parity_and_serve(prerank, item_side, trained, tmp_path, capsys):
+    config, _ = trained
+    assert main(["train", str(config), "--experiment", prerank]) == 0
+    out = _export_with_parity(config, prerank, tmp_path, capsys)
+    stages = {s["name"]: s for s in verify_bundle(out)["stages"]}
+    assert stages["prerank"]["score"]["kind"] == "graph" and stages["prerank"]["item_vectors"] == item_side
+    assert len(CascadeService(out).recommend({"user_id": 5, "segment": 1, "history": [7, 8, 9]})["items"]) == 4
+
+
 @pytest.mark.parametrize("kind, refine", [("flat", 0), ("ivf", 0), ("hnsw", 0), ("ivfpq", 0), ("ivfpq", 4)])
 def test_each_index_kind_finds_the_exact_top_1_on_separated_vectors(kind, refine, tmp_path):
     rng = np.random.default_rng(0)
