@@ -182,6 +182,7 @@ class ModelConfig:
     name: str = "dssm"
     embedding_dim: int = 32
     drop_fields: tuple[str, ...] = ()  # fields the model leaves out ("history" for the history)
+    history_fields: tuple[str, ...] = ()  # item fields each history item is embedded with, beside its id (Embeddings.items)
     params: dict[str, Any] = field(default_factory=dict)  # the model constructor's own keywords
 
     def __post_init__(self) -> None:

@@ -47,11 +47,28 @@ def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[.
     item = tuple(f for f in spec.side("item") if f.name not in drop)
     history_len = 0 if HISTORY in drop else ds.schema.history_max
     _check_embedding_memory(spec.fields, exp.model.embedding_dim, exp.where)
-    embeddings = Embeddings(spec, exp.model.embedding_dim)
+    embeddings = Embeddings(spec, exp.model.embedding_dim, history_fields(exp, ds))
     try:
         return models[exp.model.name](user, item, embeddings, history_len=history_len, **exp.model.params)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{exp.where}.model: {exp.model.name} with params {exp.model.params}: {e}") from None
+
+
+def history_fields(exp: ExperimentConfig, ds: Dataset) -> dict[str, np.ndarray]:
+    """``model.history_fields`` as ``Embeddings`` takes them: each field's id of every item id
+    (0 for ids the items table lacks), from the items table."""
+    names = exp.model.history_fields
+    usable = [f.name for f in ds.schema.features.in_table("items") if not f.multi and f.name != "item_id"]
+    for name in names:
+        if name not in usable:
+            raise ConfigError(f"{exp.where}.model.history_fields: '{name}' is not a single-valued field of the items table (have: {', '.join(usable) or 'none'})")
+    item_ids = ds.items["item_id"]
+    out = {}
+    for name in names:
+        ids = np.zeros(ds.schema.features["item_id"].vocab + 1, np.int64)
+        ids[item_ids] = ds.items[name]
+        out[name] = ids
+    return out
 
 
 def blend_parts(exp: ExperimentConfig, ds: Dataset) -> dict[str, ExperimentConfig | None]:

@@ -1,7 +1,9 @@
 """DIN: a ranker with target attention over the request's history (Zhou et al., KDD 2018).
 
 For each candidate, an attention unit scores every history item against it from
-``[q, k, q - k, q * k]`` (q the candidate's item embedding, k a history item's); padded history
+``[q, k, q - k, q * k]`` (q the candidate's item embedding, k a history item's: its id's, plus
+its category's and other fields' with ``model.history_fields``, as the paper's goods and
+category ids); padded history
 positions (id 0) get weight 0. The weighted sum of history embeddings joins the user and item
 field embeddings in an MLP head. Unlike a two-tower model it sees the target and the history
 together, which is what it has to teach.
@@ -60,13 +62,12 @@ class DIN(nn.Module):
 
     def attend(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """history (B, L) ids, target (B, N) ids -> (B, N, E) attention-pooled history."""
-        table = self.embeddings.tables["item_id"]
-        k = table(history)  # (B, L, E)
+        k = self.embeddings.items(history)  # (B, L, E): id (+ model.history_fields) embeddings
         if self.pooling == "mean":  # the control: every (real) history item weighs the same
             real = (history > 0).unsqueeze(-1).to(k.dtype)
             mean = (k * real).sum(1) / real.sum(1).clamp(min=1)  # (B, E)
             return mean.unsqueeze(1).expand(target.shape[0], target.shape[1], mean.shape[-1])
-        return target_attention(self.attention, table(target), k, history > 0)
+        return target_attention(self.attention, self.embeddings.items(target), k, history > 0)
 
     def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         b, n, width = items.shape

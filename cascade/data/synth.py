@@ -53,6 +53,8 @@ class WorldConfig:
     style_dim: int = 8
     style_noise: float = 0.6  # spread of an item's style around its category's: lower, categories further apart
     taste_alpha: float = 0.3  # Dirichlet concentration of a user's category taste: higher, more interests
+    substyles: int = 0  # per category: styles within it, observable as the item field 'style' (0: none)
+    substyle_spread: float = 0.3  # per style dimension, as style_noise: the spread of a category's substyle centres around its own
     history_max: int = 50
     ta_window: int = 10  # the target-attention term looks at this many most recent items
     quotas: tuple[int, int, int, int] = (200, 50, 10, 5)
@@ -83,8 +85,9 @@ TARGET_ATTENTION_KNOB = "target_attention"  # data.synth's key for target_attent
 
 
 # target_attention_world's two ends: knob 0 and knob 1; a knob in between interpolates each
-TA_LOW = dict(stay=0.9, taste_alpha=0.1, ta_window=10, style_dim=8, style_noise=0.6, c_ta=1.5, c_aff=1.0, c0=-5.5)
-TA_HIGH = dict(stay=0.1, taste_alpha=1.0, ta_window=20, style_dim=32, style_noise=0.2, c_ta=6.0, c_aff=0.5, c0=-7.0)
+TA_LOW = dict(stay=0.9, taste_alpha=0.1, ta_window=10, style_dim=8, style_noise=0.6, substyles=8, c_ta=1.5, c_aff=1.0, c0=-5.5)
+TA_HIGH = dict(stay=0.1, taste_alpha=1.0, ta_window=20, style_dim=32, style_noise=0.05, substyles=8, c_ta=6.0, c_aff=0.5, c0=-7.0)
+TA_WHOLE = ("ta_window", "style_dim", "substyles")  # interpolated, then rounded
 
 
 def target_attention_world(knob: float, **overrides) -> WorldConfig:
@@ -94,17 +97,19 @@ def target_attention_world(knob: float, **overrides) -> WorldConfig:
     At 0 (``TA_LOW``) a user keeps to one interest (a stream that stays in its category with
     probability 0.9, a taste concentrated on few categories: Dirichlet 0.1) and the
     target-attention term is weak (``c_ta`` 1.5): one user vector is enough. At 1 (``TA_HIGH``)
-    interests interleave (``stay`` 0.1, Dirichlet 1.0), the window holds the last 20 items,
-    categories' styles lie far apart (``style_dim`` 32, ``style_noise`` 0.2) and the term weighs
-    more than affinity (``c_ta`` 6.0, ``c_aff`` 0.5; ``c0`` -7.0 keeps the click rate near the
-    default world's): the target matches one of several interests in the window, and a single
-    vector averages them. Every setting in between is the straight line between the two (the
-    window and style width rounded); ``overrides`` set any other ``WorldConfig`` key."""
+    interests interleave (``stay`` 0.1, Dirichlet 1.0), the window holds the last 20 items, an
+    item's style is its substyle's (8 per category, the observable field ``style``; ``style_dim``
+    32, ``style_noise`` 0.05) and the term weighs more than affinity (``c_ta`` 6.0, ``c_aff``
+    0.5; ``c0`` -7.0 keeps the click rate near the default world's): the target matches one of
+    some 20 substyles of the window, which a single vector averages and a ranker must find by
+    comparing the target with each history item. Every setting in between is the straight line
+    between the two (the window, style width and substyles rounded); ``overrides`` set any other
+    ``WorldConfig`` key."""
     k = float(knob)
     if not 0.0 <= k <= 1.0:
         raise ValueError(f"{TARGET_ATTENTION_KNOB}: expected a number from 0 to 1, got {knob!r}")
     settings = {name: (1 - k) * TA_LOW[name] + k * TA_HIGH[name] for name in TA_LOW}  # exact at both ends
-    settings["ta_window"], settings["style_dim"] = int(round(settings["ta_window"])), int(round(settings["style_dim"]))
+    settings.update({name: int(round(settings[name])) for name in TA_WHOLE})
     return WorldConfig(**{**settings, **overrides})
 
 
@@ -308,6 +313,11 @@ def generate(cfg: WorldConfig = WorldConfig()) -> tuple[Dataset, World]:
     item_vec = centre[item_cat] + rng.normal(size=(I, D)) / np.sqrt(D) * 0.8
     style_centre = _normalise(rng.normal(size=(C, cfg.style_dim)))
     item_style = _normalise(style_centre[item_cat] + rng.normal(size=(I, cfg.style_dim)) * cfg.style_noise)
+    if cfg.substyles:  # drawn from a stream of their own: a world without substyles keeps its bytes
+        sub_rng = np.random.default_rng([cfg.seed, 1])
+        item_sub = sub_rng.integers(0, cfg.substyles, size=I)
+        sub_offset = sub_rng.normal(size=(C, cfg.substyles, cfg.style_dim)) * cfg.substyle_spread
+        item_style = _normalise(style_centre[item_cat] + sub_offset[item_cat, item_sub] + sub_rng.normal(size=(I, cfg.style_dim)) * cfg.style_noise)
     item_bias = rng.normal(size=I)
     item_pop = np.exp(0.8 * item_bias)
 
@@ -388,6 +398,7 @@ def generate(cfg: WorldConfig = WorldConfig()) -> tuple[Dataset, World]:
     tags = np.take_along_axis(tags, np.argsort(tags == 0, axis=1, kind="stable"), 1)  # zeros last
     pop_band = np.searchsorted(np.quantile(item_bias, [0.2, 0.4, 0.6, 0.8]), item_bias) + 1
 
+    style_field = (Field("style", "item", C * cfg.substyles),) if cfg.substyles else ()
     fields = FeatureSpec(
         (
             Field("user_id", "user", U),
@@ -397,7 +408,9 @@ def generate(cfg: WorldConfig = WorldConfig()) -> tuple[Dataset, World]:
             Field("tags", "item", C, multi=True, max_len=3),
             Field("pop_band", "item", 5),
         )
+        + style_field
     )
+    style_ids = {"style": (item_cat * cfg.substyles + item_sub + 1).astype(np.int64)} if cfg.substyles else {}
     counts = {
         "users": U,
         "items": I,
@@ -417,7 +430,7 @@ def generate(cfg: WorldConfig = WorldConfig()) -> tuple[Dataset, World]:
     ds = Dataset(
         schema=schema,
         users={"user_id": np.arange(1, U + 1), "segment": segment.astype(np.int64)},
-        items={"item_id": np.arange(1, I + 1), "category": item_cat + 1, "tags": tags.astype(np.int64), "pop_band": pop_band.astype(np.int64)},
+        items={"item_id": np.arange(1, I + 1), "category": item_cat + 1, "tags": tags.astype(np.int64), "pop_band": pop_band.astype(np.int64), **style_ids},
         requests={
             "request_id": np.arange(1, R + 1),
             "user_id": req_user + 1,

@@ -49,9 +49,14 @@ class Embeddings(nn.Module):
     ``forward(x (B, W) int64, slots) -> (B, F, E)``: a single-valued field is looked up; a
     multi-valued one (and the history) is the mean of its non-zero ids' embeddings, zero when
     it has none. Shared by both towers, so the history pools the item tower's item_id table.
+
+    ``history_fields`` (field name -> (max item id + 1,) ids, from the items table): each history
+    item is embedded as its id's embedding plus those of its ids in these fields (``items``), as
+    DIN embeds a behaviour by its goods and category ids. Kept as buffers outside the state dict:
+    rebuilt from the logs with the model, and constants in an exported graph.
     """
 
-    def __init__(self, spec: FeatureSpec, dim: int):
+    def __init__(self, spec: FeatureSpec, dim: int, history_fields: dict[str, np.ndarray] | None = None):
         super().__init__()
         self.dim = dim
         self.tables = nn.ModuleDict({f.name: nn.Embedding(f.vocab + 1, dim, padding_idx=0) for f in spec.fields})
@@ -59,6 +64,25 @@ class Embeddings(nn.Module):
             nn.init.normal_(table.weight, std=0.05)
             with torch.no_grad():
                 table.weight[0].zero_()
+        self.history_fields = tuple(history_fields or {})
+        for name, ids in (history_fields or {}).items():
+            self.register_buffer(f"history_{name}", torch.as_tensor(ids, dtype=torch.int64), persistent=False)
+
+    def items(self, ids: torch.Tensor) -> torch.Tensor:
+        """item ids (...) -> (..., E): the id's embedding plus its ``history_fields``' (0: zero)."""
+        e = self.tables["item_id"](ids)
+        for name in self.history_fields:
+            e = e + self.tables[name](getattr(self, f"history_{name}")[ids])
+        return e
+
+    def _history_sum(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> (B, E): the sum of ``items`` over the history (padding adds 0)."""
+        if not self.training:
+            return self.items(ids).sum(dim=1)
+        total = F.embedding_bag(ids, self.tables["item_id"].weight, mode="sum", padding_idx=0)
+        for name in self.history_fields:
+            total = total + F.embedding_bag(getattr(self, f"history_{name}")[ids], self.tables[name].weight, mode="sum", padding_idx=0)
+        return total
 
     def forward(self, x: torch.Tensor, slots: tuple[Slot, ...]) -> torch.Tensor:
         out = []
@@ -67,7 +91,9 @@ class Embeddings(nn.Module):
             if s.width == 1:
                 out.append(table(ids)[:, 0])
                 continue
-            if self.training:
+            if s.name == HISTORY and self.history_fields:
+                total = self._history_sum(ids)
+            elif self.training:
                 # fused lookup and sum, never holding the (B, width, E) gather: the 2048 x 50
                 # history's gather and its backward were the costliest non-matmul work of a DSSM
                 # step. Eval (and so ONNX, where embedding_bag becomes a loop) keeps the plain

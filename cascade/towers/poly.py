@@ -55,7 +55,7 @@ class PolyUser(nn.Module):
         parts, valid = [self.embeddings(x, self.fields)], [torch.ones(x.shape[0], len(self.fields), dtype=torch.bool, device=x.device)]
         if self.history is not None:
             ids = x[:, self.history.start : self.history.start + self.history.width]
-            parts.append(self.embeddings.tables["item_id"](ids))
+            parts.append(self.embeddings.items(ids))
             valid.append(ids > 0)
         c = self.context(torch.cat(parts, 1))  # (B, T, D)
         logits = torch.einsum("md,btd->bmt", self.codes, c)

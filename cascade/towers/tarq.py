@@ -131,7 +131,7 @@ class TARQUser(nn.Module):
         """x (B, W) -> u (B, D), history (B, T, E), valid (B, T), attended codebooks (B, L, K, E)."""
         u = self.out(self.mlp(self.embeddings(x, self.slots).flatten(1)))
         ids = x[:, self.history.start : self.history.start + self.history.width]
-        k = self.embeddings.tables["item_id"](ids)
+        k = self.embeddings.items(ids)
         books = self.codebooks.weight
         queries = books.reshape(1, -1, books.shape[-1])  # (1, L * K, E): the same for every request, broadcast
         attended = target_attention(self.unit, queries, k, ids > 0).reshape(-1, *books.shape)

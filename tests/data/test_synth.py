@@ -181,3 +181,22 @@ def test_the_target_attention_knob_runs_from_one_vector_enough_to_not():
         kept.append(world.oracle_ratios(ds.requests["request_id"][test], k=10, exclude=ds.requests["history"][test])["one_user_vector"])
     # measured on this small world: about 0.96 at knob 0 and 0.6 at knob 1 (benchmarks/results/ta_worlds.md at full size)
     assert kept[0] > 0.9 and kept[1] < 0.75
+
+
+def test_substyles_are_observable_and_closer_within_than_across():
+    small = dict(users=80, items=600, requests=300, history_max=10, quotas=(40, 10, 4, 2), seed=5, style_noise=0.05, style_dim=16)
+    plain, _ = generate(WorldConfig(**small))
+    ds, world = generate(WorldConfig(**small, substyles=4))
+    # the substyles draw from a stream of their own: the rest of the world is unchanged
+    np.testing.assert_array_equal(ds.items["category"], plain.items["category"])
+    np.testing.assert_array_equal(ds.requests["history"], plain.requests["history"])
+    style, category = ds.items["style"], ds.items["category"]
+    assert ds.schema.features["style"].vocab == 20 * 4 and style.min() >= 1 and style.max() <= 80
+    assert np.array_equal((style - 1) // 4, category - 1)  # a substyle lies within its item's category
+    sim = world.item_style @ world.item_style.T
+    same_style = style[:, None] == style[None, :]
+    same_category = (category[:, None] == category[None, :]) & ~same_style
+    off = ~np.eye(len(style), dtype=bool)
+    # tight substyles (noise 0.05 a dimension): near 1 within one, lower across substyles, lower still across categories
+    assert sim[same_style & off].mean() > 0.9 > sim[same_category].mean() > sim[~same_style & ~same_category].mean()
+    assert "style" not in plain.items and "style" not in plain.schema.features.names

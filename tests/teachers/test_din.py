@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from cascade.towers.embedding import Embeddings
@@ -71,3 +72,29 @@ def test_an_unknown_pooling_is_refused():
 
     with pytest.raises(ValueError, match="pooling: 'max' is not one of attention, mean"):
         DIN(SPEC.side("user"), SPEC.side("item"), Embeddings(SPEC, 8), history_len=4, pooling="max")
+
+
+def test_din_with_history_fields_round_trips_through_onnxruntime(small_world, tmp_path):
+    from cascade.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+    from cascade.models import history_fields
+
+    ds, _ = small_world
+    fields = history_fields(ExperimentConfig("din", DataConfig(), ModelConfig(name="din", history_fields=("category", "pop_band")), TrainConfig()), ds)
+    # each item id's category, as the items table gives it
+    np.testing.assert_array_equal(fields["category"][ds.items["item_id"]], ds.items["category"])
+    spec = ds.schema.features
+    torch.manual_seed(0)
+    m = DIN(spec.side("user"), spec.side("item"), Embeddings(spec, 8, fields), history_len=ds.schema.history_max, attention_hidden=(16, 8), hidden=(16, 8)).eval()
+    assert_ranker_round_trip(m, ds, tmp_path)
+
+
+def test_history_fields_must_be_single_valued_item_fields(small_world):
+    import pytest
+
+    from cascade.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+    from cascade.models import history_fields
+
+    ds, _ = small_world
+    for bad in ("tags", "segment", "item_id"):  # multi-valued, a user field, the id itself
+        with pytest.raises(ConfigError, match=f"model.history_fields: '{bad}' is not a single-valued field of the items table \\(have: category, pop_band\\)"):
+            history_fields(ExperimentConfig("din", DataConfig(), ModelConfig(name="din", history_fields=(bad,)), TrainConfig()), ds)

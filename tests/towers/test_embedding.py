@@ -80,3 +80,24 @@ def test_training_and_eval_pool_the_same_and_train_the_same(seed):
         grads.append((out.detach(), emb.tables["item_id"].weight.grad.clone(), emb.tables["tags"].weight.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+SPEC_CAT = FeatureSpec((Field("user_id", "user", 5), Field("item_id", "item", 4), Field("category", "item", 2)))
+CATEGORY_OF = np.array([0, 2, 1, 2, 0])  # item ids 1..4 -> categories 2, 1, 2, none
+
+
+def test_history_fields_add_each_history_items_field_embeddings():
+    emb = Embeddings(SPEC_CAT, 2, {"category": CATEGORY_OF})
+    with torch.no_grad():
+        emb.tables["item_id"].weight[:] = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [3.0, 0.0]])
+        emb.tables["category"].weight[:] = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    # item 1: (1, 0) + category 2 (0, 10) = (1, 10); item 2: (0, 1) + (10, 0) = (10, 1); item 4: no category, (3, 0)
+    torch.testing.assert_close(emb.items(torch.tensor([1, 2, 4, 0])), torch.tensor([[1.0, 10.0], [10.0, 1.0], [3.0, 0.0], [0.0, 0.0]]))
+    # the pooled history is their mean, trained (embedding_bag) and evaluated (gather) alike:
+    # history (1, 2, pad): ((1 + 10) / 2, (10 + 1) / 2) = (5.5, 5.5)
+    slots = layout((), history_len=3)
+    want = torch.tensor([[5.5, 5.5]])
+    for training in (True, False):
+        emb.train(training)
+        torch.testing.assert_close(emb(torch.tensor([[1, 2, 0]]), slots)[:, 0], want)
+    assert not any(k.startswith("history_") for k in emb.state_dict())  # rebuilt from the logs, never saved
