@@ -208,7 +208,7 @@ def write_bundle(data: EvalData, recall: StageModel, prerank: StageModel, rank: 
             np.save(tmp / EVENTS, snapshot.keys)
             online = definition.to_json() | {"events": EVENTS, "snapshot_events": int(len(snapshot.keys))}
         stages.append(_write_recall(recall, ds, example, tmp / "recall", index))
-        stages.append(_write_prerank(prerank, catalog, example, tmp / "prerank", quantize))
+        stages.append(write_prerank(prerank, catalog, example, tmp / "prerank", quantize))
         stages.append(_write_rank(rank, example, tmp / "rank", quantize))
         files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
@@ -241,7 +241,7 @@ def _write_recall(stage: StageModel, ds: Dataset, example: ListBatch, out: Path,
 
 
 @torch.no_grad()
-def _write_prerank(stage: StageModel, catalog: Catalog, example: ListBatch, out: Path, quantize: bool) -> dict:
+def write_prerank(stage: StageModel, catalog: Catalog, example: ListBatch, out: Path, quantize: bool) -> dict:
     model = stage.model.eval()
     if not hasattr(model, "dot_scale"):  # no towers (COLD, a DIN): the whole model runs on every candidate, as a ranker does
         return _write_rank(stage, example, out, quantize, name="prerank")

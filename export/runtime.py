@@ -125,7 +125,7 @@ class OnnxRankScorer:
         return np.concatenate(parts) if parts else np.zeros(lists.mask.shape, np.float32)
 
 
-def _prerank_scorer(root: Path, stage: dict, threads: int) -> "TwoTowerScorer | OnnxRankScorer":
+def prerank_scorer(root: Path, stage: dict, threads: int) -> "TwoTowerScorer | OnnxRankScorer":
     return TwoTowerScorer(root, stage, threads) if stage["kind"] == "two_tower" else OnnxRankScorer(root, stage, threads)
 
 
@@ -214,7 +214,7 @@ class CascadeService:
         rank = stages["rank"]
         ranker = BoosterScorer(root, rank, self.schema, self.catalog) if rank["kind"] == "lightgbm" else OnnxRankScorer(root, rank, threads)
         self.cascade = Cascade(
-            [Stage("prerank", _prerank_scorer(root, stages["prerank"], threads), stages["prerank"]["quota"]), Stage("rank", ranker, rank["quota"])],
+            [Stage("prerank", prerank_scorer(root, stages["prerank"], threads), stages["prerank"]["quota"]), Stage("rank", ranker, rank["quota"])],
             OnnxRetriever(root, stages["recall"], threads),
             stages["recall"]["quota"],
             self.catalog,

@@ -78,8 +78,8 @@ REPORT_CELLS = 1 << 20  # candidates a report reads at once: its metrics' (rows,
 def cascade_report(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg: DistillConfig, world=None) -> dict[str, float]:
     """How the flow pre-ranker (top ``prerank_quota``) -> teacher (top ``rank_quota``) does.
 
-    student, teacher (B, N) over the frozen recall output. Teacher consistency Recall@k@20 and
-    Recall@k@m (k = rank_quota, m = prerank_quota); Recall@k and NDCG@k of the real positives in
+    student, teacher (B, N) over the frozen recall output. Teacher consistency Recall@k@k,
+    Recall@k@20 and Recall@k@m (k = rank_quota, m = prerank_quota); Recall@k and NDCG@k of the real positives in
     the final top-k, out of all positives of the list; with a synthetic ``world``, the oracle
     ratio: true utility of the final top-k over the best top-k of the catalog (history excluded).
     """
@@ -106,6 +106,7 @@ def _report_part(student: np.ndarray, teacher: np.ndarray, lists: ListBatch, cfg
     lowest = np.float32(min(teacher[mask].min(initial=0.0), 0.0) - 1e6)
     final = np.where(passed, teacher, lowest)  # the ranker orders what the pre-ranker passed
     out = {
+        f"teacher_recall@{k}@{k}": M.teacher_recall_at_k_at_m(student, teacher, k, k, mask),  # the tightest cut: the student's own top-k
         f"teacher_recall@{k}@20": M.teacher_recall_at_k_at_m(student, teacher, k, 20, mask),
         f"teacher_recall@{k}@{m}": M.teacher_recall_at_k_at_m(student, teacher, k, m, mask),
         f"recall@{k}": M.recall_at_k(final, lists.label, k, mask),
