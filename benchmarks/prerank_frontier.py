@@ -54,6 +54,7 @@ STUDENTS = {
     "poly": "{name: poly, params: {hidden: [64, 32], codes: 8, dropout: 0.0}}",
     "mvke": "{name: mvke, params: {hidden: [64, 32], kernels: 4, dropout: 0.0}}",
     "tarq": "{name: tarq, params: {hidden: [64, 32], levels: 3, codes: 64, attention_hidden: [32, 16], dropout: 0.0}}",
+    "tarq_small": "{name: tarq, params: {hidden: [64, 32], levels: 2, codes: 16, attention_hidden: [32, 16], dropout: 0.0}}",
     "cold": "{name: cold, params: {hidden: [64, 32], dropout: 0.0}}",
 }
 HISTORY_FIELDS = "[category, style]"
