@@ -100,9 +100,10 @@ def target_attention_world(knob: float, **overrides) -> WorldConfig:
     interests interleave (``stay`` 0.1, Dirichlet 1.0), the window holds the last 20 items, an
     item's style is its substyle's (8 per category, the observable field ``style``; ``style_dim``
     32, ``style_noise`` 0.05) and the term weighs more than affinity (``c_ta`` 6.0, ``c_aff``
-    0.5; ``c0`` -7.0 keeps the click rate near the default world's): the target matches one of
-    some 20 substyles of the window, which a single vector averages and a ranker must find by
-    comparing the target with each history item. Every setting in between is the straight line
+    0.5, ``c0`` -7.0): the target matches one of some 20 substyles of the window, which a single
+    vector averages and a ranker must find by comparing the target with each history item. (The
+    logged ranker exposes those matches first, so half the exposures there are clicked, against
+    a fifth at knob 0: ``benchmarks/results/ta_worlds.md``.) Every setting in between is the straight line
     between the two (the window, style width and substyles rounded); ``overrides`` set any other
     ``WorldConfig`` key."""
     k = float(knob)
