@@ -11,7 +11,7 @@ pre-ranker of a cascade 200 -> 50 -> 10 whose ranker is the DIN:
 - quality: teacher Recall@10@m (the DIN's top-10 of the 200 inside the student's top-m, m = 10,
   20, 50), Recall@10 of the real clicks after the DIN's cut (joint recall 200 -> 50 -> 10), and
   the oracle ratio (the true utility of the final 10 over the catalog's best);
-- cost (first seed): matmul FLOPs per candidate (``evaluate.flops_per_candidate``) at 200 and
+- cost (first seed, measured right after it): matmul FLOPs per candidate (``evaluate.flops_per_candidate``) at 200 and
   1,000 candidates, and the ms one request takes through the exported pre-rank stage
   (onnxruntime, one thread, the item side cached where it can be) at 200 and 1,000 candidates,
   beside this run's fp32 matmul peak.
@@ -116,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp(prefix="frontier."))
-    rows, costs, teachers = [], {}, []
+    rows, costs, teachers, peak = [], {}, [], 0.0
     try:
         for setting in args.settings:
             for seed in args.seeds:
@@ -132,25 +132,25 @@ def main() -> None:
                     if name == args.students[-1]:
                         ceiling = result["reference"]["teacher_as_preranker"]
                         teachers.append({"setting": setting, "seed": seed, **{k: ceiling[k] for k in QUALITY}})
-                if seed == args.seeds[0] and setting == args.settings[0]:
-                    first = exps
-        # the cost last, on the first setting's first-seed runs: nothing else runs while it is timed
-        torch.set_num_threads(1)
-        ds = prepare_data(first["din"].data)
-        for name in args.students:
-            costs[name] = cost(first[name], ds, tmp, (200, 1000))
-            print(f"  cost {name}: " + " ".join(f"{k} {v:,.1f}" for k, v in costs[name].items()), flush=True)
-        peak = matmul_peak(1)
+                if not costs:  # the first setting's first-seed runs
+                    torch.set_num_threads(1)
+                    peak = matmul_peak(1)
+                    ds = prepare_data(exps["din"].data)
+                    for name in args.students:
+                        costs[name] = cost(exps[name], ds, tmp, (200, 1000))
+                        print(f"  cost {name}: " + " ".join(f"{k} {v:,.1f}" for k, v in costs[name].items()), flush=True)
+                    torch.set_num_threads(2)
+                report(args, rows, teachers, costs, peak)  # after every seed: a stopped run keeps what it finished
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report(args, rows, teachers, costs, peak)
 
 
 def report(args, rows: list[dict], teachers: list[dict], costs: dict[str, dict], peak: float) -> None:
+    seeds = sorted({r["seed"] for r in rows})  # those finished
     lines = [
         f"Every pre-ranker distilled (listwise KD) from one DIN ranker on `target_attention_world` ({', '.join(f'{s}: knob {SETTINGS[s]}' for s in args.settings)}), "
         f"{args.users:,} users, {args.items:,} items, {args.requests:,} requests, {args.epochs} epochs; each the pre-ranker of the cascade 200 -> 50 -> 10 whose ranker is the DIN, "
-        f"on the test requests' logged recall lists. Seeds {', '.join(map(str, args.seeds))}: mean ± std. Cost (first seed, first setting): matmul FLOPs per candidate, and "
+        f"on the test requests' logged recall lists. Seeds {', '.join(map(str, seeds))} (of {', '.join(map(str, args.seeds))} asked): mean ± std. Cost (first seed, first setting): matmul FLOPs per candidate, and "
         f"the p50 ms of one request through the exported pre-rank stage (onnxruntime, 1 thread; two-towers read the cached item side), at 200 and 1,000 candidates. "
         f"fp32 matmul peak in this run: {peak:.1f} GFLOP/s (1 thread).",
         "",
@@ -164,7 +164,7 @@ def report(args, rows: list[dict], teachers: list[dict], costs: dict[str, dict],
             lines.append(f"| {name} | " + " | ".join(of(k) for k in QUALITY) + " | " + " | ".join(cells) + " |")
         of = lambda key: mean_std([r[key] for r in teachers if r["setting"] == setting])  # noqa: E731
         lines += [f"| (the DIN as its own pre-ranker) | " + " | ".join(of(k) for k in QUALITY) + " | | | | |", ""]
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
     plot(args, rows, costs)
     write_results(args.name, ["# The pre-ranking frontier", "", *lines, f"![oracle ratio against ms per request]({args.name}.png)"], {"matmul_peak_gflops": peak, "runs": rows, "teacher_as_preranker": teachers, "cost": costs})
 

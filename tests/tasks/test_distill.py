@@ -37,7 +37,7 @@ def test_distill_trains_every_mix_from_config_against_one_frozen_teacher(tmp_pat
     path = _write(tmp_path)
     assert main(["distill", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "exposure: test teacher_recall@4@20" in out and "mix: test" in out
+    assert "exposure: test teacher_recall@4@4" in out and "mix: test" in out
     teacher_best = (tmp_path / "runs" / "din" / "best.pt").stat().st_mtime_ns
     cached = tmp_path / "runs" / "din" / "scores" / "test.npy"
     cached_at = cached.stat().st_mtime_ns
@@ -84,6 +84,8 @@ def test_cascade_report_hand_worked(small_world):
     # a student that ranks the teacher's order backwards passes none of its top-8 into its top-20
     # (each list holds 60 candidates: the teacher's top-8 are the student's bottom-8)
     assert cascade_report(-teacher, teacher, lists, cfg)["teacher_recall@8@20"] == 0.0
+    # the tightest cut, the student's own top-8: all of the teacher's for itself, none backwards
+    assert perfect["teacher_recall@8@8"] == pytest.approx(1.0) and cascade_report(-teacher, teacher, lists, cfg)["teacher_recall@8@8"] == 0.0
 
 
 @settings(max_examples=15, deadline=None)
@@ -107,7 +109,7 @@ def test_cascade_report_is_the_same_whatever_rows_it_reads_at_once(small_world, 
         parts = cascade_report(student, teacher, lists, cfg, world)
     finally:
         flow.REPORT_CELLS = cells
-    assert set(parts) == set(whole) == {"teacher_recall@8@20", "teacher_recall@8@30", "recall@8", "ndcg@8", "oracle_ratio"}
+    assert set(parts) == set(whole) == {"teacher_recall@8@8", "teacher_recall@8@20", "teacher_recall@8@30", "recall@8", "ndcg@8", "oracle_ratio"}
     for name in whole:
         assert parts[name] == pytest.approx(whole[name], rel=1e-9, abs=1e-12, nan_ok=True), name  # no row with a positive: both nan
 
