@@ -57,17 +57,13 @@ def build_model(exp: ExperimentConfig, ds: Dataset, models: dict[str, Callable[.
 def history_fields(exp: ExperimentConfig, ds: Dataset) -> dict[str, np.ndarray]:
     """``model.history_fields`` as ``Embeddings`` takes them: each field's id of every item id
     (0 for ids the items table lacks), from the items table."""
-    names = exp.model.history_fields
     usable = [f.name for f in ds.schema.features.in_table("items") if not f.multi and f.name != "item_id"]
-    for name in names:
+    out = {}
+    for name in exp.model.history_fields:
         if name not in usable:
             raise ConfigError(f"{exp.where}.model.history_fields: '{name}' is not a single-valued field of the items table (have: {', '.join(usable) or 'none'})")
-    item_ids = ds.items["item_id"]
-    out = {}
-    for name in names:
-        ids = np.zeros(ds.schema.features["item_id"].vocab + 1, np.int64)
-        ids[item_ids] = ds.items[name]
-        out[name] = ids
+        out[name] = np.zeros(ds.schema.features["item_id"].vocab + 1, np.int64)
+        out[name][ds.items["item_id"]] = ds.items[name]
     return out
 
 

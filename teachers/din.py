@@ -15,6 +15,7 @@ target attention is something the DIN uses (``benchmarks/ta_worlds.py``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -55,6 +56,7 @@ class DIN(nn.Module):
         self._fields = tuple(s for s in self.user_slots if s.name != HISTORY)
         self._history = next(s for s in self.user_slots if s.name == HISTORY)
         self._target = next(s for s in self.item_slots if s.name == "item_id")
+        self._pooled = replace(self._history, start=0)  # the history alone, as attend gets it
         dim = embeddings.dim
         self.attention = attention_unit(dim, attention_hidden)
         head_in = (len(self._fields) + len(self.item_slots) + 1) * dim
@@ -62,11 +64,10 @@ class DIN(nn.Module):
 
     def attend(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """history (B, L) ids, target (B, N) ids -> (B, N, E) attention-pooled history."""
-        k = self.embeddings.items(history)  # (B, L, E): id (+ model.history_fields) embeddings
-        if self.pooling == "mean":  # the control: every (real) history item weighs the same
-            real = (history > 0).unsqueeze(-1).to(k.dtype)
-            mean = (k * real).sum(1) / real.sum(1).clamp(min=1)  # (B, E)
+        if self.pooling == "mean":  # the control: the history pooled as every tower pools it, each (real) item weighing the same
+            mean = self.embeddings(history, (self._pooled,))[:, 0]  # (B, E)
             return mean.unsqueeze(1).expand(target.shape[0], target.shape[1], mean.shape[-1])
+        k = self.embeddings.items(history)  # (B, L, E): id (+ model.history_fields) embeddings
         return target_attention(self.attention, self.embeddings.items(target), k, history > 0)
 
     def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,13 @@ def mlp(in_dim: int, hidden: Sequence[int], dropout: float, batch_norm: bool = T
     return nn.Sequential(*layers)
 
 
+def mlp_out(in_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
+    """``mlp`` over every width but the last, then a plain Linear to ``hidden[-1]`` (no
+    activation, no BatchNorm): a tower's output vector. (DSSM's and DAT's towers build the same
+    as ``mlp`` and ``out``, the names their saved weights carry.)"""
+    return nn.Sequential(mlp(in_dim, hidden[:-1], dropout), nn.Linear(hidden[-2] if len(hidden) > 1 else in_dim, hidden[-1]))
+
+
 def dot_score(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """u (B, H, D), v (B, N, H, D) -> (B, N): sum over heads of <u_h, v_h> (H = 1: a dot)."""
     return torch.einsum("bhd,bnhd->bn", u, v)

@@ -46,7 +46,7 @@ class COLD(nn.Module):
     def group_weights(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The SE block's weight of each group, user (B, Wu), items (B, N, Wi) -> (B * N, G):
         user fields, item fields, then the crosses user-major."""
-        return self.select.excite(self._groups(user, items).mean(dim=-1))
+        return self.select.weights(self._groups(user, items))
 
     def _groups(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         b, n, w = items.shape

@@ -21,23 +21,21 @@ import torch
 from torch import nn
 
 from cascade.features import Field
-from cascade.towers.base import TwoTower, mlp
+from cascade.towers.base import TwoTower, mlp_out
 from cascade.towers.embedding import HISTORY, Embeddings, Slot
 
 
 class FieldMLP(nn.Module):
-    """x (B, W) -> (B, H, D): the MLP over the slots' embeddings, its output as H heads of D
-    (H = 1: one plain vector, not unit length)."""
+    """x (B, W) -> (B, 1, D): ``mlp_out`` over the slots' embeddings, one plain vector (not unit
+    length) as the tower's one head."""
 
-    def __init__(self, embeddings: Embeddings, slots: tuple[Slot, ...], hidden: Sequence[int], dropout: float, heads: int = 1):
+    def __init__(self, embeddings: Embeddings, slots: tuple[Slot, ...], hidden: Sequence[int], dropout: float):
         super().__init__()
-        self.embeddings, self.slots, self.heads = embeddings, slots, heads
-        in_dim = len(slots) * embeddings.dim
-        self.mlp = mlp(in_dim, hidden[:-1], dropout)
-        self.out = nn.Linear(hidden[-2] if len(hidden) > 1 else in_dim, hidden[-1] * heads)
+        self.embeddings, self.slots = embeddings, slots
+        self.net = mlp_out(len(slots) * embeddings.dim, hidden, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(self.embeddings(x, self.slots).flatten(1))).reshape(x.shape[0], self.heads, -1)
+        return self.net(self.embeddings(x, self.slots).flatten(1)).unsqueeze(1)
 
 
 class PolyUser(nn.Module):
@@ -90,7 +88,7 @@ class MVKEUser(nn.Module):
         self.embeddings, self.slots, self.kernels = embeddings, slots, kernels
         self.key = nn.Linear(embeddings.dim, embeddings.dim)
         in_dim = len(slots) * embeddings.dim
-        self.experts = nn.ModuleList(nn.Sequential(mlp(in_dim, hidden[:-1], dropout), nn.Linear(hidden[-2] if len(hidden) > 1 else in_dim, hidden[-1])) for _ in range(len(kernels)))
+        self.experts = nn.ModuleList(mlp_out(in_dim, hidden, dropout) for _ in range(len(kernels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.embeddings(x, self.slots)  # (B, F, E)

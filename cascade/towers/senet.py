@@ -19,8 +19,12 @@ class SENet(nn.Module):
         mid = max(1, n_fields // reduction)
         self.excite = nn.Sequential(nn.Linear(n_fields, mid), nn.ReLU(), nn.Linear(mid, n_fields), nn.Sigmoid())
 
+    def weights(self, e: torch.Tensor) -> torch.Tensor:
+        """E (B, F, E) -> w (B, F), each field's weight."""
+        return self.excite(e.mean(dim=-1))
+
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return e * self.excite(e.mean(dim=-1)).unsqueeze(-1)
+        return e * self.weights(e).unsqueeze(-1)
 
 
 class SENetTwoTower(DSSM):

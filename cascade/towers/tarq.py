@@ -36,7 +36,7 @@ from cascade.features import Field
 from cascade.losses.pointwise import bce
 from cascade.losses.tarq import code_kl, reconstruction, rq_codebook, squared_distance
 from cascade.towers.attention import attention_unit, target_attention
-from cascade.towers.base import TwoTower, mlp
+from cascade.towers.base import TwoTower, mlp_out
 from cascade.towers.embedding import HISTORY, Embeddings, Slot
 
 
@@ -94,14 +94,13 @@ class TARQItem(nn.Module):
         super().__init__()
         self.embeddings, self.slots, self.codebooks = embeddings, slots, codebooks
         in_dim = len(slots) * embeddings.dim
-        self.mlp = mlp(in_dim, hidden[:-1], dropout)
-        self.out = nn.Linear(hidden[-2] if len(hidden) > 1 else in_dim, hidden[-1])
+        self.net = mlp_out(in_dim, hidden, dropout)
         self.query = nn.Linear(in_dim, embeddings.dim)  # the vector the codes quantise (the authors' cross_item_net)
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, W) -> v (B, D), q (B, E)."""
         e = self.embeddings(x, self.slots).flatten(1)
-        return self.out(self.mlp(e)), self.query(e)
+        return self.net(e), self.query(e)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v, q = self.parts(x)
@@ -119,9 +118,7 @@ class TARQUser(nn.Module):
         super().__init__()
         self.embeddings, self.slots, self.codebooks = embeddings, slots, codebooks
         self.history = next(s for s in slots if s.name == HISTORY)
-        in_dim = len(slots) * embeddings.dim
-        self.mlp = mlp(in_dim, hidden[:-1], dropout)
-        self.out = nn.Linear(hidden[-2] if len(hidden) > 1 else in_dim, hidden[-1])
+        self.net = mlp_out(len(slots) * embeddings.dim, hidden, dropout)
         self.unit = attention_unit(embeddings.dim, attention_hidden)
         # no bias: the projection of a sum of attended codewords is the sum of their projections,
         # so the per-request table serves the score exactly
@@ -129,7 +126,7 @@ class TARQUser(nn.Module):
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, W) -> u (B, D), history (B, T, E), valid (B, T), attended codebooks (B, L, K, E)."""
-        u = self.out(self.mlp(self.embeddings(x, self.slots).flatten(1)))
+        u = self.net(self.embeddings(x, self.slots).flatten(1))
         ids = x[:, self.history.start : self.history.start + self.history.width]
         k = self.embeddings.items(ids)
         books = self.codebooks.weight
