@@ -1,12 +1,17 @@
 """The pre-ranking frontier: every pre-ranker distilled from one DIN, quality against cost.
 
     python benchmarks/prerank_frontier.py [--settings high] [--seeds 0 1 2] [--students dssm ... cold] [--epochs 4] [--name prerank_frontier]
+    python benchmarks/prerank_frontier.py --settings ml1m --name prerank_frontier_ml1m
 
 On a target-attention world (``target_attention_world``: low, middle or high headroom, 8,000
 requests over 8,000 items), a DIN ranker is trained on the logged recall lists (200 items,
 unexposed as negatives; each history item embedded by its id, category and style), and every
 pre-ranker is distilled from it on the same lists (listwise KD). Each student is then the
-pre-ranker of a cascade 200 -> 50 -> 10 whose ranker is the DIN:
+pre-ranker of a cascade 200 -> 50 -> 10 whose ranker is the DIN. The setting ``ml1m`` runs the same
+students on MovieLens-1M's list-scale stages instead: configs/ml1m.yaml's lists (the recall
+tower's top-200 of the catalog, the items' trend on each candidate) and its DIN ranker (trained
+here per seed; MovieLens items have no single-valued field for the history, and no truth, so no
+oracle ratio):
 
 - quality: teacher Recall@10@m (the DIN's top-10 of the 200 inside the student's top-m, m = 10,
   20, 50), Recall@10 of the real clicks after the DIN's cut (joint recall 200 -> 50 -> 10), and
@@ -23,6 +28,7 @@ Writes benchmarks/results/NAME.{md,json} and NAME.png (oracle ratio against ms p
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -44,7 +50,8 @@ from provenance import mean_std, write_results
 from serving import matmul_peak, timed
 from teachers import TEACHERS
 
-SETTINGS = {"low": 0.0, "middle": 0.5, "high": 1.0}
+SETTINGS = {"low": 0.0, "middle": 0.5, "high": 1.0, "ml1m": None}  # a target-attention world's knob; None: MovieLens-1M
+ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = {
     "dssm": "{name: dssm, params: {hidden: [64, 32], dropout: 0.0}}",
     "senet": "{name: senet, params: {hidden: [64, 32], dropout: 0.0}}",
@@ -57,18 +64,17 @@ STUDENTS = {
     "tarq_small": "{name: tarq, params: {hidden: [64, 32], levels: 2, codes: 16, attention_hidden: [32, 16], dropout: 0.0}}",
     "cold": "{name: cold, params: {hidden: [64, 32], dropout: 0.0}}",
 }
-HISTORY_FIELDS = "[category, style]"
 CONFIG = """
 base:
-  data: {{kind: synth, dir: {data}, synth: {{target_attention: {knob}, users: {users}, items: {items}, requests: {requests}, seed: {seed}}}}}
+  data: {data}
   model: {{embedding_dim: 16, history_fields: {fields}}}
-  train: {{epochs: {epochs}, batch_size: 1024, lr: 0.002, patience: 2, seed: {seed}, monitor: teacher_recall@10@50}}
+  train: {{epochs: {epochs}, batch_size: 1024, lr: {lr}, patience: 2, seed: {seed}, monitor: teacher_recall@10@50}}
   out: {out}
   task: distill
   distill: {{teacher: din, exposure_bce: 0, listwise_kd: 1.0, prerank_quota: 50, rank_quota: 10, lists_per_batch: 32}}
 experiments:
   din:
-    model: {{name: din, params: {{attention_hidden: [32, 16], hidden: [64, 32], dropout: 0.0}}}}
+    model: {{name: din, params: {{attention_hidden: {attention_hidden}, hidden: {din_hidden}, dropout: 0.0}}}}
     train: {{monitor: recall@10}}
     distill: {{teacher: null, exposure_bce: 0, listwise_kd: 0, rankflow_bce: 1.0}}
 {students}
@@ -78,7 +84,14 @@ QUALITY = ("teacher_recall@10@10", "teacher_recall@10@20", "teacher_recall@10@50
 
 def config_text(args, tmp: Path, setting: str, seed: int) -> str:
     students = "".join(f"  {name}: {{model: {STUDENTS[name]}}}\n" for name in args.students)
-    return CONFIG.format(data=tmp / f"data_{setting}_{seed}", knob=SETTINGS[setting], users=args.users, items=args.items, requests=args.requests, seed=seed, fields=HISTORY_FIELDS, epochs=args.epochs, out=tmp / f"runs_{setting}_{seed}", students=students)
+    common = dict(seed=seed, epochs=args.epochs, out=tmp / f"runs_{setting}_{seed}", students=students)
+    if SETTINGS[setting] is None:  # configs/ml1m.yaml's data (its lists are made there once, by `cascade run`) and DIN
+        data = next(iter(load_config(ROOT / "configs" / "ml1m.yaml"))).data
+        spec = {"kind": data.kind, "dir": str(ROOT / data.dir), "recall": data.recall}
+        return CONFIG.format(data=json.dumps(spec), fields="[]", lr=0.001, attention_hidden="[80, 40]", din_hidden="[200, 80]", **common)
+    synth = {"target_attention": SETTINGS[setting], "users": args.users, "items": args.items, "requests": args.requests, "seed": seed}
+    spec = {"kind": "synth", "dir": str(tmp / f"data_{setting}_{seed}"), "synth": synth}
+    return CONFIG.format(data=json.dumps(spec), fields="[category, style]", lr=0.002, attention_hidden="[32, 16]", din_hidden="[64, 32]", **common)
 
 
 def cost(exp, ds, tmp: Path, candidates: tuple[int, ...]) -> dict[str, float]:
@@ -127,11 +140,11 @@ def main() -> None:
                     start = time.perf_counter()
                     result = train_experiment(exps[name], path, {**MODELS, **TEACHERS})
                     test = result["test"]
-                    rows.append({"setting": setting, "seed": seed, "student": name, **{k: test[k] for k in QUALITY}, "seconds": time.perf_counter() - start, "seconds_per_epoch": result["seconds_per_epoch"]})
-                    print(f"  {setting} seed {seed} {name}: " + " ".join(f"{k} {test[k]:.4f}" for k in QUALITY) + f" ({rows[-1]['seconds']:.0f}s)", flush=True)
+                    rows.append({"setting": setting, "seed": seed, "student": name, **{k: test[k] for k in QUALITY if k in test}, "seconds": time.perf_counter() - start, "seconds_per_epoch": result["seconds_per_epoch"]})
+                    print(f"  {setting} seed {seed} {name}: " + " ".join(f"{k} {test[k]:.4f}" for k in QUALITY if k in test) + f" ({rows[-1]['seconds']:.0f}s)", flush=True)
                     if name == args.students[-1]:
                         ceiling = result["reference"]["teacher_as_preranker"]
-                        teachers.append({"setting": setting, "seed": seed, **{k: ceiling[k] for k in QUALITY}})
+                        teachers.append({"setting": setting, "seed": seed, **{k: ceiling[k] for k in QUALITY if k in ceiling}})
                 if not costs:  # the first setting's first-seed runs
                     torch.set_num_threads(1)
                     peak = matmul_peak(1)
@@ -147,22 +160,27 @@ def main() -> None:
 
 def report(args, rows: list[dict], teachers: list[dict], costs: dict[str, dict], peak: float) -> None:
     seeds = sorted({r["seed"] for r in rows})  # those finished
+    worlds = [s for s in args.settings if SETTINGS[s] is not None]
+    data = []
+    if worlds:
+        data.append(f"`target_attention_world` ({', '.join(f'{s}: knob {SETTINGS[s]}' for s in worlds)}), {args.users:,} users, {args.items:,} items, {args.requests:,} requests, on the test requests' logged recall lists")
+    if "ml1m" in args.settings:
+        data.append("MovieLens-1M (ml1m: configs/ml1m.yaml's test lists, the recall tower's top-200 of the catalog with the items' trend; the oracle ratio needs a world's truth)")
     lines = [
-        f"Every pre-ranker distilled (listwise KD) from one DIN ranker on `target_attention_world` ({', '.join(f'{s}: knob {SETTINGS[s]}' for s in args.settings)}), "
-        f"{args.users:,} users, {args.items:,} items, {args.requests:,} requests, {args.epochs} epochs; each the pre-ranker of the cascade 200 -> 50 -> 10 whose ranker is the DIN, "
-        f"on the test requests' logged recall lists. Seeds {', '.join(map(str, seeds))} (of {', '.join(map(str, args.seeds))} asked): mean ± std. Cost (first seed, first setting): matmul FLOPs per candidate, and "
+        f"Every pre-ranker distilled (listwise KD) from one DIN ranker on {' and on '.join(data)}, {args.epochs} epochs; each the pre-ranker of the cascade 200 -> 50 -> 10 whose ranker is the DIN. "
+        f"Seeds {', '.join(map(str, seeds))} (of {', '.join(map(str, args.seeds))} asked): mean ± std. Cost (first seed, first setting): matmul FLOPs per candidate, and "
         f"the p50 ms of one request through the exported pre-rank stage (onnxruntime, 1 thread; two-towers read the cached item side), at 200 and 1,000 candidates. "
         f"fp32 matmul peak in this run: {peak:.1f} GFLOP/s (1 thread).",
         "",
     ]
     for setting in args.settings:
-        lines += [f"### {setting} (knob {SETTINGS[setting]})", "", "| pre-ranker | teacher R@10@10 | teacher R@10@20 | teacher R@10@50 | joint recall@10 | oracle ratio | FLOPs/cand @200 | FLOPs/cand @1000 | ms/request @200 | ms/request @1000 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"### {setting}" + (f" (knob {SETTINGS[setting]})" if SETTINGS[setting] is not None else " (MovieLens-1M)"), "", "| pre-ranker | teacher R@10@10 | teacher R@10@20 | teacher R@10@50 | joint recall@10 | oracle ratio | FLOPs/cand @200 | FLOPs/cand @1000 | ms/request @200 | ms/request @1000 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in args.students:
-            of = lambda key: mean_std([r[key] for r in rows if r["setting"] == setting and r["student"] == name])  # noqa: E731
+            of = lambda key: mean_std([r[key] for r in rows if r["setting"] == setting and r["student"] == name and key in r])  # noqa: E731
             c = costs.get(name, {})
             cells = [f"{c[k]:,.0f}" if k.startswith("flops") else f"{c[k]:.2f}" for k in ("flops_per_candidate@200", "flops_per_candidate@1000", "ms_per_request@200", "ms_per_request@1000")] if c else ["-"] * 4
             lines.append(f"| {name} | " + " | ".join(of(k) for k in QUALITY) + " | " + " | ".join(cells) + " |")
-        of = lambda key: mean_std([r[key] for r in teachers if r["setting"] == setting])  # noqa: E731
+        of = lambda key: mean_std([r[key] for r in teachers if r["setting"] == setting and key in r])  # noqa: E731
         lines += [f"| (the DIN as its own pre-ranker) | " + " | ".join(of(k) for k in QUALITY) + " | | | | |", ""]
     print("\n".join(lines), flush=True)
     plot(args, rows, costs)
@@ -186,7 +204,7 @@ def plot(args, rows: list[dict], costs: dict[str, dict]) -> None:
     ax.margins(x=0.15)  # room for the labels of the cheapest and the dearest
     ax.set_xlabel("ms per request, 1,000 candidates (onnxruntime, 1 thread)")
     ax.set_ylabel("teacher Recall@10@20")
-    ax.set_title(f"Pre-rankers distilled from one DIN ({setting} headroom)")
+    ax.set_title(f"Pre-rankers distilled from one DIN ({'MovieLens-1M' if SETTINGS[setting] is None else setting + ' headroom'})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(Path(__file__).parent / "results" / f"{args.name}.png", dpi=120)

@@ -206,7 +206,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from cascade.config import ConfigError
-    from cascade.job import evaluate_path
+    from cascade.job import evaluate_path, summary
     from cascade.report import tables, text_table, write_report
     from export.bundle import BundleError
 
@@ -221,8 +221,10 @@ def _eval(args: argparse.Namespace) -> int:
         return BAD_INPUT
     write_report(entries, out)
     for title, table in tables(entries).items():
-        if title.startswith(("Cascades", "Single")):
+        if title.startswith("Single"):
             print(f"{title}\n{text_table(table)}")
+    if any(e["kind"] != "stage" for e in entries):
+        print(summary(entries))
     for e in entries:
         for note in e["notes"]:
             print(f"note: {e['label']}: {note}")

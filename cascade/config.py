@@ -81,8 +81,13 @@ class DistillConfig:
         weights = [self.exposure_bce, self.rankflow_bce, self.tutor, self.arf, self.listwise_kd, self.logit_mse, self.soft_bce]
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError("loss weights must be >= 0 and at least one > 0")
-        if self.teacher is None and max(weights[2:]) > 0:
+        if self.teacher is None and self.guided:
             raise ValueError("tutor, arf, listwise_kd, logit_mse and soft_bce need a teacher")
+
+    @property
+    def guided(self) -> bool:
+        """Whether a term learns from the teacher (else the mix learns from labels alone)."""
+        return max(self.tutor, self.arf, self.listwise_kd, self.logit_mse, self.soft_bce) > 0
 
 
 @dataclass(frozen=True)

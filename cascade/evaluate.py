@@ -258,11 +258,17 @@ def evaluate(cascade: Cascade, data: EvalData, world=None, split: str = "test", 
     base = BaselineData.of(data, cascade.recall_quota)
     total: M.Totals = {}
     exposed: dict[str, list[tuple[np.ndarray, ...]]] = {st.name: [] for st in cascade.stages}
+    per_request: dict[str, list[np.ndarray]] = {}
     requests, seconds = 0, 0.0
     for part, logged in enumerate(data.lists(split)):
         fr = run_flow(cascade, logged, world)
-        M.add_totals(total, stage_figures(fr) | {("flow", k): v for k, v in fr.flow(world).items()})
-        M.add_totals(total, {("baselines", *k): v for k, v in baselines(fr, base, world, (seed, part)).items()})
+        flow, base_figures = fr.flow(world), baselines(fr, base, world, (seed, part))
+        M.add_totals(total, stage_figures(fr) | {("flow", k): v for k, v in flow.items()})
+        M.add_totals(total, {("baselines", *k): v for k, v in base_figures.items()})
+        flows = {"flow": flow["joint_recall"]} | {name: v for (name, key), v in base_figures.items() if key == "joint_recall"}
+        defined = ~np.isnan(flow["joint_recall"].per_row)  # rows with a logged positive: the same for every flow
+        for name, rows in ({"request_id": fr.lists.request_id} | {k: v.per_row for k, v in flows.items()}).items():
+            per_request.setdefault(name, []).append(rows[defined])
         for st in cascade.stages:  # the AUC family on the logged exposures: gathered, computed once
             exposed[st.name].append(exposure_scores(st, fr.logged))
         requests, seconds = requests + len(logged), seconds + fr.seconds
@@ -280,6 +286,8 @@ def evaluate(cascade: Cascade, data: EvalData, world=None, split: str = "test", 
         "stages": out["stages"],
         "flow": out["flow"],
         "baselines": out["baselines"],
+        # joint recall per request with a logged positive, for confidence intervals over requests
+        "per_request": {name: np.concatenate(parts).round(6).tolist() for name, parts in per_request.items()},
     }
 
 

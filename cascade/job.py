@@ -177,7 +177,9 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
         "latency_of": latency_of,
     }
     done(f"cost: FLOPs and latency ({latency_of})")
-    entry = {"label": label, "path": str(path), "kind": kind, "metrics": metrics, "cost": cost, "notes": []}
+    pre = saved.exps["prerank"]
+    teacher = pre.distill.teacher if pre.task == "distill" and pre.distill.guided else None
+    entry = {"label": label, "path": str(path), "kind": kind, "metrics": metrics, "cost": cost, "prerank": {"experiment": pre.name, "distilled_from": teacher}, "notes": []}
     if kind == "run":
         untrained = load_saved(path, untrained=True, models=models, data=saved.data)
         entry["untrained"] = flow_figures(untrained.cascade(), untrained.data, untrained.world)
@@ -202,9 +204,17 @@ def run_job(config: Path) -> Path:
         step.do()
         print(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - start:.0f}s", flush=True)
     print()
-    print(comparison(read_entries(report)))
+    print(summary(read_entries(report)))
     print(f"\nreport: {(report / 'report.html').resolve()}")
     return report
+
+
+def summary(entries: list[dict]) -> str:
+    """What ``cascade run`` and ``cascade eval`` print at the end: the verdict, then one row per cascade."""
+    from cascade.report import opening, plain
+
+    said, _ = opening(entries)
+    return "\n".join([plain(s) for s in said] + ([""] if said else []) + [comparison(entries)])
 
 
 def comparison(entries: list[dict]) -> str:

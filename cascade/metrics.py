@@ -194,19 +194,22 @@ def _check_cut(name: str, k) -> None:
 
 
 class RowMean(float):
-    """A list metric's value: its mean over the ``rows`` it is defined on."""
+    """A list metric's value: its mean over the ``rows`` it is defined on; ``per_row`` (R,) the
+    value of every row, NaN where it is not defined (what a bootstrap over requests resamples)."""
 
     rows: int
+    per_row: np.ndarray | None
 
-    def __new__(cls, value: float, rows: int) -> "RowMean":
+    def __new__(cls, value: float, rows: int, per_row: np.ndarray | None = None) -> "RowMean":
         out = super().__new__(cls, value)
         out.rows = rows
+        out.per_row = per_row
         return out
 
 
 def _row_mean(values: np.ndarray, defined: np.ndarray) -> RowMean:
     rows = int(defined.sum())
-    return RowMean(values[defined].mean() if rows else float("nan"), rows)
+    return RowMean(values[defined].mean() if rows else float("nan"), rows, np.where(defined, values, np.nan))
 
 
 Totals = dict  # key -> [sum, weight]: means kept in parts that add up

@@ -21,6 +21,7 @@ import numpy as np
 from cascade.evaluate import GLOSSARY
 from cascade.data.store import replacing_directory
 from cascade.saved import STAGE_NAMES
+from cascade.verdict import verdict
 
 METRICS_FILE = "metrics.json"
 
@@ -271,14 +272,34 @@ def read_entries(out: str | Path) -> list[dict]:
     return json.loads((Path(out) / METRICS_FILE).read_text())["entries"]
 
 
+def opening(entries: list[dict]) -> tuple[list[str], dict | None]:
+    """The verdict over the cascades (``cascade.verdict``): sentences in markdown, the table of
+    where the best cascade loses its positives."""
+    return verdict(_groups([e for e in entries if e["kind"] != "stage"]))
+
+
+def plain(sentence: str) -> str:
+    """A markdown sentence of the verdict for the terminal."""
+    return sentence.replace("**", "")
+
+
+def _html_sentence(sentence: str) -> str:
+    parts = html.escape(sentence).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def write_report(entries: list[dict], out: str | Path) -> Path:
-    """``metrics.json``, ``report.md`` and ``report.html`` in ``out`` (replaced whole)."""
+    """``metrics.json``, ``report.md`` and ``report.html`` in ``out`` (replaced whole); they open
+    on the verdict."""
     tabs = tables(entries)
     figs = plots(entries)
     lines = notes(entries)
+    said, losses = opening(entries)
     with replacing_directory(Path(out)) as tmp:
         (tmp / METRICS_FILE).write_text(json.dumps({"entries": entries, "glossary": GLOSSARY}, indent=2, default=float) + "\n")
         md = ["# cascade evaluation report", ""]
+        if said:
+            md += ["## Verdict", ""] + [f"- {s}" for s in said] + [""] + ([_md_table(losses), ""] if losses else [])
         md += [f"- {n}" for n in lines] + ([""] if lines else [])
         for title, t in tabs.items():
             md += [f"## {title}", "", _md_table(t), ""]
@@ -289,6 +310,8 @@ def write_report(entries: list[dict], out: str | Path) -> Path:
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         style = "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
         body = ["<h1>cascade evaluation report</h1>"]
+        if said:
+            body += ["<h2>Verdict</h2><ul>" + "".join(f"<li>{_html_sentence(x)}</li>" for x in said) + "</ul>"] + ([_html_table(losses)] if losses else [])
         body += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in lines) + "</ul>"] if lines else []
         for title, t in tabs.items():
             body += [f"<h2>{html.escape(title)}</h2>", _html_table(t)]

@@ -2,6 +2,7 @@ import base64
 import json
 import re
 
+import numpy as np
 import pytest
 
 from cascade.cli import main
@@ -58,7 +59,14 @@ def test_eval_of_a_run_and_its_bundle_agree(trained, bundle, tmp_path, capsys):
     run, served = (e["metrics"]["flow"] for e in entries)
     assert served["joint_recall"] == pytest.approx(run["joint_recall"], abs=1e-9)
     assert "untrained" in entries[0] and entries[0]["cost"]["flops_per_candidate"]["rank"] > entries[0]["cost"]["flops_per_candidate"]["prerank"]
-    assert "report.html" in capsys.readouterr().out
+    # the per-request figures the verdict's intervals resample average to the reported ones
+    rows = entries[0]["metrics"]["per_request"]
+    assert np.mean(rows["flow"]) == pytest.approx(run["joint_recall"], abs=1e-5)
+    assert np.mean(rows["random_prerank"]) == pytest.approx(entries[0]["metrics"]["baselines"]["random_prerank"]["joint_recall"], abs=1e-5)
+    assert len(set(rows["request_id"])) == len(rows["request_id"]) == len(rows["flow"])
+    assert entries[0]["prerank"] == {"experiment": "exposure", "distilled_from": None}  # BCE on exposures: teacher named, unused
+    out = capsys.readouterr().out
+    assert "Best cascade: frozen, joint recall" in out and "report.html" in out
 
 
 def test_eval_shows_a_single_stage_run_beside_a_cascade(trained, tmp_path, capsys):
