@@ -2,7 +2,7 @@
 embedded as PNG) from the entries ``cascade eval`` computed.
 
 An entry is one evaluated run or bundle: ``{"label", "path", "kind", "metrics" (``evaluate``'s
-dict), "cost" ({"flops_per_candidate": {stage: x}, "latency_ms": {stage: x}, "latency_of": str}),
+dict), "cost" ({"flops_per_candidate": {stage: x}, "latency_ms": {stage: p50}, "latency_p95_ms": {stage: p95}, "latency_of": str}),
 "untrained" (the flow figures of the same architectures untrained, optional), "notes" [str]}``.
 Entries with the same label (one experiment over several seeds) are shown as mean ± std.
 """
@@ -21,7 +21,7 @@ import numpy as np
 from cascade.evaluate import GLOSSARY
 from cascade.data.store import replacing_directory
 from cascade.saved import STAGE_NAMES
-from cascade.verdict import verdict
+from cascade.verdict import difference, verdict
 
 METRICS_FILE = "metrics.json"
 
@@ -149,6 +149,53 @@ def _grid(entry: dict, k: int) -> list[int]:
     return sorted(int(key.split("@")[2]) for key in keys if key.startswith(f"teacher_recall@{k}@"))
 
 
+NO_MODEL_FLOPS = 1.0  # where a pre-ranker without a model (a lookup per candidate) sits on the log FLOPs axis
+
+
+def frontier_figure(groups: dict[str, list[dict]], first: dict):
+    """Joint recall (95% interval: seeds or a bootstrap over requests) against the pre-ranker's
+    FLOPs per candidate (log axis; the baselines without a model at ``NO_MODEL_FLOPS``) and,
+    where measured, against the whole cascade's latency (p50, the bar reaching p95). Both
+    quality axes start at 0; every point is named in the legend, not on the plot."""
+    import matplotlib.pyplot as plt
+
+    has_latency = any(not math.isnan(_get(e, "cost/latency_ms/prerank")) for g in groups.values() for e in g)
+    fig, axes = plt.subplots(1, 2 if has_latency else 1, figsize=(12 if has_latency else 6.5, 4.4), squeeze=False)
+    flops_ax = axes[0, 0]
+    top = 0.0
+    for i, (label, g) in enumerate(groups.items()):
+        color = f"C{i % 10}"
+        y = float(np.nanmean([_get(e, "metrics/flow/joint_recall") for e in g]))
+        est = difference(g, [])
+        yerr = [[y - est.low], [est.high - y]] if est else None
+        top = max(top, est.high if est else y)
+        x = float(np.nanmean([_get(e, "cost/flops_per_candidate/prerank") for e in g]))
+        flops_ax.errorbar([x], [y], yerr=yerr, fmt="o", color=color, capsize=3, label=label)
+        if has_latency:
+            p50 = float(np.nansum([np.nanmean([_get(e, f"cost/latency_ms/{s}") for e in g]) for s in STAGE_NAMES]))
+            p95 = float(np.nansum([np.nanmean([_get(e, f"cost/latency_p95_ms/{s}") for e in g]) for s in STAGE_NAMES]))
+            xerr = [[0.0], [max(p95 - p50, 0.0)]] if p95 > 0 else None
+            axes[0, 1].errorbar([p50], [y], xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=3, label=label)
+    for name, marker in (("random_prerank", "v"), ("popularity_prerank", "s"), ("trending_prerank", "^")):
+        y = _get(first, f"metrics/baselines/{name}/joint_recall")
+        if not math.isnan(y):
+            top = max(top, y)
+            flops_ax.scatter([NO_MODEL_FLOPS], [y], marker=marker, color="grey", label=f"{name.replace('_', ' ')} (no model; {first['label']})")
+    flops_ax.set_xscale("log")
+    flops_ax.set_xlabel(f"pre-ranker FLOPs per candidate (log; no model at {NO_MODEL_FLOPS:g})")
+    flops_ax.set_title("Quality against the pre-ranker's cost")
+    if has_latency:
+        axes[0, 1].set_xlim(left=0)
+        axes[0, 1].set_xlabel("ms per request, all stages: p50, bar to p95")
+        axes[0, 1].set_title("Quality against latency")
+    for ax in axes[0]:
+        ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+        ax.set_ylabel("joint recall (95% interval)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 def plots(entries: list[dict]) -> dict[str, str]:
     """Base64 PNGs by title: the consistency curves, the quality-cost frontier, stage blame."""
     import matplotlib
@@ -186,31 +233,7 @@ def plots(entries: list[dict]) -> dict[str, str]:
     ax.legend(fontsize=7)
     out["consistency"] = _png(fig)
 
-    has_latency = any(not math.isnan(_get(e, "cost/latency_ms/prerank")) for e in entries)
-    fig, axes = plt.subplots(1, 2 if has_latency else 1, figsize=(11 if has_latency else 6, 4.2), squeeze=False)
-    for label, g in groups.items():
-        y = np.nanmean([_get(e, "metrics/flow/joint_recall") for e in g])
-        x = np.nanmean([_get(e, "cost/flops_per_candidate/prerank") for e in g])
-        axes[0, 0].scatter([x], [y])
-        axes[0, 0].annotate(label, (x, y), fontsize=8)
-        if has_latency:
-            lat = np.nansum([np.nanmean([_get(e, f"cost/latency_ms/{s}") for e in g]) for s in STAGE_NAMES])
-            axes[0, 1].scatter([lat], [y])
-            axes[0, 1].annotate(label, (lat, y), fontsize=8)
-    for name, style in (("random_prerank", "--"), ("popularity_prerank", "-.")):
-        y = _get(first, f"metrics/baselines/{name}/joint_recall")
-        for ax in axes[0]:
-            ax.axhline(y, ls=style, color="grey", label=name.replace("_", " ") + " (no model)")
-    axes[0, 0].set_xlabel("pre-ranker FLOPs per candidate")
-    axes[0, 0].set_ylabel("joint recall")
-    axes[0, 0].set_title("Quality against the pre-ranker's cost")
-    axes[0, 0].legend(fontsize=7)
-    if has_latency:
-        axes[0, 1].set_xlabel("p50 ms per request, all stages")
-        axes[0, 1].set_title("Quality against latency")
-    for ax in axes[0]:
-        ax.grid(alpha=0.3)
-    out["frontier"] = _png(fig)
+    out["frontier"] = _png(frontier_figure(groups, first))
 
     rows = [(label, "metrics/flow") for label in groups]
     if any(not math.isnan(_get(first, "metrics/flow/oracle_ratio")) for _ in [0]):
