@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom first. A name ending in ".*" is every module of that package.
 LAYERS = [
-    ["cascade.features", "cascade.metrics", "cascade.yamlfile", "cascade.distributed"],  # no torch at import
+    ["cascade.features", "cascade.metrics", "cascade.yamlfile", "cascade.distributed", "cascade.verdict"],  # no torch at import
     ["cascade.data.*"],  # numpy and pyarrow; never torch
     ["cascade.saved"],
     ["cascade.train"],
@@ -27,7 +27,7 @@ LAYERS = [
 # A LightGBM teacher trains through the tasks' data path: its two training functions import them
 # inside the function (teachers.BOOSTED calls them; nothing below the tasks does).
 UPWARD_INSIDE_FUNCTIONS = {("teachers.gbdt", "cascade.tasks.pointwise"), ("teachers.gbdt", "cascade.tasks.recall"), ("teachers.gbdt", "cascade.tasks.distill")}
-NO_TASK_MODULE = ("cascade.evaluate", "cascade.report", "cascade.eval_data", "export.")
+NO_TASK_MODULE = ("cascade.evaluate", "cascade.report", "cascade.verdict", "cascade.eval_data", "export.")
 
 
 def _modules() -> dict[str, Path]:
