@@ -45,20 +45,34 @@ from cascade.saved import STAGE_NAMES, SavedError, read_stages
 K_GRID = (10, 20)
 M_GRID = (10, 20, 50, 100, 200)
 
+# The report's names, one vocabulary for its tables, the terminal and this glossary (each entry
+# starts with the key(s) metrics.json uses).
 GLOSSARY = {
-    "joint_recall": "share of each request's logged positives that survive every quota (recall top-n -> pre-rank top-m -> rank top-k); positives recall never retrieved count as lost",
-    "positives_kept": "share of each request's logged positives still in a stage's output (recall: its top-n; pre-rank: its top-m; rank: its top-k)",
-    "exposed_kept": "share of the items the live system exposed that a stage's output contains",
-    "teacher_recall@k@m": "of the ranker's top-k over the recall list, the share inside a stage's top-m (Recall@k@m, RankFlow/ARF's consistency); 'teacher R@k@m' in a table: k, m = the cascade's rank and pre-rank quotas",
-    "kendall_tau": "Kendall tau-b between a stage's and the ranker's scores over the recall list (_vs_next: against the next stage's, for recall the pre-ranker's)",
-    "teacher_ndcg@10": "NDCG@10 of a stage's order with gains from the ranker's top-10",
-    "recall@10 / hit_rate@10 / ndcg@10": "the stage's own order over the recall list against the logged positives inside it",
-    "auc / gauc / logloss": "on the logged exposures of the test requests; GAUC weights each request by its exposures; logloss of sigmoid(score)",
-    "oracle_ratio": "synthetic world only: true utility of the final top-k over the best top-k of the catalog (history excluded)",
-    "blame": "synthetic world only: the lost true utility each stage causes, as a share of the best achievable: recall = best of catalog - best within recall's output, pre-rank = that - best within its output, rank = that - what it shows",
-    "flops_per_candidate": "matmul FLOPs per scored candidate at serving (torch FlopCounterMode; embedding lookups not counted): two-towers count the user tower once per request plus the score, the item side cached; recall per catalog item",
-    "latency_ms": "median wall time of the stage per request, one request at a time",
+    "joint recall": "(joint_recall) share of each request's logged positives that survive every quota (recall top-n -> pre-rank top-m -> rank top-k); positives recall never retrieved count as lost",
+    "positives kept": "(positives_kept) share of each request's logged positives still in a stage's output (recall: its top-n; pre-rank: its top-m; rank: its top-k); 'kept by recall', 'kept after pre-rank' in the tables",
+    "exposures kept": "(exposed_kept) share of the items the live system exposed that a stage's output contains",
+    "teacher R@k@m": "(teacher_recall@k@m) of the ranker's top-k over the recall list, the share inside a stage's top-m (Recall@k@m, RankFlow/ARF's consistency); the tables give k and m, the cascade's rank and pre-rank quotas (teacher R@10@50)",
+    "Kendall tau vs rank, vs next stage": "(kendall_tau, kendall_tau_vs_next) Kendall tau-b between a stage's scores and the ranker's over the recall list, or the next stage's (for recall: the pre-ranker's)",
+    "teacher NDCG@10": "(teacher_ndcg@10) NDCG@10 of a stage's order with gains from the ranker's top-10",
+    "Recall@10, HitRate@10, NDCG@10": "(recall@10, hit_rate@10, ndcg@10) the stage's own order over the recall list against the logged positives inside it",
+    "AUC, GAUC, LogLoss": "(auc, gauc, logloss) on the logged exposures of the test requests; GAUC weights each request by its exposures; LogLoss of sigmoid(score), shown only for a stage trained as a probability (BCE alone): a ranking loss's scores are not probabilities",
+    "oracle ratio": "(oracle_ratio) synthetic world only: true utility of the final top-k over the best top-k of the catalog (history excluded)",
+    "blame": "(blame_recall, blame_prerank, blame_rank) synthetic world only: the lost true utility each stage causes, as a share of the best achievable: recall = best of catalog - best within recall's output, pre-rank = that - best within its output, rank = that - what it shows",
+    "FLOPs / candidate": "(flops_per_candidate) matmul FLOPs per scored candidate at serving (torch FlopCounterMode; embedding lookups not counted): two-towers count the user tower once per request plus the score, the item side cached; recall per catalog item",
+    "p50 ms, p95 ms": "(latency_ms, latency_p95_ms) median and 95th-percentile wall time of the stage per request, one request at a time",
 }
+
+
+def trained_as_probabilities(exp: ExperimentConfig) -> bool:
+    """Whether a stage's scores are logits of a click probability: trained by BCE alone
+    (pointwise, or a loss mix of BCE terms only; a LightGBM 'binary' model), not by a ranking or
+    distillation loss, a softmax over the catalog or a blend of z-scores."""
+    if exp.model.name == "gbdt":
+        return exp.model.params.get("objective", "lambdarank") == "binary"
+    if exp.task == "distill":
+        d = exp.distill
+        return max(d.tutor, d.arf, d.listwise_kd, d.logit_mse) == 0
+    return exp.task == "pointwise"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Callable
 
 from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.tasks import TASKS
-from cascade.report import METRICS_FILE, read_entries, text_table
+from cascade.report import METRICS_FILE, opening, plain, read_entries, teacher_recall_name, text_table
 from cascade.saved import RESULTS_FILE, STAGE_NAMES, STAGES_FILE, finished, read_results
 
 
@@ -148,7 +148,7 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     """One evaluated run or bundle (``cascade.report``'s entry): a bundle, a cascade run
     (``stages.json``) or one stage's run (``results.json``)."""
     from cascade.cascade import Catalog
-    from cascade.evaluate import evaluate, flops_per_candidate, flow_figures, latency, load_saved
+    from cascade.evaluate import evaluate, flops_per_candidate, flow_figures, latency, load_saved, trained_as_probabilities
     from cascade.models import MODELS
     from cascade.tasks.cascade import got_worse
     from teachers import TEACHERS
@@ -164,8 +164,13 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     print(f"evaluating {label}: {path}", flush=True)
     if saved.data.streamed:
         print(f"  {saved.data.directory}: streamed (data.stream), read a row group at a time", flush=True)
-    start = time.perf_counter()
-    done = lambda what: print(f"  {what} ({time.perf_counter() - start:.0f}s)", flush=True)  # noqa: E731
+    clock = [time.perf_counter()]
+
+    def done(what: str) -> None:  # each phase's own duration
+        now = time.perf_counter()
+        print(f"  {what}: {now - clock[0]:.0f}s", flush=True)
+        clock[0] = now
+
     metrics = evaluate(served, saved.data, saved.world, seed=seed)
     done(f"quality and baselines on {metrics['requests']:,} test requests")
     first = saved.data.first("test", LATENCY_REQUESTS)
@@ -181,7 +186,11 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     done(f"cost: FLOPs and latency ({latency_of})")
     pre = saved.exps["prerank"]
     teacher = pre.distill.teacher if pre.task == "distill" and pre.distill.guided else None
-    entry = {"label": label, "path": str(path), "kind": kind, "metrics": metrics, "cost": cost, "prerank": {"experiment": pre.name, "distilled_from": teacher}, "notes": []}
+    entry = {
+        "label": label, "path": str(path), "kind": kind, "metrics": metrics, "cost": cost, "notes": [],
+        "prerank": {"experiment": pre.name, "distilled_from": teacher},
+        "probabilities": {name: trained_as_probabilities(exp) for name, exp in saved.exps.items()},
+    }
     if kind == "run":
         untrained = load_saved(path, untrained=True, models=models, data=saved.data)
         entry["untrained"] = flow_figures(untrained.cascade(), untrained.data, untrained.world)
@@ -213,8 +222,6 @@ def run_job(config: Path) -> Path:
 
 def summary(entries: list[dict]) -> str:
     """What ``cascade run`` and ``cascade eval`` print at the end: the verdict, then one row per cascade."""
-    from cascade.report import opening, plain
-
     said, _ = opening(entries)
     return "\n".join([plain(s) for s in said] + ([""] if said else []) + [comparison(entries)])
 
@@ -226,7 +233,7 @@ def comparison(entries: list[dict]) -> str:
         return "(no cascade evaluated)"
     q = entries[0]["metrics"]["quotas"]
     tr = f"teacher_recall@{q['rank']}@{q['prerank']}"
-    header = ["cascade", "joint recall", f"teacher R@{q['rank']}@{q['prerank']}", "oracle ratio", "recall ms", "prerank ms", "rank ms"]
+    header = ["cascade", "joint recall", teacher_recall_name(entries[0]), "oracle ratio", "recall p50 ms", "pre-rank p50 ms", "rank p50 ms"]
     rows = []
     for e in entries:
         flow, lat = e["metrics"]["flow"], e["cost"]["latency_ms"]

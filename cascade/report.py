@@ -60,9 +60,9 @@ def _table(header: list[str], rows: list[list[str]]) -> dict:
 
 SIDE_BY_SIDE = [
     ("joint recall", "metrics/flow/joint_recall"),
-    ("kept after pre-rank", "metrics/flow/positives_after_prerank"),
-    ("kept by recall", "metrics/stages/recall/positives_kept"),
-    ("teacher R@k@m", "metrics/stages/prerank/TR"),
+    ("positives kept by recall", "metrics/stages/recall/positives_kept"),
+    ("positives kept after pre-rank", "metrics/flow/positives_after_prerank"),
+    ("TR", "metrics/stages/prerank/TR"),
     ("oracle ratio", "metrics/flow/oracle_ratio"),
     ("pre-rank AUC", "metrics/stages/prerank/auc"),
     ("rank AUC", "metrics/stages/rank/auc"),
@@ -70,23 +70,48 @@ SIDE_BY_SIDE = [
 ]
 
 STAGE_COLUMNS = [
-    ("kept positives", "positives_kept"),
-    ("kept exposures", "exposed_kept"),
+    ("positives kept", "positives_kept"),
+    ("exposures kept", "exposed_kept"),
     ("Recall@10", "recall@10"),
     ("HitRate@10", "hit_rate@10"),
     ("NDCG@10", "ndcg@10"),
     ("AUC", "auc"),
     ("GAUC", "gauc"),
     ("LogLoss", "logloss"),
-    ("tau vs rank", "kendall_tau"),
-    ("tau vs next", "kendall_tau_vs_next"),
-    ("T-NDCG@10", "teacher_ndcg@10"),
-    ("T-R@k@m", "TR"),
+    ("Kendall tau vs rank", "kendall_tau"),
+    ("Kendall tau vs next stage", "kendall_tau_vs_next"),
+    ("teacher NDCG@10", "teacher_ndcg@10"),
+    ("TR", "TR"),
 ]
+NOT_PROBABILITIES = "n/a"  # the LogLoss cell of a stage not trained as a probability
+
+
+def teacher_recall_name(entry: dict) -> str:
+    """The cascade's own teacher R@k@m, as its tables name it (k, m: its rank and pre-rank quotas)."""
+    q = entry["metrics"]["quotas"]
+    return f"teacher R@{q['rank']}@{q['prerank']}"
+
+
+def _without_empty_columns(t: dict) -> dict:
+    """The table less each column (but the first) with no value in any row."""
+    keep = [0] + [i for i in range(1, len(t["header"])) if any(r[i] not in ("", "—") for r in t["rows"])]
+    return _table([t["header"][i] for i in keep], [[r[i] for i in keep] for r in t["rows"]])
+
+
+def _stage_rows(g: list[dict]) -> list[list[str]]:
+    rows = []
+    for stage in STAGE_NAMES:
+        cells = []
+        for _, key in STAGE_COLUMNS:
+            as_probability = g[0].get("probabilities", {}).get(stage, True)
+            cells.append(_cell([_get(e, f"metrics/stages/{stage}/{key}") for e in g]) if key != "logloss" or as_probability else NOT_PROBABILITIES)
+        cost = [_cell([_get(e, f"cost/flops_per_candidate/{stage}") for e in g], 0)] + [_cell([_get(e, f"cost/{which}/{stage}") for e in g], 2) for which in ("latency_ms", "latency_p95_ms")]
+        rows.append([stage] + cells + cost)
+    return rows
 
 
 def tables(entries: list[dict]) -> dict[str, dict]:
-    """Every table of the report, by title."""
+    """Every table of the report, by title; no column without a value."""
     out = {}
     stages = [e for e in entries if e["kind"] == "stage"]
     if stages:
@@ -101,34 +126,43 @@ def tables(entries: list[dict]) -> dict[str, dict]:
     groups = _groups([e for e in entries if e["kind"] != "stage"])
     if not groups:
         return out
-    out["Cascades side by side (test)"] = _table(
-        ["run", "seeds"] + [name for name, _ in SIDE_BY_SIDE],
+    first = next(iter(groups.values()))[0]
+    tr = teacher_recall_name(first)
+    out["Cascades side by side (test)"] = _without_empty_columns(_table(
+        ["run", "seeds"] + [tr if name == "TR" else name for name, _ in SIDE_BY_SIDE],
         [[label, str(len(g))] + [_cell([_get(e, path) for e in g]) for _, path in SIDE_BY_SIDE] for label, g in groups.items()],
-    )
+    ))
+    out["Recall against its baselines (positives kept by recall)"] = _recall_baselines(groups)
     for label, g in groups.items():
-        rows = []
-        for stage in STAGE_NAMES:
-            cells = [_cell([_get(e, f"metrics/stages/{stage}/{key}") for e in g]) for _, key in STAGE_COLUMNS]
-            flops = _cell([_get(e, f"cost/flops_per_candidate/{stage}") for e in g], 0)
-            lat = _cell([_get(e, f"cost/latency_ms/{stage}") for e in g], 2)
-            rows.append([stage] + cells + [flops, lat])
         of = g[0].get("cost", {}).get("latency_of", "")
-        out[f"{label}: per stage"] = _table(["stage"] + [n for n, _ in STAGE_COLUMNS] + ["FLOPs / candidate", f"p50 ms ({of})" if of else "p50 ms"], rows)
-        base = [
-            ["recall (this run)", _cell([_get(e, "metrics/baselines/recall/positives_kept@50") for e in g]), _cell([_get(e, f"metrics/baselines/recall/positives_kept@{e['metrics']['quotas']['recall']}") for e in g]), "", "", "", ""],
-            ["most-popular recall", _cell([_get(e, "metrics/baselines/most_popular_recall/positives_kept@50") for e in g]), _cell([_get(e, f"metrics/baselines/most_popular_recall/positives_kept@{e['metrics']['quotas']['recall']}") for e in g]), "", "", "", ""],
-        ]
-        days = _get(g[0], "metrics/baselines/trending_recall/days")
-        if not math.isnan(days):
-            base.append([f"trending recall ({days:g}-day window)", _cell([_get(e, "metrics/baselines/trending_recall/positives_kept@50") for e in g]), _cell([_get(e, f"metrics/baselines/trending_recall/positives_kept@{e['metrics']['quotas']['recall']}") for e in g]), "", "", "", ""])
-        flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("trending pre-ranker", "metrics/baselines/trending_prerank"), ("untrained cascade", "untrained")]
+        header = ["stage"] + [teacher_recall_name(g[0]) if n == "TR" else n for n, _ in STAGE_COLUMNS] + ["FLOPs / candidate", "p50 ms", "p95 ms"]
+        out[f"{label}: per stage" + (f" (latency: {of})" if of else "")] = _without_empty_columns(_table(header, _stage_rows(g)))
+        flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("trending pre-ranker", "metrics/baselines/trending_prerank"), ("untrained cascade (every stage)", "untrained")]
+        rows = []
         for name, root in flow_rows:
             cells = [_cell([_get(e, f"{root}/{key}") for e in g]) for key in ("joint_recall", "positives_after_prerank", "TR", "oracle_ratio")]
-            if all(c == "—" for c in cells):
-                continue
-            base.append([name, "", ""] + cells)
-        out[f"{label}: against baselines"] = _table(["reference", "recall kept@50", "recall kept@n", "joint recall", "kept after pre-rank", "teacher R@10@50", "oracle ratio"], base)
+            if any(c != "—" for c in cells):
+                rows.append([name] + cells)
+        header = ["between the same recall and ranker", "joint recall", "positives kept after pre-rank", teacher_recall_name(g[0]), "oracle ratio"]
+        out[f"{label}: the pre-ranker against baselines"] = _without_empty_columns(_table(header, rows))
     return out
+
+
+def _recall_baselines(groups: dict[str, list[dict]]) -> dict:
+    """One row per distinct recall of the cascades (named by the cascades that share it), then
+    most-popular and trending recall."""
+    first = next(iter(groups.values()))[0]
+    n = first["metrics"]["quotas"]["recall"]
+    cells = lambda g, root: [_cell([_get(e, f"metrics/baselines/{root}/positives_kept@{c}") for e in g]) for c in (50, n)]  # noqa: E731
+    shared: dict[tuple, list[str]] = {}
+    for label, g in groups.items():
+        shared.setdefault(tuple(cells(g, "recall")), []).append(label)
+    rows = [[f"recall of {', '.join(labels)}", *kept] for kept, labels in shared.items()]
+    rows.append(["most-popular recall", *cells([first], "most_popular_recall")])
+    days = _get(first, "metrics/baselines/trending_recall/days")
+    if not math.isnan(days):
+        rows.append([f"trending recall ({days:g}-day window)", *cells([first], "trending_recall")])
+    return _without_empty_columns(_table(["recall", "positives kept@50", f"positives kept@{n}"], rows))
 
 
 # ------------------------------------------------------------------------------- plots

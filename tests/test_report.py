@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cascade.cli import main
+from cascade.evaluate import GLOSSARY
 from cascade.report import tables, write_report
 
 
@@ -65,6 +66,8 @@ def test_eval_of_a_run_and_its_bundle_agree(trained, bundle, tmp_path, capsys):
     assert np.mean(rows["random_prerank"]) == pytest.approx(entries[0]["metrics"]["baselines"]["random_prerank"]["joint_recall"], abs=1e-5)
     assert len(set(rows["request_id"])) == len(rows["request_id"]) == len(rows["flow"])
     assert entries[0]["prerank"] == {"experiment": "exposure", "distilled_from": None}  # BCE on exposures: teacher named, unused
+    # recall's in-batch softmax gives no probability; BCE on the exposures and RankFlow's BCE on the lists do
+    assert entries[0]["probabilities"] == {"recall": False, "prerank": True, "rank": True}
     out = capsys.readouterr().out
     assert "Best cascade: frozen, joint recall" in out and "report.html" in out
 
@@ -77,3 +80,30 @@ def test_eval_shows_a_single_stage_run_beside_a_cascade(trained, tmp_path, capsy
     assert "Single-stage runs" in out and f"{want:.4f}" in out
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| frozen | 1 |" in md and "| exposure | distill | 1 |" in md
+
+
+def test_tables_share_one_vocabulary_and_hold_no_empty_column():
+    a, b = _entry("a", 0.2), _entry("b", 0.3)
+    a["probabilities"] = {"recall": False, "prerank": False, "rank": True}  # a distilled pre-ranker's scores are no probabilities
+    a["cost"]["latency_p95_ms"] = {"recall": 2.0, "prerank": 2.0, "rank": 2.0}
+    for e in (a, b):
+        del e["metrics"]["flow"]["oracle_ratio"]  # logs without a world
+        for flow in ("random_prerank", "popularity_prerank"):
+            del e["metrics"]["baselines"][flow]["oracle_ratio"]
+    t = tables([a, b])
+    side = t["Cascades side by side (test)"]
+    assert "oracle ratio" not in side["header"] and "teacher R@10@50" in side["header"]
+    stage = t["a: per stage (latency: torch)"]
+    logloss = stage["header"].index("LogLoss")
+    assert [r[logloss] for r in stage["rows"]] == ["n/a", "n/a", "—"]  # the rank stage's value is simply absent here
+    assert stage["header"][-3:] == ["FLOPs / candidate", "p50 ms", "p95 ms"]
+    # both cascades share one recall: one row names both, beside the most-popular baseline
+    assert t["Recall against its baselines (positives kept by recall)"]["rows"] == [["recall of a, b", "0.5000", "0.8000"], ["most-popular recall", "0.3000", "0.6000"]]
+    for table in t.values():
+        for i in range(1, len(table["header"])):
+            assert any(r[i] not in ("", "—") for r in table["rows"]), (table["header"][i], table)
+    names = set(side["header"]) | set(stage["header"])
+    glossary = " ".join(GLOSSARY)
+    for name in ("joint recall", "oracle ratio", "teacher NDCG@10", "FLOPs / candidate"):
+        assert name in glossary
+    assert "T-NDCG@10" not in names and "tau vs next" not in names
