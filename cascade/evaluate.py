@@ -301,7 +301,7 @@ def evaluate(cascade: Cascade, data: EvalData, world=None, split: str = "test", 
         "flow": out["flow"],
         "baselines": out["baselines"],
         # joint recall per request with a logged positive, for confidence intervals over requests
-        "per_request": {name: np.concatenate(parts).round(6).tolist() for name, parts in per_request.items()},
+        "per_request": {name: np.concatenate(parts).round(4).tolist() for name, parts in per_request.items()},
     }
 
 

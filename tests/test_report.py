@@ -62,8 +62,8 @@ def test_eval_of_a_run_and_its_bundle_agree(trained, bundle, tmp_path, capsys):
     assert "untrained" in entries[0] and entries[0]["cost"]["flops_per_candidate"]["rank"] > entries[0]["cost"]["flops_per_candidate"]["prerank"]
     # the per-request figures the verdict's intervals resample average to the reported ones
     rows = entries[0]["metrics"]["per_request"]
-    assert np.mean(rows["flow"]) == pytest.approx(run["joint_recall"], abs=1e-5)
-    assert np.mean(rows["random_prerank"]) == pytest.approx(entries[0]["metrics"]["baselines"]["random_prerank"]["joint_recall"], abs=1e-5)
+    assert np.mean(rows["flow"]) == pytest.approx(run["joint_recall"], abs=1e-4)  # each value rounded to 4 places
+    assert np.mean(rows["random_prerank"]) == pytest.approx(entries[0]["metrics"]["baselines"]["random_prerank"]["joint_recall"], abs=1e-4)
     assert len(set(rows["request_id"])) == len(rows["request_id"]) == len(rows["flow"])
     assert entries[0]["prerank"] == {"experiment": "exposure", "distilled_from": None}  # BCE on exposures: teacher named, unused
     # recall's in-batch softmax gives no probability; BCE on the exposures and RankFlow's BCE on the lists do
