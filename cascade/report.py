@@ -21,7 +21,7 @@ import numpy as np
 from cascade.evaluate import GLOSSARY
 from cascade.data.store import replacing_directory
 from cascade.saved import STAGE_NAMES
-from cascade.verdict import difference, verdict
+from cascade.verdict import STAGE_WORDS, difference, verdict
 
 METRICS_FILE = "metrics.json"
 
@@ -106,7 +106,7 @@ def _stage_rows(g: list[dict]) -> list[list[str]]:
             as_probability = g[0].get("probabilities", {}).get(stage, True)
             cells.append(_cell([_get(e, f"metrics/stages/{stage}/{key}") for e in g]) if key != "logloss" or as_probability else NOT_PROBABILITIES)
         cost = [_cell([_get(e, f"cost/flops_per_candidate/{stage}") for e in g], 0)] + [_cell([_get(e, f"cost/{which}/{stage}") for e in g], 2) for which in ("latency_ms", "latency_p95_ms")]
-        rows.append([stage] + cells + cost)
+        rows.append([STAGE_WORDS[stage]] + cells + cost)
     return rows
 
 

@@ -150,6 +150,17 @@ def verdict(groups: dict[str, list[dict]]) -> tuple[list[str], dict | None]:
             judged = f"below the trained pre-ranker by {d.value:.4f} ({d.interval()})"
         lines.append(f"**Best baseline:** {BASELINE_NAMES[name]} between the same recall and ranker reaches {baseline_scores[name]:.4f}, {judged}.")
 
+    n = g[0]["metrics"]["quotas"]["recall"]
+    kept = {name: _mean(g, "baselines", name, f"positives_kept@{n}") for name in ("recall", "most_popular_recall", "trending_recall")}
+    if not math.isnan(kept["recall"]):
+        others = {name: v for name, v in kept.items() if name != "recall" and not math.isnan(v)}
+        said = ", ".join(f"{name.replace('_', ' ')} {v:.4f}" for name, v in others.items())
+        beaten = [name.replace("_", " ") for name, v in others.items() if v >= kept["recall"]]
+        lines.append(
+            f"**Recall** keeps {kept['recall']:.4f} of the logged positives in its top-{n}" + (f" (without a model: {said})" if said else "")
+            + (f"; **{' and '.join(beaten)} {'keeps' if len(beaten) == 1 else 'keep'} as many or more** (means over the same requests, no interval)." if beaten else ".")
+        )
+
     losses = stage_losses(g)
     has_utility = not any(math.isnan(u) for _, u in losses.values())
     by_positives = max(losses, key=lambda s: losses[s][0])
@@ -159,10 +170,13 @@ def verdict(groups: dict[str, list[dict]]) -> tuple[list[str], dict | None]:
     if has_utility:
         by_utility = max(losses, key=lambda s: losses[s][1])
         sentence += f"; by true utility, {STAGE_WORDS[by_utility]} ({losses[by_utility][1]:.4f} of the best achievable)."
-        sentence += (
-            " The two measures count different things: a logged positive counts wherever it sits in the list, while utility counts only the items good enough to reach the catalog's best top-"
-            f"{k}, so a stage that drops many logged positives but little utility drops mostly items that would not have been shown."
-        )
+        if by_utility != by_positives:
+            (pp, pu), (up, uu) = losses[by_positives], losses[by_utility]
+            sentence += (
+                f" The two disagree because they count different things: {STAGE_WORDS[by_positives]} drops {pp:.4f} of the logged positives but only {pu:.4f} of the utility, "
+                f"{STAGE_WORDS[by_utility]} {up:.4f} and {uu:.4f}. A logged positive counts wherever it sits in the list; utility counts only the items good enough for the catalog's best top-{k}, "
+                f"so {STAGE_WORDS[by_positives]} mostly drops items that would not have been shown."
+            )
     else:
         sentence += " (the true utility each stage loses needs a synthetic world's truth)."
     lines.append(sentence)

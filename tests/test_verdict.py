@@ -15,6 +15,7 @@ def _entry(label, per_request, teacher=None, popularity=None, world=True):
         flow |= {"oracle_ratio": 0.6, "blame_recall": 0.05, "blame_prerank": 0.25, "blame_rank": 0.1}
     popularity = popularity if popularity is not None else [0.0] * len(ids)
     base = {"popularity_prerank": {"joint_recall": float(np.mean(popularity))}, "random_prerank": {"joint_recall": 0.0}}
+    base |= {"recall": {"positives_kept@200": 0.8}, "most_popular_recall": {"positives_kept@200": 0.85}}
     rows = {"request_id": ids, "flow": list(per_request), "popularity_prerank": list(popularity), "random_prerank": [0.0] * len(ids)}
     metrics = {"quotas": {"recall": 200, "prerank": 50, "rank": 10}, "flow": flow, "baselines": base, "per_request": rows}
     return {"label": label, "kind": "run", "metrics": metrics, "prerank": {"experiment": label, "distilled_from": teacher}}
@@ -75,7 +76,9 @@ def test_the_verdict_names_the_best_cascade_the_gain_and_a_baseline_that_matches
     assert f"joint recall independent {np.mean(a):.4f} (independent pre-ranker) -> distilled {np.mean(a) + 0.2:.4f}, +" in lines[1]
     # the popularity pre-ranker scores every request as the trained one does: level, said plainly
     assert "a popularity pre-ranker" in lines[2] and "**level with the trained pre-ranker**" in lines[2]
-    assert "pre-rank" in lines[3] and table["rows"][1] == ["pre-rank", "0.4000", "0.2500"]
+    # most-popular recall (0.85) keeps more than the recall tower (0.80): said, in bold
+    assert lines[3] == "**Recall** keeps 0.8000 of the logged positives in its top-200 (without a model: most popular recall 0.8500); **most popular recall keeps as many or more** (means over the same requests, no interval)."
+    assert "pre-rank" in lines[4] and table["rows"][1] == ["pre-rank", "0.4000", "0.2500"]
 
 
 def test_a_baseline_above_the_trained_pre_ranker_is_said_to_win():
