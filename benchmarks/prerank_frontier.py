@@ -42,7 +42,7 @@ from cascade.config import load_config
 from cascade.data.lists import build_lists
 from cascade.evaluate import flops_per_candidate
 from cascade.models import MODELS, load_trained
-from cascade.prepare import prepare_data
+from cascade.prepare import prepare_data, trend_spec
 from cascade.tasks import train_experiment
 from export.bundle import StageModel, write_prerank
 from export.runtime import prerank_scorer
@@ -98,8 +98,8 @@ def cost(exp, ds, tmp: Path, candidates: tuple[int, ...]) -> dict[str, float]:
     """FLOPs per candidate and ms per request of the exported pre-rank stage, per candidate count."""
     models = {**MODELS, **TEACHERS}
     model = load_trained(exp, ds, models, lambda e: None)
-    test = build_lists(ds, "test")
-    catalog = Catalog.from_dataset(ds)
+    catalog = Catalog.from_dataset(ds, trend_spec(exp))  # the stages' item trend (MovieLens), served as the bundle serves it
+    test = catalog.add_trend(build_lists(ds, "test"))
     some = test.take(slice(0, 64))
     requests = some.take_columns(np.zeros((len(some), 0), int))
     root = tmp / f"bundle_{exp.name}"
@@ -145,6 +145,7 @@ def main() -> None:
                     if name == args.students[-1]:
                         ceiling = result["reference"]["teacher_as_preranker"]
                         teachers.append({"setting": setting, "seed": seed, **{k: ceiling[k] for k in QUALITY if k in ceiling}})
+                report(args, rows, teachers, costs, peak)  # after every seed: a stopped run keeps what it finished
                 if not costs:  # the first setting's first-seed runs
                     torch.set_num_threads(1)
                     peak = matmul_peak(1)
@@ -153,7 +154,7 @@ def main() -> None:
                         costs[name] = cost(exps[name], ds, tmp, (200, 1000))
                         print(f"  cost {name}: " + " ".join(f"{k} {v:,.1f}" for k, v in costs[name].items()), flush=True)
                     torch.set_num_threads(2)
-                report(args, rows, teachers, costs, peak)  # after every seed: a stopped run keeps what it finished
+                    report(args, rows, teachers, costs, peak)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -240,12 +240,18 @@ def run_flow(cascade: Cascade, logged: ListBatch, world=None) -> FlowRun:
     return FlowRun(run, logged, truth, lists, quotas, best, seconds)
 
 
-def flow_figures(cascade: Cascade, data: EvalData, world=None, split: str = "test") -> dict[str, float]:
-    """``FlowRun.flow`` over the whole split, added up part by part."""
+def flow_figures(cascade: Cascade, data: EvalData, world=None, split: str = "test", share: float = 1.0, seed: int = 0) -> dict[str, float]:
+    """``FlowRun.flow`` over the split, added up part by part; ``share`` < 1: over a seeded
+    uniform sample of that share of its requests (``requests`` says how many)."""
     total: M.Totals = {}
+    rng, requests = np.random.default_rng(seed), 0
     for logged in data.lists(split):
-        M.add_totals(total, run_flow(cascade, logged, world).flow(world))
-    return M.means(total)
+        if share < 1.0:
+            logged = logged.take(np.flatnonzero(rng.random(len(logged)) < share))
+        if len(logged):
+            M.add_totals(total, run_flow(cascade, logged, world).flow(world))
+            requests += len(logged)
+    return M.means(total) | {"requests": requests}
 
 
 @dataclass

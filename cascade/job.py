@@ -104,6 +104,7 @@ def evaluate_runs(paths: list[Path], out: Path, seed: int = 0) -> list[dict]:
 
 
 LATENCY_REQUESTS = 200  # test requests served one at a time for the latency figures
+UNTRAINED_REQUESTS = 2000  # about this many test requests, drawn at random, for the untrained cascade's reference row
 
 
 def _stage_entry(path: Path) -> dict:
@@ -193,8 +194,9 @@ def evaluate_path(path: Path, seed: int = 0) -> dict:
     }
     if kind == "run":
         untrained = load_saved(path, untrained=True, models=models, data=saved.data)
-        entry["untrained"] = flow_figures(untrained.cascade(), untrained.data, untrained.world)
-        done("the untrained cascade")
+        share = min(1.0, UNTRAINED_REQUESTS / metrics["requests"])
+        entry["untrained"] = flow_figures(untrained.cascade(), untrained.data, untrained.world, share=share, seed=seed)
+        done(f"the untrained cascade on {entry['untrained']['requests']:,} test requests")
         worse = got_worse(read_results(path).get("rounds", [])) if finished(path) else None
         if worse:
             entry["notes"].append(f"training {worse}")

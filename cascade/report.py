@@ -137,7 +137,7 @@ def tables(entries: list[dict]) -> dict[str, dict]:
         of = g[0].get("cost", {}).get("latency_of", "")
         header = ["stage"] + [teacher_recall_name(g[0]) if n == "TR" else n for n, _ in STAGE_COLUMNS] + ["FLOPs / candidate", "p50 ms", "p95 ms"]
         out[f"{label}: per stage" + (f" (latency: {of})" if of else "")] = _without_empty_columns(_table(header, _stage_rows(g)))
-        flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("trending pre-ranker", "metrics/baselines/trending_prerank"), ("untrained cascade (every stage)", "untrained")]
+        flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("trending pre-ranker", "metrics/baselines/trending_prerank"), (f"untrained cascade (every stage; {_untrained_requests(g)} test requests)", "untrained")]
         rows = []
         for name, root in flow_rows:
             cells = [_cell([_get(e, f"{root}/{key}") for e in g]) for key in ("joint_recall", "positives_after_prerank", "TR", "oracle_ratio")]
@@ -146,6 +146,11 @@ def tables(entries: list[dict]) -> dict[str, dict]:
         header = ["between the same recall and ranker", "joint recall", "positives kept after pre-rank", teacher_recall_name(g[0]), "oracle ratio"]
         out[f"{label}: the pre-ranker against baselines"] = _without_empty_columns(_table(header, rows))
     return out
+
+
+def _untrained_requests(g: list[dict]) -> str:
+    n = [e.get("untrained", {}).get("requests") for e in g]
+    return "all" if None in n else f"{min(n):,}"
 
 
 def _recall_baselines(groups: dict[str, list[dict]]) -> dict:
