@@ -338,14 +338,28 @@ def stage_figures(fr: FlowRun) -> dict:
     return out
 
 
+EXPOSURES_PER_ROW = 16  # a request's logged exposures are scored together, up to this many to a list
+
+
 def exposure_scores(stage: Stage, logged: ListBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The stage's scores of the logged exposures, each scored as a list of one (lists padded to
-    the longest day of a MovieLens user would cost far more): labels, scores, request ids (E,)."""
-    rows, cols = np.nonzero(logged.mask & (logged.stage == EXPOSED))
-    if not len(rows):
+    """The stage's scores of the logged exposures: labels, scores, request ids (E,). Each
+    request's exposures are scored as lists of their own, ``EXPOSURES_PER_ROW`` at most (a
+    MovieLens user's day can hold hundreds: padding every row to the longest would cost far
+    more); a scorer that scores each candidate alone gives what it gives in any list. A
+    list-dependent scorer (a blend standardises over its list) has no score of an exposure
+    outside the list it cuts: none."""
+    rows, cols = np.nonzero(logged.mask & (logged.stage == EXPOSED))  # row-major: grouped by row
+    if not len(rows) or getattr(stage.scorer, "list_dependent", False):
         return np.zeros(0, np.float32), np.zeros(0), np.zeros(0, np.int64)
-    one_each = logged.take(rows).take_columns(cols[:, None])  # (E, 1)
-    return logged.label[rows, cols], np.asarray(stage.scorer(one_each), np.float64)[:, 0], logged.request_id[rows]
+    within = np.arange(len(rows)) - np.searchsorted(rows, rows)  # each exposure's place among its row's
+    segment = np.cumsum(np.r_[True, (rows[1:] != rows[:-1]) | (within[1:] % EXPOSURES_PER_ROW == 0)]) - 1
+    slot = within % EXPOSURES_PER_ROW
+    grid = np.zeros((segment[-1] + 1, EXPOSURES_PER_ROW), np.int64)
+    valid = np.zeros(grid.shape, bool)
+    grid[segment, slot], valid[segment, slot] = cols, True
+    first = np.r_[0, np.flatnonzero(np.diff(segment)) + 1]
+    scores = np.asarray(stage.scorer(logged.cells(rows[first], grid, valid)), np.float64)
+    return logged.label[rows, cols], scores[segment, slot], logged.request_id[rows]
 
 
 def exposure_metrics(y: np.ndarray, s: np.ndarray, groups: np.ndarray) -> dict[str, float]:

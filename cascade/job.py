@@ -104,7 +104,7 @@ def evaluate_runs(paths: list[Path], out: Path, seed: int = 0) -> list[dict]:
 
 
 LATENCY_REQUESTS = 200  # test requests served one at a time for the latency figures
-UNTRAINED_REQUESTS = 2000  # about this many test requests, drawn at random, for the untrained cascade's reference row
+UNTRAINED_REQUESTS = 1000  # about this many test requests, drawn at random, for the untrained cascade's reference row
 
 
 def _stage_entry(path: Path) -> dict:

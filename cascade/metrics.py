@@ -257,9 +257,17 @@ def recall_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndar
     return _row_mean((member * rel).sum(axis=1) / np.where(defined, total, 1.0), defined)
 
 
+_LOG_FACTORIALS = np.zeros(1)  # log(i!) for i < len: grown on demand, read by _lchoose
+
+
 def _lchoose(n: np.ndarray, k: np.ndarray) -> np.ndarray:
-    lg = np.vectorize(math.lgamma, otypes=[np.float64])
-    return lg(n + 1.0) - lg(k + 1.0) - lg(n - k + 1.0)
+    """log C(n, k) for whole numbers 0 <= k <= n (counts of items), from a table of log factorials."""
+    global _LOG_FACTORIALS
+    n, k = np.asarray(n, np.int64), np.asarray(k, np.int64)
+    top = int(n.max(initial=0))
+    if top >= len(_LOG_FACTORIALS):
+        _LOG_FACTORIALS = np.r_[0.0, np.cumsum(np.log(np.arange(1, 2 * top + 2, dtype=np.float64)))]
+    return _LOG_FACTORIALS[n] - _LOG_FACTORIALS[k] - _LOG_FACTORIALS[n - k]
 
 
 def hit_rate_at_k(scores: np.ndarray, relevance: np.ndarray, k: int, mask: np.ndarray | None = None) -> RowMean:

@@ -236,3 +236,41 @@ def test_cascade_eval_streams_when_the_cascade_run_did(saved, trained, tmp_path,
     _close(streamed["metrics"], in_memory["metrics"])
     _close(streamed["untrained"], in_memory["untrained"])
     assert streamed["cost"]["flops_per_candidate"] == in_memory["cost"]["flops_per_candidate"]
+
+
+def test_exposures_scored_in_rows_of_their_request_score_as_one_at_a_time(saved, monkeypatch):
+    import cascade.evaluate as E
+
+    monkeypatch.setattr(E, "EXPOSURES_PER_ROW", 2)
+    logged = build_lists(saved.ds, "test")
+    stage = logged.stage.copy()
+    stage[::2, :5] = np.where(logged.mask[::2, :5], 3, stage[::2, :5])  # every other request exposes 5 or more: split over 3 lists
+    logged = replace(logged, stage=stage)
+    for st in saved.cascade().stages:
+        y, s, groups = exposure_scores(st, logged)
+        rows, cols = np.nonzero(logged.mask & (logged.stage == 3))
+        alone = np.asarray(st.scorer(logged.take(rows).take_columns(cols[:, None])), np.float64)[:, 0]
+        assert len(s) == len(rows) > 0 and np.allclose(s, alone, atol=1e-5)
+        assert np.array_equal(groups, logged.request_id[rows]) and np.array_equal(y, logged.label[rows, cols])
+
+
+def test_a_list_dependent_stage_has_no_score_for_an_exposure_alone(saved):
+    stage = saved.cascade().stages[1]
+    stage.scorer.list_dependent = True  # as a blend: standardised over its list
+    y, s, groups = exposure_scores(stage, build_lists(saved.ds, "test"))
+    assert len(y) == len(s) == len(groups) == 0 and exposure_metrics(y, s, groups) == {}
+
+
+def test_cells_gathers_candidates_and_pads_the_rest():
+    lists = build_lists_of_ids(np.array([[5, 6, 7], [8, 9, 0]]))
+    got = lists.cells(np.array([1, 0, 0]), np.array([[1, 0], [2, 0], [0, 1]]), np.array([[True, True], [True, False], [True, True]]))
+    assert got.item["item_id"].tolist() == [[9, 8], [7, 0], [5, 6]]
+    assert got.mask.tolist() == [[True, True], [True, False], [True, True]]
+    assert got.request_id.tolist() == [2, 1, 1] and got.history.shape == (3, 1)
+
+
+def build_lists_of_ids(ids):
+    from cascade.data.lists import ListBatch
+
+    b, n = ids.shape
+    return ListBatch(np.arange(1, b + 1), {"user_id": np.arange(1, b + 1)}, np.zeros((b, 1), np.int64), {"item_id": ids}, np.zeros((b, n), np.float32), np.zeros((b, n), np.int8), ids > 0, {}, None)

@@ -61,6 +61,18 @@ class ListBatch:
         pick = lambda d: {k: v[rows, cols] for k, v in d.items()}  # noqa: E731  (B, M, ...) per field
         return replace(self, item=pick(self.item), label=self.label[rows, cols], stage=self.stage[rows, cols], mask=self.mask[rows, cols], teacher=pick(self.teacher))
 
+    def cells(self, rows: np.ndarray, cols: np.ndarray, valid: np.ndarray) -> "ListBatch":
+        """Lists (S, M) of the candidates at (``rows[s]``, ``cols[s, j]``) where ``valid`` (S, M),
+        padding elsewhere, gathered without copying whole rows."""
+        r = rows[:, None]
+        pad = lambda v: np.where(valid.reshape(valid.shape + (1,) * (v.ndim - 2)), v[r, cols], 0)  # noqa: E731  (S, M, ...)
+        ts = None if self.ts is None else self.ts[rows]
+        return ListBatch(
+            self.request_id[rows], {k: v[rows] for k, v in self.user.items()}, self.history[rows],
+            {k: pad(v) for k, v in self.item.items()}, pad(self.label), pad(self.stage), self.mask[r, cols] & valid,
+            {k: pad(v) for k, v in self.teacher.items()}, ts,
+        )
+
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator["ListBatch"]:
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         for a in range(0, len(self), batch_size):
