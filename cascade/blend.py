@@ -96,13 +96,16 @@ class Blend(nn.Module):
                 out.append(part_items[..., 0].to(torch.float32))
         return out
 
-    def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """user (B, Wu), items (B, N, Wi) packed in ``user_slots`` / ``item_slots`` -> (B, N)."""
-        mask = items[..., 0] > 0  # item_id leads the item layout
-        total = torch.zeros(mask.shape, dtype=torch.float32, device=items.device)
-        for w, scores in zip(self.weights, self.part_scores(user, items)):
+    def combine(self, parts: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the parts' scores (each (B, N)), each standardised over ``mask``."""
+        total = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        for w, scores in zip(self.weights, parts):
             total = total + w * standardised(scores.to(torch.float32), mask)
         return total
+
+    def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """user (B, Wu), items (B, N, Wi) packed in ``user_slots`` / ``item_slots`` -> (B, N)."""
+        return self.combine(self.part_scores(user, items), items[..., 0] > 0)  # item_id leads the item layout
 
 
 def blend_weights(z: list[np.ndarray], quality: Callable[[np.ndarray], float], grid: Sequence[float] = GRID, passes: int = 2) -> list[float]:

@@ -20,12 +20,13 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from cascade.data.lists import ListBatch
 from cascade.data.store import Dataset
 from cascade.data.trend import ItemTrend, TrendSpec, trend_field_name, trend_ids
-from cascade.models import score_lists
+from cascade.models import list_tensors, score_lists
 
 Scorer = Callable[[ListBatch], np.ndarray]
 Retriever = Callable[[ListBatch, int], tuple[np.ndarray, np.ndarray]]
@@ -122,6 +123,24 @@ class TorchScorer:
 
     def __call__(self, lists: ListBatch) -> np.ndarray:
         return score_lists(self.model, lists, self.lists_per_batch)
+
+    @torch.no_grad()
+    def whole_and_served(self, lists: ListBatch, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A blend's scores (B, N) over the whole lists, and over the ``alive`` candidates alone
+        (standardised among them, as serving scores the list it is given; -inf elsewhere), from
+        one pass of its parts: what ``Cascade.run(full=True)`` needs of a list-dependent stage."""
+        self.model.eval()
+        t = list_tensors(lists, self.model)
+        on = torch.from_numpy(alive)
+        whole, served = [], []
+        for a in range(0, len(lists), self.lists_per_batch):
+            items = t.items[a : a + self.lists_per_batch]
+            parts = self.model.part_scores(t.user[a : a + self.lists_per_batch], items)
+            mask = items[..., 0] > 0
+            whole.append(self.model.combine(parts, mask))
+            served.append(self.model.combine(parts, mask & on[a : a + self.lists_per_batch]))
+        whole_np = np.where(lists.mask, torch.cat(whole).numpy(), 0.0).astype(np.float32)
+        return whole_np, np.where(alive & lists.mask, torch.cat(served).numpy(), -np.inf).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -227,10 +246,15 @@ class Cascade:
         for i, stage in enumerate(self.stages):
             start = time.perf_counter()
             if full:
-                scores = np.asarray(stage.scorer(lists), np.float32)
                 if i and getattr(stage.scorer, "list_dependent", False):
-                    kept, order_by = self._cut_as_served(stage, lists, alive)
+                    if hasattr(stage.scorer, "whole_and_served"):  # a torch blend: its parts scored once
+                        scores, order_by = stage.scorer.whole_and_served(lists, alive)
+                        kept = top_mask(order_by, alive, stage.quota)
+                    else:
+                        scores = np.asarray(stage.scorer(lists), np.float32)
+                        kept, order_by = self._cut_as_served(stage, lists, alive)
                 else:
+                    scores = np.asarray(stage.scorer(lists), np.float32)
                     kept, order_by = top_mask(scores, alive, stage.quota), None
                 out.append(StageOutput(stage.name, lists, scores, kept, time.perf_counter() - start))
                 alive = kept

@@ -141,6 +141,9 @@ def test_a_blended_rank_stage_exports_serves_and_evaluates_as_served(blended, tm
     requests = requests.take_columns(np.zeros((len(requests), 0), int))
     served, full = cascade.run(requests), cascade.run(requests, full=True)
     np.testing.assert_array_equal(served.items, full.items)
+    # the full run scores the blend's parts once (whole_and_served): the final scores are served's
+    assert hasattr(cascade.stages[1].scorer, "whole_and_served")
+    np.testing.assert_allclose(full.scores, served.scores, atol=1e-5)
     for s, f in zip(served.stages, full.stages):
         kept = lambda o: [set(r[k].tolist()) for r, k in zip(o.lists.item["item_id"], o.kept)]  # noqa: E731
         assert kept(s) == kept(f), s.name
