@@ -1,0 +1,108 @@
+"""How long `cascade eval` takes on one cascade, at an earlier commit and now, in one run.
+
+    python benchmarks/eval_speed.py [--run runs/ml1m/cascade_distilled] [--before COMMIT] [--name eval_speed]
+
+The earlier commit is checked out in a temporary git worktree; each version evaluates the same
+cascade run in a fresh process (`cascade eval RUN --out TMP`, whose own code is that version's),
+taking turns, each twice. Per version: the wall time of the whole command, each phase's seconds
+as it prints them (the earlier versions print running totals, turned into durations here), and
+the headline figures of its metrics.json, which must agree (the untrained reference row aside,
+which now samples about 1,000 requests). The matmul peak is measured in the same run.
+Writes benchmarks/results/NAME.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from provenance import write_results
+from serving import matmul_peak
+
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = "0bcb43e"  # the last commit before issue 35's evaluation work
+PHASES = ("quality and baselines", "cost: FLOPs and latency", "the untrained cascade")
+FIGURES = ("flow/joint_recall", "flow/positives_after_prerank", "stages/prerank/auc", "stages/rank/ndcg@10", "baselines/popularity_prerank/joint_recall")
+
+
+def run_eval(tree: Path, run: Path, out: Path) -> dict:
+    """One `cascade eval` with ``tree``'s code: wall seconds, phase durations, headline figures."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    code = f"from cascade.cli import main; raise SystemExit(main(['eval', {str(run.resolve())!r}, '--out', {str(out)!r}]))"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"cascade eval at {tree} failed:\n{done.stderr[-3000:]}")
+    phases, last = {}, 0
+    for line in done.stdout.splitlines():
+        name = next((p for p in PHASES if line.startswith("  " + p)), None)
+        seconds = re.search(r"(\d+)s\)?$", line)
+        if name and seconds:
+            cumulative = line.endswith(")")  # "(12s)": seconds since the evaluation began
+            phases[name] = int(seconds.group(1)) - (last if cumulative else 0)
+            last = int(seconds.group(1)) if cumulative else 0
+    entry = json.loads((out / "metrics.json").read_text())["entries"][0]["metrics"]
+    figures = {}
+    for path in FIGURES:
+        node = entry
+        for part in path.split("/"):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        figures[path] = node if isinstance(node, (int, float)) else None
+    return {"wall_s": wall, "phases_s": phases, "figures": figures, "requests": entry["requests"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "ml1m" / "cascade_distilled")
+    parser.add_argument("--before", default=BEFORE)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--name", default="eval_speed")
+    args = parser.parse_args()
+    peak = matmul_peak(2)
+    with tempfile.TemporaryDirectory(prefix="eval_speed.") as tmp:
+        tmp = Path(tmp)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "before"), args.before], cwd=ROOT, check=True, capture_output=True)
+        try:
+            trees = {f"before ({args.before})": tmp / "before", "now": ROOT}
+            results: dict[str, list[dict]] = {name: [] for name in trees}
+            for i in range(args.repeats):
+                for name, tree in trees.items():  # taking turns: drift in the machine hits both
+                    results[name].append(run_eval(tree, args.run, tmp / f"out_{i}_{len(results[name])}_{name[:3]}"))
+                    print(f"  {name} #{i + 1}: {results[name][-1]['wall_s']:.0f}s {results[name][-1]['phases_s']}", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "before")], cwd=ROOT, capture_output=True)
+    report(args, results, peak)
+
+
+def report(args, results: dict[str, list[dict]], peak: float) -> None:
+    names = list(results)
+    mean = lambda rs, f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
+    phases = list(PHASES)
+    lines = [
+        f"`cascade eval {args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run}` in a fresh process, {results[names[0]][0]['requests']:,} test requests; "
+        f"each version {args.repeats} times, taking turns (mean seconds). fp32 matmul peak in this run: {peak:.1f} GFLOP/s (2 threads).",
+        "",
+        "| version | whole command s | " + " | ".join(f"{p} s" for p in phases) + " |",
+        "|---|---:|" + "---:|" * len(phases),
+    ]
+    for name in names:
+        rs = results[name]
+        lines.append(f"| {name} | {mean(rs, lambda r: r['wall_s']):.0f} | " + " | ".join(f"{mean(rs, lambda r: r['phases_s'].get(p, 0)):.0f}" for p in phases) + " |")
+    speedup = mean(results[names[0]], lambda r: r["wall_s"]) / mean(results[names[1]], lambda r: r["wall_s"])
+    lines += ["", f"Speed-up of the whole command: x{speedup:.2f}.", "", "| figure | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for path in FIGURES:
+        lines.append(f"| {path} | " + " | ".join("-" if results[n][0]["figures"][path] is None else f"{results[n][0]['figures'][path]:.6f}" for n in names) + " |")
+    print("\n".join(lines))
+    write_results(args.name, [f"# {args.name}: how long `cascade eval` takes, before and now", "", *lines], {"matmul_peak_gflops": peak, "results": results, "speedup": speedup})
+
+
+if __name__ == "__main__":
+    main()
