@@ -92,7 +92,7 @@ def teacher_recall_name(entry: dict) -> str:
     return f"teacher R@{q['rank']}@{q['prerank']}"
 
 
-def _without_empty_columns(t: dict) -> dict:
+def without_empty_columns(t: dict) -> dict:
     """The table less each column (but the first) with no value in any row."""
     keep = [0] + [i for i in range(1, len(t["header"])) if any(r[i] not in ("", "—") for r in t["rows"])]
     return _table([t["header"][i] for i in keep], [[r[i] for i in keep] for r in t["rows"]])
@@ -128,7 +128,7 @@ def tables(entries: list[dict]) -> dict[str, dict]:
         return out
     first = next(iter(groups.values()))[0]
     tr = teacher_recall_name(first)
-    out["Cascades side by side (test)"] = _without_empty_columns(_table(
+    out["Cascades side by side (test)"] = without_empty_columns(_table(
         ["run", "seeds"] + [tr if name == "TR" else name for name, _ in SIDE_BY_SIDE],
         [[label, str(len(g))] + [_cell([_get(e, path) for e in g]) for _, path in SIDE_BY_SIDE] for label, g in groups.items()],
     ))
@@ -136,7 +136,7 @@ def tables(entries: list[dict]) -> dict[str, dict]:
     for label, g in groups.items():
         of = g[0].get("cost", {}).get("latency_of", "")
         header = ["stage"] + [teacher_recall_name(g[0]) if n == "TR" else n for n, _ in STAGE_COLUMNS] + ["FLOPs / candidate", "p50 ms", "p95 ms"]
-        out[f"{label}: per stage" + (f" (latency: {of})" if of else "")] = _without_empty_columns(_table(header, _stage_rows(g)))
+        out[f"{label}: per stage" + (f" (latency: {of})" if of else "")] = without_empty_columns(_table(header, _stage_rows(g)))
         flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("trending pre-ranker", "metrics/baselines/trending_prerank"), (f"untrained cascade (every stage; {_untrained_requests(g)} test requests)", "untrained")]
         rows = []
         for name, root in flow_rows:
@@ -144,7 +144,7 @@ def tables(entries: list[dict]) -> dict[str, dict]:
             if any(c != "—" for c in cells):
                 rows.append([name] + cells)
         header = ["between the same recall and ranker", "joint recall", "positives kept after pre-rank", teacher_recall_name(g[0]), "oracle ratio"]
-        out[f"{label}: the pre-ranker against baselines"] = _without_empty_columns(_table(header, rows))
+        out[f"{label}: the pre-ranker against baselines"] = without_empty_columns(_table(header, rows))
     return out
 
 
@@ -167,7 +167,7 @@ def _recall_baselines(groups: dict[str, list[dict]]) -> dict:
     days = _get(first, "metrics/baselines/trending_recall/days")
     if not math.isnan(days):
         rows.append([f"trending recall ({days:g}-day window)", *cells([first], "trending_recall")])
-    return _without_empty_columns(_table(["recall", "positives kept@50", f"positives kept@{n}"], rows))
+    return without_empty_columns(_table(["recall", "positives kept@50", f"positives kept@{n}"], rows))
 
 
 # ------------------------------------------------------------------------------- plots
