@@ -34,7 +34,7 @@ from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.data.lists import ListBatch
 from cascade.data.schema import EXPOSED
 from cascade.data.store import Dataset
-from cascade.data.trend import ItemTrend, TrendSpec
+from cascade.data.trend import ItemTrend, TrendSpec, is_trend_field
 from cascade.data.synth import WORLD_FILE, World
 from cascade.eval_data import EvalData
 from cascade.models import MODELS, build_model, list_tensors
@@ -58,7 +58,7 @@ GLOSSARY = {
     "AUC, GAUC, LogLoss": "(auc, gauc, logloss) on the logged exposures of the test requests; GAUC weights each request by its exposures; LogLoss of sigmoid(score), shown only for a stage trained as a probability (BCE alone): a ranking loss's scores are not probabilities",
     "oracle ratio": "(oracle_ratio) synthetic world only: true utility of the final top-k over the best top-k of the catalog (history excluded)",
     "blame": "(blame_recall, blame_prerank, blame_rank) synthetic world only: the lost true utility each stage causes, as a share of the best achievable: recall = best of catalog - best within recall's output, pre-rank = that - best within its output, rank = that - what it shows",
-    "FLOPs / candidate": "(flops_per_candidate) matmul FLOPs per scored candidate at serving (torch FlopCounterMode; embedding lookups not counted): two-towers count the user tower once per request plus the score, the item side cached; recall per catalog item",
+    "FLOPs / candidate": "(flops_per_candidate) matmul FLOPs per scored candidate at serving (torch FlopCounterMode; embedding lookups not counted): two-towers count the user tower once per request plus the score, the item side cached (run per candidate where it reads the item trend); recall per catalog item",
     "p50 ms, p95 ms": "(latency_ms, latency_p95_ms) median and 95th-percentile wall time of the stage per request, one request at a time",
 }
 
@@ -421,11 +421,13 @@ def flops_per_candidate(model: nn.Module, lists: ListBatch, role: str, candidate
     if role == "recall":  # the user tower once, then one dot per catalog item (exact search)
         u = model.user(t.user)
         return (_matmul_flops(lambda: model.user(t.user)) + 2 * u.numel() * candidates) / candidates
-    if hasattr(model, "dot_scale"):  # a two-tower: the item side is cached
-        v = model.item(t.items.reshape(candidates, -1))
+    if hasattr(model, "dot_scale"):  # a two-tower: the item side is cached, unless it reads the trend
+        flat = t.items.reshape(candidates, -1)
+        v = model.item(flat)
         v = v.reshape(1, candidates, *v.shape[1:])
         u = model.user(t.user)
-        return (_matmul_flops(lambda: model.user(t.user)) + _matmul_flops(lambda: model.score(u, v))) / candidates
+        live = _matmul_flops(lambda: model.item(flat)) if any(is_trend_field(s.name) for s in model.item_slots) else 0
+        return (_matmul_flops(lambda: model.user(t.user)) + live + _matmul_flops(lambda: model.score(u, v))) / candidates
     return _matmul_flops(lambda: model(t.user, t.items)) / candidates
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 from cascade.data.trend import ItemTrend, TrendSpec
 from cascade.eval_data import EvalData
 from cascade.evaluate import Truth, evaluate, exposure_metrics, exposure_scores, flops_per_candidate, load_saved, most_popular, run_flow, torch_cascade, trending
-from cascade.cascade import requests_batch
+from cascade.cascade import Catalog, requests_batch
 from cascade.models import MODELS
 from teachers import TEACHERS
 
@@ -134,6 +134,12 @@ def test_a_cascade_with_the_item_trend_evaluates_as_it_trained_and_exports(tmp_p
     saved = load_saved(tmp_path / "runs" / "frozen_trend", models={**MODELS, **TEACHERS})
     assert saved.trend == TrendSpec((1, 7), scale)
     assert {"item_trend_1d", "item_trend_7d"} <= {s.name for s in saved.models["prerank"].item_slots}
+    # its item tower reads the trend, so it runs per candidate (no cache): total(n) = U + n (I + 2 D), so
+    # f(10) * 10 - f(20) * 20 = -10 (I + 2 D), below the cached tower's -10 * 2 D = -160 (D = 8)
+    some = saved.data.first("test", 4)
+    lists = Catalog.from_dataset(saved.ds, saved.trend).add_trend(some)
+    f10, f20 = (flops_per_candidate(saved.models["prerank"], lists, "prerank", n) for n in (10, 20))
+    assert f10 * 10 - f20 * 20 < -160 - 10 * 100  # the item tower costs more than 100 FLOPs a candidate
     flow = evaluate_path(tmp_path / "runs" / "frozen_trend")["metrics"]["flow"]
     for key in ("positives_retrieved", "positives_after_prerank", "joint_recall", "teacher_recall@4@10"):
         assert flow[key] == pytest.approx(trained[key], abs=1e-9), key

@@ -63,6 +63,11 @@ def trend_field_name(days: float) -> str:
     return f"item_trend_{days:g}d"
 
 
+def is_trend_field(name: str) -> bool:
+    """Whether a field is a per-request item trend (``trend_field_name``): no item-side cache holds it."""
+    return name.startswith("item_trend_")
+
+
 def bucket(counts: np.ndarray) -> np.ndarray:
     """count >= 0 -> id 1 + floor(log2(1 + count)), at most TREND_BUCKETS (0 stays padding's)."""
     return np.minimum(1 + np.floor(np.log2(1.0 + counts)).astype(np.int64), TREND_BUCKETS)
