@@ -17,7 +17,7 @@ from typing import Callable
 
 from cascade.config import ConfigError, ExperimentConfig, load_config
 from cascade.tasks import TASKS
-from cascade.report import METRICS_FILE, opening, plain, read_entries, teacher_recall_name, text_table, without_empty_columns
+from cascade.report import METRICS_FILE, cell, opening, plain, read_entries, teacher_recall_name, text_table, without_empty_columns
 from cascade.saved import RESULTS_FILE, STAGE_NAMES, STAGES_FILE, finished, read_results
 
 
@@ -229,10 +229,6 @@ def summary(entries: list[dict]) -> str:
     return "\n".join([plain(s) for s in said] + ([""] if said else []) + [comparison(entries)])
 
 
-def cell(x: float, digits: int) -> str:
-    return "—" if math.isnan(x) else f"{x:.{digits}f}"
-
-
 def comparison(entries: list[dict]) -> str:
     """The job's closing table: one row per cascade."""
     entries = [e for e in entries if e["kind"] != "stage"]
@@ -245,6 +241,6 @@ def comparison(entries: list[dict]) -> str:
     for e in entries:
         flow, lat = e["metrics"]["flow"], e["cost"]["latency_ms"]
         figures = [flow["joint_recall"], flow.get(tr, float("nan")), flow.get("oracle_ratio", float("nan"))]
-        rows.append([e["label"]] + [cell(x, 4) for x in figures] + [cell(lat.get(s, math.nan), 2) for s in STAGE_NAMES])
+        rows.append([e["label"]] + [cell([x]) for x in figures] + [cell([lat.get(s, math.nan)], 2) for s in STAGE_NAMES])
     of = entries[0]["cost"]["latency_of"]
     return text_table(without_empty_columns({"header": header, "rows": rows})) + f"\n(ms: p50 per request and stage, {of}; the terms are explained at the end of the report)"

@@ -45,7 +45,7 @@ def _get(entry: dict, path: str) -> float:
     return float(node) if isinstance(node, (int, float)) else math.nan
 
 
-def _cell(values: list[float], digits: int = 4) -> str:
+def cell(values: list[float], digits: int = 4) -> str:
     v = [x for x in values if not math.isnan(x)]
     if not v:
         return "—"
@@ -104,8 +104,8 @@ def _stage_rows(g: list[dict]) -> list[list[str]]:
         cells = []
         for _, key in STAGE_COLUMNS:
             as_probability = g[0].get("probabilities", {}).get(stage, True)
-            cells.append(_cell([_get(e, f"metrics/stages/{stage}/{key}") for e in g]) if key != "logloss" or as_probability else NOT_PROBABILITIES)
-        cost = [_cell([_get(e, f"cost/flops_per_candidate/{stage}") for e in g], 0)] + [_cell([_get(e, f"cost/{which}/{stage}") for e in g], 2) for which in ("latency_ms", "latency_p95_ms")]
+            cells.append(cell([_get(e, f"metrics/stages/{stage}/{key}") for e in g]) if key != "logloss" or as_probability else NOT_PROBABILITIES)
+        cost = [cell([_get(e, f"cost/flops_per_candidate/{stage}") for e in g], 0)] + [cell([_get(e, f"cost/{which}/{stage}") for e in g], 2) for which in ("latency_ms", "latency_p95_ms")]
         rows.append([STAGE_WORDS[stage]] + cells + cost)
     return rows
 
@@ -119,9 +119,9 @@ def tables(entries: list[dict]) -> dict[str, dict]:
         sg = _groups(stages)
         rows = []
         for label, g in sg.items():
-            rows.append([label, g[0]["task"], str(len(g))] + [_cell([_get(e, f"metrics/test/{k}") for e in g]) for k in keys])
+            rows.append([label, g[0]["task"], str(len(g))] + [cell([_get(e, f"metrics/test/{k}") for e in g]) for k in keys])
             for part in g[0]["metrics"].get("parts", {}):  # a blend: each part alone, on the same lists
-                rows.append([f"{label}: {part} alone", "blend part", str(len(g))] + [_cell([_get(e, f"metrics/parts/{part}/test/{k}") for e in g]) for k in keys])
+                rows.append([f"{label}: {part} alone", "blend part", str(len(g))] + [cell([_get(e, f"metrics/parts/{part}/test/{k}") for e in g]) for k in keys])
         out["Single-stage runs (test, as each run reported it)"] = _table(["run", "task", "seeds"] + keys, rows)
     groups = _groups([e for e in entries if e["kind"] != "stage"])
     if not groups:
@@ -130,7 +130,7 @@ def tables(entries: list[dict]) -> dict[str, dict]:
     tr = teacher_recall_name(first)
     out["Cascades side by side (test)"] = without_empty_columns(_table(
         ["run", "seeds"] + [tr if name == "TR" else name for name, _ in SIDE_BY_SIDE],
-        [[label, str(len(g))] + [_cell([_get(e, path) for e in g]) for _, path in SIDE_BY_SIDE] for label, g in groups.items()],
+        [[label, str(len(g))] + [cell([_get(e, path) for e in g]) for _, path in SIDE_BY_SIDE] for label, g in groups.items()],
     ))
     out["Recall against its baselines (positives kept by recall)"] = _recall_baselines(groups)
     for label, g in groups.items():
@@ -140,7 +140,7 @@ def tables(entries: list[dict]) -> dict[str, dict]:
         flow_rows = [("pre-ranker (this run)", "metrics/flow"), ("random pre-ranker", "metrics/baselines/random_prerank"), ("popularity pre-ranker", "metrics/baselines/popularity_prerank"), ("trending pre-ranker", "metrics/baselines/trending_prerank"), (f"untrained cascade (every stage; {_untrained_requests(g)} test requests)", "untrained")]
         rows = []
         for name, root in flow_rows:
-            cells = [_cell([_get(e, f"{root}/{key}") for e in g]) for key in ("joint_recall", "positives_after_prerank", "TR", "oracle_ratio")]
+            cells = [cell([_get(e, f"{root}/{key}") for e in g]) for key in ("joint_recall", "positives_after_prerank", "TR", "oracle_ratio")]
             if any(c != "—" for c in cells):
                 rows.append([name] + cells)
         header = ["between the same recall and ranker", "joint recall", "positives kept after pre-rank", teacher_recall_name(g[0]), "oracle ratio"]
@@ -158,7 +158,7 @@ def _recall_baselines(groups: dict[str, list[dict]]) -> dict:
     most-popular and trending recall."""
     first = next(iter(groups.values()))[0]
     n = first["metrics"]["quotas"]["recall"]
-    cells = lambda g, root: [_cell([_get(e, f"metrics/baselines/{root}/positives_kept@{c}") for e in g]) for c in (50, n)]  # noqa: E731
+    cells = lambda g, root: [cell([_get(e, f"metrics/baselines/{root}/positives_kept@{c}") for e in g]) for c in (50, n)]  # noqa: E731
     shared: dict[tuple, list[str]] = {}
     for label, g in groups.items():
         shared.setdefault(tuple(cells(g, "recall")), []).append(label)

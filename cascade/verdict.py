@@ -53,16 +53,21 @@ def _per_request(entry: dict, flow: str) -> dict[int, float] | None:
     return dict(zip(rows["request_id"], rows[flow]))
 
 
-def _seed_values(group: list[dict], flow: str) -> list[float]:
-    key = ("flow",) if flow == "flow" else ("baselines", flow)
-    out = []
+def _values(group: list[dict], *path: str) -> list[float]:
+    """The number at ``metrics/<path>`` of each entry that has one."""
+    values = []
     for e in group:
         node = e["metrics"]
-        for part in key:
-            node = node.get(part, {})
-        if "joint_recall" in node:
-            out.append(float(node["joint_recall"]))
-    return out
+        for part in path:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, (int, float)):
+            values.append(float(node))
+    return values
+
+
+def _flow_path(flow: str) -> tuple[str, ...]:
+    """Where a flow's figures sit: the cascade's own ("flow"), or a baseline pre-ranker's."""
+    return ("flow",) if flow == "flow" else ("baselines", flow)
 
 
 def difference(a: list[dict], b: list[dict], flow_a: str = "flow", flow_b: str = "flow") -> Estimate | None:
@@ -70,7 +75,7 @@ def difference(a: list[dict], b: list[dict], flow_a: str = "flow", flow_b: str =
     name); with several seeds, the difference of their means with 2 standard errors, else a
     paired bootstrap over the requests both were evaluated on. ``b`` empty: ``a`` alone."""
     if len(a) > 1 or len(b) > 1:
-        xa, xb = _seed_values(a, flow_a), _seed_values(b, flow_b) if b else []
+        xa, xb = _values(a, *_flow_path(flow_a), "joint_recall"), _values(b, *_flow_path(flow_b), "joint_recall")
         if len(xa) < 2 or (b and len(xb) < 2):
             return None
         mean = float(np.mean(xa) - (np.mean(xb) if b else 0.0))
@@ -89,13 +94,7 @@ def difference(a: list[dict], b: list[dict], flow_a: str = "flow", flow_b: str =
 
 
 def _mean(group: list[dict], *path: str) -> float:
-    values = []
-    for e in group:
-        node = e["metrics"]
-        for part in path:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, (int, float)):
-            values.append(float(node))
+    values = _values(group, *path)
     return float(np.mean(values)) if values else math.nan
 
 
