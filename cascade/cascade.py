@@ -125,22 +125,25 @@ class TorchScorer:
         return score_lists(self.model, lists, self.lists_per_batch)
 
     @torch.no_grad()
-    def whole_and_served(self, lists: ListBatch, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A blend's scores (B, N) over the whole lists, and over the ``alive`` candidates alone
-        (standardised among them, as serving scores the list it is given; -inf elsewhere), from
-        one pass of its parts: what ``Cascade.run(full=True)`` needs of a list-dependent stage."""
+    def served(self, lists: ListBatch, alive: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """A blend's scores (B, N) as served when only the candidates of each ``alive`` mask
+        (B, N) reach it (standardised among them; -inf elsewhere), from one pass of its parts."""
         self.model.eval()
         t = list_tensors(lists, self.model)
-        on = torch.from_numpy(alive)
-        whole, served = [], []
+        masks = [torch.from_numpy(a & lists.mask) for a in alive]
+        out: list[list[torch.Tensor]] = [[] for _ in masks]
         for a in range(0, len(lists), self.lists_per_batch):
             items = t.items[a : a + self.lists_per_batch]
             parts = self.model.part_scores(t.user[a : a + self.lists_per_batch], items)
-            mask = items[..., 0] > 0
-            whole.append(self.model.combine(parts, mask))
-            served.append(self.model.combine(parts, mask & on[a : a + self.lists_per_batch]))
-        whole_np = np.where(lists.mask, torch.cat(whole).numpy(), 0.0).astype(np.float32)
-        return whole_np, np.where(alive & lists.mask, torch.cat(served).numpy(), -np.inf).astype(np.float32)
+            for scores, on in zip(out, masks):
+                scores.append(self.model.combine(parts, on[a : a + self.lists_per_batch]))
+        return [np.where(m.numpy(), torch.cat(s).numpy(), -np.inf).astype(np.float32) for s, m in zip(out, masks)]
+
+    def whole_and_served(self, lists: ListBatch, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The blend's scores over the whole lists (0 at padding) and over the ``alive``
+        candidates alone (``served``): what ``Cascade.run(full=True)`` needs of a list-dependent stage."""
+        whole, served = self.served(lists, [lists.mask, alive])
+        return np.where(lists.mask, whole, 0.0).astype(np.float32), served
 
 
 @dataclass(frozen=True)

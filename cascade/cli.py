@@ -7,10 +7,11 @@
     cascade train CONFIG [--experiment NAME]
     torchrun --nproc-per-node 2 -m cascade.cli train CONFIG [--experiment NAME]   (data-parallel)
     cascade distill CONFIG [--experiment NAME]
-    cascade export RUN_DIR --out BUNDLE [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
+    cascade export RUN_DIR --out BUNDLE [--quotas R,P,K] [--index flat|ivf|hnsw|ivfpq ...] [--quantize]
     cascade export --recall CFG:EXP --prerank CFG:EXP --rank CFG:EXP [--quotas 200,50,10] --out BUNDLE
     cascade serve BUNDLE [--host 127.0.0.1 --port 8000 --threads 1 --state DIR | --store redis://HOST:PORT, --workers N, --max-batch 256, --admin-token T]
     cascade eval RUN_DIR [RUN_DIR ...] [--out runs/report]
+    cascade plan BUNDLE --budget-ms B [B ...] [--recall-quotas 100,200,400 --prerank-quotas 20,50,100]
     cascade run CONFIG
 
 Exit status: 0 on success, 2 on bad input (each problem printed on stderr, nothing written).
@@ -183,13 +184,11 @@ def _export(args: argparse.Namespace) -> int:
             raise BundleError(f"--{missing} is required when the stages are named")
         try:
             index = IndexSpec(args.index, args.nlist, args.nprobe, args.hnsw_m, args.ef_search, args.pq_m, args.refine)
-            quotas = tuple(int(q) for q in args.quotas.split(","))
-            if len(quotas) != 3:
-                raise ValueError(f"--quotas: expected three numbers (recall,prerank,rank), got '{args.quotas}'")
+            quotas = _quotas(args.quotas) if args.quotas is not None else None
         except ValueError as e:
             raise BundleError(str(e)) from None
         start = time.perf_counter()
-        data, stages, trend = from_run(args.run_dir) if args.run_dir is not None else from_named(named, quotas)
+        data, stages, trend = from_run(args.run_dir, quotas) if args.run_dir is not None else from_named(named, quotas or (200, 50, 10))
         source = {"run_dir": str(args.run_dir.resolve())} if args.run_dir is not None else {"stages": named}
         out = write_bundle(data, *stages, args.out, index, quantize=args.quantize, source=source, trend=trend)
         online = f"; online item trend {list(trend.days)} days, '{trend.scale}' scale" if trend else ""
@@ -201,6 +200,50 @@ def _export(args: argparse.Namespace) -> int:
     except (BundleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
+    return 0
+
+
+def _quotas(text: str) -> tuple[int, int, int]:
+    """'200,50,10' -> (recall, prerank, rank), each at least 1 and shrinking."""
+    try:
+        quotas = tuple(int(q) for q in text.split(","))
+    except ValueError:
+        quotas = ()
+    if len(quotas) != 3 or not quotas[0] > quotas[1] > quotas[2] > 0:
+        raise ValueError(f"--quotas: expected three shrinking whole numbers recall,prerank,rank (e.g. 200,50,10), got '{text}'")
+    return quotas
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got '{text}'") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 1, got '{text}'")
+    return values
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from cascade.config import ConfigError
+    from cascade.report import text_table
+    from export.bundle import BundleError
+    from export.plan import grid_table, plan, text
+
+    try:
+        if not (args.bundle / "manifest.json").exists():
+            raise BundleError(f"{args.bundle}: not a bundle (no manifest.json); make one with `cascade export RUN_DIR --out BUNDLE`")
+        start = time.perf_counter()
+        result = plan(args.bundle, args.budget_ms, args.recall_quotas, args.prerank_quotas, args.requests, args.cost_requests, args.seed, lambda line: print(line, flush=True))
+    except (BundleError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    print(f"joint recall / predicted p99 by quota ({time.perf_counter() - start:.0f}s):\n" + text_table(grid_table(result)))
+    print(text(result))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "plan.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out / 'plan.json'}")
     return 0
 
 
@@ -455,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="the bundle directory to write (replaced whole)")
     for name in STAGE_NAMES:
         export.add_argument(f"--{name}", metavar="CONFIG:EXPERIMENT", help=f"the {name} stage's trained run (instead of RUN_DIR)")
-    export.add_argument("--quotas", default="200,50,10", help="recall,prerank,rank quotas with named stages")
+    export.add_argument("--quotas", default=None, help="recall,prerank,rank quotas (default: the run's own; 200,50,10 with named stages), e.g. what `cascade plan` chose")
     export.add_argument("--index", default="flat", help="faiss index over the recall item vectors: flat (exact) | ivf | hnsw | ivfpq")
     export.add_argument("--nlist", type=int, default=1024, help="ivf/ivfpq: inverted lists")
     export.add_argument("--nprobe", type=int, default=128, help="ivf/ivfpq: lists searched per query")
@@ -483,6 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("runs/report"), help="report directory")
     ev.add_argument("--seed", type=int, default=0, help="seed of the random pre-ranker baseline")
     ev.set_defaults(run=_eval)
+
+    pl = verbs.add_parser("plan", help="choose recall's and pre-rank's quotas for the best joint recall within a p99 latency budget", formatter_class=_Help, description="Measure the bundle's per-stage cost curves (ms by candidates, one request at a time as the server runs them) and the run's joint recall at every recall x pre-rank quota of the grids (torch cascade, a sample of test requests); for each budget print the quotas with the highest joint recall whose predicted p99 fits, and the grid. The rank quota (what is shown) is kept.", epilog="example: cascade plan runs/quickstart/cascade_distilled/bundle --budget-ms 2 4\n  then: cascade export runs/quickstart/cascade_distilled --quotas 400,100,10 --out runs/bundles/planned")
+    pl.add_argument("bundle", type=Path, help="a bundle `cascade export RUN_DIR` wrote (its run gives the quality)")
+    pl.add_argument("--budget-ms", type=float, nargs="+", required=True, help="p99 budgets of the server's cascade time, in ms")
+    pl.add_argument("--recall-quotas", type=_ints, default=None, help="recall quotas to try, e.g. 100,200,400 (default: a quarter to four times the bundle's)")
+    pl.add_argument("--prerank-quotas", type=_ints, default=None, help="pre-rank quotas to try (default: twice the rank quota, and a half to four times the bundle's)")
+    pl.add_argument("--requests", type=_at_least(1), default=2000, help="test requests the quality is measured on (a seeded sample)")
+    pl.add_argument("--cost-requests", type=_at_least(20), default=300, help="test requests timed one at a time")
+    pl.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    pl.add_argument("--out", type=Path, default=None, help="a directory to write plan.json to")
+    pl.set_defaults(run=_plan)
 
     job = verbs.add_parser("run", help="the whole job for a config: data, train, distill, the cascades, export, eval (finished steps are kept)", parents=[knobs], formatter_class=_Help, description="Every step of CONFIG's job not yet done: the logs, each stage (pointwise, recall), distillation, the cascades, each cascade exported to RUN_DIR/bundle, and one report over every cascade in OUT/report. Finished steps are kept whatever the options: to train again with others, give another --out.", epilog="example: cascade run configs/quickstart.yaml  (what `make demo` runs)\n         cascade run configs/ml1m.yaml  (MovieLens-1M; needs ../shared/data/ml-1m)")
     job.add_argument("config", type=Path, help="a YAML config with at least one 'task: cascade' experiment")

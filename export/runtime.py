@@ -315,13 +315,17 @@ class CascadeService:
         refuses the batch, naming it: ``requests[i].field``)."""
         return self.run_parsed(self.parse_batch(requests))
 
-    def run_parsed(self, parsed: list[ParsedRequest]) -> list[dict[str, Any]]:
-        """Checked requests through the cascade as one batch, a result per request."""
-        start = time.perf_counter()
+    def batch(self, parsed: list[ParsedRequest]) -> ListBatch:
+        """Checked requests as the cascade's input: B requests with no candidates yet."""
         user = {}
         for name, f in self.user_fields.items():
             user[name] = np.stack([p.user[name] for p in parsed]) if f.multi else np.array([p.user[name] for p in parsed], np.int64)
-        batch = requests_batch(user, np.stack([p.history for p in parsed]), ts=np.array([p.ts for p in parsed], np.int64))
+        return requests_batch(user, np.stack([p.history for p in parsed]), ts=np.array([p.ts for p in parsed], np.int64))
+
+    def run_parsed(self, parsed: list[ParsedRequest]) -> list[dict[str, Any]]:
+        """Checked requests through the cascade as one batch, a result per request."""
+        start = time.perf_counter()
+        batch = self.batch(parsed)
         if self.online is not None:
             self.online.sync()  # what other processes journalled since
         out = self.cascade.run(batch)

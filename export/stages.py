@@ -64,9 +64,10 @@ def _data(cfg: DataConfig) -> EvalData:
     return EvalData.read(cfg.dir, streams(cfg))
 
 
-def from_run(run_dir: str | Path) -> tuple[EvalData, list[StageModel]]:
+def from_run(run_dir: str | Path, quotas: tuple[int, int, int] | None = None) -> tuple[EvalData, list[StageModel], TrendSpec]:
     """The stages a ``task: cascade`` run saved, over the recall experiment's logs (read as the
-    cascade's ``data.stream`` says: an export reads the catalog and a few test requests)."""
+    cascade's ``data.stream`` says: an export reads the catalog and a few test requests), with
+    the run's quotas or ``quotas`` (recall, prerank, rank)."""
     try:
         saved = read_stages(run_dir)
     except SavedError as e:
@@ -75,7 +76,8 @@ def from_run(run_dir: str | Path) -> tuple[EvalData, list[StageModel]]:
     exps = {name: _experiment(f"{saved[name].config}:{saved[name].experiment}", f"{path}: {name}") for name in STAGE_NAMES}
     data = _data(replace(exps["recall"].data, stream=saved.data_stream))
     trend = _trend(exps)
-    return data, [_stage(name, exps[name], _logs(data, name, trend), saved[name].quota, saved.weights(name)) for name in STAGE_NAMES], trend
+    quotas = quotas or tuple(saved[name].quota for name in STAGE_NAMES)
+    return data, [_stage(name, exps[name], _logs(data, name, trend), q, saved.weights(name)) for name, q in zip(STAGE_NAMES, quotas)], trend
 
 
 def from_named(specs: dict[str, str], quotas: tuple[int, int, int]) -> tuple[EvalData, list[StageModel], TrendSpec]:
