@@ -35,7 +35,7 @@ def main() -> None:
         start = time.perf_counter()
         report = replay_served(run / "bundle", data, torch_cascade(data, stages, trend), args.requests)
         took = time.perf_counter() - start
-        rows.append({"run": str(run), "stages": {s["name"]: f"{s['model']} top-{s['quota']}" for s in manifest["stages"]}, "online": manifest["online"], "seconds": took} | {("seconds_http" if k == "seconds" else k): v for k, v in report.items() if k != "example"})
+        rows.append({"run": str(run), "stages": {s["name"]: f"{s['model']} top-{s['quota']}" for s in manifest["stages"]}, "online": manifest["online"], "seconds": took} | {("seconds_http" if k == "seconds" else k): v for k, v in report.items() if k not in ("example", "per_request")})
         print(f"{run}: " + json.dumps({k: v for k, v in rows[-1].items() if k.startswith("same") or k in ("requests", "events")}), flush=True)
     lines = [
         "# Replay parity on MovieLens-1M",

@@ -50,6 +50,7 @@ from cascade.train import TrainConfig
 from export.bundle import IndexSpec, StageModel, write_bundle
 from export.onnx import export_ranker, export_two_tower, flat_items, item_inputs, session, user_inputs
 from export.runtime import CascadeService, TwoTowerScorer
+from export.serve import start_subprocess, stop_subprocess
 from export.stages import from_run
 from teachers import TEACHERS
 
@@ -294,27 +295,10 @@ def http_load(port: int, requests: list[dict], concurrency: int, budget_s: float
 def start_server(bundle: Path, cwd: Path = ROOT, *more: str) -> tuple[subprocess.Popen, int]:
     """`cascade serve BUNDLE` from the tree at ``cwd`` (its own packages first on the path) on a
     free port, once it answers /health: (the process, its port)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port), *more], cwd=cwd, env={**os.environ, "PYTHONPATH": str(cwd)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"the server at {cwd} did not answer: {proc.stderr.read().decode()[-2000:]}")
+    return start_subprocess(bundle, *more, cwd=cwd)
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+stop_server = stop_subprocess
 
 
 def serve_and_load(bundle: Path, reqs: list[dict]) -> list[dict]:

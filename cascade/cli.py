@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--recall-quotas", type=_ints, default=None, help="recall quotas to try, e.g. 100,200,400 (default: a quarter to four times the bundle's)")
     pl.add_argument("--prerank-quotas", type=_ints, default=None, help="pre-rank quotas to try (default: twice the rank quota, and a half to four times the bundle's)")
     pl.add_argument("--requests", type=_at_least(1), default=2000, help="test requests the quality is measured on (a seeded sample)")
-    pl.add_argument("--cost-requests", type=_at_least(20), default=300, help="test requests timed one at a time")
+    pl.add_argument("--cost-requests", type=_at_least(20), default=500, help="test requests timed one at a time at each probed quota pair")
     pl.add_argument("--seed", type=int, default=0, help="seed of the sample")
     pl.add_argument("--out", type=Path, default=None, help="a directory to write plan.json to")
     pl.set_defaults(run=_plan)

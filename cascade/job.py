@@ -92,7 +92,7 @@ def export_run(run_dir: Path) -> Path:
     if trend:  # its online features: the whole test split replayed through the served bundle
         replayed = replay_served(out, data, reference)
         print("  " + summary(replayed), flush=True)
-        write_text_atomic(out.parent / "replay.json", json.dumps(replayed, indent=2) + "\n")
+        write_text_atomic(out.parent / "replay.json", json.dumps({k: v for k, v in replayed.items() if k != "per_request"}, indent=2) + "\n")
     return out
 
 

@@ -3,14 +3,13 @@
 The rank quota k is what the product shows and stays; the plan chooses recall's quota R and the
 pre-ranker's P (R > P > k) to maximise joint recall on the test split within a p99 budget.
 
-- **Cost** (``measure_costs``): each stage's milliseconds as a function of its candidates, measured
-  on the bundle (onnxruntime, faiss, the live item features) one request at a time as the server
-  runs it: recall retrieving n (and attaching the items' fields), pre-rank scoring n, rank scoring
-  n, on a grid of n; and what a request costs beyond its stages (building the batch, the final
-  cut), measured at the bundle's own quotas. A plan's latency for a request is recall(R) +
-  prerank(R) + rank(P) + the rest, each interpolated linearly between grid points; the plan's
-  predicted p99 is over the sampled requests. The figure is the server's own (``timings_ms.total``
-  of a response); HTTP adds its round trip on top.
+- **Cost** (``measure_costs``): each stage's milliseconds as a function of its candidates,
+  measured where they are spent: the bundle served by `cascade serve` in child processes, one
+  per quota pair of a few (``probes``: every grid size passes through some stage), test requests
+  sent to each in turn one at a time, each stage's time read from the server's own ``timings_ms``. A plan's
+  latency for a request is recall(R) + prerank(R) + rank(P) + the rest (the total less the
+  stages), each interpolated linearly between grid sizes; its predicted p99 is over those
+  requests. It is the server's cascade time (``timings_ms.total``); the HTTP round trip adds to it.
 - **Quality** (``quality_grid``): joint recall for every (R, P) of the grids from the torch cascade
   ``cascade eval`` runs (the bundle was checked against it at export), on a seeded sample of test
   requests: recall retrieves the largest R once and each R takes its prefix (the item trend is
@@ -21,7 +20,10 @@ pre-ranker's P (R > P > k) to maximise joint recall on the test split within a p
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +37,14 @@ from cascade.data.lists import ListBatch
 from cascade.evaluate import Truth, load_saved
 from cascade.models import MODELS
 from cascade.verdict import bootstrap_mean
-from export.bundle import BundleError
-from export.replay import request_body
+from export.bundle import MANIFEST, BundleError
+from export.replay import http_post, request_body
 from export.runtime import CascadeService
+from export.serve import start_subprocesses, stop_subprocess
 from teachers import TEACHERS
 
 WARMUP = 20  # requests run before any timing (first-call allocations, caches)
+WARMUP_S = 3.0  # and for at least this long: a server just started runs slower for seconds
 
 
 def default_grids(quotas: dict[str, int], catalog: int) -> tuple[list[int], list[int]]:
@@ -90,42 +94,67 @@ class CostCurves:
         return out
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, (time.perf_counter() - start) * 1000
+def probes(recall_sizes: list[int], rank_sizes: list[int]) -> list[tuple[int, int]]:
+    """Quota pairs (R, P) that put every recall size and every rank size through a cascade at
+    least once: each R with the largest P below it, each P with the smallest R above it."""
+    pairs = {(r, max(p for p in rank_sizes if p < r)) for r in recall_sizes if any(p < r for p in rank_sizes)}
+    pairs |= {(min(r for r in recall_sizes if r > p), p) for p in rank_sizes if any(r > p for r in recall_sizes)}
+    return sorted(pairs)
 
 
-def measure_costs(service: CascadeService, requests: ListBatch, recall_sizes: list[int], rank_sizes: list[int]) -> CostCurves:
-    """``service``'s stages on each of ``requests`` (B, as logged: user fields, history, ts) one
-    at a time, at every size of the grids; the rest at the bundle's quotas."""
-    cascade: Cascade = service.cascade
-    prerank, rank = cascade.stages
-    fields = list(service.user_fields)
-    parsed = [service.parse(request_body(requests, row, fields) | {"trace": False}) for row in range(len(requests))]
-    for p in parsed[:WARMUP]:
-        service.run_parsed([p])
-    parsed = parsed[WARMUP:]
-    rows = len(parsed)
-    rec, pre, rnk, rest = np.zeros((rows, len(recall_sizes))), np.zeros((rows, len(recall_sizes))), np.zeros((rows, len(rank_sizes))), np.zeros(rows)
+def requoted(bundle: Path, out: Path, recall: int, prerank: int) -> Path:
+    """A copy of ``bundle`` at ``out`` serving recall's and pre-rank's quotas ``recall`` and
+    ``prerank`` (nothing else in a bundle depends on them: the manifest alone changes)."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    for stage in manifest["stages"]:
+        stage["quota"] = {"recall": recall, "prerank": prerank}.get(stage["name"], stage["quota"])
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def measure_costs(bundle: Path, bodies: list[dict], recall_sizes: list[int], rank_sizes: list[int], others: dict[str, Path] | None = None) -> tuple[CostCurves, dict[str, np.ndarray]]:
+    """The bundle served as the server runs it (`cascade serve` in child processes on 127.0.0.1),
+    one server per ``probes`` quota pair, all up at once: after at least ``WARMUP`` requests and
+    ``WARMUP_S`` seconds untimed, each request of ``bodies`` goes to every server in a random
+    order, one at a time, so that every pair is
+    timed in the same minutes (this machine's speed drifts by up to 2x from one minute to the
+    next; interleaved, three servers of one bundle agree within 5%). Each stage's time and the
+    rest (the batch built, the final cut: the total less the stages) come from the server's own
+    ``timings_ms``: recall and pre-rank at each recall size, rank at each rank size. ``others``:
+    bundles timed in the same rounds, their totals (R,) returned by name."""
+    pairs = probes(recall_sizes, rank_sizes)
+    others = others or {}
+    rows = len(bodies)
+    rec, pre, rnk, rest = np.full((rows, len(recall_sizes)), np.nan), np.full((rows, len(recall_sizes)), np.nan), np.full((rows, len(rank_sizes)), np.nan), np.zeros((rows, len(pairs)))
+    totals = {name: np.zeros(rows) for name in others}
     rng = np.random.default_rng(0)
-    for i, p in enumerate(parsed):
-        batch = service.batch([p])
-        # sizes in a random order per request: no size always pays the first call's cache misses
-        for j in rng.permutation(len(recall_sizes)):
-            n = recall_sizes[j]
-            lists, rec[i, j] = _timed(lambda: cascade.catalog.attach(batch, cascade.retriever(batch, n)[0]))
-            scores, pre[i, j] = _timed(lambda: np.asarray(prerank.scorer(lists), np.float32))
-        # rank's candidates: pre-rank's best of the largest recall list
-        lists = cascade.catalog.attach(batch, cascade.retriever(batch, recall_sizes[-1])[0])
-        scores = np.asarray(prerank.scorer(lists), np.float32)
-        for j in rng.permutation(len(rank_sizes)):
-            n = rank_sizes[j]
-            cut, _ = best_first(lists, scores, top_mask(scores, lists.mask, n), n)
-            _, rnk[i, j] = _timed(lambda: rank.scorer(cut))
-        served = service.run_parsed([p])[0]["timings_ms"]
-        rest[i] = served["total"] - sum(v for k, v in served.items() if k != "total")
-    return CostCurves(recall_sizes, rank_sizes, rec, pre, rnk, np.maximum(rest, 0.0))
+    servers = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            servers = start_subprocesses([requoted(bundle, Path(tmp) / f"r{r}_p{p}", r, p) for r, p in pairs] + list(others.values()))
+            posts = [http_post(f"http://127.0.0.1:{port}") for _, port in servers]
+            until = time.monotonic() + WARMUP_S
+            for i, body in enumerate(itertools.islice(itertools.cycle(bodies), WARMUP * 50)):
+                for post in posts:
+                    post("/recommend", body)
+                if i + 1 >= WARMUP and time.monotonic() > until:
+                    break
+            names = list(others)
+            for row, body in enumerate(bodies):
+                for c in rng.permutation(len(posts)):
+                    t = posts[c]("/recommend", body)["timings_ms"]
+                    if c >= len(pairs):
+                        totals[names[c - len(pairs)]][row] = t["total"]
+                        continue
+                    r, p = pairs[c]
+                    j, k = recall_sizes.index(r), rank_sizes.index(p)
+                    rec[row, j], pre[row, j], rnk[row, k] = t["recall"], t["prerank"], t["rank"]
+                    rest[row, c] = t["total"] - t["recall"] - t["prerank"] - t["rank"]
+        finally:
+            for proc, _ in servers:
+                stop_subprocess(proc)
+    return CostCurves(recall_sizes, rank_sizes, rec, pre, rnk, np.maximum(rest.mean(axis=1), 0.0)), totals
 
 
 @dataclass
@@ -242,27 +271,27 @@ def run_dir_of(bundle: Path) -> Path:
     return Path(run_dir)
 
 
-def plan(bundle: Path, budgets: list[float], recall_sizes: list[int] | None = None, prerank_sizes: list[int] | None = None, requests: int = 2000, cost_requests: int = 300, seed: int = 0, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def plan(bundle: Path, budgets: list[float], recall_sizes: list[int] | None = None, prerank_sizes: list[int] | None = None, requests: int = 2000, cost_requests: int = 500, seed: int = 0, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Measure the bundle's cost curves and the run's quality grid, and choose quotas for each
     budget. Returns every figure (``write``/``text`` format it)."""
     bundle = Path(bundle)
     saved = load_saved(run_dir_of(bundle), models={**MODELS, **TEACHERS})
     service = CascadeService(bundle)
-    try:
-        if service.online is not None:  # the counters hold every logged exposure, as after a replay
-            service.catch_up(saved.data.trend())
-        quotas = {"recall": service.cascade.recall_quota, "prerank": service.cascade.stages[0].quota, "rank": service.cascade.stages[1].quota}
-        grids = default_grids(quotas, len(service.catalog.item_ids))
-        recall_sizes = sorted(set(recall_sizes or grids[0]))
-        prerank_sizes = sorted(set(prerank_sizes or grids[1]))
-        if min(prerank_sizes) <= quotas["rank"] or min(recall_sizes) <= min(prerank_sizes):
-            raise BundleError(f"quotas must shrink: every pre-rank quota above the rank quota {quotas['rank']}, the smallest recall quota above the smallest pre-rank one (got recall {recall_sizes}, pre-rank {prerank_sizes})")
-        start = time.perf_counter()
-        progress(f"cost: {cost_requests} test requests one at a time, recall at {recall_sizes}, rank at {prerank_sizes}")
-        costs = measure_costs(service, saved.data.first("test", cost_requests + WARMUP), recall_sizes, prerank_sizes)
-        cost_s = time.perf_counter() - start
-    finally:
-        service.close()
+    quotas = {"recall": service.cascade.recall_quota, "prerank": service.cascade.stages[0].quota, "rank": service.cascade.stages[1].quota}
+    grids = default_grids(quotas, len(service.catalog.item_ids))
+    fields = list(service.user_fields)
+    service.close()
+    recall_sizes = sorted(set(recall_sizes or grids[0]))
+    prerank_sizes = sorted(set(prerank_sizes or grids[1]))
+    if min(prerank_sizes) <= quotas["rank"] or min(recall_sizes) <= min(prerank_sizes):
+        raise BundleError(f"quotas must shrink: every pre-rank quota above the rank quota {quotas['rank']}, the smallest recall quota above the smallest pre-rank one (got recall {recall_sizes}, pre-rank {prerank_sizes})")
+    start = time.perf_counter()
+    pairs = probes(recall_sizes, prerank_sizes)
+    progress(f"cost: the bundle served at {len(pairs)} quota pairs {pairs}, {cost_requests} test requests each, one at a time")
+    logged = saved.data.first("test", cost_requests)
+    bodies = [request_body(logged, row, fields) | {"trace": False} for row in range(len(logged))]
+    costs, _ = measure_costs(bundle, bodies, recall_sizes, prerank_sizes)
+    cost_s = time.perf_counter() - start
     start = time.perf_counter()
     progress(f"quality: joint recall@{quotas['rank']} on about {requests:,} test requests")
     cascade = saved.cascade()
@@ -277,6 +306,8 @@ def plan(bundle: Path, budgets: list[float], recall_sizes: list[int] | None = No
     return {
         "bundle": str(bundle),
         "quotas": quotas,
+        "recall_sizes": recall_sizes,
+        "prerank_sizes": prerank_sizes,
         "cost_requests": len(costs.rest),
         "quality_requests": len(quality.per_request),
         "seconds": {"cost": round(cost_s, 1), "quality": round(time.perf_counter() - start, 1)},
@@ -294,7 +325,7 @@ def text(result: dict[str, Any]) -> str:
     lines = []
     cur = result["current"]
     here = f"; the bundle's own {q['recall']},{q['prerank']},{k}: joint recall {cur['joint_recall']:.4f}, p99 {cur['p99_ms']:.2f} ms" if cur else ""
-    lines.append(f"plan for {result['bundle']} (rank quota {k} kept; joint recall@{k} on {result['quality_requests']:,} test requests, p99 over {result['cost_requests']} requests timed one at a time in the server's cascade{here})")
+    lines.append(f"plan for {result['bundle']} (rank quota {k} kept; joint recall@{k} on {result['quality_requests']:,} test requests, p99 of the server's cascade time over {result['cost_requests']} test requests sent one at a time{here})")
     for p in result["plans"]:
         if p["quotas"] is None:
             lines.append(f"  budget {p['budget_ms']:g} ms: nothing on the grid fits (the cheapest predicts p99 {p['p99_ms']:.2f} ms)")

@@ -26,6 +26,7 @@ from cascade.cascade import Cascade
 from cascade.data.lists import ListBatch
 from cascade.data.trend import ItemTrend
 from cascade.eval_data import EvalData
+from cascade.evaluate import Truth
 from cascade.saved import STAGE_NAMES
 from export.online import MAX_EVENTS
 
@@ -58,17 +59,22 @@ def kept_set(stage, row: int) -> set[int]:
     return set(stage.lists.item["item_id"][row][stage.kept[row]].tolist())
 
 
-def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend, events_until: int, user_fields: list[str], n: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend | None, events_until: int, user_fields: list[str], n: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Replay the first ``n`` test requests in time order (every one without ``n``) with the
     exposures logged from ``events_until`` (the bundle's snapshot ends there) up to the last of
-    them; compare each stage's survivors with ``reference``'s on the same requests."""
-    requests = data.first("test", n or len(data.ds.requests["request_id"]))
-    requests = requests.take(np.argsort(requests.ts, kind="stable"))
-    requests = requests.take_columns(np.zeros((len(requests), 0), int))
+    them (none without ``trend``: a bundle without online features); compare each stage's
+    survivors with ``reference``'s on the same requests. ``per_request`` holds what was served:
+    each request's joint recall (its logged positives among the items shown; NaN without one)
+    and the server's own milliseconds (``timings_ms.total``)."""
+    logged = data.first("test", n or len(data.ds.requests["request_id"]))
+    logged = logged.take(np.argsort(logged.ts, kind="stable"))
+    truth = Truth.of(logged)
+    requests = logged.take_columns(np.zeros((len(logged), 0), int))
     want = reference.run(requests)
-    pending = (trend.ts >= events_until) & (trend.ts < requests.ts.max())
-    order = np.argsort(trend.ts[pending], kind="stable")
-    item, ts = trend.item[pending][order], trend.ts[pending][order]
+    pending = np.zeros(0, bool) if trend is None else (trend.ts >= events_until) & (trend.ts < requests.ts.max())
+    order = np.argsort(trend.ts[pending], kind="stable") if trend is not None else np.zeros(0, int)
+    item, ts = (trend.item[pending][order], trend.ts[pending][order]) if trend is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    joint, server_ms = np.full(len(requests), np.nan), np.zeros(len(requests))
     sent, same = 0, {name: 0 for name in STAGE_NAMES} | {"every_stage": 0, "final_order": 0}
     example: dict[str, Any] = {}
     seconds = {"events": 0.0, "requests": 0.0}
@@ -86,6 +92,9 @@ def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend, eve
         seconds["requests"] += time.perf_counter() - start
         if not example:
             example = {"request": body, "response": {key: got[key] for key in ("items", "stages")}}
+        if truth.n_positives[row]:
+            joint[row] = np.isin(got["items"], truth.positives[row][truth.positives[row] > 0]).sum() / truth.n_positives[row]
+        server_ms[row] = got["timings_ms"]["total"]
         stages = [set(got["stages"][name]) == kept_set(want.stages[i], row) for i, name in enumerate(STAGE_NAMES)]
         for name, ok in zip(STAGE_NAMES, stages):
             same[name] += ok
@@ -96,7 +105,8 @@ def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend, eve
     r = len(requests)
     out = {"requests": r, "events": sent} | {f"same_{name}_survivors": same[name] / r for name in STAGE_NAMES}
     out |= {"same_every_stage": same["every_stage"] / r, "same_final_order": same["final_order"] / r}
-    return out | {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "example": example}
+    out |= {"joint_recall": float(np.nanmean(joint)) if (~np.isnan(joint)).any() else float("nan"), "server_ms": {f"p{q}": float(np.percentile(server_ms, q)) for q in (50, 99)}}
+    return out | {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "example": example, "per_request": {"joint_recall": joint, "server_ms": server_ms}}
 
 
 def replay_served(bundle: str | Path, data: EvalData, reference: Cascade, n: int | None = None, every: float = 30.0) -> dict[str, Any]:
@@ -131,6 +141,7 @@ def summary(report: dict[str, Any]) -> str:
     stages = ", ".join(f"{name} kept {len(ids)}" for name, ids in ex["response"]["stages"].items())
     return (
         f"replay of the test split through the served bundle (HTTP, exposures and requests in time order): {report['requests']:,} requests, {report['events']:,} events; "
-        f"same survivors: {same}; every stage {report['same_every_stage']:.4f}; final order {report['same_final_order']:.4f} ({sum(report['seconds'].values()):.0f}s)\n"
+        f"same survivors: {same}; every stage {report['same_every_stage']:.4f}; final order {report['same_final_order']:.4f}; "
+        f"served joint recall {report['joint_recall']:.4f}, server p99 {report['server_ms']['p99']:.2f} ms ({sum(report['seconds'].values()):.0f}s)\n"
         f"  a replayed request (history: its last 5): {json.dumps(request)}\n  -> {stages}; shown {ex['response']['items']}"
     )

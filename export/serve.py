@@ -29,11 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import http.client
 import json
 import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -438,3 +441,51 @@ def serve_in_thread(service: CascadeService, limits: Limits = Limits(), settings
         sock.close()
 
     return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def start_subprocess(bundle: str | Path, *options: str, cwd: str | Path | None = None, timeout: float = 120) -> tuple[subprocess.Popen, int]:
+    """`cascade serve BUNDLE OPTIONS` in a child process on a free 127.0.0.1 port (the tree at
+    ``cwd`` first on its path, when given), once it answers ``/health``: (the process, its port).
+    Stop it with ``stop_subprocess``."""
+    return start_subprocesses([bundle], *options, cwd=cwd, timeout=timeout)[0]
+
+
+def start_subprocesses(bundles: list[str | Path], *options: str, cwd: str | Path | None = None, timeout: float = 120) -> list[tuple[subprocess.Popen, int]]:
+    """``start_subprocess`` for several bundles, started together (their imports overlap)."""
+    env = {**os.environ} | ({"PYTHONPATH": str(cwd)} if cwd is not None else {})
+    started = []
+    try:
+        for bundle in bundles:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            started.append((subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", str(bundle), "--port", str(port), *options], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), port))
+        deadline = time.monotonic() + timeout
+        for (proc, port), bundle in zip(started, bundles):
+            while not _answers(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"`cascade serve {bundle}` did not answer: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'still starting'}")
+                time.sleep(0.3)
+    except BaseException:
+        for proc, _ in started:
+            proc.kill()
+        raise
+    return started
+
+
+def _answers(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+
+
+def stop_subprocess(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
