@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8000)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--name", default="prerank_frontier")
+    parser.add_argument("--extend", action="store_true", help="add --seeds to NAME.json's runs (same settings and students; its cost and FLOPs kept) and rewrite NAME.md/json")
     parser.add_argument("--recount-flops", action="store_true", help="count the FLOPs of NAME.json's students again (they depend on the architecture alone: untrained models) and rewrite NAME.md/json")
     args = parser.parse_args()
     if args.recount_flops:
@@ -133,9 +134,22 @@ def main() -> None:
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp(prefix="frontier."))
     rows, costs, teachers, peak = [], {}, [], 0.0
+    if args.extend:  # the saved seeds kept, their provenance said
+        saved = json.loads((Path(__file__).parent / "results" / f"{args.name}.json").read_text())
+        rows, teachers, costs, peak = saved["runs"], saved["teacher_as_preranker"], saved["cost"], saved["matmul_peak_gflops"]
+        old_seeds = sorted({r["seed"] for r in rows})
+        args.seeds = sorted(set(old_seeds) | set(args.seeds))
+        md = (Path(__file__).parent / "results" / f"{args.name}.md").read_text().splitlines()
+        # the saved table's own provenance, its "command below" named
+        kept = [line.replace("by the command below", f"by `{saved['command']}`") for line in md if " come from " in line]
+        added = ", ".join(str(seed) for seed in args.seeds if seed not in old_seeds)
+        args.extended = kept + [f"Seeds {', '.join(map(str, old_seeds))} are as `{saved['command']}` at {saved['git_commit']} saved them; seed(s) {added} were added by the command below, the cost kept."]
+        todo = [seed for seed in args.seeds if seed not in old_seeds]
+    else:
+        todo = args.seeds
     try:
         for setting in args.settings:
-            for seed in args.seeds:
+            for seed in todo:
                 path = tmp / f"{setting}_{seed}.yaml"
                 path.write_text(config_text(args, tmp, setting, seed))
                 exps = {e.name: e for e in load_config(path)}
@@ -212,7 +226,10 @@ def report(args, rows: list[dict], teachers: list[dict], costs: dict[str, dict],
             lines.append(f"| {name} | " + " | ".join(of(k) for k in QUALITY) + " | " + " | ".join(cells) + " |")
         of = lambda key: mean_std([r[key] for r in teachers if r["setting"] == setting and key in r])  # noqa: E731
         lines += [f"| (the DIN as its own pre-ranker) | " + " | ".join(of(k) for k in QUALITY) + " | | | | |", ""]
-    if getattr(args, "recounted", None):
+    if getattr(args, "extended", None):
+        for line in args.extended:
+            lines += [line, ""]
+    elif getattr(args, "recounted", None):
         lines += [f"The quality figures and milliseconds come from {args.recounted}; the FLOPs were counted again (untrained models: they depend on the architecture alone) by the command below.", ""]
     print("\n".join(lines), flush=True)
     plot(args, rows, costs)
