@@ -1,6 +1,6 @@
 """How long `cascade eval` takes on one cascade, at an earlier commit and now, in one run.
 
-    python benchmarks/eval_speed.py [--run runs/ml1m/cascade_distilled] [--before COMMIT] [--name eval_speed]
+    python benchmarks/eval_speed.py [--run runs/ml1m/cascade_distilled] [--before COMMIT] [--name eval_speed] [--profile]
 
 The earlier commit is checked out in a temporary git worktree; each version evaluates the same
 cascade run in a fresh process (`cascade eval RUN --out TMP`, whose own code is that version's),
@@ -8,7 +8,8 @@ taking turns, each twice. Per version: the wall time of the whole command, each 
 as it prints them (the earlier versions print running totals, turned into durations here), and
 the headline figures of its metrics.json, which must agree (the untrained reference row aside,
 which now samples about 1,000 requests). The matmul peak is measured in the same run.
-Writes benchmarks/results/NAME.{md,json}.
+Writes benchmarks/results/NAME.{md,json}; with ``--profile``, each version once under cProfile
+instead, the functions that take the most time into NAME_profile.{md,json}.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ PHASES = ("quality and baselines", "cost: FLOPs and latency", "the untrained cas
 FIGURES = ("flow/joint_recall", "flow/positives_after_prerank", "stages/prerank/auc", "stages/rank/ndcg@10", "baselines/popularity_prerank/joint_recall")
 
 
-def run_eval(tree: Path, run: Path, out: Path) -> dict:
-    """One `cascade eval` with ``tree``'s code: wall seconds, phase durations, headline figures."""
+def run_eval(tree: Path, run: Path, out: Path, profile: Path | None = None) -> dict:
+    """One `cascade eval` with ``tree``'s code: wall seconds, phase durations, headline figures
+    (under cProfile, its stats written to ``profile``, when given)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    code = f"from cascade.cli import main; raise SystemExit(main(['eval', {str(run.resolve())!r}, '--out', {str(out)!r}]))"
+    call = f"main(['eval', {str(run.resolve())!r}, '--out', {str(out)!r}])"
+    code = f"from cascade.cli import main; raise SystemExit({call})" if profile is None else f"import cProfile; from cascade.cli import main; cProfile.run({call!r}, {str(profile)!r})"
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--name", default="eval_speed")
+    parser.add_argument("--profile", action="store_true", help="instead: each version once under cProfile, the functions that take the most time into NAME_profile.md")
     args = parser.parse_args()
     peak = matmul_peak(2)
     with tempfile.TemporaryDirectory(prefix="eval_speed.") as tmp:
@@ -72,6 +76,8 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "before"), args.before], cwd=ROOT, check=True, capture_output=True)
         try:
             trees = {f"before ({args.before})": tmp / "before", "now": ROOT}
+            if args.profile:
+                return profiles(args, trees, tmp)
             results: dict[str, list[dict]] = {name: [] for name in trees}
             for i in range(args.repeats):
                 for name, tree in trees.items():  # taking turns: drift in the machine hits both
@@ -80,6 +86,27 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "before")], cwd=ROOT, capture_output=True)
     report(args, results, peak)
+
+
+def profiles(args, trees: dict[str, Path], tmp: Path, top: int = 15) -> None:
+    """Each version's `cascade eval` once under cProfile: its wall time and the ``top`` functions
+    by their own time (and by time inside them), paths relative to the tree."""
+    import pstats
+
+    lines = [f"# {args.name}_profile: where `cascade eval {args.run.name}` spends its time, before and now", "", "cProfile (its overhead included in the seconds); own: time in the function itself; inside: with what it calls."]
+    payload = {}
+    for name, tree in trees.items():
+        prof = tmp / f"{name[:3]}.prof"
+        got = run_eval(tree, args.run, tmp / f"profile_{name[:3]}", prof)
+        stats = pstats.Stats(str(prof)).stats  # (file, line, function) -> (calls, prim, own, inside, callers)
+        rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+        where = lambda key: f"{key[0].replace(str(tree) + '/', '').split('site-packages/')[-1]}:{key[1]}({key[2]})"  # noqa: E731
+        lines += ["", f"## {name}: {got['wall_s']:.0f} s, phases {got['phases_s']}", "", "| function | calls | own s | inside s |", "|---|---:|---:|---:|"]
+        lines += [f"| `{where(k)}` | {v[0]:,} | {v[2]:.1f} | {v[3]:.1f} |" for k, v in rows]
+        payload[name] = {"wall_s": got["wall_s"], "phases_s": got["phases_s"], "top": [{"function": where(k), "calls": v[0], "own_s": v[2], "inside_s": v[3]} for k, v in rows]}
+        print(f"  {name}: {got['wall_s']:.0f}s profiled", flush=True)
+    print("\n".join(lines))
+    write_results(f"{args.name}_profile", lines, payload)
 
 
 def report(args, results: dict[str, list[dict]], peak: float) -> None:

@@ -260,6 +260,14 @@ def sample(data, requests: int, seed: int):
             yield logged
 
 
+def request_bodies(data, fields: list[str], n: int) -> list[dict]:
+    """``n`` request bodies from the first test requests, again from the first where the split
+    has fewer (timing needs the count, not new users)."""
+    logged = data.first("test", n)
+    bodies = [request_body(logged, row, fields) | {"trace": False} for row in range(len(logged))]
+    return list(itertools.islice(itertools.cycle(bodies), n))
+
+
 def run_dir_of(bundle: Path) -> Path:
     """The ``task: cascade`` run a bundle was exported from (its manifest's source)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -288,9 +296,7 @@ def plan(bundle: Path, budgets: list[float], recall_sizes: list[int] | None = No
     start = time.perf_counter()
     pairs = probes(recall_sizes, prerank_sizes)
     progress(f"cost: the bundle served at {len(pairs)} quota pairs {pairs}, {cost_requests} test requests each, one at a time")
-    logged = saved.data.first("test", cost_requests)
-    bodies = [request_body(logged, row, fields) | {"trace": False} for row in range(len(logged))]
-    costs, _ = measure_costs(bundle, bodies, recall_sizes, prerank_sizes)
+    costs, _ = measure_costs(bundle, request_bodies(saved.data, fields, cost_requests), recall_sizes, prerank_sizes)
     cost_s = time.perf_counter() - start
     start = time.perf_counter()
     progress(f"quality: joint recall@{quotas['rank']} on about {requests:,} test requests")
