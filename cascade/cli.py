@@ -209,8 +209,10 @@ def _quotas(text: str) -> tuple[int, int, int]:
         quotas = tuple(int(q) for q in text.split(","))
     except ValueError:
         quotas = ()
-    if len(quotas) != 3 or not quotas[0] > quotas[1] > quotas[2] > 0:
-        raise ValueError(f"--quotas: expected three shrinking whole numbers recall,prerank,rank (e.g. 200,50,10), got '{text}'")
+    if len(quotas) != 3:
+        raise ValueError(f"--quotas: expected three whole numbers recall,prerank,rank (e.g. 200,50,10), got '{text}'")
+    if not quotas[0] > quotas[1] > quotas[2] > 0:
+        raise ValueError(f"--quotas: quotas must shrink from stage to stage (recall > prerank > rank >= 1), got '{text}'")
     return quotas
 
 

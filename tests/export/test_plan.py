@@ -132,4 +132,6 @@ def test_plan_and_export_refuse_bad_input_naming_it(bundle, tmp_path, capsys):
     assert main(["plan", str(bundle), "--budget-ms", "5", "--prerank-quotas", "3,10"]) == 2  # 3 <= rank quota 4
     assert "every pre-rank quota above the rank quota 4" in capsys.readouterr().err
     assert main(["export", str(bundle), "--quotas", "20,20,4", "--out", str(tmp_path / "b")]) == 2
-    assert "three shrinking whole numbers" in capsys.readouterr().err
+    assert "quotas must shrink" in capsys.readouterr().err
+    assert main(["export", str(bundle), "--quotas", "20,6", "--out", str(tmp_path / "b")]) == 2
+    assert "expected three whole numbers" in capsys.readouterr().err
