@@ -233,12 +233,6 @@ def bodies(ds, n: int) -> list[dict]:
     return [out[i % len(out)] for i in range(n)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post_recommend(conn: http.client.HTTPConnection, body: str, reconnect) -> tuple[bool, http.client.HTTPConnection]:
     """POST ``body`` to /recommend on a keep-alive connection: (answered 200, the connection to
     use next: ``reconnect()``'s after a failure)."""

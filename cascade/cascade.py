@@ -214,7 +214,7 @@ class Cascade:
         self.stages, self.retriever, self.recall_quota, self.catalog = list(stages), retriever, recall_quota, catalog
 
     @staticmethod
-    def _cut_as_served(stage: Stage, lists: ListBatch, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def cut_as_served(stage: Stage, lists: ListBatch, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The stage's top quota of the ``alive`` candidates, scored as a list of their own (in the
         order of ``lists``, so ties still go to the earlier candidate): kept (B, N) bool, and
         those scores at their columns (B, N; -inf elsewhere)."""
@@ -255,7 +255,7 @@ class Cascade:
                         kept = top_mask(order_by, alive, stage.quota)
                     else:
                         scores = np.asarray(stage.scorer(lists), np.float32)
-                        kept, order_by = self._cut_as_served(stage, lists, alive)
+                        kept, order_by = self.cut_as_served(stage, lists, alive)
                 else:
                     scores = np.asarray(stage.scorer(lists), np.float32)
                     kept, order_by = top_mask(scores, alive, stage.quota), None

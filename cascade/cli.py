@@ -233,8 +233,6 @@ def _plan(args: argparse.Namespace) -> int:
     from export.plan import grid_table, plan, text
 
     try:
-        if not (args.bundle / "manifest.json").exists():
-            raise BundleError(f"{args.bundle}: not a bundle (no manifest.json); make one with `cascade export RUN_DIR --out BUNDLE`")
         start = time.perf_counter()
         result = plan(args.bundle, args.budget_ms, args.recall_quotas, args.prerank_quotas, args.requests, args.cost_requests, args.seed, lambda line: print(line, flush=True))
     except (BundleError, ConfigError, ValueError) as e:

@@ -31,13 +31,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cascade import metrics as M
-from cascade.cascade import Cascade, best_first, top_mask
+from cascade.cascade import Cascade, Stage, best_first, top_mask
 from cascade.data.lists import ListBatch
 from cascade.evaluate import Truth, load_saved
 from cascade.models import MODELS
 from cascade.verdict import bootstrap_mean
-from export.bundle import MANIFEST, BundleError
+from export.bundle import MANIFEST, BundleError, read_manifest
 from export.replay import http_post, request_body
 from export.runtime import CascadeService
 from export.serve import start_subprocesses, stop_subprocess
@@ -182,13 +181,7 @@ def _rank_served(scorer, cut: ListBatch, prerank_sizes: list[int]) -> list[np.nd
     if getattr(scorer, "list_dependent", False) and hasattr(scorer, "served"):  # a torch blend: its parts scored once
         return scorer.served(cut, alive)
     if getattr(scorer, "list_dependent", False):  # scored on each list it would be served
-        out = []
-        for p, a in zip(prerank_sizes, alive):
-            first = cut.take_columns(np.broadcast_to(np.arange(min(p, cut.list_size)), (len(cut), min(p, cut.list_size))))
-            scores = np.full(cut.mask.shape, -np.inf, np.float32)
-            scores[:, : first.list_size] = np.where(first.mask, np.asarray(scorer(first), np.float32), -np.inf)
-            out.append(scores)
-        return out
+        return [Cascade.cut_as_served(Stage("rank", scorer, 1), cut, a)[1] for a in alive]
     scores = np.asarray(scorer(cut), np.float32)
     return [np.where(a, scores, -np.inf).astype(np.float32) for a in alive]
 
@@ -208,7 +201,7 @@ def quality_grid(cascade: Cascade, parts, recall_sizes: list[int], prerank_sizes
             lists = cascade.catalog.attach(requests, ids[:, :r])
             scores = np.asarray(prerank.scorer(lists), np.float32)
             width = min(p_max, r)
-            cut, pre = best_first(lists, scores, top_mask(scores, lists.mask, width), width)
+            cut, _ = best_first(lists, scores, top_mask(scores, lists.mask, width), width)
             positive = truth.contains(cut.item["item_id"], "positives")
             valid = [j for j, p in enumerate(prerank_sizes) if p < r]
             served = _rank_served(rank.scorer, cut, [prerank_sizes[j] for j in valid])
@@ -270,8 +263,7 @@ def request_bodies(data, fields: list[str], n: int) -> list[dict]:
 
 def run_dir_of(bundle: Path) -> Path:
     """The ``task: cascade`` run a bundle was exported from (its manifest's source)."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    run_dir = manifest.get("source", {}).get("run_dir")
+    run_dir = read_manifest(bundle).get("source", {}).get("run_dir")
     if run_dir is None:
         raise BundleError(f"{bundle}: exported from named stages, not a 'task: cascade' run; export the run (cascade export RUN_DIR) to plan its quotas")
     if not Path(run_dir).exists():

@@ -71,9 +71,11 @@ def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend | No
     truth = Truth.of(logged)
     requests = logged.take_columns(np.zeros((len(logged), 0), int))
     want = reference.run(requests)
-    pending = np.zeros(0, bool) if trend is None else (trend.ts >= events_until) & (trend.ts < requests.ts.max())
-    order = np.argsort(trend.ts[pending], kind="stable") if trend is not None else np.zeros(0, int)
-    item, ts = (trend.item[pending][order], trend.ts[pending][order]) if trend is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    item = ts = np.zeros(0, np.int64)
+    if trend is not None:
+        pending = (trend.ts >= events_until) & (trend.ts < requests.ts.max())
+        order = np.argsort(trend.ts[pending], kind="stable")
+        item, ts = trend.item[pending][order], trend.ts[pending][order]
     joint, server_ms = np.full(len(requests), np.nan), np.zeros(len(requests))
     sent, same = 0, {name: 0 for name in STAGE_NAMES} | {"every_stage": 0, "final_order": 0}
     example: dict[str, Any] = {}
