@@ -120,19 +120,30 @@ def most_popular(requests: ListBatch, counts: np.ndarray, catalog: np.ndarray, n
 TRENDING_DAYS = (1, 7, 30)  # windows the trending baselines choose from on the validation split
 
 
-def trending(requests: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int, days: float, chunk: int = 1024) -> np.ndarray:
+def trending(requests: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int, days: float, cells: int = 1 << 21) -> np.ndarray:
     """Trending recall: each request's n catalog items most exposed in the ``days`` before its
-    ``ts``, the history excluded (ties to the lower id). (B, ...) -> (B, n) ids."""
-    out = []
-    for a in range(0, len(requests), chunk):
-        part = requests.take(slice(a, a + chunk))
-        counts = trend.counts(np.broadcast_to(catalog, (len(part), len(catalog))), part.ts, days).astype(np.float64)
-        seen = np.zeros((len(part), int(catalog.max()) + 1), bool)
-        np.put_along_axis(seen, part.history, True, axis=1)
-        counts[seen[:, catalog]] = -1.0  # the history is never retrieved
-        order = np.argsort(-counts, axis=1, kind="stable")[:, :n]
-        out.append(np.where(np.take_along_axis(counts, order, 1) >= 0, catalog[order], 0))
-    return np.concatenate(out) if out else np.zeros((0, n), np.int64)
+    ``ts``, the history excluded (ties to the lower id). (B, ...) -> (B, min(n, C)) ids. The
+    requests go in time order, ``cells`` catalog counts at a time (``ItemTrend.catalog_counts``)."""
+    catalog = np.asarray(catalog, np.int64)
+    size, width = len(catalog), min(n, len(catalog))
+    out = np.zeros((len(requests), width), np.int64)
+    if width == 0:
+        return out
+    top_id = int(max(catalog.max(), requests.history.max(initial=0)))
+    # one key per cell orders by count, then by catalog position: ties go to the lower id
+    tie = np.arange(size - 1, -1, -1, dtype=np.int64)
+    order = np.argsort(requests.ts, kind="stable")
+    for a in range(0, len(order), max(1, cells // max(size, 1))):
+        rows = order[a : a + max(1, cells // max(size, 1))]
+        counts = trend.catalog_counts(catalog, requests.ts[rows], days)
+        seen = np.zeros((len(rows), top_id + 1), bool)
+        np.put_along_axis(seen, requests.history[rows], True, axis=1)
+        counts[seen[:, catalog]] = -1  # the history is never retrieved
+        key = counts * size + tie
+        top = np.argpartition(-key, width - 1, axis=1)[:, :width] if width < size else np.broadcast_to(np.arange(size), key.shape)
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(key, top, 1), axis=1), 1)
+        out[rows] = np.where(np.take_along_axis(counts, top, 1) >= 0, catalog[top], 0)
+    return out
 
 
 def trending_days(valid: Iterable[ListBatch], trend: ItemTrend, catalog: np.ndarray, n: int) -> int:

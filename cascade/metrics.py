@@ -150,10 +150,9 @@ def _tie_groups(scores: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
     r, n = scores.shape
     if n == 0:
         return np.zeros((r, 0), np.int64), np.ones((r, 0), np.int64)
-    # valid items first, by score descending; padded last.
-    key = np.where(mask, -scores, np.inf)
-    order = np.argsort(key, axis=1, kind="stable")
-    order = np.take_along_axis(order, np.argsort(~np.take_along_axis(mask, order, 1), axis=1, kind="stable"), 1)
+    # valid items first, by score descending; padded last (NaN sorts after +inf, and a valid
+    # score is never NaN). The order within a tie is free: g and e depend on the values alone.
+    order = np.argsort(np.where(mask, -scores, np.nan), axis=1)
     s_sorted = np.take_along_axis(scores, order, 1)
     m_sorted = np.take_along_axis(mask, order, 1)
     new_group = np.ones((r, n), dtype=bool)
@@ -373,23 +372,20 @@ def kendall_tau(student: np.ndarray, teacher: np.ndarray, mask: np.ndarray | Non
     t, _ = _check_lists(teacher, msk)
     r, n = s.shape
     out = np.full(r, np.nan)
-    rows_per_chunk = max(1, chunk_cells // max(1, n * n))
+    left, right = np.triu_indices(n, 1)  # each pair once
+    rows_per_chunk = max(1, chunk_cells // max(1, len(left)))
     for a in range(0, r, rows_per_chunk):
         b = min(r, a + rows_per_chunk)
         # compare rather than subtract: two scores tied at +-inf are a tie, and inf - inf is NaN
-        ds = _compare(s[a:b, :, None], s[a:b, None, :])
-        dt = _compare(t[a:b, :, None], t[a:b, None, :])
-        both = msk[a:b, :, None] & msk[a:b, None, :]
-        upper = np.triu(np.ones((n, n), dtype=bool), 1)
-        pair = both & upper
-        prod = np.where(pair, ds * dt, 0.0)
-        n0 = pair.sum(axis=(1, 2))
-        conc = (prod > 0).sum(axis=(1, 2))
-        disc = (prod < 0).sum(axis=(1, 2))
-        ts = (pair & (ds == 0)).sum(axis=(1, 2))
-        tt = (pair & (dt == 0)).sum(axis=(1, 2))
+        ds = _compare(s[a:b, left], s[a:b, right])
+        dt = _compare(t[a:b, left], t[a:b, right])
+        pair = msk[a:b, left] & msk[a:b, right]
+        n0 = pair.sum(axis=1)
+        conc_minus_disc = np.where(pair, ds * dt, 0).sum(axis=1, dtype=np.int64)
+        ts = (pair & (ds == 0)).sum(axis=1)
+        tt = (pair & (dt == 0)).sum(axis=1)
         den = np.sqrt((n0 - ts).astype(np.float64) * (n0 - tt))
-        out[a:b] = np.where(den > 0, (conc - disc) / np.where(den > 0, den, 1.0), np.nan)
+        out[a:b] = np.where(den > 0, conc_minus_disc / np.where(den > 0, den, 1.0), np.nan)
     return _row_mean(out, ~np.isnan(out))
 
 

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cascade import metrics as M
 from cascade.data.lists import build_lists
@@ -282,3 +284,22 @@ def build_lists_of_ids(ids):
 
     b, n = ids.shape
     return ListBatch(np.arange(1, b + 1), {"user_id": np.arange(1, b + 1)}, np.zeros((b, 1), np.int64), {"item_id": ids}, np.zeros((b, n), np.float32), np.zeros((b, n), np.int8), ids > 0, {}, None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_trending_equals_a_full_sort_of_the_searched_counts(data):
+    # the reference: every catalog cell's count searched, the history set to -1, a stable sort by
+    # count (ties to the lower catalog position), -1 cells padded as 0. The fast path sweeps the
+    # requests in time order and takes the top n by argpartition; a few requests at random times,
+    # several items tied, some blocks of one request (``cells``) must not change a cell.
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    trend = ItemTrend.from_events(rng.integers(1, 9, 60), rng.integers(0, 5 * 86_400, 60))
+    catalog, n_req = np.arange(1, 8), data.draw(st.integers(1, 9))
+    n, days = data.draw(st.integers(1, 9)), data.draw(st.sampled_from([0.5, 1, 3]))
+    req = replace(requests_batch({}, rng.integers(0, 9, (n_req, 3))), ts=rng.integers(0, 6 * 86_400, n_req))
+    counts = trend.counts(np.broadcast_to(catalog, (n_req, len(catalog))), req.ts, days).astype(np.float64)
+    counts[(req.history[:, :, None] == catalog[None, None]).any(1)] = -1.0
+    order = np.argsort(-counts, axis=1, kind="stable")[:, :n]
+    want = np.where(np.take_along_axis(counts, order, 1) >= 0, catalog[order], 0)
+    np.testing.assert_array_equal(trending(req, trend, catalog, n, days, cells=data.draw(st.sampled_from([7, 20, 1 << 21]))), want)

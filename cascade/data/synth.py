@@ -160,16 +160,22 @@ class World:
     request_history: np.ndarray  # (R, L) item ids, most recent last, 0-padded after
 
     def terms(self, request_ids: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The two parts of the true logit, request_ids (B,), item_ids (B, N) -> (B, N) each:
-        the two-tower part ``c0 + c_aff <u, v> + c_pop b`` and the target-attention part."""
+        """The two parts of the true logit, request_ids (B,), item_ids (B, N) or (N,) shared by
+        every request (the catalog: matrix products, no per-request gather) -> (B, N) each: the
+        two-tower part ``c0 + c_aff <u, v> + c_pop b`` and the target-attention part."""
         r = np.asarray(request_ids) - 1
         items = np.asarray(item_ids)
         it = np.maximum(items, 1) - 1
         u = self.user_vec[self.request_user[r] - 1]  # (B, D)
-        aff = np.einsum("bd,bnd->bn", u, self.item_vec[it])
         hist = self.request_history[r]  # (B, T)
-        sim = np.einsum("bts,bns->btn", self.item_style[np.maximum(hist, 1) - 1], self.item_style[it])
-        sim = np.where(hist[:, :, None] > 0, sim, -np.inf).max(axis=1)
+        if items.ndim == 1:
+            aff = u @ self.item_vec[it].T
+            sim = self.item_style[np.maximum(hist, 1) - 1] @ self.item_style[it].T  # (B, T, N)
+        else:
+            aff = np.einsum("bd,bnd->bn", u, self.item_vec[it])
+            sim = np.einsum("bts,bns->btn", self.item_style[np.maximum(hist, 1) - 1], self.item_style[it])
+        sim[np.broadcast_to((hist <= 0)[:, :, None], sim.shape)] = -np.inf
+        sim = sim.max(axis=1)
         ta = np.where(np.isfinite(sim), sim, 0.0)  # an empty history attends to nothing
         c0, c_aff, c_pop, c_ta = self.coef
         return c0 + c_aff * aff + c_pop * self.item_bias[it], c_ta * ta
@@ -195,7 +201,7 @@ class World:
         ids, probs = [], []
         for a in range(0, len(request_ids), chunk):
             r = request_ids[a : a + chunk]
-            logit = self.true_logit(r, np.broadcast_to(all_items, (len(r), n_items)))
+            logit = np.broadcast_to(self.true_logit(r, all_items), (len(r), n_items)).copy()
             if exclude is not None:
                 logit[_marked(exclude[a : a + chunk], n_items)] = -np.inf
             top = _top(logit, k)
@@ -234,9 +240,13 @@ class World:
             for a in range(0, len(request_ids), chunk):
                 part = slice(a, a + chunk)
                 r = request_ids[part]
-                items = np.broadcast_to(np.arange(1, n_items + 1), (len(r), n_items)) if candidates is None else np.asarray(candidates)[part]
-                two_tower, ta = self.terms(r, items)
-                yield part, items, two_tower, ta, np.einsum("bs,bns->bn", centres[part], self.item_style[np.maximum(items, 1) - 1])
+                shared = np.arange(1, n_items + 1)
+                two_tower, ta = self.terms(r, shared if candidates is None else np.asarray(candidates)[part])
+                if candidates is None:
+                    yield part, np.broadcast_to(shared, two_tower.shape), two_tower, ta, centres[part] @ self.item_style.T
+                else:
+                    items = np.asarray(candidates)[part]
+                    yield part, items, two_tower, ta, np.einsum("bs,bns->bn", centres[part], self.item_style[np.maximum(items, 1) - 1])
 
         sums = np.zeros(5)  # n, sum x, sum y, sum xx, sum xy of (x = <centre, w_i>, y = the term)
         for _, items, _, ta, x in chunks():

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,22 @@ def test_best_topk_is_the_brute_force_best_and_skips_excluded(small_world):
         p[exclude[row][exclude[row] > 0] - 1] = -1
         np.testing.assert_array_equal(items[row], np.argsort(-p, kind="stable")[:5] + 1)
         np.testing.assert_allclose(probs[row], np.sort(p)[::-1][:5])
+
+
+def test_terms_over_shared_columns_equal_the_per_request_gather(small_world):
+    # the catalog path (item ids (N,), matrix products) must give each request what the
+    # per-request gather (B, N) gives: same formula, only the summation order differs; a request
+    # with an empty history attends to nothing (its target-attention term is 0 on both paths).
+    _, world = small_world
+    history = world.request_history.copy()
+    history[0] = 0  # request 1: no history
+    world = replace(world, request_history=history)
+    rid = np.array([1, 2, 77, 300])
+    cols = np.array([1, 5, 9, 2, SMALL.items, 0])
+    for shared, gathered in zip(world.terms(rid, cols), world.terms(rid, np.broadcast_to(cols, (len(rid), len(cols))))):
+        assert shared.shape == gathered.shape == (4, 6)
+        np.testing.assert_allclose(shared, gathered, rtol=1e-12, atol=1e-12)
+    assert world.terms(rid[:1], cols)[1].tolist() == [[0.0] * 6]
 
 
 def test_logged_cascade_respects_quotas_and_clicks_only_exposed(small_world):
@@ -155,8 +173,6 @@ def test_oracle_ratios_hand_worked():
 
 
 def test_without_target_attention_nothing_is_left_to_win_back():
-    from dataclasses import replace
-
     ds, world = generate(WorldConfig(users=80, items=500, requests=300, history_max=10, quotas=(40, 10, 4, 2), c_ta=0.0, seed=5))
     test = ds.requests["split"] == "test"
     got = world.oracle_ratios(ds.requests["request_id"][test], k=10, exclude=ds.requests["history"][test])
