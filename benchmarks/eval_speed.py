@@ -6,8 +6,8 @@ The earlier commit is checked out in a temporary git worktree; each version eval
 cascade run in a fresh process (`cascade eval RUN --out TMP`, whose own code is that version's),
 taking turns, each twice. Per version: the wall time of the whole command, each phase's seconds
 as it prints them (the earlier versions print running totals, turned into durations here), and
-the headline figures of its metrics.json, which must agree (the untrained reference row aside,
-which now samples about 1,000 requests). The matmul peak is measured in the same run.
+the headline figures of its metrics.json, and how many of all its numbers differ between the
+versions (timings and the untrained reference aside, which now samples about 1,000 requests). The matmul peak is measured in the same run.
 Writes benchmarks/results/NAME.{md,json}; with ``--profile``, each version once under cProfile
 instead, the functions that take the most time into NAME_profile.{md,json}.
 """
@@ -30,6 +30,7 @@ from serving import matmul_peak
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "0bcb43e"  # the last commit before issue 35's evaluation work
 PHASES = ("quality and baselines", "cost: FLOPs and latency", "the untrained cascade")
+UNCOMPARED = {"untrained", "latency_ms", "latency_p95_ms", "seconds"}  # measured, or sampled differently by version
 FIGURES = ("flow/joint_recall", "flow/positives_after_prerank", "stages/prerank/auc", "stages/rank/ndcg@10", "baselines/popularity_prerank/joint_recall")
 
 
@@ -59,7 +60,24 @@ def run_eval(tree: Path, run: Path, out: Path, profile: Path | None = None) -> d
         for part in path.split("/"):
             node = node.get(part, {}) if isinstance(node, dict) else {}
         figures[path] = node if isinstance(node, (int, float)) else None
-    return {"wall_s": wall, "phases_s": phases, "figures": figures, "requests": entry["requests"]}
+    return {"wall_s": wall, "phases_s": phases, "figures": figures, "requests": entry["requests"], "all_figures": leaves(entry)}
+
+
+def leaves(node, path: str = "") -> dict[str, float]:
+    """Every number of a metrics.json entry by its path (timings and the untrained reference,
+    which the versions measure differently, left out)."""
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() if key not in UNCOMPARED for k, v in leaves(child, f"{path}/{key}" if path else key).items()}
+    if isinstance(node, list):
+        return {k: v for i, child in enumerate(node) for k, v in leaves(child, f"{path}/{i}").items()}
+    return {path: float(node)} if isinstance(node, (int, float)) and not isinstance(node, bool) else {}
+
+
+def agreement(a: dict[str, float], b: dict[str, float]) -> tuple[int, list[str], float]:
+    """(figures both versions report, those that differ by more than 1e-9, the largest difference)."""
+    shared = sorted(set(a) & set(b))
+    diff = [abs(a[k] - b[k]) if not (a[k] != a[k] and b[k] != b[k]) else 0.0 for k in shared]  # NaN == NaN here
+    return len(shared), [k for k, d in zip(shared, diff) if not d <= 1e-9], max(diff, default=0.0)
 
 
 def main() -> None:
@@ -127,6 +145,8 @@ def report(args, results: dict[str, list[dict]], peak: float) -> None:
     lines += ["", f"Speed-up of the whole command: x{speedup:.2f}.", "", "| figure | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for path in FIGURES:
         lines.append(f"| {path} | " + " | ".join("-" if results[n][0]["figures"][path] is None else f"{results[n][0]['figures'][path]:.6f}" for n in names) + " |")
+    shared, differ, largest = agreement(results[names[0]][0]["all_figures"], results[names[1]][0]["all_figures"])
+    lines += ["", f"Every number of the two metrics.json (timings and the untrained reference aside): {shared:,} reported by both, {len(differ)} differ by more than 1e-9 (largest difference {largest:.2e}){': ' + ', '.join(differ[:8]) if differ else ''}."]
     print("\n".join(lines))
     write_results(args.name, [f"# {args.name}: how long `cascade eval` takes, before and now", "", *lines], {"matmul_peak_gflops": peak, "results": results, "speedup": speedup})
 
