@@ -325,6 +325,9 @@ def _serve_one(args: argparse.Namespace, settings: dict) -> int:
     return 0
 
 
+WORKER_READY_S = 120  # how long a worker may take to start serving
+
+
 def _serve_workers(args: argparse.Namespace, settings: dict) -> int:
     """The parent of ``--workers``: it checks the bundle in a spawned process and holds none of
     it (``export.supervisor``), then runs uvicorn's supervisor over the workers."""
@@ -347,7 +350,10 @@ def _serve_workers(args: argparse.Namespace, settings: dict) -> int:
         return BAD_INPUT
     _banner(args, sock.getsockname()[1], online_events)
     shared = workers_settings(settings)  # each worker builds its own service from the settings file
-    config = uvicorn.Config("export.serve:app_from_env", factory=True, workers=args.workers, http="export.http:GuardedHttpTools", timeout_keep_alive=limits_from(settings).idle_timeout_s, log_level="warning")
+    # a reload's new worker must answer within timeout_worker_healthcheck or uvicorn keeps the old
+    # one and drops the reload (uvicorn's 5 s default: a worker imports torch and loads the bundle,
+    # which takes longer than that on 2 busy cores)
+    config = uvicorn.Config("export.serve:app_from_env", factory=True, workers=args.workers, http="export.http:GuardedHttpTools", timeout_keep_alive=limits_from(settings).idle_timeout_s, log_level="warning", timeout_worker_healthcheck=WORKER_READY_S)
     try:
         Multiprocess(config, sockets=[sock]).run()
     finally:
