@@ -13,7 +13,8 @@ codewords of its codes:
 - **Score**: ``<u + sum_l A[l, z_l], v>``: L gathers and a dot per candidate.
 
 Training (``regularised``) adds the authors' alignment (``cascade.losses.tarq``): a target
-attention branch scores the candidate with the exact attention output ``abar = TA(q, history)``
+attention branch (its own attention unit, the teacher; not exported) scores the candidate with
+the exact attention output ``abar = TA(q, history)``
 in place of the codewords (``<u + P abar, v>``, BCE on the labels: the authors' ``ta_loss``),
 and the codes are pulled to where the attended codebooks rebuild ``abar``: a symmetric KL per
 level between the code distributions of ``q``'s and ``abar``'s residuals, and the squared error
@@ -166,6 +167,9 @@ class TARQ(TwoTower):
         if levels > hidden[-1]:
             raise ValueError(f"TARQ's item side carries its {levels} codes in a row of width {hidden[-1]} (hidden[-1]): levels must not exceed it")
         self.codebooks = Codebooks(levels, codes, embeddings.dim)
+        # the target attention branch has its own unit: sharing the user side's let the alignment
+        # scale the unit up to rebuild an output that grew with it (a runaway, to ~1e5 in one epoch)
+        self.teacher_unit = attention_unit(embeddings.dim, attention_hidden)
         self.user = TARQUser(embeddings, self.user_slots, hidden, dropout, self.codebooks, attention_hidden)
         self.item = TARQItem(embeddings, self.item_slots, hidden, dropout, self.codebooks)
         self.weights = {"ta": ta_weight, "kl": kl_weight, "reconstruction": reconstruction_weight}
@@ -193,7 +197,7 @@ class TARQ(TwoTower):
         levels = self.codebooks.levels
         per_level = [torch.gather(attended[:, l], 1, codes[..., l : l + 1].expand(-1, -1, attended.shape[-1])) for l in range(levels)]  # each (B, N, E)
         quantised = torch.stack(per_level).sum(0)
-        exact = target_attention(self.user.unit, q, history, valid)  # the target attention branch (B, N, E)
+        exact = target_attention(self.teacher_unit, q, history, valid)  # the target attention branch (B, N, E)
         project = self.user.project
         logits = ((u.unsqueeze(1) + project(quantised)) * v).sum(-1)
         ta_logits = ((u.unsqueeze(1) + project(exact)) * v).sum(-1)

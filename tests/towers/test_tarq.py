@@ -71,6 +71,27 @@ def test_training_lowers_the_alignment_terms():
     assert sum(terms[-5:]) < 0.5 * sum(terms[:5]), (terms[:5], terms[-5:])
 
 
+def test_the_alignment_cannot_move_its_own_target():
+    # the alignment terms rebuild the target attention branch's output from the attended
+    # codewords; were the branch's unit the user side's, they could shrink the gap by scaling that
+    # unit, which scales the target too (a seed of the frontier ran away to losses of 1e9). With
+    # the BCE of the branch switched off, no gradient may reach the branch's unit, while the user
+    # side's unit (what serving runs) still learns from the alignment.
+    m = _model(ta_weight=0.0)
+    m.train()
+    m.regularised(USER, ITEMS, LABEL, MASK)  # initialises the codebooks
+    _, term = m.regularised(USER, ITEMS, LABEL, MASK)
+    term.backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.teacher_unit.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.user.unit.parameters())
+    assert not set(map(id, m.teacher_unit.parameters())) & set(map(id, m.user.parameters()))
+    # and the branch's BCE is what trains its unit
+    m = _model()
+    m.train()
+    m.regularised(USER, ITEMS, LABEL, MASK)[1].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.teacher_unit.parameters())
+
+
 def test_epoch_stats_hand_worked_and_reset():
     m = _model()
     m._counts = torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
