@@ -13,13 +13,14 @@ codewords of its codes:
 - **Score**: ``<u + sum_l A[l, z_l], v>``: L gathers and a dot per candidate.
 
 Training (``regularised``) adds the authors' alignment (``cascade.losses.tarq``): a target
-attention branch (its own attention unit, the teacher; not exported) scores the candidate with
-the exact attention output ``abar = TA(q, history)``
+attention branch scores the candidate with the exact attention output ``abar = TA(q, history)``
 in place of the codewords (``<u + P abar, v>``, BCE on the labels: the authors' ``ta_loss``),
 and the codes are pulled to where the attended codebooks rebuild ``abar``: a symmetric KL per
 level between the code distributions of ``q``'s and ``abar``'s residuals, and the squared error
-between the summed attended codewords and ``abar``. The task's distillation loss trains the
-quantised score against the ranker teacher.
+between the summed attended codewords and ``abar``. These two move the codewords only (the
+attention unit and the history held fixed in them: else they scale up the output they rebuild,
+which comes from the same unit). The task's distillation loss trains the quantised score
+against the ranker teacher.
 
 The exported item side is ``(2, D)``: ``v``, then the codes as exact small integers in the first
 L columns (``l * K + z_l``, the row of the user side's ``A`` they pick); the score is a graph.
@@ -27,6 +28,7 @@ L columns (``l * K + z_l``, the row of the user side's ``A`` they pick); the sco
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -167,9 +169,6 @@ class TARQ(TwoTower):
         if levels > hidden[-1]:
             raise ValueError(f"TARQ's item side carries its {levels} codes in a row of width {hidden[-1]} (hidden[-1]): levels must not exceed it")
         self.codebooks = Codebooks(levels, codes, embeddings.dim)
-        # the target attention branch has its own unit: sharing the user side's let the alignment
-        # scale the unit up to rebuild an output that grew with it (a runaway, to ~1e5 in one epoch)
-        self.teacher_unit = attention_unit(embeddings.dim, attention_hidden)
         self.user = TARQUser(embeddings, self.user_slots, hidden, dropout, self.codebooks, attention_hidden)
         self.item = TARQItem(embeddings, self.item_slots, hidden, dropout, self.codebooks)
         self.weights = {"ta": ta_weight, "kl": kl_weight, "reconstruction": reconstruction_weight}
@@ -197,16 +196,23 @@ class TARQ(TwoTower):
         levels = self.codebooks.levels
         per_level = [torch.gather(attended[:, l], 1, codes[..., l : l + 1].expand(-1, -1, attended.shape[-1])) for l in range(levels)]  # each (B, N, E)
         quantised = torch.stack(per_level).sum(0)
-        exact = target_attention(self.teacher_unit, q, history, valid)  # the target attention branch (B, N, E)
+        exact = target_attention(self.user.unit, q, history, valid)  # the target attention branch (B, N, E)
         project = self.user.project
         logits = ((u.unsqueeze(1) + project(quantised)) * v).sum(-1)
         ta_logits = ((u.unsqueeze(1) + project(exact)) * v).sum(-1)
-        kl, r_bar = logits.new_zeros(()), exact.detach()
+        # the alignment moves the codewords only: through the attention unit or the history it
+        # could scale up the output it rebuilds, since the target comes from the same unit and
+        # history (a runaway: |abar| 1 -> 380,000 and a loss of 1e9 within one epoch)
+        fixed = copy.deepcopy(self.user.unit).requires_grad_(False)
+        books = self.codebooks.weight
+        aligned = target_attention(fixed, books.reshape(1, -1, books.shape[-1]), history.detach(), valid).reshape(-1, *books.shape)  # (B, L, K, E)
+        kl, r_bar, rebuilt = logits.new_zeros(()), exact.detach(), 0.0
         for l in range(levels):
-            kl = kl + code_kl(residuals[l], self.codebooks.weight[l], r_bar, attended[:, l], mask)
-            r_bar = r_bar - per_level[l]
+            kl = kl + code_kl(residuals[l], books[l], r_bar, aligned[:, l], mask)
+            picked = torch.gather(aligned[:, l], 1, codes[..., l : l + 1].expand(-1, -1, aligned.shape[-1]))
+            r_bar, rebuilt = r_bar - picked, rebuilt + picked
         wt = self.weights
-        term = wt["ta"] * bce(ta_logits, label, mask) + wt["kl"] * kl + wt["reconstruction"] * reconstruction(quantised, exact, mask) + rq_codebook(residuals, chosen, mask, self.commitment)
+        term = wt["ta"] * bce(ta_logits, label, mask) + wt["kl"] * kl + wt["reconstruction"] * reconstruction(rebuilt, exact, mask) + rq_codebook(residuals, chosen, mask, self.commitment)
         if self.training:
             with torch.no_grad():
                 for l in range(levels):
