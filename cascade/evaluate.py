@@ -132,9 +132,9 @@ def trending(requests: ListBatch, trend: ItemTrend, catalog: np.ndarray, n: int,
     top_id = int(max(catalog.max(), requests.history.max(initial=0)))
     # one key per cell orders by count, then by catalog position: ties go to the lower id
     tie = np.arange(size - 1, -1, -1, dtype=np.int64)
-    order = np.argsort(requests.ts, kind="stable")
-    for a in range(0, len(order), max(1, cells // max(size, 1))):
-        rows = order[a : a + max(1, cells // max(size, 1))]
+    order, block = np.argsort(requests.ts, kind="stable"), max(1, cells // size)
+    for a in range(0, len(order), block):
+        rows = order[a : a + block]
         counts = trend.catalog_counts(catalog, requests.ts[rows], days)
         seen = np.zeros((len(rows), top_id + 1), bool)
         np.put_along_axis(seen, requests.history[rows], True, axis=1)

@@ -73,9 +73,9 @@ def replay(post: Post, data: EvalData, reference: Cascade, trend: ItemTrend | No
     want = reference.run(requests)
     item = ts = np.zeros(0, np.int64)
     if trend is not None:
-        pending = (trend.ts >= events_until) & (trend.ts < requests.ts.max())
-        order = np.argsort(trend.ts[pending], kind="stable")
-        item, ts = trend.item[pending][order], trend.ts[pending][order]
+        item, ts = trend.by_time
+        pending = (ts >= events_until) & (ts < requests.ts.max())
+        item, ts = item[pending], ts[pending]
     joint, server_ms = np.full(len(requests), np.nan), np.zeros(len(requests))
     sent, same = 0, {name: 0 for name in STAGE_NAMES} | {"every_stage": 0, "final_order": 0}
     example: dict[str, Any] = {}

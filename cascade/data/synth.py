@@ -201,7 +201,7 @@ class World:
         ids, probs = [], []
         for a in range(0, len(request_ids), chunk):
             r = request_ids[a : a + chunk]
-            logit = np.broadcast_to(self.true_logit(r, all_items), (len(r), n_items)).copy()
+            logit = self.true_logit(r, all_items)  # (B, n_items), a fresh array
             if exclude is not None:
                 logit[_marked(exclude[a : a + chunk], n_items)] = -np.inf
             top = _top(logit, k)
@@ -237,15 +237,16 @@ class World:
         def chunks():
             """Per chunk of requests: (its rows, the items ranked (B, N), the truth's two parts and
             x = <centre, w_i>, each (B, N)); computed again on each pass rather than held for all."""
+            shared = np.arange(1, n_items + 1)
             for a in range(0, len(request_ids), chunk):
                 part = slice(a, a + chunk)
                 r = request_ids[part]
-                shared = np.arange(1, n_items + 1)
-                two_tower, ta = self.terms(r, shared if candidates is None else np.asarray(candidates)[part])
                 if candidates is None:
+                    two_tower, ta = self.terms(r, shared)
                     yield part, np.broadcast_to(shared, two_tower.shape), two_tower, ta, centres[part] @ self.item_style.T
                 else:
                     items = np.asarray(candidates)[part]
+                    two_tower, ta = self.terms(r, items)
                     yield part, items, two_tower, ta, np.einsum("bs,bns->bn", centres[part], self.item_style[np.maximum(items, 1) - 1])
 
         sums = np.zeros(5)  # n, sum x, sum y, sum xx, sum xy of (x = <centre, w_i>, y = the term)
